@@ -1,0 +1,451 @@
+"""The `rlhf` command: thin Typer commands and the single error -> exit-code boundary.
+
+    rlhf sft recipes/tiny/sft.yaml --set train.lr=1e-4 --json
+    rlhf ppo --policy runs/sft --reward runs/rm --prompts data/prompts.jsonl
+
+Importing this module must not import torch: --help, validate and schema answer instantly.
+Stage modules (which import torch inside run()) are imported only when their command runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from rlhf_cli import __version__
+from rlhf_cli.errors import GateFailed, RecipeError, RlhfError
+from rlhf_cli.recipe import RECIPE_CLASSES, STAGES
+
+app = typer.Typer(
+    name="rlhf",
+    help="RLHF pipelines for causal language models: pretrain -> sft -> train-rm -> ppo, plus eval and generate.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# --------------------------------------------------------------------------- shared options
+
+RecipeArg = Annotated[Optional[Path], typer.Argument(help="YAML recipe (optional when flags give the required keys).")]
+RequiredRecipeArg = Annotated[Path, typer.Argument(help="YAML recipe.")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a recipe key: dotted.key=value (YAML value). Repeatable."),
+]
+OutputDirOpt = Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory to write.")]
+ResumeOpt = Annotated[
+    str, typer.Option("--resume", help="auto: continue an interrupted run; never: start over; or a checkpoint PATH.")
+]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a completed run in the output directory.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Validate and show what would run (samples, lengths, parameters, memory); train nothing.")
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model: hub id, local directory or run directory.")]
+DataOpt = Annotated[Optional[str], typer.Option("--data", "-d", help="Training data file or hub dataset (data.train).")]
+
+
+def _fail(message: str, details: list[str], code: int) -> None:
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {message}", markup=True) if err.is_terminal else err.print(f"error: {message}", markup=False)
+    for line in details:
+        err.print(f"error: {line}", markup=False)
+    raise typer.Exit(code)
+
+
+def _boundary(fn: Callable[[], Any]) -> Any:
+    """Expected failures -> one line on stderr + their exit code. RLHF_DEBUG=1 adds the traceback."""
+    try:
+        return fn()
+    except RlhfError as e:
+        if os.environ.get("RLHF_DEBUG"):
+            traceback.print_exc()
+        _fail(e.message, e.details, e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted", [], 130)
+
+
+def _setup(verbose: bool) -> None:
+    from rlhf_cli.console import setup_logging
+
+    setup_logging(verbose)
+
+
+def _show_result(result: Any, as_json: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json(), default=str) + "\n")
+        sys.stdout.flush()
+    if os.environ.get("RANK", "0") != "0":
+        return
+    err = Console(stderr=True, highlight=False)
+    table = Table(title=f"rlhf {result.stage}: {result.status}", show_header=True)
+    table.add_column("")
+    table.add_column("value", overflow="fold")
+    if result.output_dir:
+        table.add_row("output_dir", str(result.output_dir))
+    for key, value in {**result.metrics, **{k: v for k, v in result.details.items() if not isinstance(v, (dict, list))}}.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    err.print(table)
+    for key, value in result.details.items():
+        if isinstance(value, (dict, list)):
+            err.print(f"{key}:", markup=False)
+            err.print(json.dumps(value, indent=2, default=str, ensure_ascii=False), markup=False)
+
+
+def _run_stage(
+    stage: str,
+    recipe_path: Optional[Path],
+    flags: dict[str, Any],
+    sets: Optional[list[str]],
+    *,
+    output_dir: Optional[str] = None,
+    resume: str = "auto",
+    overwrite: bool = False,
+    as_json: bool = False,
+    dry_run: bool = False,
+    verbose: bool = False,
+) -> Any:
+    from rlhf_cli.recipe_load import load_recipe
+    from rlhf_cli.result import RunOptions
+
+    _setup(verbose)
+    if output_dir is not None:
+        flags = {**flags, "output_dir": output_dir}
+    recipe = load_recipe(stage, recipe_path, flags=flags, sets=sets)
+    module = importlib.import_module(f"rlhf_cli.stages.{stage.replace('-', '_')}")
+    result = module.run(recipe, RunOptions(resume=resume, overwrite=overwrite, dry_run=dry_run))
+    _show_result(result, as_json)
+    return result
+
+
+# --------------------------------------------------------------------------- training stages
+
+
+@app.command(help="Causal-LM training on raw text: from scratch or continued pretraining.")
+def pretrain(
+    recipe: RequiredRecipeArg,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    set_: SetOpt = None,
+    output_dir: OutputDirOpt = None,
+    resume: ResumeOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False,
+    dry_run: DryRunOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    _boundary(
+        lambda: _run_stage(
+            "pretrain", recipe, {"model.path": model, "data.train": data}, set_,
+            output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
+        )
+    )
+
+
+@app.command(help="Supervised fine-tuning on demonstrations (messages or prompt/completion).")
+def sft(
+    recipe: RecipeArg = None,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    set_: SetOpt = None,
+    output_dir: OutputDirOpt = None,
+    resume: ResumeOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False,
+    dry_run: DryRunOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    _boundary(
+        lambda: _run_stage(
+            "sft", recipe, {"model.path": model, "data.train": data}, set_,
+            output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
+        )
+    )
+
+
+@app.command("train-rm", help="Train a Bradley-Terry reward model on preference pairs.")
+def train_rm(
+    recipe: RecipeArg = None,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    set_: SetOpt = None,
+    output_dir: OutputDirOpt = None,
+    resume: ResumeOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False,
+    dry_run: DryRunOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    _boundary(
+        lambda: _run_stage(
+            "train-rm", recipe, {"model.path": model, "data.train": data}, set_,
+            output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
+        )
+    )
+
+
+def _looks_like_function(ref: str) -> bool:
+    # package.module:function, and not an existing path (a directory named "a:b" stays a path).
+    module, sep, name = ref.partition(":")
+    return bool(sep) and name.isidentifier() and all(p.isidentifier() for p in module.split(".")) and not Path(ref).exists()
+
+
+@app.command(help="PPO against a reward model or a rule-based reward function.")
+def ppo(
+    recipe: RecipeArg = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="Starting policy: run directory, local model or hub id.")] = None,
+    reward: Annotated[
+        Optional[str], typer.Option("--reward", help="Reward model (train-rm run or model) or package.module:function.")
+    ] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompt file (data.train).")] = None,
+    set_: SetOpt = None,
+    output_dir: OutputDirOpt = None,
+    resume: ResumeOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False,
+    dry_run: DryRunOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    flags: dict[str, Any] = {"policy.path": policy, "data.train": prompts}
+    if reward is not None:
+        flags["reward.function" if _looks_like_function(reward) else "reward.path"] = reward
+    _boundary(
+        lambda: _run_stage(
+            "ppo", recipe, flags, set_,
+            output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
+        )
+    )
+
+
+def _parse_gates(items: Optional[list[str]], flag: str) -> Optional[dict[str, float]]:
+    if not items:
+        return None
+    gates = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            gates[name.strip()] = float(value)
+        except ValueError:
+            raise RecipeError(f"{flag} {item!r}: expected metric=number, e.g. {flag} reward=0.5") from None
+        if not sep or not name.strip():
+            raise RecipeError(f"{flag} {item!r}: expected metric=number, e.g. {flag} reward=0.5")
+    return gates
+
+
+@app.command("eval", help="Compute metrics of a model; gate CI with --fail-under / --fail-over (exit 4).")
+def eval_(
+    recipe: RecipeArg = None,
+    model: ModelOpt = None,
+    reward: Annotated[Optional[str], typer.Option("--reward", help="Reward model (run directory or model).")] = None,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="Reference model for win_rate and kl.")] = None,
+    reward_fn: Annotated[Optional[str], typer.Option("--reward-fn", help="package.module:function reward.")] = None,
+    metric: Annotated[Optional[list[str]], typer.Option("--metric", help="Metric to compute. Repeatable.")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompt file for generation metrics.")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="Text or chat file for perplexity.")] = None,
+    preference: Annotated[Optional[str], typer.Option("--preference", help="Preference pairs for rm_accuracy.")] = None,
+    fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="metric=value: exit 4 if below.")] = None,
+    fail_over: Annotated[Optional[list[str]], typer.Option("--fail-over", help="metric=value: exit 4 if above.")] = None,
+    set_: SetOpt = None,
+    output_dir: OutputDirOpt = None,
+    json_: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    def go() -> None:
+        flags = {
+            "model.path": model,
+            "reward.path": reward,
+            "reference.path": reference,
+            "reward_fn": reward_fn,
+            "metrics": metric or None,
+            "data.prompts": prompts,
+            "data.text": text,
+            "data.preference": preference,
+            "fail_under": _parse_gates(fail_under, "--fail-under"),
+            "fail_over": _parse_gates(fail_over, "--fail-over"),
+        }
+        result = _run_stage("eval", recipe, flags, set_, output_dir=output_dir, as_json=json_, verbose=verbose)
+        failed = result.details.get("failed_gates") or []
+        if failed:
+            raise GateFailed(failed[0], details=failed[1:])
+
+    _boundary(go)
+
+
+@app.command(help="Sample from a model; one JSON object per sample on stdout.")
+def generate(
+    model: Annotated[str, typer.Argument(help="Run directory, local model or hub id.")],
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Prompt text. Repeatable.")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompt file (JSONL/JSON/txt), or - for stdin lines.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p")] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding (temperature 0).")] = False,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string. Repeatable.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="Merge LoRA adapters in memory first (faster).")] = False,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    def go() -> None:
+        from rlhf_cli.recipe_load import load_recipe
+
+        _setup(verbose)
+        if not prompt and prompts is None:
+            raise RecipeError("no prompts: give --prompt TEXT (repeatable), --prompts FILE, or --prompts - to read stdin")
+        flags = {
+            "model.path": model,
+            "generation.max_new_tokens": max_new_tokens,
+            "generation.temperature": 0.0 if greedy else temperature,
+            "generation.top_p": top_p,
+            "generation.top_k": top_k,
+            "generation.stop": stop or None,
+            "num_samples": num_samples,
+            "seed": seed,
+            "batch_size": batch_size,
+            "raw": raw or None,
+            "merge": merge or None,
+        }
+        recipe = load_recipe("generate", None, flags=flags, sets=set_)
+        stage = importlib.import_module("rlhf_cli.stages.generate")
+        for record in stage.generate(recipe, prompt or [], prompts):
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+
+    _boundary(go)
+
+
+# --------------------------------------------------------------------------- tools
+
+
+@app.command(help="Check recipes without running them (no torch import). Exit 0 when all are valid, 2 otherwise.")
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files.")],
+    json_: JsonOpt = False,
+) -> None:
+    from rlhf_cli.recipe_load import load_recipe
+
+    results = []
+    for path in recipes:
+        try:
+            recipe = load_recipe(None, path)
+            results.append({"recipe": str(path), "valid": True, "stage": recipe.stage, "errors": []})
+        except RlhfError as e:
+            results.append({"recipe": str(path), "valid": False, "errors": [e.message, *e.details], "code": e.exit_code})
+    if json_:
+        sys.stdout.write(json.dumps(results) + "\n")
+    for r in results:
+        if r["valid"]:
+            sys.stderr.write(f"ok: {r['recipe']} ({r['stage']})\n")
+        for line in r["errors"]:
+            sys.stderr.write(f"error: {line}\n")
+    bad = [r for r in results if not r["valid"]]
+    if bad:
+        raise typer.Exit(max(r["code"] for r in bad))
+
+
+@app.command(help="Print the JSON Schema of the recipes (all stages, or one).")
+def schema(stage: Annotated[Optional[str], typer.Argument(help=f"One of: {', '.join(STAGES)}.")] = None) -> None:
+    from rlhf_cli.starter import recipe_schema
+
+    def go() -> None:
+        if stage is not None and stage not in RECIPE_CLASSES:
+            raise RecipeError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+        sys.stdout.write(json.dumps(recipe_schema(stage), indent=2) + "\n")
+
+    _boundary(go)
+
+
+@app.command(help="Write an annotated starter recipe for a stage.")
+def init(
+    stage: Annotated[str, typer.Argument(help=f"One of: {', '.join(STAGES)}.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="File to write (default: STAGE.yaml).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+) -> None:
+    from rlhf_cli.starter import starter_recipe
+
+    def go() -> None:
+        if stage not in RECIPE_CLASSES:
+            raise RecipeError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+        path = output or Path(f"{stage}.yaml")
+        if path.exists() and not force:
+            raise RecipeError(f"{path} exists: pass --force to replace it, or --output another file")
+        from rlhf_cli.runs import atomic_write_text
+
+        atomic_write_text(path, starter_recipe(stage))
+        sys.stderr.write(f"wrote {path}; check it with: rlhf validate {path}\n")
+
+    _boundary(go)
+
+
+@app.command(help="Merge a LoRA run into its base and write a plain transformers model directory.")
+def merge(
+    run: Annotated[str, typer.Argument(help="Run directory with an adapter.")],
+    output: Annotated[Path, typer.Option("--output", help="Directory to write.")],
+    dtype: Annotated[str, typer.Option("--dtype", help="auto | bf16 | fp16 | fp32.")] = "auto",
+    overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    def go() -> None:
+        _setup(verbose)
+        if dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise RecipeError(f"--dtype {dtype!r}: expected auto, bf16, fp16 or fp32")
+        stage = importlib.import_module("rlhf_cli.stages.merge")
+        _show_result(stage.merge(run, output, dtype=dtype, overwrite=overwrite), json_)
+
+    _boundary(go)
+
+
+@app.command(help="Write report.html with plots and a summary table for one or more runs.")
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (any stages).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for report.html and the PNG plots.")] = Path("report"),
+    json_: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    def go() -> None:
+        _setup(verbose)
+        stage = importlib.import_module("rlhf_cli.stages.report")
+        _show_result(stage.report(runs, output), json_)
+
+    _boundary(go)
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"rlhf {__version__}\n")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    """RLHF pipelines for causal language models."""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

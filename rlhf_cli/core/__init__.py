@@ -1,0 +1,1 @@
+"""Small shared builders: models and tokenizers, quantization, LoRA, datasets, device."""

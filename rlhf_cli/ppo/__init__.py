@@ -1,0 +1,1 @@
+"""Our PPO: pure math (advantages, losses, KL) and a flat loop."""

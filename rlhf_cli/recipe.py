@@ -1,0 +1,404 @@
+"""Recipe models: one frozen pydantic model per stage, `extra="forbid"`, discriminated on `stage`.
+
+Field help is written once, in `Field(description=...)`; it feeds `--help`, `rlhf schema` and editor
+hovers. Cross-field rules live in `model_validator(mode="after")` and say how to fix the recipe.
+This module imports no torch: `rlhf validate` must answer instantly.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+STAGES = ("pretrain", "sft", "train-rm", "ppo", "eval", "generate")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- model loading
+
+
+class ScratchConfig(Strict):
+    """Shape of a model built from scratch (`model.init: from_config`)."""
+
+    family: Literal["llama"] = Field("llama", description="Architecture family of the new model.")
+    hidden_size: int = Field(256, ge=8, description="Width of the residual stream.")
+    num_layers: int = Field(4, ge=1, description="Number of decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads per layer.")
+    num_kv_heads: int | None = Field(None, ge=1, description="Key/value heads (grouped-query attention); null = num_heads.")
+    intermediate_size: int | None = Field(None, ge=8, description="MLP width; null = 4 x hidden_size rounded.")
+    max_position_embeddings: int = Field(2048, ge=16, description="Longest sequence the model can see.")
+    tie_word_embeddings: bool = Field(True, description="Share input and output embeddings (small models).")
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ScratchConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                "pick sizes where hidden_size = num_heads x head_dim"
+            )
+        return self
+
+
+class ModelSpec(Strict):
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="Hub id, local transformers directory, or a run directory (resolved through its run.json).",
+    )
+    gguf_file: str | None = Field(
+        None, description="Load this GGUF file found under `path` (dequantized by transformers; needs `gguf`)."
+    )
+    dtype: Dtype = Field(
+        "auto",
+        description="auto picks bf16 where the hardware multiplies it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32.",
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless you trust it.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    tokenizer: str | None = Field(None, description="Tokenizer location when it differs from `path`.")
+    init: Literal["pretrained", "from_config"] = Field(
+        "pretrained", description="pretrained loads weights; from_config builds a new model (pretrain only)."
+    )
+    config: ScratchConfig | None = Field(None, description="Model shape for `init: from_config`.")
+
+    @model_validator(mode="after")
+    def _scratch_needs_config(self) -> ModelSpec:
+        if self.init == "from_config" and self.config is None:
+            raise ValueError("init is from_config but config is missing: add a config block (hidden_size, num_layers, ...)")
+        if self.init == "pretrained" and self.config is not None:
+            raise ValueError("config is set but init is pretrained: set init: from_config, or remove config")
+        return self
+
+
+class QuantSpec(Strict):
+    bits: Literal[4, 8] | None = Field(None, description="4 or 8 to load the base through bitsandbytes; null = no quantization.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 suits normally distributed weights (QLoRA).")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: Dtype = Field("auto", description="dtype of the matmuls around the quantized weights.")
+
+
+class LoraSpec(Strict):
+    r: int = Field(16, ge=1, description="Rank of the low-rank update.")
+    alpha: float = Field(32, gt=0, description="Scale; the update is multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="all-linear, or the module names to adapt (e.g. [q_proj, v_proj])."
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+Format = Literal["auto", "text", "messages", "prompt_completion", "preference", "prompt"]
+
+
+class DataBase(Strict):
+    train: str = Field(..., min_length=1, description="Local JSONL/JSON/Parquet/CSV/TXT file or directory, or a hub dataset name.")
+    eval: str | None = Field(None, description="Held-out file; null = split `eval_fraction` off train.")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of train held out when `eval` is null.")
+    format: Format = Field("auto", description="auto detects the format from the columns and says what it found.")
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="Column renames, e.g. {instruction: prompt, output: completion}."
+    )
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    max_samples: int | None = Field(None, ge=1, description="Use only the first N training samples (quick runs).")
+
+
+class TextData(DataBase):
+    max_length: int = Field(1024, ge=8, description="Tokens per packed training sequence.")
+    packing: bool = Field(True, description="Concatenate documents into full max_length blocks (no padding).")
+
+
+class ChatData(DataBase):
+    max_length: int = Field(1024, ge=8, description="Longest tokenized sample; longer ones are truncated and counted.")
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own.")
+    completion_only_loss: bool = Field(True, description="Train on completion / assistant tokens only.")
+    padding_free: bool = Field(
+        True, description="Concatenate each batch into one row with per-sample positions: no padding FLOPs."
+    )
+
+
+class PreferenceData(DataBase):
+    max_length: int = Field(1024, ge=8, description="Longest tokenized prompt+response; longer ones are truncated and counted.")
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own.")
+
+
+class PromptData(DataBase):
+    max_prompt_length: int = Field(256, ge=1, description="Longest prompt in tokens; longer prompts are an error, not cut.")
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own.")
+
+
+# --------------------------------------------------------------------------- training
+
+
+class TrainSpec(Strict):
+    epochs: float | None = Field(1, gt=0, description="Passes over the training data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
+    batch_size: int = Field(8, ge=1, description="Samples per device per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
+    logging_steps: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate every N steps; null = at the end of each epoch.")
+    save_steps: int = Field(200, ge=1, description="Write a resumable checkpoint every N steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto", description="Recompute activations to save memory: true, false, or auto (on only when memory asks for it)."
+    )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Extra experiment trackers; metrics.jsonl is always written."
+    )
+
+    @model_validator(mode="after")
+    def _has_length(self) -> TrainSpec:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("both epochs and max_steps are null: set train.epochs (e.g. 1) or train.max_steps")
+        return self
+
+
+class GenerationSpec(Strict):
+    max_new_tokens: int = Field(64, ge=1, description="Longest response in tokens.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens; 0 = off.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a response (besides EOS).")
+
+
+def _adapter_rules(quant: QuantSpec, lora: LoraSpec | None) -> None:
+    if quant.bits is not None and lora is None:
+        raise ValueError(
+            "quant.bits is set but lora is null: QLoRA trains adapters on a frozen quantized base; "
+            "add a lora block or set quant.bits: null"
+        )
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class PretrainRecipe(Strict):
+    """Causal-LM training on raw text: from scratch or continued pretraining."""
+
+    stage: Literal["pretrain"] = "pretrain"
+    model: ModelSpec
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    lora: LoraSpec | None = Field(None, description="Adapter settings; null = train all weights.")
+    data: TextData
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(lr=5e-4))
+    output_dir: str = Field("runs/pretrain", min_length=1, description="Run directory this stage writes.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> PretrainRecipe:
+        _adapter_rules(self.quant, self.lora)
+        if self.model.init == "from_config":
+            if self.lora is not None or self.quant.bits is not None:
+                raise ValueError("a model built from_config has no pretrained weights to freeze: set lora: null and quant.bits: null")
+            if self.model.tokenizer is None:
+                raise ValueError("model.init is from_config but model.tokenizer is null: name the tokenizer to build the vocabulary from")
+        return self
+
+
+class SFTRecipe(Strict):
+    """Supervised fine-tuning on demonstrations (messages or prompt/completion)."""
+
+    stage: Literal["sft"] = "sft"
+    model: ModelSpec
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    lora: LoraSpec | None = Field(default_factory=LoraSpec, description="Adapter settings; null = full fine-tune.")
+    data: ChatData
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    output_dir: str = Field("runs/sft", min_length=1, description="Run directory this stage writes.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> SFTRecipe:
+        _adapter_rules(self.quant, self.lora)
+        if self.data.format not in ("auto", "messages", "prompt_completion"):
+            raise ValueError(f"sft trains on messages or prompt_completion data, not {self.data.format}: set data.format: auto")
+        return self
+
+
+class RewardRecipe(Strict):
+    """Bradley-Terry reward model on preference pairs."""
+
+    stage: Literal["train-rm"] = "train-rm"
+    model: ModelSpec
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    lora: LoraSpec | None = Field(default_factory=LoraSpec, description="Adapter settings; null = full fine-tune.")
+    data: PreferenceData
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(lr=5e-5))
+    center_rewards_coef: float | None = Field(
+        0.01, ge=0, description="Penalty on (r_chosen + r_rejected)^2 keeping scores centred near 0; null = off."
+    )
+    output_dir: str = Field("runs/rm", min_length=1, description="Run directory this stage writes.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> RewardRecipe:
+        _adapter_rules(self.quant, self.lora)
+        if self.data.format not in ("auto", "preference"):
+            raise ValueError(f"train-rm needs preference pairs, not {self.data.format}: set data.format: preference or auto")
+        return self
+
+
+class RewardSource(Strict):
+    path: str | None = Field(None, description="Reward model: a train-rm run, or any sequence-classification model.")
+    function: str | None = Field(
+        None, description="Rule-based reward `package.module:function(prompts, responses) -> list[float]` instead of a model."
+    )
+    gguf_file: str | None = Field(None, description="GGUF file under `path`.")
+    dtype: Dtype = Field("auto", description="dtype of the reward model.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSource:
+        if (self.path is None) == (self.function is None):
+            raise ValueError("give exactly one of reward.path (a reward model) or reward.function (package.module:function)")
+        return self
+
+    @field_validator("function")
+    @classmethod
+    def _looks_like_function(cls, v: str | None) -> str | None:
+        if v is not None and (":" not in v or not v.split(":", 1)[1]):
+            raise ValueError(f"{v!r} is not package.module:function")
+        return v
+
+
+class PPOSpec(Strict):
+    iterations: int = Field(100, ge=1, description="Rollout + optimisation rounds.")
+    rollout_batch_size: int = Field(64, ge=1, description="Prompts per rollout.")
+    mini_batch_size: int = Field(8, ge=1, description="Samples per optimiser step within a PPO epoch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per mini-batch (memory).")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout.")
+    lr: float = Field(1e-5, gt=0, description="Learning rate of policy and value adapters.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
+    value_clip_range: float = Field(0.2, gt=0, description="Value-prediction clip around the rollout values.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    kl_coef: float = Field(0.05, ge=0, description="beta of the per-token KL penalty to the reference policy.")
+    kl_target: float | None = Field(None, gt=0, description="Adaptive KL: aim for this KL per sequence; null = fixed beta.")
+    kl_horizon: int = Field(10000, ge=1, description="Adaptive KL horizon in samples (Ziegler et al. 2019).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount; 1.0 is the RLHF default (Ouyang et al. 2022).")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten_rewards: bool = Field(False, description="Whiten scores over the rollout before adding the KL penalty.")
+    reward_clip: float | None = Field(None, gt=0, description="Clip scores to [-x, x]; null = off.")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtract this from the score of responses that never emit EOS; null = off."
+    )
+    seed: int = Field(42, description="Seed for prompt order and sampling.")
+    save_steps: int = Field(10, ge=1, description="Checkpoint every N iterations.")
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> PPOSpec:
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise ValueError(
+                f"rollout_batch_size {self.rollout_batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}"
+            )
+        if self.mini_batch_size % self.grad_accum:
+            raise ValueError(f"mini_batch_size {self.mini_batch_size} is not a multiple of grad_accum {self.grad_accum}")
+        return self
+
+
+class PPORecipe(Strict):
+    """PPO against a reward model (or a rule-based reward function)."""
+
+    stage: Literal["ppo"] = "ppo"
+    policy: ModelSpec
+    reward: RewardSource
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    lora: LoraSpec | None = Field(default_factory=LoraSpec, description="Policy/value adapter settings; null = full PPO.")
+    data: PromptData
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    ppo: PPOSpec = Field(default_factory=PPOSpec)
+    output_dir: str = Field("runs/ppo", min_length=1, description="Run directory this stage writes.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> PPORecipe:
+        _adapter_rules(self.quant, self.lora)
+        if self.data.format not in ("auto", "prompt", "messages"):
+            raise ValueError(f"ppo samples from prompts, not {self.data.format}: set data.format: prompt or auto")
+        if self.generation.temperature == 0:
+            raise ValueError("generation.temperature is 0: PPO must sample its rollouts; use e.g. 0.7")
+        return self
+
+
+Metric = Literal["perplexity", "reward", "win_rate", "kl", "rm_accuracy", "length", "reward_fn"]
+
+
+class EvalData(Strict):
+    prompts: str | None = Field(None, description="Prompts the model answers (reward, win_rate, kl, length, reward_fn).")
+    text: str | None = Field(None, description="Text or chat data for perplexity.")
+    preference: str | None = Field(None, description="Preference pairs for rm_accuracy.")
+    fields: dict[str, str] = Field(default_factory=dict, description="Column renames.")
+    max_samples: int | None = Field(None, ge=1, description="Evaluate on the first N samples only.")
+    max_length: int = Field(1024, ge=8, description="Longest tokenized sample for perplexity / rm_accuracy.")
+
+
+class EvalRecipe(Strict):
+    """Metrics of a model (and gates on them for CI)."""
+
+    stage: Literal["eval"] = "eval"
+    model: ModelSpec | None = Field(None, description="Model to evaluate (run directory, local model or hub id).")
+    reference: ModelSpec | None = Field(None, description="Reference model for win_rate and kl.")
+    reward: ModelSpec | None = Field(None, description="Reward model for reward, win_rate and rm_accuracy.")
+    reward_fn: str | None = Field(None, description="package.module:function(prompts, responses) -> list[float].")
+    metrics: list[Metric] = Field(..., min_length=1, description="Metrics to compute.")
+    data: EvalData = Field(default_factory=EvalData)
+    generation: GenerationSpec = Field(default_factory=lambda: GenerationSpec(temperature=0.0))
+    fail_under: dict[str, float] = Field(default_factory=dict, description="Gates: exit 4 when metric < value.")
+    fail_over: dict[str, float] = Field(default_factory=dict, description="Gates: exit 4 when metric > value.")
+    batch_size: int = Field(8, ge=1, description="Samples per forward pass.")
+    seed: int = Field(42, description="Seed for sampling.")
+    output_dir: str | None = Field(None, description="Write eval.json here when set.")
+
+    @model_validator(mode="after")
+    def _needs(self) -> EvalRecipe:
+        m = set(self.metrics)
+        if m - {"rm_accuracy"} and self.model is None:
+            raise ValueError("model is missing: name the model to evaluate (--model RUN)")
+        if m & {"reward", "win_rate", "rm_accuracy"} and self.reward is None:
+            raise ValueError("reward, win_rate and rm_accuracy need a reward model: set reward.path (--reward RUN)")
+        if m & {"win_rate", "kl"} and self.reference is None:
+            raise ValueError("win_rate and kl compare against a reference: set reference.path (--reference RUN)")
+        if "reward_fn" in m and self.reward_fn is None:
+            raise ValueError("metric reward_fn needs reward_fn: package.module:function")
+        if m & {"reward", "win_rate", "kl", "length", "reward_fn"} and self.data.prompts is None:
+            raise ValueError("generation metrics need prompts: set data.prompts (--prompts FILE)")
+        if "perplexity" in m and self.data.text is None:
+            raise ValueError("perplexity needs data.text (--text FILE)")
+        if "rm_accuracy" in m and self.data.preference is None:
+            raise ValueError("rm_accuracy needs data.preference (--preference FILE)")
+        return self
+
+
+class GenerateRecipe(Strict):
+    """Sampling from a model; JSONL on stdout."""
+
+    stage: Literal["generate"] = "generate"
+    model: ModelSpec
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
+    num_samples: int = Field(1, ge=1, description="Responses per prompt.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
+    seed: int = Field(42, description="Same seed, same output.")
+    raw: bool = Field(False, description="Send prompts as they are, without the chat template.")
+    merge: bool = Field(False, description="Merge LoRA adapters into the base in memory (faster generation).")
+
+
+Recipe = Annotated[
+    Union[PretrainRecipe, SFTRecipe, RewardRecipe, PPORecipe, EvalRecipe, GenerateRecipe],
+    Field(discriminator="stage"),
+]
+
+RECIPE_CLASSES: dict[str, type[Strict]] = {
+    "pretrain": PretrainRecipe,
+    "sft": SFTRecipe,
+    "train-rm": RewardRecipe,
+    "ppo": PPORecipe,
+    "eval": EvalRecipe,
+    "generate": GenerateRecipe,
+}

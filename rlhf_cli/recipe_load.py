@@ -1,0 +1,215 @@
+"""Read a recipe: YAML file < direct flags < `--set`, validated once, errors with line numbers.
+
+    recipe = load_recipe("sft", Path("recipes/tiny/sft.yaml"), flags={"data.train": "x.jsonl"},
+                         sets=["train.lr=2e-4", "lora.target_modules=[q_proj,v_proj]"])
+
+Every problem becomes one line: `file:line: key: what is wrong (did you mean ...?)`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from rlhf_cli.errors import DataError, RecipeError
+from rlhf_cli.recipe import RECIPE_CLASSES, STAGES
+
+Loc = tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- YAML with line numbers
+
+
+def _key_lines(node: yaml.Node, prefix: Loc, out: dict[Loc, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            loc = prefix + (str(key_node.value),)
+            out[loc] = key_node.start_mark.line + 1
+            _key_lines(value_node, loc, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            loc = prefix + (str(i),)
+            out[loc] = item.start_mark.line + 1
+            _key_lines(item, loc, out)
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[Loc, int]]:
+    """Parse a recipe file safely; returns the mapping and the line of every key."""
+    if not path.is_file():
+        raise DataError(f"{path}: recipe file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: invalid YAML: {e.problem or e.context}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys (stage, model, data, ...), not a {type(data).__name__}")
+    lines: dict[Loc, int] = {}
+    if node is not None:
+        _key_lines(node, (), lines)
+    return data, lines
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_set(item: str) -> tuple[Loc, Any]:
+    """`a.b=value`: value parsed as YAML (lists, numbers, null), like the file itself."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.lr=2e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {item!r}: value is not valid YAML ({getattr(e, 'problem', e)})") from None
+    return tuple(key.split(".")), value
+
+
+def set_path(data: dict[str, Any], loc: Loc, value: Any, origin: str) -> None:
+    node = data
+    for i, part in enumerate(loc[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise RecipeError(f"{origin}: {'.'.join(loc[: i + 1])} is a value, not a section; cannot set {'.'.join(loc)}")
+        node = child
+    node[loc[-1]] = value
+
+
+# --------------------------------------------------------------------------- validation errors
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation like `LoraSpec | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) or origin is typing.Annotated:
+        for arg in typing.get_args(annotation):
+            found = _model_of(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _fields_at(cls: type[BaseModel], loc: Loc) -> list[str]:
+    """Valid key names of the section `loc` points into."""
+    current: type[BaseModel] | None = cls
+    for part in loc:
+        if current is None or part not in current.model_fields:
+            return []
+        current = _model_of(current.model_fields[part].annotation)
+    return list(current.model_fields) if current else []
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> Loc:
+    # pydantic adds union branch names ("list[str]", "literal['all-linear']") into loc; drop them.
+    return tuple(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+
+
+def format_errors(
+    err: ValidationError, cls: type[BaseModel], lines: dict[Loc, int], source: str, from_set: set[Loc]
+) -> list[str]:
+    out: list[str] = []
+    seen: set[tuple[Loc, str]] = set()
+    for e in err.errors():
+        loc = _clean_loc(e["loc"])
+        key = ".".join(loc) or "(recipe)"
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(cls, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join(loc[:-1] + (close[0],))}?" if close else ""
+            section = ".".join(loc[:-1]) or "the top level"
+            msg = f"unknown key{hint} (valid keys in {section}: {', '.join(valid)})"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] not in ("value_error", "assertion_error") and "input" in e:
+                msg += f" (got {e['input']!r})"
+        if (loc, msg) in seen:
+            continue
+        seen.add((loc, msg))
+        where = _where(loc, lines, source, from_set)
+        out.append(f"{where}: {key}: {msg}" if loc else f"{where}: {msg}")
+    return out
+
+
+def _where(loc: Loc, lines: dict[Loc, int], source: str, from_set: set[Loc]) -> str:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in from_set:
+            return "--set/flag"
+        if loc[:n] in lines:
+            return f"{source}:{lines[loc[:n]]}"
+    return source
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def load_recipe(
+    stage: str | None,
+    path: Path | None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> Any:
+    """Build the typed recipe for `stage` (or the file's own `stage:` when stage is None)."""
+    data: dict[str, Any] = {}
+    lines: dict[Loc, int] = {}
+    source = str(path) if path else "command line"
+    if path is not None:
+        data, lines = read_yaml(path)
+
+    file_stage = data.get("stage")
+    if stage is None:
+        if file_stage is None:
+            raise RecipeError(f"{source}: no `stage:` key; add e.g. `stage: sft` (one of {', '.join(STAGES)})")
+        stage = str(file_stage)
+    if stage not in RECIPE_CLASSES:
+        close = difflib.get_close_matches(stage, STAGES, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        line = f":{lines[('stage',)]}" if ("stage",) in lines else ""
+        raise RecipeError(f"{source}{line}: stage: unknown stage {stage!r}{hint} (stages: {', '.join(STAGES)})")
+    if file_stage is not None and file_stage != stage:
+        raise RecipeError(
+            f"{source}:{lines.get(('stage',), 1)}: this is a `{file_stage}` recipe, not `{stage}`: "
+            f"run `rlhf {file_stage} {source}`"
+        )
+    data["stage"] = stage
+
+    from_set: set[Loc] = set()
+    for dotted, value in (flags or {}).items():
+        if value is None:
+            continue
+        loc = tuple(dotted.split("."))
+        set_path(data, loc, value, f"--{dotted}")
+        from_set.add(loc)
+    for item in sets or []:
+        loc, value = parse_set(item)
+        set_path(data, loc, value, f"--set {item}")
+        from_set.add(loc)
+
+    cls = RECIPE_CLASSES[stage]
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        problems = format_errors(err, cls, lines, source, from_set)
+        raise RecipeError(problems[0], details=problems[1:]) from None
+
+
+def dump_recipe(recipe: BaseModel) -> str:
+    """The resolved recipe as YAML, re-runnable as is."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

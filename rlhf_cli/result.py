@@ -1,0 +1,29 @@
+"""What a stage hands back to the CLI (which alone prints it)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Command-line choices that are not part of the recipe itself."""
+
+    resume: str = "auto"  # auto | never | PATH of a checkpoint
+    overwrite: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class RunResult:
+    stage: str
+    status: Literal["completed", "dry-run", "failed", "interrupted"]
+    output_dir: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    # Human-oriented extras (dry-run plan, rendered sample, side-by-side answers): shown on stderr,
+    # included in --json.
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

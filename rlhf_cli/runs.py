@@ -1,0 +1,285 @@
+"""Run directories: the contract between stages.
+
+    runs/NAME/
+      run.json        manifest (status, base model, parent run, what the model is, metrics, recipe, versions)
+      recipe.yaml     the resolved recipe, re-runnable as is
+      metrics.jsonl   one JSON object per logged step
+      adapter/ | model/, tokenizer/, checkpoints/
+
+run.json and recipe.yaml are written atomically (temp file + rename). Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from rlhf_cli.errors import DataError, RecipeError
+
+SCHEMA_VERSION = 1
+MANIFEST = "run.json"
+Status = Literal["running", "completed", "failed", "interrupted"]
+ModelKind = Literal["adapter", "full", "reward-adapter", "reward-full"]
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_VERSIONED = ("rlhf-cli", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (both set RANK), or a plain single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: run.json is not valid JSON ({e.msg})") from None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """Newest complete checkpoint (highest step) under run_dir/checkpoints."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = []
+    for child in root.iterdir():
+        m = _CHECKPOINT.match(child.name)
+        # A checkpoint is complete once its writer dropped the marker (a crash mid-save leaves none).
+        if m and child.is_dir() and (child / "COMPLETE").exists():
+            found.append((int(m.group(1)), child))
+    return max(found)[1] if found else None
+
+
+def checkpoint_step(path: Path) -> int:
+    m = _CHECKPOINT.match(Path(path).name)
+    if not m:
+        raise DataError(f"{path}: not a checkpoint directory (expected checkpoints/checkpoint-N)")
+    return int(m.group(1))
+
+
+@dataclass
+class RunDir:
+    """One run directory, owned by the stage that writes it."""
+
+    path: Path
+    stage: str
+    manifest: dict[str, Any] = field(default_factory=dict)
+    resume_from: Path | None = None
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def update(self, **fields: Any) -> None:
+        """Merge fields into run.json and rewrite it atomically (rank 0 only)."""
+        self.manifest.update(fields)
+        if is_main_process():
+            atomic_write_json(self.path / MANIFEST, self.manifest)
+
+    def finish(self, status: Status, metrics: dict[str, Any] | None = None, **fields: Any) -> None:
+        if metrics is not None:
+            fields["metrics"] = metrics
+        self.update(status=status, finished_at=now(), **fields)
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if not is_main_process():
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self.metrics_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+    def truncate_metrics(self, after_step: int, key: str = "step") -> None:
+        """On resume, drop lines logged after the checkpoint so the curve continues without duplicates."""
+        if not self.metrics_file.exists() or not is_main_process():
+            return
+        kept = [
+            line
+            for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get(key, 0) <= after_step
+        ]
+        atomic_write_text(self.metrics_file, "".join(k + "\n" for k in kept))
+
+
+def prepare_run(
+    output_dir: str | Path,
+    stage: str,
+    recipe_yaml: str,
+    recipe_json: dict[str, Any],
+    *,
+    resume: str = "auto",
+    overwrite: bool = False,
+    base_model: Any = None,
+    parent_run: str | None = None,
+) -> RunDir:
+    """Claim output_dir for a new run, or pick up an interrupted one.
+
+    - completed run there: refuse unless overwrite (re-running never silently says "done" or clobbers);
+    - interrupted/failed run with checkpoints and resume=auto: continue from the newest checkpoint;
+    - resume=PATH: continue from that checkpoint;
+    - a non-empty directory that is not a run: refuse unless overwrite.
+    """
+    path = Path(output_dir)
+    old = read_manifest(path)
+    resume_from: Path | None = None
+
+    if resume not in ("auto", "never"):
+        resume_from = Path(resume)
+        if not resume_from.is_dir():
+            raise DataError(f"--resume {resume}: checkpoint directory not found")
+        checkpoint_step(resume_from)
+    elif old is not None:
+        if old.get("stage") != stage and not overwrite:
+            raise RecipeError(
+                f"{path} holds a `{old.get('stage')}` run, not `{stage}`: choose another --output-dir or pass --overwrite"
+            )
+        status = old.get("status")
+        if status == "completed" and not overwrite:
+            raise RecipeError(f"{path} holds a completed {stage} run: pass --overwrite to replace it, or choose another --output-dir")
+        if resume == "auto" and not overwrite:
+            # An unfinished run with no checkpoint yet is started over in place.
+            resume_from = latest_checkpoint(path)
+    elif path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise RecipeError(f"{path} exists and is not a run directory: choose another --output-dir or pass --overwrite")
+
+    if resume_from is None and path.exists() and (overwrite or old is not None):
+        _clear(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    manifest = dict(old) if (resume_from is not None and old) else {}
+    manifest.update(
+        schema_version=SCHEMA_VERSION,
+        stage=stage,
+        status="running",
+        started_at=manifest.get("started_at", now()),
+        finished_at=None,
+        base_model=base_model,
+        parent_run=parent_run,
+        recipe=recipe_json,
+        versions=package_versions(),
+        command=" ".join(sys.argv),
+    )
+    if resume_from is not None:
+        manifest["resumed_from"] = str(resume_from)
+    run = RunDir(path=path, stage=stage, manifest=manifest, resume_from=resume_from)
+    if is_main_process():
+        atomic_write_text(path / "recipe.yaml", recipe_yaml)
+        run.update()
+    return run
+
+
+def _clear(path: Path) -> None:
+    if not is_main_process():
+        return
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+# --------------------------------------------------------------------------- resolving models
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a model reference means: base weights plus adapters applied in order.
+
+    `rlhf ppo --policy runs/sft` resolves runs/sft/run.json into the base it was trained on, the SFT
+    adapter, and the tokenizer (with the chat template used in training).
+    """
+
+    base: str
+    gguf_file: str | None = None
+    adapters: tuple[str, ...] = ()
+    tokenizer: str | None = None
+    kind: Literal["causal-lm", "reward"] = "causal-lm"
+    run_dir: str | None = None
+    trust_remote_code: bool = False
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.base
+
+
+def resolve_model(path: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> ResolvedModel:
+    """Resolve a hub id, a local model directory, or a run directory (recursively through parents)."""
+    p = Path(path)
+    manifest = read_manifest(p) if p.is_dir() else None
+    if manifest is None:
+        if p.is_dir() and not any(p.glob("config.json")) and not (gguf_file or any(p.glob("*.gguf"))):
+            raise DataError(f"{path}: neither a run directory (no run.json) nor a model directory (no config.json)")
+        return ResolvedModel(base=str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+
+    status = manifest.get("status")
+    if status != "completed":
+        raise DataError(f"{path}: run is {status}, not completed; finish it with --resume auto first")
+    model = manifest.get("model") or {}
+    kind = "reward" if str(model.get("kind", "")).startswith("reward") else "causal-lm"
+    tokenizer = str(p / model["tokenizer"]) if model.get("tokenizer") else None
+    trust = bool(manifest.get("trust_remote_code", trust_remote_code))
+    if model.get("kind") in ("full", "reward-full"):
+        return ResolvedModel(base=str(p / model["path"]), tokenizer=tokenizer, kind=kind, run_dir=str(p), trust_remote_code=trust)
+
+    base = manifest.get("base_model") or {}
+    if isinstance(base, str):
+        base = {"path": base}
+    parent = resolve_model(base["path"], base.get("gguf_file"), trust)
+    adapters = parent.adapters + tuple(str(p / a) for a in model.get("adapters", []))
+    return ResolvedModel(
+        base=parent.base,
+        gguf_file=parent.gguf_file,
+        adapters=adapters,
+        tokenizer=tokenizer or parent.tokenizer,
+        kind=kind,
+        run_dir=str(p),
+        trust_remote_code=trust,
+    )

@@ -1,0 +1,1 @@
+"""One leaf module per subcommand: run(recipe, options) -> RunResult. Only the CLI imports these."""

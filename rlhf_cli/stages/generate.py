@@ -1,0 +1,14 @@
+"""rlhf generate."""
+
+from __future__ import annotations
+
+from rlhf_cli.errors import NotImplementedStage
+from rlhf_cli.result import RunOptions, RunResult
+
+
+def run(recipe, options: RunOptions) -> RunResult:
+    raise NotImplementedStage("rlhf generate is not implemented yet")
+
+
+def generate(recipe, prompts, prompts_file):
+    raise NotImplementedStage("rlhf generate is not implemented yet")

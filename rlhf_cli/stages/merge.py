@@ -1,0 +1,9 @@
+"""rlhf merge."""
+
+from __future__ import annotations
+
+from rlhf_cli.errors import NotImplementedStage
+
+
+def merge(*args, **kwargs):
+    raise NotImplementedStage("rlhf merge is not implemented yet")

@@ -1,0 +1,10 @@
+"""rlhf ppo."""
+
+from __future__ import annotations
+
+from rlhf_cli.errors import NotImplementedStage
+from rlhf_cli.result import RunOptions, RunResult
+
+
+def run(recipe, options: RunOptions) -> RunResult:
+    raise NotImplementedStage("rlhf ppo is not implemented yet")
