@@ -21,7 +21,7 @@ import typer
 
 from rlhf_cli import __version__
 from rlhf_cli.errors import GateFailed, RecipeError, RlhfError
-from rlhf_cli.recipe import RECIPE_CLASSES, STAGES
+from rlhf_cli.recipe import RECIPE_CLASSES, STAGES, is_function_ref
 
 app = typer.Typer(
     name="rlhf",
@@ -199,12 +199,6 @@ def train_rm(
     )
 
 
-def _looks_like_function(ref: str) -> bool:
-    # package.module:function, and not an existing path (a directory named "a:b" stays a path).
-    module, sep, name = ref.partition(":")
-    return bool(sep) and name.isidentifier() and all(p.isidentifier() for p in module.split(".")) and not Path(ref).exists()
-
-
 @app.command(help="PPO against a reward model or a rule-based reward function.")
 def ppo(
     recipe: RecipeArg = None,
@@ -223,7 +217,7 @@ def ppo(
 ) -> None:
     flags: dict[str, Any] = {"policy.path": policy, "data.train": prompts}
     if reward is not None:
-        flags["reward.function" if _looks_like_function(reward) else "reward.path"] = reward
+        flags["reward.function" if is_function_ref(reward) else "reward.path"] = reward
     _boundary(
         lambda: _run_stage(
             "ppo", recipe, flags, set_,

@@ -7,12 +7,19 @@ This module imports no torch: `rlhf validate` must answer instantly.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 STAGES = ("pretrain", "sft", "train-rm", "ppo", "eval", "generate")
+
+
+def is_function_ref(ref: str) -> bool:
+    """`package.module:function`, and not an existing path (a directory named "a:b" stays a path)."""
+    module, sep, name = ref.partition(":")
+    return bool(sep) and name.isidentifier() and all(p.isidentifier() for p in module.split(".")) and not Path(ref).exists()
 
 
 class Strict(BaseModel):
@@ -263,7 +270,7 @@ class RewardSource(Strict):
     @field_validator("function")
     @classmethod
     def _looks_like_function(cls, v: str | None) -> str | None:
-        if v is not None and (":" not in v or not v.split(":", 1)[1]):
+        if v is not None and not is_function_ref(v):
             raise ValueError(f"{v!r} is not package.module:function")
         return v
 

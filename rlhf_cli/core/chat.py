@@ -1,0 +1,97 @@
+"""Chat rendering shared by sft, train-rm, ppo, eval and generate, so training and inference agree.
+
+The template is the tokenizer's own (or the recipe's `data.chat_template`) and is saved with every run
+(tokenizer/), which is what `rlhf generate` applies later: no template drift between stages.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf_cli.core.data import as_messages
+from rlhf_cli.errors import DataError
+
+log = logging.getLogger("rlhf")
+
+# ChatML, used only when a tokenizer has no template of its own (e.g. a model pretrained from scratch).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def ensure_chat_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        log.warning("tokenizer has no chat template; using ChatML (set data.chat_template to choose another)")
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+def record_messages(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
+    """The conversation of an sft record: messages as they are, prompt/completion as user/assistant."""
+    if fmt == "messages":
+        return as_messages(record["messages"], "user")
+    if fmt == "prompt_completion":
+        return as_messages(record["prompt"], "user") + as_messages(record["completion"], "assistant")
+    raise DataError(f"cannot build a conversation from format {fmt}")
+
+
+@dataclass
+class Rendered:
+    input_ids: list[int]
+    labels: list[int]  # -100 where the loss is off
+    truncated: bool
+
+
+def render_conversation(
+    tokenizer: Any, messages: list[dict[str, str]], max_length: int, completion_only: bool = True
+) -> Rendered:
+    """Tokenize a conversation; labels cover assistant turns only when completion_only.
+
+    Assistant spans are found by rendering each prefix of the conversation: the text added by an
+    assistant message (its content and the template's end-of-turn tokens) is what the model learns to
+    produce, including the end-of-turn marker so generation learns to stop.
+    """
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not full.startswith(upto) or not upto.startswith(before):
+            raise DataError(
+                "chat template renders earlier turns differently once later turns follow; "
+                "completion-only loss needs a prefix-stable template (set data.chat_template)"
+            )
+        spans.append((len(before), len(upto)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = []
+    for tok_id, (start, end) in zip(ids, offsets):
+        inside = any(s <= start < e or (start == end and s < end <= e) for s, e in spans)
+        labels.append(tok_id if (inside or not completion_only) else -100)
+    truncated = len(ids) > max_length
+    return Rendered(ids[:max_length], labels[:max_length], truncated)
+
+
+def prompt_text(tokenizer: Any, prompt: Any, raw: bool = False) -> str:
+    """What the model sees before it answers: the chat template with the generation prompt, or raw text."""
+    if raw:
+        if not isinstance(prompt, str):
+            raise DataError("--raw needs plain-text prompts, not message lists")
+        return prompt
+    return tokenizer.apply_chat_template(as_messages(prompt, "user"), tokenize=False, add_generation_prompt=True)
+
+
+def conversation_text(tokenizer: Any, prompt: Any, response: Any) -> str:
+    """prompt + response as one chat transcript (how a reward model reads a pair)."""
+    messages = as_messages(prompt, "user") if prompt not in (None, "") else []
+    if isinstance(response, list):
+        messages = messages + response
+    else:
+        messages = messages + [{"role": "assistant", "content": response}]
+    return tokenizer.apply_chat_template(messages, tokenize=False)

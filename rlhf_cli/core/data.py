@@ -1,0 +1,185 @@
+"""Read training data: local JSONL / JSON / Parquet / CSV / TXT (or a folder of them), or a hub dataset.
+
+    records = read_records("data/chat.jsonl", fields={"instruction": "prompt"})
+    fmt = detect_format(records, "data/chat.jsonl", allowed=("messages", "prompt_completion"))
+    train, held_out = split_eval(records, eval_records=None, fraction=0.05, seed=42)
+
+Records are plain dicts; a malformed line or a missing column is a DataError (exit 3) naming the file,
+the line and the columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any, Iterable
+
+from rlhf_cli.errors import DataError
+
+log = logging.getLogger("rlhf")
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
+
+# Columns that identify each format, in detection order (most specific first).
+FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "preference": ("chosen", "rejected"),
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+    "prompt": ("prompt",),
+}
+
+
+def read_records(
+    source: str,
+    *,
+    fields: dict[str, str] | None = None,
+    split: str = "train",
+    max_samples: int | None = None,
+) -> list[dict[str, Any]]:
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES)
+        if not files:
+            raise DataError(f"{source}: folder holds no {'/'.join(SUFFIXES)} files")
+        records = [r for f in files for r in _read_file(f)]
+    elif path.is_file():
+        records = _read_file(path)
+    elif path.suffix in SUFFIXES or source.startswith((".", "/", "~")):
+        raise DataError(f"{source}: data file not found")
+    else:
+        records = _read_hub(source, split)
+    if not records:
+        raise DataError(f"{source}: no records")
+    if fields:
+        records = [rename(r, fields, source) for r in records]
+    return records[:max_samples] if max_samples else records
+
+
+def rename(record: dict[str, Any], fields: dict[str, str], source: str) -> dict[str, Any]:
+    missing = [old for old in fields if old not in record]
+    if missing:
+        raise DataError(
+            f"{source}: data.fields renames {', '.join(missing)} but records have only: {', '.join(sorted(record))}"
+        )
+    return {fields.get(k, k): v for k, v in record.items()}
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    suffix = path.suffix
+    if suffix == ".jsonl":
+        out = []
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+                out.append(obj)
+        return out
+    if suffix == ".json":
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+            obj = obj["data"]
+        if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
+            raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+        return obj
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            return [dict(row) for row in csv.DictReader(f)]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if suffix == ".txt":
+        # Blank lines separate documents; a file without blank lines is one document per line.
+        text = path.read_text(encoding="utf-8")
+        docs = [d.strip() for d in text.split("\n\n")] if "\n\n" in text else text.splitlines()
+        return [{"text": d} for d in docs if d.strip()]
+    raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(SUFFIXES)})")
+
+
+def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # datasets raises many types for "not found / offline"
+        raise DataError(f"{name}: not a local file, and loading it as a hub dataset failed ({type(e).__name__})") from None
+    return [dict(r) for r in ds]
+
+
+def detect_format(records: list[dict[str, Any]], source: str, allowed: Iterable[str], declared: str = "auto") -> str:
+    """The format of `records`: the declared one (checked) or the first whose columns are present."""
+    allowed = tuple(allowed)
+    columns = set(records[0])
+    if declared != "auto":
+        needed = FORMAT_COLUMNS[declared]
+        if not set(needed) <= columns:
+            raise DataError(
+                f"{source}: format {declared} needs columns {', '.join(needed)}; records have: {', '.join(sorted(columns))}"
+                " (rename with data.fields)"
+            )
+        return declared
+    for fmt in allowed:
+        if set(FORMAT_COLUMNS[fmt]) <= columns:
+            log.info("%s: detected format %s (columns: %s)", source, fmt, ", ".join(sorted(columns)))
+            return fmt
+    wanted = " or ".join("+".join(FORMAT_COLUMNS[f]) for f in allowed)
+    raise DataError(
+        f"{source}: needs columns {wanted}; records have: {', '.join(sorted(columns))} "
+        "(rename with data.fields, e.g. {instruction: prompt, output: completion})"
+    )
+
+
+def check_columns(records: list[dict[str, Any]], fmt: str, source: str) -> None:
+    """Every record carries the format's columns (the first record alone decided the format)."""
+    needed = FORMAT_COLUMNS[fmt]
+    for i, r in enumerate(records):
+        missing = [c for c in needed if c not in r or r[c] is None]
+        if missing:
+            raise DataError(f"{source}: record {i + 1} lacks {', '.join(missing)} (has: {', '.join(sorted(r))})")
+
+
+def split_eval(
+    records: list[dict[str, Any]],
+    eval_records: list[dict[str, Any]] | None,
+    fraction: float,
+    seed: int,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, eval): the given eval set, or a seeded `fraction` held out of train."""
+    if eval_records is not None:
+        return records, eval_records
+    if fraction <= 0 or len(records) < 2:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(len(records) * fraction)))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def as_messages(value: Any, role: str) -> list[dict[str, str]]:
+    """A string or a message list as a message list."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return value
+    raise DataError(f"expected a string or a list of {{role, content}} messages, got {type(value).__name__}")
+
+
+def percentiles(lengths: list[int], qs: Iterable[int] = (50, 90, 99, 100)) -> dict[str, int]:
+    if not lengths:
+        return {}
+    s = sorted(lengths)
+    return {f"p{q}": s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))] for q in qs}

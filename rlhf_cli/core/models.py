@@ -1,0 +1,222 @@
+"""Load tokenizers and models from a hub id, a local directory, a GGUF file or a run directory.
+
+    resolved = resolve(recipe.model)                      # run dirs -> base + adapters + tokenizer
+    tokenizer = load_tokenizer(resolved)
+    model = load_model(resolved, dtype=..., quant=recipe.quant, head="causal")
+    model = attach_lora(model, recipe.lora, task="CAUSAL_LM")
+
+Adapters of a parent run are merged into the base before a new adapter starts at zero, so every run
+is "base + its own adapter" on top of whatever its parent was (recorded in run.json).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from rlhf_cli.core.device import resolve_dtype
+from rlhf_cli.errors import DataError, RecipeError, TrainingError
+from rlhf_cli.recipe import LoraSpec, ModelSpec, QuantSpec
+from rlhf_cli.runs import ResolvedModel, resolve_model
+
+log = logging.getLogger("rlhf")
+
+Head = Literal["causal", "reward"]
+
+
+def resolve(spec: ModelSpec | Any) -> ResolvedModel:
+    """Resolve a ModelSpec-like object (path, gguf_file, trust_remote_code, tokenizer)."""
+    resolved = resolve_model(spec.path, getattr(spec, "gguf_file", None), getattr(spec, "trust_remote_code", False))
+    tokenizer = getattr(spec, "tokenizer", None)
+    if tokenizer:
+        resolved = ResolvedModel(**{**resolved.__dict__, "tokenizer": tokenizer})
+    return resolved
+
+
+def _hub_errors(ref: str, err: Exception) -> DataError:
+    return DataError(
+        f"{ref}: cannot load ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+        "give a local model directory, a run directory, or a hub id that is cached locally"
+    )
+
+
+def load_tokenizer(resolved: ResolvedModel, chat_template: str | None = None, padding_side: str = "right") -> Any:
+    """Tokenizer with a pad token and, when given, the recipe's chat template."""
+    from transformers import AutoTokenizer
+
+    path = resolved.tokenizer_path
+    kwargs: dict[str, Any] = {"trust_remote_code": resolved.trust_remote_code}
+    if resolved.tokenizer is None and resolved.gguf_file:
+        kwargs["gguf_file"] = resolved.gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise _hub_errors(path, e) from None
+    if chat_template:
+        tok.chat_template = chat_template
+    if tok.pad_token is None:
+        # Padding positions are masked out of the loss and attention, so reusing EOS is safe.
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def bnb_config(quant: QuantSpec, compute_dtype: torch.dtype) -> Any:
+    if quant.bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = compute_dtype if quant.compute_dtype == "auto" else resolve_dtype(quant.compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        # Keep the quantized weights' storage type float32-free on CPU and GPU alike.
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_model(
+    resolved: ResolvedModel,
+    *,
+    dtype: torch.dtype,
+    quant: QuantSpec | None = None,
+    head: Head = "causal",
+    device_map: Any = None,
+) -> Any:
+    """Base weights (optionally quantized) with the parent run's adapters merged in."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    quant = quant or QuantSpec()
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": resolved.trust_remote_code}
+    if resolved.gguf_file:
+        if quant.bits is not None:
+            raise RecipeError(
+                "quant.bits with a GGUF model: transformers dequantizes GGUF files on load and cannot re-quantize them "
+                "with bitsandbytes; set quant.bits: null, or use a safetensors checkpoint"
+            )
+        kwargs["gguf_file"] = resolved.gguf_file
+    qconf = bnb_config(quant, dtype)
+    if qconf is not None:
+        kwargs["quantization_config"] = qconf
+        kwargs["device_map"] = device_map or {"": _default_device()}
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    if head == "reward":
+        # One scalar per sequence: the Bradley-Terry reward head (Ouyang et al. 2022).
+        kwargs["num_labels"] = 1
+        cls: Any = AutoModelForSequenceClassification
+    else:
+        cls = AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(resolved.base, **kwargs)
+    except (OSError, ValueError) as e:
+        if "bitsandbytes" in str(e) or "quantiz" in str(e).lower():
+            raise TrainingError(f"4/8-bit loading failed: {str(e).splitlines()[0]}") from None
+        raise _hub_errors(resolved.base, e) from None
+    if not qconf and device_map is None and torch.cuda.is_available():
+        model = model.to(_default_device())
+    if head == "reward" and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
+    return merge_adapters(model, resolved.adapters)
+
+
+def merge_adapters(model: Any, adapters: tuple[str, ...] | list[str]) -> Any:
+    """Fold adapters into the weights in order (a parent run's training becomes part of the base)."""
+    if not adapters:
+        return model
+    from peft import PeftModel
+
+    for path in adapters:
+        if not Path(path).is_dir():
+            raise DataError(f"{path}: adapter directory not found (was the run moved?)")
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    log.info("merged %d parent adapter(s) into the base", len(adapters))
+    return model
+
+
+def _default_device() -> str:
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def wants_checkpointing(setting: str | bool, *, quantized: bool, n_params: int) -> bool:
+    """auto: recompute activations only where memory is the constraint (quantized or >1B-parameter bases)."""
+    if isinstance(setting, bool):
+        return setting
+    return quantized or n_params > 1_000_000_000
+
+
+def attach_lora(
+    model: Any,
+    lora: LoraSpec,
+    *,
+    task: Literal["CAUSAL_LM", "SEQ_CLS"],
+    quantized: bool,
+    gradient_checkpointing: bool,
+    adapter_name: str = "default",
+) -> Any:
+    """Wrap the model with a fresh LoRA adapter (all base weights frozen)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantized:
+        # Casts norms to fp32 and enables input grads so checkpointed k-bit layers backprop (Dettmers et al. 2023).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task,
+        # The reward head is new: it trains fully and is saved with the adapter.
+        modules_to_save=["score"] if task == "SEQ_CLS" else None,
+    )
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total); 4-bit weights count as their logical number of parameters."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if getattr(p, "quant_state", None) is not None or p.dtype == torch.uint8:
+            n *= 2  # two 4-bit values per stored byte
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def build_from_config(spec: ModelSpec, tokenizer: Any, dtype: torch.dtype) -> Any:
+    """A new, randomly initialised model of the recipe's shape (pretraining from scratch)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = spec.config
+    assert c is not None
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size or _mlp_width(c.hidden_size),
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads or c.num_heads,
+        max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=c.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def _mlp_width(hidden: int) -> int:
+    # Llama's SwiGLU width: 8/3 x hidden, rounded up to a multiple of 64.
+    return (int(8 * hidden / 3) + 63) // 64 * 64

@@ -1,0 +1,98 @@
+"""Score (prompt, response) pairs with a reward model or a rule-based function.
+
+    scorer = load_scorer("runs/rm")                              # a train-rm run, or any seq-cls model
+    scorer = load_scorer("rlhf_cli.demo.rewards:vader_sentiment")  # package.module:function
+    scores = scorer(prompts, responses)                          # list[float]
+
+A reward run is read through its run.json: base, adapter, score head and chat template are found
+without the user knowing how they were saved.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import torch
+
+from rlhf_cli.errors import DataError, RecipeError
+from rlhf_cli.recipe import is_function_ref
+
+RewardFn = Callable[[list[Any], list[str]], list[float]]
+
+
+def load_function(ref: str) -> RewardFn:
+    """Import `package.module:function` (user code named explicitly in the recipe or on the command line)."""
+    if not is_function_ref(ref):
+        raise RecipeError(f"{ref!r} is not package.module:function")
+    module_name, _, name = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RecipeError(f"reward function {ref}: cannot import {module_name} ({e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise RecipeError(f"reward function {ref}: {module_name} has no callable {name}")
+
+    def call(prompts: list[Any], responses: list[str]) -> list[float]:
+        scores = [float(s) for s in fn(prompts, responses)]
+        if len(scores) != len(responses):
+            raise DataError(f"reward function {ref} returned {len(scores)} scores for {len(responses)} responses")
+        return scores
+
+    return call
+
+
+class RewardModel:
+    """A sequence-classification model with one output, applied to chat transcripts."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = 1024, batch_size: int = 8):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def score_texts(self, texts: list[str]) -> list[float]:
+        device = next(self.model.parameters()).device
+        out: list[float] = []
+        for i in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                texts[i : i + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                add_special_tokens=False,
+            ).to(device)
+            logits = self.model(**batch).logits
+            out.extend(logits[:, 0].float().tolist())
+        return out
+
+    def __call__(self, prompts: list[Any], responses: list[str]) -> list[float]:
+        from rlhf_cli.core.chat import conversation_text
+
+        return self.score_texts([conversation_text(self.tokenizer, p, r) for p, r in zip(prompts, responses)])
+
+
+def load_reward_model(path: str, *, dtype: str = "auto", gguf_file: str | None = None, trust_remote_code: bool = False,
+                      max_length: int = 1024, batch_size: int = 8) -> RewardModel:
+    from rlhf_cli.core.chat import ensure_chat_template
+    from rlhf_cli.core.device import resolve_dtype
+    from rlhf_cli.core.models import load_model, load_tokenizer
+    from rlhf_cli.runs import resolve_model
+
+    resolved = resolve_model(path, gguf_file, trust_remote_code)
+    if resolved.run_dir and resolved.kind != "reward":
+        raise RecipeError(f"{path} is a {resolved.kind} run, not a reward model: pass a train-rm run directory")
+    tokenizer = load_tokenizer(resolved, padding_side="right")
+    ensure_chat_template(tokenizer)
+    model = load_model(resolved, dtype=resolve_dtype(dtype), head="reward")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return RewardModel(model, tokenizer, max_length=max_length, batch_size=batch_size)
+
+
+def load_scorer(ref: str, **kwargs: Any) -> RewardFn:
+    """A reward function reference or a reward model path, as one callable."""
+    return load_function(ref) if is_function_ref(ref) else load_reward_model(ref, **kwargs)
