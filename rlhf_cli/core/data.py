@@ -14,8 +14,9 @@ import csv
 import json
 import logging
 import random
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from rlhf_cli.errors import DataError
 

@@ -11,7 +11,8 @@ without the user knowing how they were saved.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
