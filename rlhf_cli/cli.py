@@ -216,9 +216,13 @@ def ppo(
     dry_run: DryRunOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
+    from rlhf_cli.recipe_load import UNSET
+
     flags: dict[str, Any] = {"policy.path": policy, "data.train": prompts}
     if reward is not None:
-        flags["reward.function" if is_function_ref(reward) else "reward.path"] = reward
+        # --reward replaces the file's reward source, whichever kind the file names.
+        use, drop = ("reward.function", "reward.path") if is_function_ref(reward) else ("reward.path", "reward.function")
+        flags[use], flags[drop] = reward, UNSET
     _boundary(
         lambda: _run_stage(
             "ppo", recipe, flags, set_,

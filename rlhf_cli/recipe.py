@@ -301,12 +301,18 @@ class PPOSpec(Strict):
 
     @model_validator(mode="after")
     def _batches_divide(self) -> PPOSpec:
+        # Each PPO epoch splits the rollout into equal mini-batches, and each mini-batch into equal micro-batches.
         if self.rollout_batch_size % self.mini_batch_size:
+            up = -(-self.rollout_batch_size // self.mini_batch_size) * self.mini_batch_size
             raise ValueError(
-                f"rollout_batch_size {self.rollout_batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}"
+                f"rollout_batch_size {self.rollout_batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}: "
+                f"set ppo.rollout_batch_size to a multiple of it (e.g. {up}) or pick a mini_batch_size that divides it"
             )
         if self.mini_batch_size % self.grad_accum:
-            raise ValueError(f"mini_batch_size {self.mini_batch_size} is not a multiple of grad_accum {self.grad_accum}")
+            raise ValueError(
+                f"mini_batch_size {self.mini_batch_size} is not a multiple of grad_accum {self.grad_accum}: "
+                "set ppo.grad_accum to a divisor of ppo.mini_batch_size"
+            )
         return self
 
 
