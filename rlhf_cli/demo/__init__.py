@@ -1,0 +1,1 @@
+"""The demo pipeline: tiny local assets and real data from PyPI packages."""
