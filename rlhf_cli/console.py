@@ -44,6 +44,8 @@ def setup_logging(verbose: bool = False) -> None:
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # Per-file "Loading weights" bars from transformers/hub; our own Progress shows the long work.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
