@@ -246,7 +246,23 @@ def _parse_gates(items: Optional[list[str]], flag: str) -> Optional[dict[str, fl
     return gates
 
 
-@app.command("eval", help="Compute metrics of a model; gate CI with --fail-under / --fail-over (exit 4).")
+EVAL_HELP = """Compute metrics of a model; gate CI with --fail-under / --fail-over (exit 4).
+
+\b
+Metrics (--metric) and the keys they report (the names gates use):
+  perplexity   perplexity: all tokens of text data, answer tokens of chat data
+  reward       reward, reward_std: reward-model score of the model's answers to --prompts
+  win_rate     win_rate, tie_rate: answers vs --reference's, judged by the reward model; ties count half
+  kl           kl: mean over the model's samples of sum log p_model - log p_reference
+  rm_accuracy  rm_accuracy, rm_margin: reward model on --preference pairs
+  length       length, eos_rate: answer tokens; share ending before max_new_tokens
+  reward_fn    reward_fn, reward_fn_std: --reward-fn package.module:function(prompts, responses)
+
+A table goes to stderr and the result as JSON to stdout; eval.json is written into --output-dir when given.
+Exit 0 when every gate holds, 4 naming the metric, its value and the gate otherwise."""
+
+
+@app.command("eval", help=EVAL_HELP)
 def eval_(
     recipe: RecipeArg = None,
     model: ModelOpt = None,
@@ -259,9 +275,11 @@ def eval_(
     preference: Annotated[Optional[str], typer.Option("--preference", help="Preference pairs for rm_accuracy.")] = None,
     fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="metric=value: exit 4 if below.")] = None,
     fail_over: Annotated[Optional[list[str]], typer.Option("--fail-over", help="metric=value: exit 4 if above.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", help="Answers per prompt.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Same seed, same metrics.")] = None,
     set_: SetOpt = None,
     output_dir: OutputDirOpt = None,
-    json_: JsonOpt = False,
+    json_: Annotated[bool, typer.Option("--json", help="Accepted for symmetry: eval always prints JSON on stdout.")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     def go() -> None:
@@ -276,8 +294,11 @@ def eval_(
             "data.preference": preference,
             "fail_under": _parse_gates(fail_under, "--fail-under"),
             "fail_over": _parse_gates(fail_over, "--fail-over"),
+            "num_samples": num_samples,
+            "seed": seed,
         }
-        result = _run_stage("eval", recipe, flags, set_, output_dir=output_dir, as_json=json_, verbose=verbose)
+        # Metrics are eval's result: JSON on stdout always, the table on stderr for people.
+        result = _run_stage("eval", recipe, flags, set_, output_dir=output_dir, as_json=True, verbose=verbose)
         failed = result.details.get("failed_gates") or []
         if failed:
             raise GateFailed(failed[0], details=failed[1:])
