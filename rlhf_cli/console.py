@@ -41,7 +41,8 @@ def setup_logging(verbose: bool = False) -> None:
     log.addHandler(handler)
     log.setLevel(level)
     # Libraries' own chatter (tokenizer warnings, progress bars of datasets) stays out of CI logs.
-    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "torch"):
+    # bitsandbytes warns on CPUs that it cannot fetch an optional kernel from a hub; its fallback works.
+    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "torch", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # Per-file "Loading weights" bars from transformers/hub; our own Progress shows the long work.
