@@ -7,6 +7,8 @@
 #   make test-fast   unit tests only (no model training)
 #   make schema      regenerate recipes/schema.json from the recipe models
 #   make bench-cli   CLI start-up time against `import torch`
+#   make demo        the whole pipeline on SmolLM2-135M-Instruct, offline, on the CPU (report in .demo/report)
+#   make demo-tiny   the same chain on a tiny model pretrained from scratch (a couple of minutes)
 
 PY ?= python3
 VENV = .venv
@@ -14,7 +16,7 @@ BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
 DEMO_STAMP = $(VENV)/.demo-installed
 
-.PHONY: venv venv-demo lint test test-fast schema bench-cli clean
+.PHONY: venv venv-demo lint test test-fast schema bench-cli demo demo-tiny clean
 
 venv: $(STAMP)
 
@@ -52,6 +54,13 @@ test-fast: venv
 schema: venv
 	$(BIN)/python -c "from pathlib import Path; from rlhf_cli.runs import atomic_write_text; \
 	from rlhf_cli.starter import schema_text; atomic_write_text(Path('recipes/schema.json'), schema_text())"
+
+# Finished stages are skipped on a re-run; an interrupted one resumes. FORCE=1 starts over.
+demo: venv-demo
+	$(BIN)/python -m rlhf_cli.demo.pipeline real $(if $(FORCE),--force)
+
+demo-tiny: venv
+	$(BIN)/python -m rlhf_cli.demo.pipeline tiny $(if $(FORCE),--force)
 
 bench-cli: venv
 	$(BIN)/python bench/cli_latency.py
