@@ -50,11 +50,7 @@ def load_tokenizer(resolved: ResolvedModel, chat_template: str | None = None, pa
     path = resolved.tokenizer_path
     kwargs: dict[str, Any] = {"trust_remote_code": resolved.trust_remote_code}
     if resolved.tokenizer is None and resolved.gguf_file:
-        from transformers import GgufConfig
-
-        # dequantize=True gives plain dense Linear layers that train and save_pretrained like any model;
-        # load in fp32 and cast afterwards (asking the GGUF loader for bf16 is ~2.5x slower).
-        kwargs.update(gguf_file=resolved.gguf_file, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
+        kwargs["gguf_file"] = resolved.gguf_file
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
