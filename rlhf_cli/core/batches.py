@@ -7,7 +7,8 @@
 Padding-free batches: the samples of a batch are concatenated into one row whose position_ids restart
 at 0 for every sample and no attention_mask is passed. transformers then builds a block-diagonal causal
 mask from the position_ids (masking_utils.find_packed_sequence_indices; flash-attention kernels read them
-as cu_seqlens), so no token attends across samples and the loss equals the padded batch's loss.
+as cu_seqlens), so no token attends across samples and the loss equals the padded batch's loss
+(tests/test_core_models.py checks both). That detection needs use_cache=False, which the batch carries.
 """
 
 from __future__ import annotations
@@ -155,6 +156,9 @@ class FlatCollator:
             "input_ids": torch.tensor([ids]),
             "labels": torch.tensor([labels]),
             "position_ids": torch.tensor([positions]),
+            # transformers derives the block-diagonal mask from position_ids only when no KV cache is
+            # passed; with the config's use_cache=True it would silently let samples attend to each other.
+            "use_cache": False,
         }
 
 

@@ -158,12 +158,19 @@ def merge_adapters(model: Any, adapters: tuple[str, ...] | list[str]) -> Any:
     """Fold adapters into the weights in order (a parent run's training becomes part of the base)."""
     if not adapters:
         return model
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
+    task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
     for path in adapters:
         if not Path(path).is_dir():
             raise DataError(f"{path}: adapter directory not found (was the run moved?)")
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        config = PeftConfig.from_pretrained(path)
+        if config.task_type != task:
+            # A policy adapter folded into a reward model (sft -> train-rm): same layers, another head.
+            # peft's task wrappers assume their own head, so the plain wrapper does the merge.
+            config.task_type = None
+            config.modules_to_save = None
+        model = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
     log.info("merged %d parent adapter(s) into the base", len(adapters))
     return model
 

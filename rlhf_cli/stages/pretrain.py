@@ -62,8 +62,11 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
         return RunResult(stage="pretrain", status="dry-run", output_dir=None, details=details)
 
     # 3. Claim the run directory, build or load the model, train.
-    base = {"init": "from_config", "config": recipe.model.config.model_dump()} if scratch else artifacts.base_entry(
-        resolved, recipe.model.path)
+    kept = plan.parent_adapters == "kept"
+    if scratch:
+        base = {"init": "from_config", "config": recipe.model.config.model_dump()}
+    else:
+        base = artifacts.base_entry(resolved, recipe.model.path, parent_adapter_kept=kept)
     run_dir = prepare_run(recipe.output_dir, "pretrain", dump_recipe(recipe), recipe.model_dump(mode="json"),
                           resume=options.resume, overwrite=options.overwrite, base_model=base,
                           parent_run=resolved.run_dir)
@@ -73,10 +76,10 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
             model = models.build_from_config(recipe.model, tokenizer, plan.precision.load)
         else:
             model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant,
-                                      merge_parent=plan.parent_adapters != "kept")
+                                      merge_parent=not kept)
         model = models.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
                                       checkpointing=plan.checkpointing,
-                                      parent_adapter=resolved.adapters[0] if plan.parent_adapters == "kept" else None)
+                                      parent_adapter=resolved.adapters[0] if kept else None)
         trainable, total = models.count_parameters(model)
         run_dir.update(data=stats.summary(), precision=plan.precision.as_json(), parent_adapters=plan.parent_adapters,
                        quantization=recipe.quant.model_dump() if quantized else None,

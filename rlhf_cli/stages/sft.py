@@ -58,16 +58,18 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
         return RunResult(stage="sft", status="dry-run", output_dir=None, details=details)
 
     # 3. Claim the run directory, load, train.
+    kept = plan.parent_adapters == "kept"
+    base = artifacts.base_entry(resolved, recipe.model.path, parent_adapter_kept=kept)
     run_dir = prepare_run(recipe.output_dir, "sft", dump_recipe(recipe), recipe.model_dump(mode="json"),
-                          resume=options.resume, overwrite=options.overwrite,
-                          base_model=artifacts.base_entry(resolved, recipe.model.path), parent_run=resolved.run_dir)
+                          resume=options.resume, overwrite=options.overwrite, base_model=base,
+                          parent_run=resolved.run_dir)
     with fitting.failure_marked(run_dir):
         quantized = recipe.quant.bits is not None
         model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant,
-                                  merge_parent=plan.parent_adapters != "kept")
+                                  merge_parent=not kept)
         model = models.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
                                       checkpointing=plan.checkpointing,
-                                      parent_adapter=resolved.adapters[0] if plan.parent_adapters == "kept" else None)
+                                      parent_adapter=resolved.adapters[0] if kept else None)
         trainable, total = models.count_parameters(model)
         run_dir.update(format=fmt, data=stats.summary(), precision=plan.precision.as_json(),
                        parent_adapters=plan.parent_adapters, quantization=recipe.quant.model_dump() if quantized else None,
