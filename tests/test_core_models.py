@@ -94,10 +94,52 @@ def test_flat_batches_give_the_padded_loss(tiny, tiny_model):
         loss_flat = model(**flat).loss
         loss_padded = model(**padded).loss
     assert torch.allclose(loss_flat, loss_padded, atol=1e-5), (loss_flat, loss_padded)
+    # The training loss projects to the vocabulary only where labels are, and agrees too.
+    from rlhf_cli.core.trainer import causal_lm_loss
+
+    with torch.no_grad():
+        selective, outputs = causal_lm_loss(model, flat)
+    assert torch.allclose(selective, loss_padded, atol=1e-5), (selective, loss_padded)
+    n_labels = int((flat["labels"][:, 1:] != -100).sum())
+    assert outputs.logits.shape[0] == n_labels < flat["input_ids"].numel()
     # A model that could see the previous sample would give another loss: the mask is block-diagonal.
     with torch.no_grad():
         leaky = model(input_ids=flat["input_ids"], labels=flat["labels"]).loss
     assert not torch.allclose(leaky, loss_flat, atol=1e-3)
+
+
+@pytest.mark.parametrize("fused_from", [512, 8])
+def test_packed_attention_matches_sdpa(tiny, no_cuda, monkeypatch, fused_from):
+    """Per-sample attention (matmul path, and the fused-kernel path for long samples) gives sdpa's loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_cli.core import attention
+    from rlhf_cli.core.chat import ensure_chat_template
+
+    monkeypatch.setattr(attention, "_FUSED_FROM", fused_from)
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    ensure_chat_template(tokenizer)
+    records = [{"messages": [{"role": "user", "content": f"where is the {a}?"},
+                             {"role": "assistant", "content": f"the {a} is in the barn." * n}]}
+               for a, n in (("cat", 1), ("dog", 3), ("owl", 2))]
+    samples, _ = chat_samples(tokenizer, records, "messages", max_length=64)
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    with torch.no_grad():
+        reference = model(**PadCollator(tokenizer.pad_token_id)(samples)).loss
+    assert attention.use_packed_attention(model)
+    flat = FlatCollator()(samples)
+    with torch.no_grad():
+        packed = model(**flat).loss
+        padded = model(**PadCollator(tokenizer.pad_token_id)(samples)).loss  # falls back to sdpa + mask
+    assert torch.allclose(packed, reference, atol=1e-5) and torch.allclose(padded, reference, atol=1e-6)
+    # Gradients agree too.
+    packed = model(**flat).loss
+    packed.backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    model.set_attn_implementation("sdpa")
+    model(**flat).loss.backward()
+    assert torch.allclose(grad, model.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-6)
 
 
 def test_packed_text_blocks_are_full_and_stacked(tiny_model):

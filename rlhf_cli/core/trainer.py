@@ -307,6 +307,52 @@ def _last_train_loss(trainer: Trainer) -> float | None:
     return None
 
 
+# --------------------------------------------------------------------------- causal-LM loss
+
+
+def _keeps_logits_by_mask() -> bool:
+    """transformers >= 5.x projects to the vocabulary only where a boolean logits_to_keep mask says so."""
+    import inspect
+
+    from transformers import modeling_utils
+
+    helper = getattr(modeling_utils, "slice_logits_to_keep", None)
+    return helper is not None and "boolean" in (inspect.getdoc(helper) or "")
+
+
+_SELECTIVE_LOGITS = _keeps_logits_by_mask()
+
+
+def causal_lm_loss(model: Any, batch: dict[str, Any], num_items: Any = None) -> tuple[torch.Tensor, Any]:
+    """Next-token cross-entropy computed only where a label exists.
+
+    Prompt tokens (completion-only loss) need no logits: skipping their vocabulary projection and fp32
+    log-softmax saves a fifth of a small model's work (49k-word vocabulary of SmolLM2-135M). Summed and
+    divided by num_items, the label count over all micro-batches of the optimizer step, as Trainer does.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    if not _SELECTIVE_LOGITS:
+        outputs = model(**inputs, labels=labels, num_items_in_batch=num_items)
+        return outputs.loss, outputs
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    targets = labels[:, 1:][keep[:, :-1]]
+    outputs = model(**inputs, logits_to_keep=keep)
+    loss = torch.nn.functional.cross_entropy(outputs.logits.float().reshape(-1, outputs.logits.shape[-1]), targets,
+                                             reduction="sum")
+    count = num_items if num_items is not None else targets.numel()
+    return loss / torch.as_tensor(count, device=loss.device, dtype=loss.dtype), outputs
+
+
+class CausalTrainer(Trainer):
+    """Trainer with causal_lm_loss (logits only where labels are)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = causal_lm_loss(model, inputs, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+
 # --------------------------------------------------------------------------- reward model training
 
 

@@ -19,9 +19,7 @@ log = logging.getLogger("rlhf")
 
 
 def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
-    from transformers import Trainer
-
-    from rlhf_cli.core import artifacts, batches, models
+    from rlhf_cli.core import artifacts, attention, batches, models
     from rlhf_cli.core import trainer as fitting
     from rlhf_cli.core.data import read_splits
     from rlhf_cli.core.plan import plan_training
@@ -77,16 +75,18 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
         else:
             model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant,
                                       merge_parent=not kept)
+        attention.use_packed_attention(model)  # used by rows of unequal length (data.packing: false)
         model = models.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
                                       checkpointing=plan.checkpointing,
                                       parent_adapter=resolved.adapters[0] if kept else None)
         trainable, total = models.count_parameters(model)
         run_dir.update(data=stats.summary(), precision=plan.precision.as_json(), parent_adapters=plan.parent_adapters,
                        quantization=recipe.quant.model_dump() if quantized else None,
-                       trainable_params=trainable, total_params=total)
+                       trainable_params=trainable, total_params=total, attention=model.config._attn_implementation,
+                       gradient_checkpointing=plan.checkpointing)
         args = fitting.training_args(recipe.train, run_dir.checkpoints, precision=plan.precision,
                                      has_eval=bool(eval_set), gradient_checkpointing=plan.checkpointing)
-        trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
+        trainer = fitting.CausalTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
                           data_collator=batches.FlatCollator())
         outcome = fitting.fit(trainer, run_dir, "pretrain", perplexity=True)
         eval_metrics = fitting.evaluate(trainer, outcome, run_dir, perplexity=True) if eval_set else {}

@@ -77,7 +77,8 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
         trainable, total = models.count_parameters(model)
         run_dir.update(format=fmt, data=stats.summary(), precision=plan.precision.as_json(),
                        parent_adapters=plan.parent_adapters, quantization=recipe.quant.model_dump() if quantized else None,
-                       trainable_params=trainable, total_params=total, chat_template=tokenizer.chat_template)
+                       trainable_params=trainable, total_params=total, chat_template=tokenizer.chat_template,
+                       gradient_checkpointing=plan.checkpointing)
         args = fitting.training_args(recipe.train, run_dir.checkpoints, precision=plan.precision,
                                      has_eval=bool(eval_set), gradient_checkpointing=plan.checkpointing,
                                      count_tokens="non_padding", prediction_loss_only=False)
