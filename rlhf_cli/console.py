@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 log = logging.getLogger("rlhf")
@@ -49,6 +50,11 @@ def setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers reads this once on import: no tqdm bars for shard writing or GGUF dequantizing.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not verbose:
+        # Deprecation notices of the libraries are for their callers' code (ours), not for users.
+        warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _fmt(fields: dict[str, Any]) -> str:
