@@ -1,0 +1,588 @@
+"""The math of RLHF PPO as small pure torch functions; the PPO loop calls these and keeps no math itself.
+
+    PYTHONPATH=. python -m pytest tests/test_ppo_algo.py -q
+
+Conventions shared by every function here:
+
+- Per-token tensors are ``[batch, T]`` over *response* tokens only (the prompt is cut off by the caller).
+- A ``mask`` is a bool or float tensor of the same shape, nonzero for real tokens. Masks are treated as
+  binary (not as weights) and are assumed right-padded: real tokens first, then padding.
+- Masked-out positions may hold anything, including NaN or inf: they are selected away with
+  ``torch.where`` rather than multiplied by zero, and every per-token output is 0 there.
+- float16/bfloat16 inputs are upcast; results are float32 (float64 stays float64).
+- Nothing here waits on the device except ``masked_var``/``masked_whiten`` (one check that there are
+  enough entries) and the KL controllers, which hold a Python float.
+
+Sources: Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences") for the KL-shaped
+reward and the adaptive KL controller (and their lm-human-preferences code for the defaults), Ouyang
+et al. 2022 for the same reward shape at scale, and Huang et al. 2024 ("The N Implementation Details of
+RLHF with PPO") for the masking, whitening, clipping and temperature details.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+KLKind = Literal["k1", "k2", "k3", "abs"]
+# A sum all-reduce over ranks that returns the reduced tensor, e.g. ``accelerator.reduce`` (its default
+# reduction is "sum"). Note that ``torch.distributed.all_reduce`` works in place and returns None, so wrap
+# it: ``def reduce(t): dist.all_reduce(t); return t``.
+Reduce = Callable[[Tensor], Tensor]
+
+# Added to the variance before the square root when whitening, as in the lm-human-preferences code.
+WHITEN_EPS = 1e-8
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        if t.is_floating_point():
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _as_bool(mask: Tensor, like: Tensor, name: str = "mask") -> Tensor:
+    if mask.shape != like.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(mask.shape)} but the values have shape {tuple(like.shape)}"
+        )
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Masked statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is nonzero.
+
+    Args:
+        x: values, any shape.
+        mask: same shape as ``x``; nonzero marks entries to average.
+        dim: reduce only this dimension; None reduces everything to a 0-d tensor.
+
+    Returns:
+        The mean (float32 or wider). Where a slice has no real entry the result is 0, not NaN, so an
+        empty row or an all-padding micro-batch cannot poison a loss.
+    """
+    m = _as_bool(mask, x)
+    x = x.to(_compute_dtype(x))
+    total = torch.where(m, x, 0).sum() if dim is None else torch.where(m, x, 0).sum(dim)
+    count = m.sum() if dim is None else m.sum(dim)
+    return total / count.clamp_min(1).to(total.dtype)
+
+
+def _masked_moments(x: Tensor, mask: Tensor, unbiased: bool, reduce: Reduce | None) -> tuple[Tensor, Tensor]:
+    """Mean and variance over masked entries, optionally summed over ranks with ``reduce``.
+
+    Two passes (mean first, then centred squares) rather than E[x^2] - E[x]^2, which cancels badly when
+    the mean is large relative to the spread. ``reduce`` is called exactly twice on every rank, whatever
+    the local data, so the collectives always match up.
+    """
+    m = _as_bool(mask, x)
+    x = x.to(_compute_dtype(x))
+    local = torch.stack([torch.where(m, x, 0).sum(), m.sum().to(x.dtype)])
+    total, count = reduce(local) if reduce is not None else local
+    needed = 2 if unbiased else 1
+    # One cheap host sync: a variance from fewer entries is meaningless and would otherwise surface
+    # later as inf/NaN advantages far from the cause.
+    if count.item() < needed:
+        raise ValueError(
+            f"masked variance needs at least {needed} real entries, got {int(count.item())}; "
+            "check the response mask"
+        )
+    mean = total / count
+    sq = torch.where(m, (x - mean) ** 2, 0).sum()
+    if reduce is not None:
+        sq = reduce(sq.reshape(1)).reshape(())
+    var = sq / (count - 1 if unbiased else count)
+    return mean, var
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, reduce: Reduce | None = None) -> Tensor:
+    """Variance of ``x`` over masked entries (all dimensions at once), as a 0-d tensor.
+
+    Args:
+        x: values, any shape.
+        mask: same shape as ``x``.
+        unbiased: divide by n - 1 (Bessel's correction) instead of n.
+        reduce: optional sum all-reduce over ranks (see ``Reduce``) to get global statistics; None uses
+            the local entries only.
+
+    Raises:
+        ValueError: fewer than 2 real entries (1 when ``unbiased=False``).
+    """
+    return _masked_moments(x, mask, unbiased, reduce)[1]
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce: Reduce | None = None) -> Tensor:
+    """Normalise ``x`` to mean 0 and unit (unbiased) variance over masked entries; 0 at masked positions.
+
+    Used on advantages (Huang et al. 2024, detail "advantage whitening") and optionally on rewards.
+
+    Args:
+        x: values, any shape (typically ``[batch, T]`` advantages).
+        mask: same shape as ``x``.
+        shift_mean: if False, only scale: the mean is added back, so the sign of the data is kept. This is
+            what reward whitening wants, where shifting would change which tokens are rewarded.
+        reduce: optional sum all-reduce over ranks (see ``Reduce``), so that every rank whitens with the
+            statistics of the whole global batch; pass ``accelerator.reduce``. None = local statistics.
+
+    Returns:
+        Whitened values (float32 or wider), 0 where ``mask`` is 0.
+    """
+    mean, var = _masked_moments(x, mask, unbiased=True, reduce=reduce)
+    x = x.to(mean.dtype)
+    out = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(_as_bool(mask, x), out, 0)
+
+
+def whiten_scores(scores: Tensor, shift_mean: bool = True, reduce: Reduce | None = None) -> Tensor:
+    """Whiten sequence-level reward-model scores ``[batch]`` across the rollout (all entries count).
+
+    Optional reward normalisation; Ziegler et al. instead fix a gain and bias once so that scores on the
+    initial policy have mean 0 and std 1. ``reduce`` works as in ``masked_whiten``.
+    """
+    return masked_whiten(
+        scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=shift_mean, reduce=reduce
+    )
+
+
+def clip_scores(scores: Tensor, clip: float | None) -> Tensor:
+    """Clamp scores to ``[-clip, clip]`` so one outlier reward cannot dominate a batch; None = unchanged."""
+    if clip is None:
+        return scores
+    if clip <= 0:
+        raise ValueError(f"clip must be positive, got {clip}")
+    return scores.clamp(-clip, clip)
+
+
+# --------------------------------------------------------------------------------------------------
+# Response masks
+# --------------------------------------------------------------------------------------------------
+
+
+class ResponseMask(NamedTuple):
+    """Which generated tokens count, per row.
+
+    Attributes:
+        mask: ``[batch, T]`` bool, True up to and including the first EOS.
+        ended: ``[batch]`` bool, whether the row produced an EOS (False = truncated at max length); the
+            loop can use it for the "missing EOS" score penalty of Huang et al. 2024.
+        lengths: ``[batch]`` long, number of real tokens (the EOS included).
+    """
+
+    mask: Tensor
+    ended: Tensor
+    lengths: Tensor
+
+
+def first_eos_mask(
+    response_ids: Tensor, eos_token_id: int | Sequence[int], pad_token_id: int | None = None
+) -> ResponseMask:
+    """Mask of the response tokens up to and including the first EOS.
+
+    Everything after the first EOS is dropped, even if generation went on (batched ``generate`` keeps
+    emitting pad or garbage for finished rows). A row without any EOS was truncated: its trailing
+    ``pad_token_id`` tokens (if given) are treated as padding and the rest is kept. ``pad_token_id`` may
+    equal an EOS id; the first one is then the EOS.
+
+    Args:
+        response_ids: ``[batch, T]`` generated token ids, the prompt already removed.
+        eos_token_id: one id, or several (chat models often stop on an end-of-turn id as well as EOS).
+        pad_token_id: id used to right-pad responses, or None.
+
+    Returns:
+        ``ResponseMask(mask, ended, lengths)``.
+    """
+    if response_ids.dim() != 2:
+        raise ValueError(f"response_ids must be [batch, T], got shape {tuple(response_ids.shape)}")
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids:
+        raise ValueError("eos_token_id is an empty list")
+    batch, T = response_ids.shape
+    if T == 0:
+        empty = torch.zeros(batch, dtype=torch.long, device=response_ids.device)
+        return ResponseMask(
+            mask=response_ids.new_zeros((batch, 0), dtype=torch.bool), ended=empty.bool(), lengths=empty
+        )
+    positions = torch.arange(T, device=response_ids.device)
+    is_eos = torch.isin(response_ids, torch.tensor(ids, device=response_ids.device))
+    ended = is_eos.any(dim=1)
+    # argmax returns the first maximal index, i.e. the first EOS.
+    length_if_ended = is_eos.int().argmax(dim=1) + 1
+    if pad_token_id is None:
+        length_if_truncated = torch.full_like(length_if_ended, T)
+    else:
+        not_pad = response_ids != pad_token_id
+        # One past the last non-pad token: trailing pads go, a stray pad id mid-response stays.
+        length_if_truncated = torch.where(not_pad, positions + 1, 0).amax(dim=1)
+    lengths = torch.where(ended, length_if_ended, length_if_truncated).long()
+    mask = positions.unsqueeze(0) < lengths.unsqueeze(1)
+    return ResponseMask(mask=mask, ended=ended, lengths=lengths)
+
+
+# --------------------------------------------------------------------------------------------------
+# KL and rewards
+# --------------------------------------------------------------------------------------------------
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: KLKind = "k1") -> Tensor:
+    """Per-token estimate of KL(policy || reference) from log-probs of tokens sampled from the policy.
+
+    With ``d = logp - ref_logp`` (see http://joschu.net/blog/kl-approx.html for k1/k2/k3):
+
+    - ``"k1"``: ``d``. Unbiased, can be negative per token; the estimator of Ziegler et al. and
+      Ouyang et al., and the one whose sequence sum the adaptive controller's target refers to.
+    - ``"k2"``: ``0.5 * d**2``. Biased, non-negative, low variance.
+    - ``"k3"``: ``(r - 1) - log r`` with ``r = exp(-d)``. Unbiased and non-negative.
+    - ``"abs"``: ``|d|``.
+
+    Returns a tensor of the same shape (float32 or wider). Apply the mask yourself, or use
+    ``per_token_rewards``.
+    """
+    dtype = _compute_dtype(logp, ref_logp)
+    d = logp.to(dtype) - ref_logp.to(dtype)
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * d.square()
+    if kind == "k3":
+        # expm1 keeps precision when the policies are close (d ~ 0), where r - 1 would cancel.
+        return torch.expm1(-d) + d
+    if kind == "abs":
+        return d.abs()
+    raise ValueError(f"unknown KL estimator {kind!r}; expected one of k1, k2, k3, abs")
+
+
+def per_token_rewards(
+    scores: Tensor,
+    logp: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor,
+    kl_coef: float | Tensor,
+    kind: KLKind = "k1",
+) -> tuple[Tensor, Tensor]:
+    """The RLHF reward: a KL penalty at every token plus the sequence score at the last real token.
+
+    ``rewards[b, t] = -kl_coef * kl[b, t] + (score[b] if t is the last real token of row b else 0)``
+    (Ziegler et al. 2019, eq. 2; Ouyang et al. 2022). The last real token is the EOS for rows that ended,
+    or the final kept token of a truncated row. Rows with no real token get no score.
+
+    Args:
+        scores: ``[batch]`` reward-model scores (already clipped/whitened/penalised as desired).
+        logp: ``[batch, T]`` log-probs of the sampled tokens under the rollout policy.
+        ref_logp: ``[batch, T]`` log-probs of the same tokens under the frozen reference model.
+        mask: ``[batch, T]`` response mask.
+        kl_coef: the KL coefficient beta, e.g. ``controller.value``; a float or a tensor broadcastable to
+            ``[batch, T]``.
+        kind: the KL estimator, see ``kl_penalty``.
+
+    Returns:
+        ``(rewards, kl)``, both ``[batch, T]`` and 0 where ``mask`` is 0. ``kl`` is the unscaled per-token
+        estimate, for logging and for the adaptive controller (``kl.sum(1).mean()``). Pass detached inputs:
+        rewards are targets, not something to differentiate.
+    """
+    m = _as_bool(mask, logp)
+    if scores.shape != logp.shape[:1]:
+        raise ValueError(f"scores must have shape [batch]={tuple(logp.shape[:1])}, got {tuple(scores.shape)}")
+    kl = torch.where(m, kl_penalty(logp, ref_logp, kind), 0)
+    # The last real token is the one with exactly one real token at or after it.
+    at_last = m & (m.flip(1).cumsum(1).flip(1) == 1)
+    score_term = torch.where(at_last, scores.to(kl.dtype).unsqueeze(1), 0)
+    rewards = torch.where(m, -kl_coef * kl + score_term, 0)
+    return rewards, kl
+
+
+# --------------------------------------------------------------------------------------------------
+# Advantages
+# --------------------------------------------------------------------------------------------------
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over response tokens, run backwards in time.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``, where the
+    step after the last real token is terminal: its value and advantage count as 0, so the values the
+    critic predicts at padding never leak into real tokens. RLHF PPO uses ``gamma=1, lam=0.95``, the
+    lm-human-preferences defaults (Huang et al. 2024).
+
+    Advantages are returned raw; whiten them with ``masked_whiten`` (typically over the whole rollout
+    batch) if desired. Returns use the raw advantages either way.
+
+    Args:
+        rewards: ``[batch, T]`` per-token rewards, e.g. from ``per_token_rewards``.
+        values: ``[batch, T]`` value-head predictions from the rollout (detached).
+        mask: ``[batch, T]`` response mask (right-padded).
+        gamma: discount factor.
+        lam: GAE lambda; 1 gives Monte-Carlo returns minus values, 0 gives one-step TD errors.
+
+    Returns:
+        ``(advantages, returns)`` with ``returns = advantages + values``; both 0 where ``mask`` is 0.
+    """
+    m = _as_bool(mask, rewards)
+    _as_bool(mask, values, "mask (vs values)")
+    dtype = _compute_dtype(rewards, values)
+    r = torch.where(m, rewards.to(dtype), 0)
+    v = torch.where(m, values.to(dtype), 0)
+    T = r.shape[1]
+    advantages = torch.zeros_like(r)
+    next_value = torch.zeros_like(r[:, 0])
+    next_adv = torch.zeros_like(r[:, 0])
+    # A Python loop over T is fine: it is a handful of tiny kernels per token, done once per rollout.
+    for t in reversed(range(T)):
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        adv = torch.where(m[:, t], delta + gamma * lam * next_adv, 0)
+        advantages[:, t] = adv
+        # A masked position hands 0 to its predecessor: that is what makes the last real token terminal.
+        next_value, next_adv = v[:, t], adv
+    returns = torch.where(m, advantages + v, 0)
+    return advantages, returns
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------------
+
+
+def policy_loss(
+    logp_new: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate loss, averaged over real tokens.
+
+    ``loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))`` with
+    ``ratio_t = exp(logp_new - logp_old)``: the pessimistic side of the clipped objective, so the policy
+    gets no gradient for moving a token's probability further than ``eps`` in the direction its advantage
+    favours.
+
+    Args:
+        logp_new: ``[batch, T]`` log-probs of the rollout tokens under the policy being trained (with grad).
+        logp_old: ``[batch, T]`` log-probs recorded at rollout time (detached).
+        advantages: ``[batch, T]`` (usually whitened) advantages (detached).
+        mask: ``[batch, T]`` response mask.
+        clip_range: epsilon; 0.2 is the usual default (Schulman et al. 2017; lm-human-preferences).
+
+    Returns:
+        ``(loss, stats)``. ``loss`` is a 0-d tensor carrying the gradient. ``stats`` holds detached 0-d
+        tensors, all over real tokens only:
+
+        - ``clipfrac``: fraction of tokens where the clipped term was the larger one (so the gradient
+          through that token was cut).
+        - ``approx_kl``: mean k3 estimate of KL(old || new), ``(ratio - 1) - log ratio``: unbiased and
+          never negative, unlike the mean of ``logp_old - logp_new``.
+        - ``ratio_mean``, ``ratio_max``: of the probability ratio; a large ``ratio_max`` flags instability.
+    """
+    m = _as_bool(mask, logp_new)
+    dtype = _compute_dtype(logp_new, logp_old, advantages)
+    log_ratio = torch.where(m, logp_new.to(dtype) - logp_old.to(dtype), 0)
+    ratio = torch.exp(log_ratio)
+    adv = torch.where(m, advantages.to(dtype), 0)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), m)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(dtype), m),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, m),
+            "ratio_mean": masked_mean(ratio, m),
+            # Ratios are positive, so the zeros at padding never win; an empty batch reports 0.
+            "ratio_max": torch.where(m, ratio, 0).amax(),
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def value_loss(
+    values_new: Tensor, values_old: Tensor, returns: Tensor, mask: Tensor, clip_range: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss: ``0.5 * mean_t max((v - R)^2, (v_clip - R)^2)`` over real tokens.
+
+    ``v_clip = values_old + clamp(values_new - values_old, -eps, eps)``; taking the max keeps the value
+    head from moving more than ``eps`` from its rollout prediction per update (Huang et al. 2024, detail
+    "value function loss clipping", as in the lm-human-preferences code).
+
+    Args:
+        values_new: ``[batch, T]`` value predictions being trained (with grad).
+        values_old: ``[batch, T]`` predictions recorded at rollout time (detached).
+        returns: ``[batch, T]`` targets from ``gae`` (detached).
+        mask: ``[batch, T]`` response mask.
+        clip_range: epsilon in value units (0.2 in lm-human-preferences; scale it with your rewards).
+
+    Returns:
+        ``(loss, stats)`` with detached 0-d stats over real tokens:
+
+        - ``vf_clipfrac``: fraction of tokens where the clipped error was the larger one.
+        - ``explained_variance``: ``1 - Var(R - v_new) / Var(R)``; 1 is perfect, 0 is no better than a
+          constant, negative is worse. NaN if the returns have no variance or fewer than 2 tokens.
+        - ``value_mean``: mean of ``values_new``.
+    """
+    m = _as_bool(mask, values_new)
+    dtype = _compute_dtype(values_new, values_old, returns)
+    v = torch.where(m, values_new.to(dtype), 0)
+    v_old = torch.where(m, values_old.to(dtype), 0)
+    ret = torch.where(m, returns.to(dtype), 0)
+    v_clipped = v_old + torch.clamp(v - v_old, -clip_range, clip_range)
+    err = (v - ret).square()
+    err_clipped = (v_clipped - ret).square()
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), m)
+    with torch.no_grad():
+        # Biased variances (the n cancels) computed without the entry-count check of masked_var, so a
+        # degenerate batch logs NaN instead of raising mid-training.
+        resid, centred = ret - v, ret - masked_mean(ret, m)
+        var_resid = masked_mean((resid - masked_mean(resid, m)).square(), m)
+        ev = 1 - var_resid / masked_mean(centred.square(), m)
+        stats = {
+            "vf_clipfrac": masked_mean((err_clipped > err).to(dtype), m),
+            "explained_variance": ev,
+            "value_mean": masked_mean(v, m),
+        }
+    return loss, {k: t.detach() for k, t in stats.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# From logits
+# --------------------------------------------------------------------------------------------------
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """Log-probability of each label: ``log_softmax(logits)[..., label]``, differentiable.
+
+    Computed as ``logits[label] - logsumexp(logits)`` so the full ``[batch, T, vocab]`` log-softmax is
+    never materialised. Half-precision logits are upcast to float32 one row at a time, which keeps the
+    log-probs accurate (bf16 log-softmax alone is off by ~1e-2) without a float32 copy of all the logits.
+
+    Alignment is the caller's job: for a causal LM, ``logits[:, :-1]`` score ``labels = ids[:, 1:]``. The
+    logits must already be divided by the sampling temperature, or the log-probs will not match the
+    distribution the tokens were drawn from (Huang et al. 2024).
+
+    Args:
+        logits: ``[..., vocab]``.
+        labels: integer ids, shape ``logits.shape[:-1]``.
+
+    Returns:
+        Log-probs with ``labels``' shape, float32 or wider.
+    """
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)}")
+    if logits.dtype in (torch.float32, torch.float64):
+        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(logits, dim=-1)
+    if logits.dim() < 2 or logits.shape[0] == 0:
+        return logprobs_from_logits(logits.float(), labels)
+    return torch.stack(
+        [logprobs_from_logits(row.float(), lab) for row, lab in zip(logits, labels, strict=True)]
+    )
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the softmax distribution over the last dimension, in nats.
+
+    ``H = -sum p * log p`` with ``log p = logits - logsumexp(logits)``. Entries with ``p == 0`` (e.g.
+    logits masked to -inf) contribute 0 instead of ``0 * -inf = NaN``. Half-precision logits are
+    upcast to float32 one row at a time, as in ``logprobs_from_logits``.
+
+    Returns:
+        ``logits.shape[:-1]``, float32 or wider.
+    """
+    if logits.dtype not in (torch.float32, torch.float64):
+        if logits.dim() < 2 or logits.shape[0] == 0:
+            return entropy_from_logits(logits.float())
+        return torch.stack([entropy_from_logits(row.float()) for row in logits])
+    logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    p = logp.exp()
+    return -torch.where(p > 0, p * logp, 0).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# KL coefficient controllers
+# --------------------------------------------------------------------------------------------------
+
+
+class KLController(Protocol):
+    """What the PPO loop needs from a KL coefficient controller."""
+
+    value: float
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> float: ...
+
+    def state_dict(self) -> dict[str, float | str]: ...
+
+    def load_state_dict(self, state: dict[str, float | str]) -> None: ...
+
+
+def _check_state(state: dict[str, float | str], kind: str) -> float:
+    if state.get("kind") != kind:
+        raise ValueError(f"KL controller state is for a {state.get('kind')!r} controller, not {kind!r}")
+    return float(state["value"])
+
+
+class FixedKLController:
+    """A constant KL coefficient; ``update`` is a no-op so the loop can treat both controllers alike."""
+
+    def __init__(self, coef: float):
+        if coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {coef}")
+        self.value = float(coef)
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> dict[str, float | str]:
+        return {"kind": "fixed", "value": self.value}
+
+    def load_state_dict(self, state: dict[str, float | str]) -> None:
+        self.value = _check_state(state, "fixed")
+
+
+class AdaptiveKLController:
+    """Steers the KL coefficient so the policy's KL from the reference tracks ``target`` (Ziegler et al.).
+
+    After each rollout: ``e = clip(current_kl / target - 1, -0.2, 0.2)`` and
+    ``value *= 1 + e * n_steps / horizon``. The clip bounds how fast beta moves on a noisy KL estimate.
+
+    ``target`` is in nats per *sequence*: pass ``current_kl = kl.sum(1).mean()`` with ``kl`` the k1
+    per-token estimate from ``per_token_rewards``, and ``n_steps`` = number of sequences in the rollout
+    batch (the lm-human-preferences code; their horizon is 10000 episodes).
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: float = 10000):
+        if init_coef <= 0 or target <= 0 or horizon <= 0:
+            raise ValueError(
+                f"adaptive KL needs init_coef, target and horizon > 0, got {init_coef}, {target}, {horizon}"
+            )
+        self.value = float(init_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float | Tensor, n_steps: int) -> float:
+        """Apply one update and return the new coefficient."""
+        kl = float(current_kl)
+        # A NaN here would silently stick in the coefficient for the rest of training.
+        if not math.isfinite(kl):
+            raise ValueError(f"current_kl must be finite, got {kl}")
+        proportional_error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict[str, float | str]:
+        # target and horizon come from the recipe on resume; only the evolved coefficient is state.
+        return {"kind": "adaptive", "value": self.value}
+
+    def load_state_dict(self, state: dict[str, float | str]) -> None:
+        self.value = _check_state(state, "adaptive")
+
+
+def make_kl_controller(
+    kl_coef: float, kl_target: float | None = None, horizon: float = 10000
+) -> FixedKLController | AdaptiveKLController:
+    """Adaptive controller starting at ``kl_coef`` when ``kl_target`` is set, otherwise a fixed one."""
+    if kl_target is None:
+        return FixedKLController(kl_coef)
+    return AdaptiveKLController(kl_coef, kl_target, horizon)
