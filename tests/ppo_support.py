@@ -31,7 +31,7 @@ def _claim(out: Path, stage: str, base: Path):
     return prepare_run(out, stage, "", {}, resume="never", overwrite=True, base_model={"path": str(Path(base).resolve())})
 
 
-def train_sft_run(tiny: dict, out: Path, steps: int = 120, seed: int = 0) -> Path:
+def train_sft_run(tiny: dict, out: Path, steps: int = 120, batch: int = 8, seed: int = 0) -> Path:
     """Full fine-tune of the tiny model on the fixture chat data (a random model has nothing for LoRA to adapt)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,10 +48,10 @@ def train_sft_run(tiny: dict, out: Path, steps: int = 120, seed: int = 0) -> Pat
     rng = random.Random(seed)
     losses = []
     for _ in range(steps):
-        batch = rng.sample(rows, 16)
-        width = max(len(r.input_ids) for r in batch)
-        ids = torch.tensor([r.input_ids + [tok.pad_token_id] * (width - len(r.input_ids)) for r in batch])
-        labels = torch.tensor([r.labels + [-100] * (width - len(r.labels)) for r in batch])
+        picked = rng.sample(rows, batch)
+        width = max(len(r.input_ids) for r in picked)
+        ids = torch.tensor([r.input_ids + [tok.pad_token_id] * (width - len(r.input_ids)) for r in picked])
+        labels = torch.tensor([r.labels + [-100] * (width - len(r.labels)) for r in picked])
         loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != tok.pad_token_id), labels=labels).loss
         loss.backward()
         opt.step()
@@ -64,7 +64,7 @@ def train_sft_run(tiny: dict, out: Path, steps: int = 120, seed: int = 0) -> Pat
     return out
 
 
-def train_reward_run(tiny: dict, base_run: Path, out: Path, steps: int = 80, seed: int = 0) -> tuple[Path, float]:
+def train_reward_run(tiny: dict, base_run: Path, out: Path, steps: int = 80, batch: int = 8, seed: int = 0) -> tuple[Path, float]:
     """A LoRA reward adapter (score head in modules_to_save) on base_run, Bradley-Terry on the preference
     fixture; written with the run-dir contract of `rlhf train-rm` (model.kind reward-adapter). Returns
     (run dir, held-out pairwise accuracy)."""
@@ -96,7 +96,7 @@ def train_reward_run(tiny: dict, base_run: Path, out: Path, steps: int = 80, see
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     rng = random.Random(seed)
     for _ in range(steps):
-        loss = -torch.nn.functional.logsigmoid(margins(rng.sample(pairs, 16))).mean()
+        loss = -torch.nn.functional.logsigmoid(margins(rng.sample(pairs, batch))).mean()
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -107,3 +107,26 @@ def train_reward_run(tiny: dict, base_run: Path, out: Path, steps: int = 80, see
     run.finish("completed", metrics={"accuracy": accuracy},
                model={"kind": "reward-adapter", "adapters": ["adapter"], "tokenizer": "tokenizer"})
     return out, accuracy
+
+
+def sample_score(run_or_model: Path, prompts_file: Path, scorer, max_new_tokens: int = 16, seed: int = 0) -> float:
+    """Mean score of one sampled answer per prompt, from the model as later stages load it (run.json)."""
+    import torch
+
+    from rlhf_cli.core.chat import prompt_text
+    from rlhf_cli.core.data import read_records
+    from rlhf_cli.core.models import load_model, load_tokenizer
+    from rlhf_cli.runs import resolve_model
+
+    resolved = resolve_model(str(run_or_model))
+    tok = load_tokenizer(resolved, padding_side="left")
+    model = load_model(resolved, dtype=torch.float32).eval()
+    prompts = [r["prompt"] for r in read_records(str(prompts_file))]
+    enc = tok([prompt_text(tok, p) for p in prompts], return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=True, temperature=0.7, top_k=0, max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    responses = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    scores = scorer(prompts, responses)
+    return sum(scores) / len(scores)
