@@ -12,15 +12,14 @@ import time
 import warnings
 from typing import Any
 
+from rlhf_cli.core.distributed import rank as _rank
+from rlhf_cli.core.distributed import world_size
+
 log = logging.getLogger("rlhf")
 
 
 def stderr_is_terminal() -> bool:
     return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -37,7 +36,7 @@ def setup_logging(verbose: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        prefix = f"[rank {_rank()}] " if "RANK" in os.environ else ""
+        prefix = f"[rank {_rank()}] " if world_size() > 1 else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(level)

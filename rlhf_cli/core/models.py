@@ -211,7 +211,10 @@ def start_from_adapter(model: Any, path: str, *, task: Literal["CAUSAL_LM", "SEQ
 
 
 def _default_device() -> str:
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
+    from rlhf_cli.core.distributed import local_rank
+
+    # Under torchrun / accelerate launch each process owns the GPU of its local rank.
+    return f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
 
 
 def wants_checkpointing(setting: str | bool, *, quantized: bool, n_params: int) -> bool:
