@@ -32,12 +32,16 @@ def test_dtype_auto_follows_the_cpu(no_cuda, monkeypatch, fast, expected):
 def test_precision_plans(no_cuda, monkeypatch):
     monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
     lora = device.plan_precision("auto", adapters=True, quantized=False)
-    assert (lora.load, lora.autocast) == (torch.bfloat16, torch.bfloat16)
+    assert (lora.load, lora.autocast) == (torch.bfloat16, None)  # frozen base in bf16, no casts
     full = device.plan_precision("auto", adapters=False, quantized=False)
-    assert (full.load, full.autocast) == (torch.float32, torch.bfloat16)  # fp32 master weights
+    assert (full.load, full.autocast) == (torch.float32, None)  # CPU: fp32 master weights and compute
     fp32 = device.plan_precision("fp32", adapters=True, quantized=False)
     assert (fp32.load, fp32.autocast) == (torch.float32, None)
-    assert full.as_json() == {"weights": "fp32", "compute": "bf16", "note": full.description}
+    assert lora.as_json() == {"weights": "bf16", "compute": "bf16", "note": lora.description}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu_full = device.plan_precision("bf16", adapters=False, quantized=False)
+    assert (gpu_full.load, gpu_full.autocast) == (torch.float32, torch.bfloat16)  # mixed precision
 
 
 @pytest.fixture(scope="module")

@@ -88,8 +88,8 @@ class Precision:
     """How a run holds and multiplies its weights.
 
     load: dtype the model is loaded in; autocast: dtype matmuls run in under torch.autocast (None = as
-    loaded). Adapters and other trainable tensors of a LoRA run stay fp32 (peft's default), so the
-    optimizer never rounds its updates to 8 mantissa bits.
+    loaded). Adapters, a new reward head and other trainable tensors stay fp32 (core.models.make_trainable),
+    so AdamW's small updates are not rounded to bf16's 8 mantissa bits.
     """
 
     load: torch.dtype
@@ -106,14 +106,17 @@ class Precision:
 
 def plan_precision(name: str, *, adapters: bool, quantized: bool) -> Precision:
     """Frozen bases (LoRA, QLoRA) are loaded straight in the compute dtype: half the memory of fp32 and no
-    per-step weight casts. A full fine-tune keeps fp32 master weights and computes under bf16/fp16
-    autocast, since AdamW updates of bf16 weights are mostly rounded away."""
+    casts; peft runs the fp32 adapters on casted inputs. A full fine-tune keeps fp32 master weights, under
+    bf16/fp16 autocast on a GPU. Not on a CPU: torch's CPU autocast made LoRA training 3x and full
+    training 1.4x slower per CPU-second here (SmolLM2-135M, 2 threads), so a full CPU run computes in fp32."""
     compute = resolve_dtype(name)
     if compute == torch.float32:
         return Precision(torch.float32, None, "fp32 throughout")
     half = dtype_name(compute)
     if quantized:
-        return Precision(compute, compute, f"4/8-bit base computing in {half}; adapters, norms and head fp32 under {half} autocast")
+        return Precision(compute, None, f"4/8-bit base computing in {half}; adapters, norms and head fp32")
     if adapters:
-        return Precision(compute, compute, f"frozen base in {half}; fp32 adapters under {half} autocast")
-    return Precision(torch.float32, compute, f"fp32 master weights; {half} autocast (mixed precision)")
+        return Precision(compute, None, f"frozen base in {half}; adapters fp32")
+    if torch.cuda.is_available():
+        return Precision(torch.float32, compute, f"fp32 master weights; {half} autocast (mixed precision)")
+    return Precision(torch.float32, None, f"full fine-tune on the CPU: fp32 weights and compute ({half} autocast is slower on CPUs)")

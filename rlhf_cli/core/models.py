@@ -270,7 +270,7 @@ def make_trainable(
     """The recipe's trainable setup: the parent's adapter trained on (kept), a fresh LoRA, or all weights.
 
     Trainable tensors end up fp32 whatever the base dtype (the reward head copied from a bf16 base too),
-    so AdamW's small updates are not rounded away; matmuls still run in the autocast dtype.
+    so AdamW's small updates are not rounded away.
     """
     if parent_adapter is not None:
         if quantized:
@@ -282,10 +282,18 @@ def make_trainable(
         model = attach_lora(model, lora, task=task, quantized=quantized, gradient_checkpointing=checkpointing)
     else:
         model.requires_grad_(True)
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype != torch.float32]
+        for p in own:
             p.data = p.data.float()
+        if own:
+            # e.g. the reward head copied from a bf16 base: it now computes in fp32 on fp32 inputs.
+            module.register_forward_pre_hook(_inputs_to_fp32)
     return model
+
+
+def _inputs_to_fp32(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def prepare_model_for_kbit(model: Any, checkpointing: bool) -> Any:

@@ -132,6 +132,7 @@ class Outcome:
     steps: int
     train_loss: float | None
     runtime_s: float
+    cpu_s: float  # CPU time of this process over all its threads (wall time suffers from other load)
     tokens: int
     tokens_per_s: float | None
     last_eval: dict[str, float] = field(default_factory=dict)
@@ -260,6 +261,7 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
         resumed = checkpoint_step(run.resume_from)
         run.truncate_metrics(resumed)
         log.info("resuming from %s (step %d)", run.resume_from, resumed)
+    cpu0 = time.process_time()
     try:
         with _signals(callback.request_stop):
             result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
@@ -282,12 +284,14 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
     run.update(distributed=distributed.report(
         counted.read, global_batch_size=args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps))
     runtime = float(result.metrics.get("train_runtime", 0.0))
+    cpu_s = time.process_time() - cpu0
     tokens = int(trainer.state.num_input_tokens_seen)
     session_tokens = tokens - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
     return Outcome(
         steps=step,
         train_loss=_last_train_loss(trainer),
         runtime_s=runtime,
+        cpu_s=cpu_s,
         tokens=tokens,
         tokens_per_s=session_tokens / runtime if runtime > 0 and session_tokens > 0 else None,
         last_eval=callback.last_eval,

@@ -11,6 +11,7 @@ token is padded (data.packing: false trains one truncated document per sample in
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from rlhf_cli.recipe import PretrainRecipe
 from rlhf_cli.result import RunOptions, RunResult
@@ -56,6 +57,9 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
     if stats.truncated:
         log.warning("%d of %d documents are longer than data.max_length %d and are cut (data.packing: true keeps them)",
                     stats.truncated, len(train_records), d.max_length)
+    # Built before anything is written: settings the machine cannot run (fp16 on a CPU) fail here.
+    args = fitting.training_args(recipe.train, Path(recipe.output_dir) / "checkpoints", precision=plan.precision,
+                                 has_eval=bool(eval_set), gradient_checkpointing=plan.checkpointing)
     if options.dry_run:
         return RunResult(stage="pretrain", status="dry-run", output_dir=None, details=details)
 
@@ -84,8 +88,6 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
                        quantization=recipe.quant.model_dump() if quantized else None,
                        trainable_params=trainable, total_params=total, attention=model.config._attn_implementation,
                        gradient_checkpointing=plan.checkpointing)
-        args = fitting.training_args(recipe.train, run_dir.checkpoints, precision=plan.precision,
-                                     has_eval=bool(eval_set), gradient_checkpointing=plan.checkpointing)
         trainer = fitting.CausalTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
                           data_collator=batches.FlatCollator())
         outcome = fitting.fit(trainer, run_dir, "pretrain", perplexity=True)
@@ -99,7 +101,7 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
             "train_tokens_per_s": outcome.tokens_per_s,
         }
         run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens,
-                       train_runtime_s=outcome.runtime_s, resumed_from_step=outcome.resumed_from_step)
+                       train_runtime_s=outcome.runtime_s, train_cpu_s=outcome.cpu_s, resumed_from_step=outcome.resumed_from_step)
     return RunResult(stage="pretrain", status="completed", output_dir=str(run_dir.path), metrics=metrics,
                      details={"trainable_params": trainable, "dtype": plan.precision.as_json()["compute"]})
 

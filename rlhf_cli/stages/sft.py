@@ -12,6 +12,7 @@ adapter/ (or model/), tokenizer/ with the exact chat template, metrics.jsonl and
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from rlhf_cli.recipe import SFTRecipe
 from rlhf_cli.result import RunOptions, RunResult
@@ -52,6 +53,9 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
         "sample": batches.show_loss_mask(tokenizer, train_set[0]["input_ids"], train_set[0]["labels"]),
     }
     _warn_truncation(stats.truncated, len(train_records), d.max_length)
+    # Built before anything is written: settings the machine cannot run (fp16 on a CPU) fail here.
+    args = fitting.training_args(recipe.train, Path(recipe.output_dir) / "checkpoints", precision=plan.precision,
+                                 has_eval=bool(eval_set), gradient_checkpointing=plan.checkpointing)
     if options.dry_run:
         return RunResult(stage="sft", status="dry-run", output_dir=None, details=details)
 
@@ -75,8 +79,6 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
                        parent_adapters=plan.parent_adapters, quantization=recipe.quant.model_dump() if quantized else None,
                        trainable_params=trainable, total_params=total, chat_template=tokenizer.chat_template,
                        attention=model.config._attn_implementation, gradient_checkpointing=plan.checkpointing)
-        args = fitting.training_args(recipe.train, run_dir.checkpoints, precision=plan.precision,
-                                     has_eval=bool(eval_set), gradient_checkpointing=plan.checkpointing)
         collator = batches.FlatCollator() if d.padding_free else batches.PadCollator(tokenizer.pad_token_id)
         trainer = fitting.CausalTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
                           data_collator=collator)
@@ -90,7 +92,7 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
             "steps": outcome.steps,
             "train_tokens_per_s": outcome.tokens_per_s,
         }
-        run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens, train_runtime_s=outcome.runtime_s,
+        run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens, train_runtime_s=outcome.runtime_s, train_cpu_s=outcome.cpu_s,
                        resumed_from_step=outcome.resumed_from_step)
     return RunResult(stage="sft", status="completed", output_dir=str(run_dir.path), metrics=metrics,
                      details={"trainable_params": trainable, "truncated": stats.truncated, "dtype": plan.precision.as_json()["compute"]})

@@ -13,6 +13,7 @@ chat template are found through its run.json.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from rlhf_cli.recipe import RewardRecipe
 from rlhf_cli.result import RunOptions, RunResult
@@ -56,6 +57,10 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
         "sample_chosen": tokenizer.decode(first["chosen_ids"]),
         "sample_rejected": tokenizer.decode(first["rejected_ids"]),
     }
+    # Built before anything is written: settings the machine cannot run (fp16 on a CPU) fail here.
+    args = fitting.training_args(recipe.train, Path(recipe.output_dir) / "checkpoints", precision=plan.precision,
+                                 has_eval=bool(eval_set), gradient_checkpointing=plan.checkpointing,
+                                 count_tokens="non_padding", prediction_loss_only=False)
     if options.dry_run:
         return RunResult(stage="train-rm", status="dry-run", output_dir=None, details=details)
 
@@ -79,9 +84,6 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
                        parent_adapters=plan.parent_adapters, quantization=recipe.quant.model_dump() if quantized else None,
                        trainable_params=trainable, total_params=total, chat_template=tokenizer.chat_template,
                        gradient_checkpointing=plan.checkpointing)
-        args = fitting.training_args(recipe.train, run_dir.checkpoints, precision=plan.precision,
-                                     has_eval=bool(eval_set), gradient_checkpointing=plan.checkpointing,
-                                     count_tokens="non_padding", prediction_loss_only=False)
         trainer = fitting.RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
                                         data_collator=batches.PairCollator(tokenizer.pad_token_id),
                                         compute_metrics=fitting.reward_metrics,
@@ -98,7 +100,7 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
             "train_tokens_per_s": outcome.tokens_per_s,
         }
         run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens,
-                       train_runtime_s=outcome.runtime_s, resumed_from_step=outcome.resumed_from_step)
+                       train_runtime_s=outcome.runtime_s, train_cpu_s=outcome.cpu_s, resumed_from_step=outcome.resumed_from_step)
     return RunResult(stage="train-rm", status="completed", output_dir=str(run_dir.path), metrics=metrics,
                      details={"trainable_params": trainable, "truncated": stats.truncated,
                               "dtype": plan.precision.as_json()["compute"]})
