@@ -70,7 +70,8 @@ def sharding() -> str:
 
 
 def _zero_stage() -> int:
-    """The ZeRO stage from `--zero_stage` / the config's zero_stage, else from a DeepSpeed JSON config file."""
+    """The ZeRO stage: `--zero_stage` / the config's zero_stage, else the DeepSpeed JSON config file's, else
+    accelerate's default (2)."""
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     if stage:
         return int(stage)
@@ -80,7 +81,7 @@ def _zero_stage() -> int:
             return int(json.loads(Path(config).read_text()).get("zero_optimization", {}).get("stage", 0))
         except (ValueError, TypeError, AttributeError):
             pass
-    return 0
+    return 2
 
 
 def check_launch(stage: str, recipe: Any) -> None:
