@@ -133,6 +133,14 @@ def init() -> None:
     import torch
     from accelerate import PartialState
 
+    mode = sharding()
+    if mode not in ("ddp", "none") and not torch.cuda.is_available():
+        from rlhf_cli.errors import TrainingError
+
+        raise TrainingError(
+            f"{_name(mode)} needs CUDA GPUs and this process sees none: on CPUs launch DDP instead "
+            "(recipes/accelerate/cpu-2proc.yaml, or torchrun)"
+        )
     # cpu=True where there is no GPU, as Trainer does (training_args use_cpu): gloo instead of NCCL.
     PartialState(cpu=not torch.cuda.is_available())
 
@@ -211,6 +219,7 @@ def on_main(decide: Any) -> Any:
 
     if world_size() == 1:
         return decide()
+    init()  # before deciding: a rank that cannot join fails before rank 0 writes anything
     outcome: dict[str, Any] = {}
     failure: BaseException | None = None
     if is_main():
