@@ -46,7 +46,9 @@ from trl import SFTConfig, SFTTrainer
 model_dir, data_file, out_dir, steps, padding_free = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
 rows = [json.loads(line) for line in open(data_file)]
 config = SFTConfig(
-    output_dir=out_dir, max_steps=steps, per_device_train_batch_size=8, max_length=256, learning_rate=2e-4,
+    # trl refuses max_length with padding_free and no packing; no pair here is longer than 256 tokens.
+    output_dir=out_dir, max_steps=steps, per_device_train_batch_size=8, max_length=None if padding_free else 256,
+    learning_rate=2e-4,
     logging_steps=5, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
     include_num_input_tokens_seen="non_padding", padding_free=padding_free, seed=42,
 )
@@ -152,7 +154,10 @@ def main() -> None:
     data = work / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     model = plain_model(work / "smollm2-135m-instruct")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # The same OpenMP wait policy for every run (rlhf sets PASSIVE by default; see rlhf_cli/console.py), so
+    # the comparison is about training, not about threads spinning on a shared CPU.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
     results = {}
     recipe = work / "sft.yaml"
@@ -166,6 +171,9 @@ def main() -> None:
         "setup": f"padding-free, {run['precision']['note']}, checkpointing {run.get('gradient_checkpointing', False)}",
         "mean_tokens": run["data"]["tokens"] / run["data"]["samples"],
     }
+    if run["data"]["truncated"]:
+        sys.exit("some pairs are longer than 256 tokens: trl's padding_free run would not truncate them")
+    (work / "results.json").write_text(json.dumps(results, indent=2))
     script = work / "trl_sft.py"
     script.write_text(TRL_SCRIPT)
     variants = [("trl SFTTrainer (defaults)", "0")] + ([] if args.skip_trl_padding_free else [("trl SFTTrainer (padding_free)", "1")])
@@ -177,6 +185,7 @@ def main() -> None:
         results[name] = {"tokens_per_s": trl["tokens_per_s"], "peak_rss": rss, "wall_s": wall,
                          "tokens_per_cpu_s": trl["tokens_per_cpu_s"],
                          "setup": f"weights {trl['weights'].removeprefix('torch.')}, checkpointing {trl['checkpointing']}"}
+        (work / "results.json").write_text(json.dumps(results, indent=2))
 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -195,7 +204,8 @@ def main() -> None:
     print("tokens/s: real tokens over Trainer's train_runtime; tok/CPU-s: over the process's CPU time in train(),"
           " which other processes on the machine disturb less")
     print(f"bf16 matmul now: {tflops:.2f} TFLOP/s -> ceiling {ceiling:.0f} tokens/s at 6N FLOPs/token (N={n_params / 1e6:.0f}M)")
-    print(f"load average during the runs: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
+          f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']} for every run")
 
 
 if __name__ == "__main__":

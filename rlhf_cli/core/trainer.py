@@ -325,7 +325,7 @@ def full_state_dict(trainer: Trainer) -> dict[str, Any] | None:
     return trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
 
-def evaluate(trainer: Trainer, outcome: Outcome, run: RunDir, *, perplexity: bool = False) -> dict[str, float]:
+def evaluate(trainer: Trainer, outcome: Outcome, *, perplexity: bool = False) -> dict[str, float]:
     """Final evaluation, unless the last logged evaluation already happened at the final step."""
     history = [h for h in trainer.state.log_history if "eval_loss" in h]
     if history and history[-1].get("step") == outcome.steps:

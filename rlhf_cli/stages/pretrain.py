@@ -89,9 +89,9 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
                        trainable_params=trainable, total_params=total, attention=model.config._attn_implementation,
                        gradient_checkpointing=plan.checkpointing)
         trainer = fitting.CausalTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
-                          data_collator=batches.FlatCollator())
+                                        data_collator=batches.FlatCollator())
         outcome = fitting.fit(trainer, run_dir, "pretrain", perplexity=True)
-        eval_metrics = fitting.evaluate(trainer, outcome, run_dir, perplexity=True) if eval_set else {}
+        eval_metrics = fitting.evaluate(trainer, outcome, perplexity=True) if eval_set else {}
 
         section = artifacts.save_outputs(run_dir.path, model, tokenizer, state_dict=fitting.full_state_dict(trainer))
         metrics = {
@@ -100,8 +100,8 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
             "steps": outcome.steps,
             "train_tokens_per_s": outcome.tokens_per_s,
         }
-        run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens,
-                       train_runtime_s=outcome.runtime_s, train_cpu_s=outcome.cpu_s, resumed_from_step=outcome.resumed_from_step)
+        run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens, train_runtime_s=outcome.runtime_s,
+                       train_cpu_s=outcome.cpu_s, resumed_from_step=outcome.resumed_from_step)
     return RunResult(stage="pretrain", status="completed", output_dir=str(run_dir.path), metrics=metrics,
                      details={"trainable_params": trainable, "dtype": plan.precision.as_json()["compute"]})
 

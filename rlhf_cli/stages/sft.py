@@ -81,9 +81,9 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
                        attention=model.config._attn_implementation, gradient_checkpointing=plan.checkpointing)
         collator = batches.FlatCollator() if d.padding_free else batches.PadCollator(tokenizer.pad_token_id)
         trainer = fitting.CausalTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
-                          data_collator=collator)
+                                        data_collator=collator)
         outcome = fitting.fit(trainer, run_dir, "sft", perplexity=True)
-        eval_metrics = fitting.evaluate(trainer, outcome, run_dir, perplexity=True) if eval_set else {}
+        eval_metrics = fitting.evaluate(trainer, outcome, perplexity=True) if eval_set else {}
 
         section = artifacts.save_outputs(run_dir.path, model, tokenizer, state_dict=fitting.full_state_dict(trainer))
         metrics = {
@@ -92,10 +92,10 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
             "steps": outcome.steps,
             "train_tokens_per_s": outcome.tokens_per_s,
         }
-        run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens, train_runtime_s=outcome.runtime_s, train_cpu_s=outcome.cpu_s,
-                       resumed_from_step=outcome.resumed_from_step)
-    return RunResult(stage="sft", status="completed", output_dir=str(run_dir.path), metrics=metrics,
-                     details={"trainable_params": trainable, "truncated": stats.truncated, "dtype": plan.precision.as_json()["compute"]})
+        run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens, train_runtime_s=outcome.runtime_s,
+                       train_cpu_s=outcome.cpu_s, resumed_from_step=outcome.resumed_from_step)
+    details = {"trainable_params": trainable, "truncated": stats.truncated, "dtype": plan.precision.as_json()["compute"]}
+    return RunResult(stage="sft", status="completed", output_dir=str(run_dir.path), metrics=metrics, details=details)
 
 
 def _no_samples(recipe: SFTRecipe) -> Exception:

@@ -89,7 +89,7 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
                                         compute_metrics=fitting.reward_metrics,
                                         center_rewards_coef=recipe.center_rewards_coef)
         outcome = fitting.fit(trainer, run_dir, "train-rm")
-        eval_metrics = fitting.evaluate(trainer, outcome, run_dir) if eval_set else {}
+        eval_metrics = fitting.evaluate(trainer, outcome) if eval_set else {}
 
         section = artifacts.save_outputs(run_dir.path, model, tokenizer, reward=True,
                                          state_dict=fitting.full_state_dict(trainer))
@@ -99,8 +99,8 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
             "steps": outcome.steps,
             "train_tokens_per_s": outcome.tokens_per_s,
         }
-        run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens,
-                       train_runtime_s=outcome.runtime_s, train_cpu_s=outcome.cpu_s, resumed_from_step=outcome.resumed_from_step)
+        run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens, train_runtime_s=outcome.runtime_s,
+                       train_cpu_s=outcome.cpu_s, resumed_from_step=outcome.resumed_from_step)
     return RunResult(stage="train-rm", status="completed", output_dir=str(run_dir.path), metrics=metrics,
                      details={"trainable_params": trainable, "truncated": stats.truncated,
                               "dtype": plan.precision.as_json()["compute"]})
