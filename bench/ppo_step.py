@@ -90,13 +90,21 @@ def prepare(workdir: Path) -> dict[str, Path]:
     return {"base": base, "reward_run": reward_run, "reward_model": reward_model, "prompts": prompts}
 
 
+def peak_rss() -> int:
+    """Peak resident memory of this process (VmHWM; ru_maxrss would carry over the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(layout: str, workdir: Path, iterations: int, dtype: str) -> None:
     """One layout, in this process: run `rlhf ppo` through the stage and print its per-iteration figures."""
     import peft  # noqa: F401  (imported first so the baseline below counts the libraries)
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_start = peak_rss()
     from rlhf_cli.console import setup_logging
     from rlhf_cli.recipe import PPORecipe
     from rlhf_cli.result import RunOptions
@@ -122,14 +130,14 @@ def child(layout: str, workdir: Path, iterations: int, dtype: str) -> None:
     manifest = json.loads((Path(result.output_dir) / "run.json").read_text())
     print(json.dumps({
         "layout": layout, "rows": rows, "wall_s": wall, "base_copies": manifest["layout"]["base_copies"],
-        "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_at_start": rss_start,
+        "peak_rss": peak_rss(), "rss_at_start": rss_start,
     }))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=".bench/ppo_step")
-    ap.add_argument("--iterations", type=int, default=4, help="PPO iterations per layout (the first is a warm-up)")
+    ap.add_argument("--iterations", type=int, default=6, help="PPO iterations per layout (the first is a warm-up)")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -145,12 +153,14 @@ def main() -> None:
     (workdir / "paths.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}))
     print(f"assets ready in {time.perf_counter() - t0:.0f} s under {workdir}", file=sys.stderr)
     print(f"SmolLM2-135M-Instruct {args.dtype}, 8 prompts/rollout, 32 new tokens, 4 PPO epochs x 2 minibatches, "
-          f"{os.cpu_count()} CPUs, torch threads default; mean of iterations 2..{args.iterations}")
-    header = f"{'layout':30} {'copies':>6} {'s/iter':>7} {'gen':>6} {'score':>6} {'train':>6} {'gen tok/s':>9} {'train tok/s':>11} {'peak GB':>8}"
+          f"{os.cpu_count()} CPUs, torch threads default; median of iterations 2..{args.iterations} (best in brackets)")
+    header = (f"{'layout':28} {'copies':>6} {'s/iter':>13} {'gen':>6} {'score':>6} {'train':>6} "
+              f"{'gen tok/s':>9} {'train tok/s':>11} {'peak GB':>8} {'load':>5}")
     print(header)
     print("-" * len(header))
     results = []
     for layout in args.layouts.split(","):
+        load_before = os.getloadavg()[0]
         proc = subprocess.run([sys.executable, __file__, "--child", layout, "--workdir", str(workdir),
                                "--iterations", str(args.iterations), "--dtype", args.dtype],
                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", ".")})
@@ -159,17 +169,22 @@ def main() -> None:
             continue
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         rows = out["rows"][1:] or out["rows"]
+        total = sorted(r["time_generation"] + r["time_scoring"] + r["time_training"] for r in rows)
 
-        def avg(key: str, rows: list = rows) -> float:
-            return sum(r[key] for r in rows) / len(rows)
+        def med(key: str, rows: list = rows) -> float:
+            values = sorted(r[key] for r in rows)
+            return values[len(values) // 2]
 
-        gen, score, train = avg("time_generation"), avg("time_scoring"), avg("time_training")
-        print(f"{layout:30} {out['base_copies']:>6} {gen + score + train:>7.2f} {gen:>6.2f} {score:>6.2f} {train:>6.2f} "
-              f"{avg('tokens_per_s_generation'):>9.0f} {avg('tokens_per_s_training'):>11.0f} {out['peak_rss'] / 1e9:>8.2f}")
+        print(f"{layout:28} {out['base_copies']:>6} {total[len(total) // 2]:>6.2f} ({total[0]:>4.1f}) "
+              f"{med('time_generation'):>6.2f} {med('time_scoring'):>6.2f} {med('time_training'):>6.2f} "
+              f"{med('tokens_per_s_generation'):>9.0f} {med('tokens_per_s_training'):>11.0f} {out['peak_rss'] / 1e9:>8.2f} "
+              f"{max(load_before, os.getloadavg()[0]):>5.1f}")
         results.append(out)
-    print("trl 1.12.0 (same config, separate value + reward copies):     19.2   3.30   1.40  14.50                           4.70")
-    print("peak GB = peak resident memory of the layout's process (max RSS), including ~"
-          f"{min((r['rss_at_start'] for r in results), default=0) / 1e9:.2f} GB of torch/transformers/peft once imported")
+    print(f"{'trl 1.12.0, fp32 (separate value + reward copies)':35}  {19.2:>6.2f}        {3.3:>6.2f} {1.4:>6.2f} {14.5:>6.2f}"
+          f"{'':>22} {4.7:>8.2f}")
+    print("peak GB = peak resident memory of the layout's process (VmHWM), including ~"
+          f"{min((r['rss_at_start'] for r in results), default=0) / 1e9:.2f} GB of torch/transformers/peft once imported; "
+          "load = 1-minute load average around the run (2 means both cores busy with this bench alone)")
 
 
 if __name__ == "__main__":

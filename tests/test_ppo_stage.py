@@ -239,3 +239,49 @@ def test_prompts_too_long_for_the_context_are_a_data_error(tiny, runs):
     assert result.exit_code == 3 and "lower generation.max_new_tokens to 248" in result.output, result.output
     assert not out.exists()
 
+
+
+def test_adapter_switching_matches_peft_and_trains_only_policy_and_value(tiny, runs):
+    import torch
+
+    from rlhf_cli.core.models import resolve
+    from rlhf_cli.ppo.models import (
+        build_models,
+        plan_reward,
+        policy_tokenizer,
+        response_logits,
+        token_values,
+        trunk,
+    )
+    from rlhf_cli.recipe import PPORecipe
+
+    recipe = PPORecipe(policy={"path": str(runs["sft"])}, reward={"path": str(runs["rm"])}, lora={"r": 4},
+                       data={"train": str(tiny["prompts"])})
+    policy = resolve(recipe.policy)
+    models = build_models(recipe, policy, plan_reward(recipe, policy, policy_tokenizer(recipe, policy)))
+    actor = models.actor
+    trainable = {n for n, p in actor.named_parameters() if p.requires_grad}
+    assert trainable and all(".policy." in n or ".value." in n or n.startswith("value_head") for n in trainable)
+    assert any(".policy." in n for n in trainable) and any(".value." in n for n in trainable)
+    with torch.no_grad():
+        for n, p in actor.peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)  # adapters that differ from each other and from the base
+        actor.value_head.weight.normal_()
+    ids = torch.tensor([[5, 9, 12, 30, 41, 7], [5, 9, 12, 30, 41, 8]])
+    mask, pos = torch.ones_like(ids), torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        logits, values = actor(ids, mask, pos, 3)
+        ref = actor.reference_logits(ids, mask, pos, 3)
+        scores = models.scorer(["where is the cat?"], ["the cat is in the barn."])
+        actor.peft.set_adapter("policy")  # peft's own switching, for comparison
+        expected_logits = response_logits(actor.peft, ids, mask, pos, 3)
+        actor.peft.set_adapter("value")
+        expected_values = token_values(trunk(actor.peft.get_base_model()), actor.value_head, ids, mask, pos, 3)
+        with actor.peft.disable_adapter():
+            expected_ref = response_logits(actor.peft, ids, mask, pos, 3)
+    torch.testing.assert_close(logits, expected_logits)
+    torch.testing.assert_close(values, expected_values)
+    torch.testing.assert_close(ref, expected_ref)
+    assert not torch.allclose(logits, ref)
+    assert scores == pytest.approx(models.scorer(["where is the cat?"], ["the cat is in the barn."]))
