@@ -32,7 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from rlhf_cli.console import Progress
 from rlhf_cli.core import distributed
-from rlhf_cli.core.device import Precision
+from rlhf_cli.core.device import Precision, peak_memory_bytes
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.recipe import TrainSpec
 from rlhf_cli.runs import RunDir, checkpoint_step, is_main_process
@@ -282,7 +282,8 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
         )
     args = trainer.args
     run.update(distributed=distributed.report(
-        counted.read, global_batch_size=args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps))
+        counted.read, global_batch_size=args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps),
+        peak_memory_gb=round(peak_memory_bytes() / 2**30, 3))
     runtime = float(result.metrics.get("train_runtime", 0.0))
     cpu_s = time.process_time() - cpu0
     tokens = int(trainer.state.num_input_tokens_seen)
