@@ -75,6 +75,12 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def lora_b_norm(folder: Path) -> float:
+    from safetensors.torch import load_file
+
+    return sum(float(v.abs().sum()) for k, v in load_file(str(folder / "adapter_model.safetensors")).items() if "lora_B" in k)
+
+
 def invoke(*args: str):
     from typer.testing import CliRunner
 
@@ -187,7 +193,7 @@ PPO_SETS = {"ppo.iterations": 2, "ppo.rollout_batch_size": 8, "ppo.mini_batch_si
 
 
 def ppo_args(tiny: dict, policy: Path, out: Path) -> list[str]:
-    args = ["ppo", "--policy", str(policy), "--reward", "tests.ppo_support:says_great", "--prompts", str(tiny["prompts"]),
+    args = ["ppo", "--policy", str(policy), "--reward", "tests.dist_support:answer_length", "--prompts", str(tiny["prompts"]),
             "--output-dir", str(out), "--json"]
     return args + [a for k, v in PPO_SETS.items() for a in ("--set", f"{k}={v}")]
 
@@ -217,6 +223,10 @@ def test_ppo_two_processes_share_the_rollout_and_match_one(tiny, sft_full_run, t
     assert set(rows_two[-1]) == set(rows_one[-1])
     for folder in ("adapter", "value"):
         assert tensor_shapes(tmp_path / "two" / folder) == tensor_shapes(tmp_path / "one" / folder) != {}
+    # Both adapters trained in both runs (lora_B starts at zero): under DDP every trainable tensor needs a gradient.
+    for run in ("one", "two"):
+        for folder in ("adapter", "value"):
+            assert lora_b_norm(tmp_path / run / folder) > 0, (run, folder)
     ckpt = tmp_path / "two" / "checkpoints" / "checkpoint-2"
     assert (ckpt / "COMPLETE").exists() and (ckpt / "rng-0.pt").exists() and (ckpt / "rng-1.pt").exists()
     assert len([line for line in two.stdout.splitlines() if line.startswith("{")]) == 1

@@ -138,7 +138,11 @@ class SharedActor(nn.Module):
     @torch.no_grad()
     def reference_logits(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> Tensor:
         with self.peft.disable_adapter():
-            return response_logits(self.peft, ids, mask, pos, n_response)
+            logits = response_logits(self.peft, ids, mask, pos, n_response)
+        # Leaving disable_adapter re-enables the layers through peft's set_adapter, which freezes every
+        # adapter but the active one: without this the value adapter stops learning (and DDP fails).
+        self.peft.set_requires_grad(self.trainable_adapters, True)
+        return logits
 
     def generator(self) -> Any:
         self.use(POLICY)
