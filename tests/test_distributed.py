@@ -375,3 +375,30 @@ def test_accelerate_configs_are_valid():
         assert raw["mixed_precision"] == "no", f"{path.name}: precision comes from the recipe's model.dtype"
     assert yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())["fsdp_config"]["fsdp_use_orig_params"] is True
     assert yaml.safe_load((CONFIGS / "deepspeed-zero3.yaml").read_text())["deepspeed_config"]["zero3_save_16bit_model"]
+
+
+def test_single_process_cpu_launch_is_named(env, caplog):
+    """`accelerate launch --cpu --num_processes 2` starts one process: say so instead of training alone silently."""
+    import logging
+
+    from rlhf_cli.core.distributed import check_launch
+
+    env.setenv("ACCELERATE_USE_CPU", "True")
+    env.setenv("MASTER_ADDR", "127.0.0.1")
+    with caplog.at_level(logging.WARNING, logger="rlhf"):
+        check_launch("sft", sft_recipe())
+    assert "single process" in caplog.text and "--multi_gpu" in caplog.text
+
+
+def test_sharded_modes_refused_on_cpu_processes(env):
+    import torch
+
+    from rlhf_cli.core import distributed
+    from rlhf_cli.errors import TrainingError
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only refusal")
+    env.setenv("WORLD_SIZE", "2")
+    env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(TrainingError, match="DeepSpeed ZeRO-2 needs CUDA GPUs"):
+        distributed.init()
