@@ -112,6 +112,20 @@ def plain_model(target: Path) -> Path:
     return target
 
 
+def fitting(rows: list[dict], model: Path, max_length: int) -> tuple[list[dict], int]:
+    """The pairs that fit in max_length tokens: trl's padding_free mode cannot truncate, so every run gets
+    exactly the same, uncut samples (3 of the 2,026 pairs are longer than 256 tokens)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    def length(r: dict) -> int:
+        text = tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=False)
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
+    kept = [r for r in rows if length(r) <= max_length]
+    return kept, len(rows) - len(kept)
+
+
 def run_child(argv: list[str], env: dict[str, str]) -> tuple[str, str, int, float]:
     """(stdout, stderr, peak RSS bytes, wall seconds) of one subprocess."""
     t0 = time.time()
@@ -150,10 +164,10 @@ def main() -> None:
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    rows = chat_pairs()
+    model = plain_model(work / "smollm2-135m-instruct")
+    rows, too_long = fitting(chat_pairs(), model, 256)
     data = work / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    model = plain_model(work / "smollm2-135m-instruct")
     # The same OpenMP wait policy for every run (rlhf sets PASSIVE by default; see rlhf_cli/console.py), so
     # the comparison is about training, not about threads spinning on a shared CPU.
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -173,6 +187,7 @@ def main() -> None:
     }
     if run["data"]["truncated"]:
         sys.exit("some pairs are longer than 256 tokens: trl's padding_free run would not truncate them")
+    print(f"{too_long} pairs longer than 256 tokens left out", file=sys.stderr)
     (work / "results.json").write_text(json.dumps(results, indent=2))
     script = work / "trl_sft.py"
     script.write_text(TRL_SCRIPT)
