@@ -87,12 +87,15 @@ def _setup(verbose: bool) -> None:
 def _show_result(result: Any, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    from rlhf_cli.core import distributed
+
+    if not distributed.is_main():
+        return  # one result, from rank 0, under several processes
     if as_json:
         sys.stdout.write(json.dumps(result.to_json(), default=str) + "\n")
         sys.stdout.flush()
-    if os.environ.get("RANK", "0") != "0":
-        return
     err = Console(stderr=True, highlight=False)
     table = Table(title=f"rlhf {result.stage}: {result.status}", show_header=True)
     table.add_column("")
@@ -100,7 +103,8 @@ def _show_result(result: Any, as_json: bool) -> None:
     if result.output_dir:
         table.add_row("output_dir", str(result.output_dir))
     for key, value in {**result.metrics, **{k: v for k, v in result.details.items() if not isinstance(v, (dict, list))}}.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        # Text, not markup: values such as a rendered sample with [loss spans] print as they are.
+        table.add_row(key, Text(f"{value:.4g}" if isinstance(value, float) else str(value)))
     err.print(table)
     for key, value in result.details.items():
         if isinstance(value, (dict, list)):
@@ -128,10 +132,21 @@ def _run_stage(
     if output_dir is not None:
         flags = {**flags, "output_dir": output_dir}
     recipe = load_recipe(stage, recipe_path, flags=flags, sets=sets)
+    if not _launch_ok(stage, recipe):
+        return None
     module = importlib.import_module(f"rlhf_cli.stages.{stage.replace('-', '_')}")
     result = module.run(recipe, RunOptions(resume=resume, overwrite=overwrite, dry_run=dry_run))
     _show_result(result, as_json)
     return result
+
+
+def _launch_ok(stage: str, recipe: Any) -> bool:
+    """Under several processes: refuse unsupported launches (on every rank alike, exit 2); eval and generate
+    run on rank 0 alone, the other ranks are done (False)."""
+    from rlhf_cli.core import distributed
+
+    distributed.check_launch(stage, recipe)
+    return stage not in ("eval", "generate") or distributed.is_main()
 
 
 # --------------------------------------------------------------------------- training stages
@@ -299,7 +314,7 @@ def eval_(
         }
         # Metrics are eval's result: JSON on stdout always, the table on stderr for people.
         result = _run_stage("eval", recipe, flags, set_, output_dir=output_dir, as_json=True, verbose=verbose)
-        failed = result.details.get("failed_gates") or []
+        failed = (result.details.get("failed_gates") or []) if result is not None else []
         if failed:
             raise GateFailed(failed[0], details=failed[1:])
 
@@ -345,6 +360,8 @@ def generate(
             "merge": merge or None,
         }
         recipe = load_recipe("generate", None, flags=flags, sets=set_)
+        if not _launch_ok("generate", recipe):
+            return
         stage = importlib.import_module("rlhf_cli.stages.generate")
         for record in stage.generate(recipe, prompt or [], prompts):
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -305,6 +305,7 @@ class PPOSpec(Strict):
     )
     seed: int = Field(42, description="Seed for prompt order and sampling.")
     save_steps: int = Field(10, ge=1, description="Checkpoint every N iterations.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
 
     @model_validator(mode="after")
     def _batches_divide(self) -> PPOSpec:

