@@ -279,13 +279,20 @@ def make_trainable(
     else:
         model.requires_grad_(True)
     for module in model.modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype != torch.float32]
-        for p in own:
-            p.data = p.data.float()
-        if own:
-            # e.g. the reward head copied from a bf16 base: it now computes in fp32 on fp32 inputs.
-            module.register_forward_pre_hook(_inputs_to_fp32)
+        fp32_trainable_modules(module)
     return model
+
+
+def fp32_trainable_modules(module: Any, all_params: bool = False) -> None:
+    """Cast a module's own trainable (or, with all_params, all) tensors to fp32 and feed it fp32 inputs.
+
+    e.g. the reward head copied from a bf16 base: it then computes in fp32 on fp32 inputs.
+    """
+    own = [p for p in module.parameters(recurse=False) if (all_params or p.requires_grad) and p.dtype != torch.float32]
+    for p in own:
+        p.data = p.data.float()
+    if own:
+        module.register_forward_pre_hook(_inputs_to_fp32)
 
 
 def _inputs_to_fp32(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
