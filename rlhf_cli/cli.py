@@ -87,6 +87,7 @@ def _setup(verbose: bool) -> None:
 def _show_result(result: Any, as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     if as_json:
         sys.stdout.write(json.dumps(result.to_json(), default=str) + "\n")
@@ -100,7 +101,8 @@ def _show_result(result: Any, as_json: bool) -> None:
     if result.output_dir:
         table.add_row("output_dir", str(result.output_dir))
     for key, value in {**result.metrics, **{k: v for k, v in result.details.items() if not isinstance(v, (dict, list))}}.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        # Text, not markup: values such as a rendered sample with [loss spans] print as they are.
+        table.add_row(key, Text(f"{value:.4g}" if isinstance(value, float) else str(value)))
     err.print(table)
     for key, value in result.details.items():
         if isinstance(value, (dict, list)):

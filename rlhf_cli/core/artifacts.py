@@ -15,13 +15,18 @@ from typing import Any
 from rlhf_cli.runs import ResolvedModel, is_main_process
 
 
-def base_entry(resolved: ResolvedModel, spec_path: str) -> dict[str, Any]:
+def base_entry(resolved: ResolvedModel, spec_path: str, *, parent_adapter_kept: bool = False) -> dict[str, Any]:
     """run.json base_model: the parent run directory when there is one, else the base itself.
 
-    Local paths are stored absolute so a later stage finds them from any working directory.
+    When the run trains its parent's adapter further (a quantized base, see core.plan), the saved adapter
+    already holds the parent's update, so the base is the parent's own base: applying the parent's
+    adapter again would count it twice. Local paths are stored absolute so a later stage finds them
+    from any working directory.
     """
-    if resolved.run_dir:
+    if resolved.run_dir and not parent_adapter_kept:
         return {"path": str(Path(resolved.run_dir).resolve())}
+    if parent_adapter_kept:
+        spec_path = resolved.base
     local = Path(spec_path)
     path = str(local.resolve()) if local.exists() else spec_path
     return {"path": path, "gguf_file": resolved.gguf_file}

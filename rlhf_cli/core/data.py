@@ -184,3 +184,17 @@ def percentiles(lengths: list[int], qs: Iterable[int] = (50, 90, 99, 100)) -> di
         return {}
     s = sorted(lengths)
     return {f"p{q}": s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))] for q in qs}
+
+
+def read_splits(spec: Any, allowed: Iterable[str], seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """(train, eval, format) from a recipe's data section: read, rename, detect, check, hold out."""
+    records = read_records(spec.train, fields=spec.fields, split=spec.split, max_samples=spec.max_samples)
+    fmt = detect_format(records, spec.train, allowed, spec.format)
+    check_columns(records, fmt, spec.train)
+    eval_records = None
+    if spec.eval:
+        eval_records = read_records(spec.eval, fields=spec.fields, split=spec.split)
+        detect_format(eval_records, spec.eval, (fmt,), fmt)
+        check_columns(eval_records, fmt, spec.eval)
+    train, held = split_eval(records, eval_records, spec.eval_fraction, seed)
+    return train, held, fmt

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,6 +59,21 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
+def available_memory_bytes() -> int:
+    """Memory a run can use: the GPU's total memory, or the host's MemAvailable."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[1])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
 def peak_memory_bytes() -> int:
     """Peak memory of this process: CUDA allocator peak on GPU, max RSS on CPU."""
     if torch.cuda.is_available():
@@ -65,3 +81,42 @@ def peak_memory_bytes() -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a run holds and multiplies its weights.
+
+    load: dtype the model is loaded in; autocast: dtype matmuls run in under torch.autocast (None = as
+    loaded). Adapters, a new reward head and other trainable tensors stay fp32 (core.models.make_trainable),
+    so AdamW's small updates are not rounded to bf16's 8 mantissa bits.
+    """
+
+    load: torch.dtype
+    autocast: torch.dtype | None
+    description: str
+
+    def as_json(self) -> dict[str, str | None]:
+        return {
+            "weights": dtype_name(self.load),
+            "compute": dtype_name(self.autocast or self.load),
+            "note": self.description,
+        }
+
+
+def plan_precision(name: str, *, adapters: bool, quantized: bool) -> Precision:
+    """Frozen bases (LoRA, QLoRA) are loaded straight in the compute dtype: half the memory of fp32 and no
+    casts; peft runs the fp32 adapters on casted inputs. A full fine-tune keeps fp32 master weights, under
+    bf16/fp16 autocast on a GPU. Not on a CPU: torch's CPU autocast made LoRA training 3x and full
+    training 1.4x slower per CPU-second here (SmolLM2-135M, 2 threads), so a full CPU run computes in fp32."""
+    compute = resolve_dtype(name)
+    if compute == torch.float32:
+        return Precision(torch.float32, None, "fp32 throughout")
+    half = dtype_name(compute)
+    if quantized:
+        return Precision(compute, None, f"4/8-bit base computing in {half}; adapters, norms and head fp32")
+    if adapters:
+        return Precision(compute, None, f"frozen base in {half}; adapters fp32")
+    if torch.cuda.is_available():
+        return Precision(torch.float32, compute, f"fp32 master weights; {half} autocast (mixed precision)")
+    return Precision(torch.float32, None, f"full fine-tune on the CPU: fp32 weights and compute ({half} autocast is slower on CPUs)")

@@ -89,8 +89,13 @@ def load_model(
     quant: QuantSpec | None = None,
     head: Head = "causal",
     device_map: Any = None,
+    merge_parent: bool = True,
 ) -> Any:
-    """Base weights (optionally quantized) with the parent run's adapters merged in."""
+    """Base weights (optionally quantized) with the parent run's adapters merged in.
+
+    merge_parent=False leaves the parent's adapters out, for a caller that keeps the parent's adapter as
+    its starting adapter (see start_from_adapter).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quant = quant or QuantSpec()
@@ -120,24 +125,78 @@ def load_model(
         if "bitsandbytes" in str(e) or "quantiz" in str(e).lower():
             raise TrainingError(f"4/8-bit loading failed: {str(e).splitlines()[0]}") from None
         raise _hub_errors(resolved.base, e) from None
+    if resolved.gguf_file:
+        _forget_gguf_quantizer(model)
     if not qconf and device_map is None and torch.cuda.is_available():
         model = model.to(_default_device())
     if head == "reward" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
-    return merge_adapters(model, resolved.adapters)
+    return merge_adapters(model, resolved.adapters) if merge_parent else model
+
+
+def _forget_gguf_quantizer(model: Any) -> None:
+    """Make a GGUF-loaded model an ordinary one.
+
+    Without the `kernels` package transformers dequantizes every GGUF weight into a plain nn.Linear, but
+    still marks the model as GGUF-quantized, which makes Trainer refuse to train it and save_pretrained
+    refuse to write it. The weights are ordinary tensors, so the marks are dropped.
+    """
+    packed = [name for name, m in model.named_modules() if type(m).__name__.lower().startswith("gguf")]
+    if packed:
+        raise TrainingError(
+            f"GGUF weights stayed packed ({packed[0]}, ...), which cannot be trained: "
+            "load the model without the `kernels` package installed, or convert it to safetensors first"
+        )
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.__dict__.pop("quantization_method", None)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def merge_adapters(model: Any, adapters: tuple[str, ...] | list[str]) -> Any:
     """Fold adapters into the weights in order (a parent run's training becomes part of the base)."""
     if not adapters:
         return model
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
+    task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else "CAUSAL_LM"
     for path in adapters:
         if not Path(path).is_dir():
             raise DataError(f"{path}: adapter directory not found (was the run moved?)")
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        config = PeftConfig.from_pretrained(path)
+        if config.task_type != task:
+            # A policy adapter folded into a reward model (sft -> train-rm): same layers, another head.
+            # peft's task wrappers assume their own head, so the plain wrapper does the merge.
+            config.task_type = None
+            config.modules_to_save = None
+        model = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
     log.info("merged %d parent adapter(s) into the base", len(adapters))
+    return model
+
+
+def start_from_adapter(model: Any, path: str, *, task: Literal["CAUSAL_LM", "SEQ_CLS"], load_weights: bool = True) -> Any:
+    """Wrap the model with a parent run's adapter, trainable, as the starting point of this run.
+
+    Used where merging is not exact (a quantized base): the parent's LoRA keeps training instead of being
+    folded into 4-bit weights. A causal adapter may start a reward model: same layers, plus a new score head.
+    """
+    from peft import LoraConfig, get_peft_model, load_peft_weights, set_peft_model_state_dict
+
+    if not Path(path).is_dir():
+        raise DataError(f"{path}: adapter directory not found (was the run moved?)")
+    config = LoraConfig.from_pretrained(path)
+    config.inference_mode = False
+    if config.task_type != task:
+        config.task_type = task
+        config.modules_to_save = ["score"] if task == "SEQ_CLS" else None
+    model = get_peft_model(model, config)
+    if not load_weights:
+        return model
+    weights = load_peft_weights(path, device=str(next(model.parameters()).device))
+    if task == "SEQ_CLS" and not any(".score." in k for k in weights):
+        log.info("parent adapter has no score head: the reward head starts fresh")
+    set_peft_model_state_dict(model, weights)
     return model
 
 
@@ -166,7 +225,11 @@ def attach_lora(
 
     if quantized:
         # Casts norms to fp32 and enables input grads so checkpointed k-bit layers backprop (Dettmers et al. 2023).
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -180,6 +243,52 @@ def attach_lora(
         modules_to_save=["score"] if task == "SEQ_CLS" else None,
     )
     return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def make_trainable(
+    model: Any,
+    *,
+    lora: LoraSpec | None,
+    task: Literal["CAUSAL_LM", "SEQ_CLS"],
+    quantized: bool,
+    checkpointing: bool,
+    parent_adapter: str | None = None,
+) -> Any:
+    """The recipe's trainable setup: the parent's adapter trained on (kept), a fresh LoRA, or all weights.
+
+    Trainable tensors end up fp32 whatever the base dtype (the reward head copied from a bf16 base too),
+    so AdamW's small updates are not rounded away.
+    """
+    if parent_adapter is not None:
+        if quantized:
+            model = prepare_model_for_kbit(model, checkpointing)
+        elif checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = start_from_adapter(model, parent_adapter, task=task)
+    elif lora is not None:
+        model = attach_lora(model, lora, task=task, quantized=quantized, gradient_checkpointing=checkpointing)
+    else:
+        model.requires_grad_(True)
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype != torch.float32]
+        for p in own:
+            p.data = p.data.float()
+        if own:
+            # e.g. the reward head copied from a bf16 base: it now computes in fp32 on fp32 inputs.
+            module.register_forward_pre_hook(_inputs_to_fp32)
+    return model
+
+
+def _inputs_to_fp32(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def prepare_model_for_kbit(model: Any, checkpointing: bool) -> Any:
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
 
 
 def count_parameters(model: Any) -> tuple[int, int]:

@@ -1,10 +1,112 @@
-"""rlhf pretrain."""
+"""rlhf pretrain: causal-LM training on raw text, from scratch or continued from a model.
+
+    rlhf pretrain recipes/tiny/pretrain.yaml
+    rlhf pretrain recipes/tiny/pretrain.yaml --set model.init=pretrained --set model.path=runs/pretrain
+
+Documents (a `text` column, or .txt files) are joined with EOS and cut into data.max_length blocks, so no
+token is padded (data.packing: false trains one truncated document per sample instead). A model built
+`from_config` takes its vocabulary from model.tokenizer. Reports perplexity on the eval split.
+"""
 
 from __future__ import annotations
 
-from rlhf_cli.errors import NotImplementedStage
+import logging
+from pathlib import Path
+
+from rlhf_cli.recipe import PretrainRecipe
 from rlhf_cli.result import RunOptions, RunResult
 
+log = logging.getLogger("rlhf")
 
-def run(recipe, options: RunOptions) -> RunResult:
-    raise NotImplementedStage("rlhf pretrain is not implemented yet")
+
+def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
+    from rlhf_cli.core import artifacts, attention, batches, models
+    from rlhf_cli.core import trainer as fitting
+    from rlhf_cli.core.data import read_splits
+    from rlhf_cli.core.plan import plan_training
+    from rlhf_cli.recipe_load import dump_recipe
+    from rlhf_cli.runs import ResolvedModel, prepare_run
+
+    # 1. Tokenizer and data: every data problem surfaces here, before anything is written.
+    scratch = recipe.model.init == "from_config"
+    if scratch:
+        resolved = ResolvedModel(base=recipe.model.path, tokenizer=recipe.model.tokenizer)
+    else:
+        resolved = models.resolve(recipe.model)
+    tokenizer = models.load_tokenizer(resolved)
+    train_records, eval_records, _ = read_splits(recipe.data, ("text",), recipe.train.seed)
+    d = recipe.data
+    train_set, stats = batches.text_blocks(tokenizer, train_records, d.max_length, d.packing)
+    eval_set, _ = batches.text_blocks(tokenizer, eval_records, d.max_length, d.packing) if eval_records else ([], None)
+    if not train_set:
+        raise _too_short(recipe)
+
+    # 2. How the model will be held: dtype, trainable parameters, memory.
+    longest = min(d.max_length, max(len(s["input_ids"]) for s in train_set))
+    plan = plan_training(resolved, recipe.model, lora=recipe.lora, quant=recipe.quant, train=recipe.train,
+                         head="causal", tokens_per_step=recipe.train.batch_size * longest, tokenizer=tokenizer)
+    details = {
+        "documents": len(train_records),
+        "train": stats.summary(),
+        "eval_blocks": len(eval_set),
+        "max_length": d.max_length,
+        "packing": d.packing,
+        **plan.as_json(),
+        "sample": tokenizer.decode(train_set[0]["input_ids"][:64]),
+    }
+    if stats.truncated:
+        log.warning("%d of %d documents are longer than data.max_length %d and are cut (data.packing: true keeps them)",
+                    stats.truncated, len(train_records), d.max_length)
+    # Built before anything is written: settings the machine cannot run (fp16 on a CPU) fail here.
+    args = fitting.training_args(recipe.train, Path(recipe.output_dir) / "checkpoints", precision=plan.precision,
+                                 has_eval=bool(eval_set), gradient_checkpointing=plan.checkpointing)
+    if options.dry_run:
+        return RunResult(stage="pretrain", status="dry-run", output_dir=None, details=details)
+
+    # 3. Claim the run directory, build or load the model, train.
+    kept = plan.parent_adapters == "kept"
+    if scratch:
+        base = {"init": "from_config", "config": recipe.model.config.model_dump()}
+    else:
+        base = artifacts.base_entry(resolved, recipe.model.path, parent_adapter_kept=kept)
+    run_dir = prepare_run(recipe.output_dir, "pretrain", dump_recipe(recipe), recipe.model_dump(mode="json"),
+                          resume=options.resume, overwrite=options.overwrite, base_model=base,
+                          parent_run=resolved.run_dir)
+    with fitting.failure_marked(run_dir):
+        quantized = recipe.quant.bits is not None
+        if scratch:
+            model = models.build_from_config(recipe.model, tokenizer, plan.precision.load)
+        else:
+            model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant,
+                                      merge_parent=not kept)
+        attention.use_packed_attention(model)  # used by rows of unequal length (data.packing: false)
+        model = models.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
+                                      checkpointing=plan.checkpointing,
+                                      parent_adapter=resolved.adapters[0] if kept else None)
+        trainable, total = models.count_parameters(model)
+        run_dir.update(data=stats.summary(), precision=plan.precision.as_json(), parent_adapters=plan.parent_adapters,
+                       quantization=recipe.quant.model_dump() if quantized else None,
+                       trainable_params=trainable, total_params=total, attention=model.config._attn_implementation,
+                       gradient_checkpointing=plan.checkpointing)
+        trainer = fitting.CausalTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
+                                        data_collator=batches.FlatCollator())
+        outcome = fitting.fit(trainer, run_dir, "pretrain", perplexity=True)
+        eval_metrics = fitting.evaluate(trainer, outcome, perplexity=True) if eval_set else {}
+
+        section = artifacts.save_outputs(run_dir.path, model, tokenizer)
+        metrics = {
+            "train_loss": outcome.train_loss,
+            **eval_metrics,
+            "steps": outcome.steps,
+            "train_tokens_per_s": outcome.tokens_per_s,
+        }
+        run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens, train_runtime_s=outcome.runtime_s,
+                       train_cpu_s=outcome.cpu_s, resumed_from_step=outcome.resumed_from_step)
+    return RunResult(stage="pretrain", status="completed", output_dir=str(run_dir.path), metrics=metrics,
+                     details={"trainable_params": trainable, "dtype": plan.precision.as_json()["compute"]})
+
+
+def _too_short(recipe: PretrainRecipe) -> Exception:
+    from rlhf_cli.errors import DataError
+
+    return DataError(f"{recipe.data.train}: not enough text for one training block of data.max_length tokens")

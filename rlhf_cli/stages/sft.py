@@ -1,10 +1,112 @@
-"""rlhf sft."""
+"""rlhf sft: supervised fine-tuning on demonstrations (messages or prompt/completion).
+
+    rlhf sft recipes/tiny/sft.yaml
+    rlhf sft --model runs/pretrain --data chat.jsonl --set lora.r=16 --dry-run
+
+Conversations are rendered with the tokenizer's chat template (or data.chat_template) and the loss covers
+assistant tokens only by default. Batches are padding-free: each batch is one row of concatenated
+samples with per-sample position_ids (core.batches.FlatCollator), so no FLOPs go to padding. Writes
+adapter/ (or model/), tokenizer/ with the exact chat template, metrics.jsonl and run.json.
+"""
 
 from __future__ import annotations
 
-from rlhf_cli.errors import NotImplementedStage
+import logging
+from pathlib import Path
+
+from rlhf_cli.recipe import SFTRecipe
 from rlhf_cli.result import RunOptions, RunResult
 
+log = logging.getLogger("rlhf")
 
-def run(recipe, options: RunOptions) -> RunResult:
-    raise NotImplementedStage("rlhf sft is not implemented yet")
+
+def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
+    from rlhf_cli.core import artifacts, attention, batches, chat, models
+    from rlhf_cli.core import trainer as fitting
+    from rlhf_cli.core.data import read_splits
+    from rlhf_cli.core.plan import plan_training
+    from rlhf_cli.recipe_load import dump_recipe
+    from rlhf_cli.runs import prepare_run
+
+    # 1. Tokenizer and data: every data problem surfaces here, before anything is written.
+    resolved = models.resolve(recipe.model)
+    tokenizer = models.load_tokenizer(resolved, chat_template=recipe.data.chat_template)
+    chat.ensure_chat_template(tokenizer)
+    train_records, eval_records, fmt = read_splits(recipe.data, ("messages", "prompt_completion"), recipe.train.seed)
+    d = recipe.data
+    train_set, stats = batches.chat_samples(tokenizer, train_records, fmt, d.max_length, d.completion_only_loss)
+    eval_set, _ = batches.chat_samples(tokenizer, eval_records, fmt, d.max_length, d.completion_only_loss)
+    if not train_set:
+        raise _no_samples(recipe)
+    longest = min(d.max_length, max(stats.lengths))
+
+    # 2. How the model will be held: dtype, trainable parameters, parent adapters, memory.
+    plan = plan_training(resolved, recipe.model, lora=recipe.lora, quant=recipe.quant, train=recipe.train,
+                         head="causal", tokens_per_step=recipe.train.batch_size * longest)
+    details = {
+        "format": fmt,
+        "train": stats.summary(),
+        "eval_samples": len(eval_set),
+        "max_length": d.max_length,
+        "padding_free": d.padding_free,
+        **plan.as_json(),
+        "sample": batches.show_loss_mask(tokenizer, train_set[0]["input_ids"], train_set[0]["labels"]),
+    }
+    _warn_truncation(stats.truncated, len(train_records), d.max_length)
+    # Built before anything is written: settings the machine cannot run (fp16 on a CPU) fail here.
+    args = fitting.training_args(recipe.train, Path(recipe.output_dir) / "checkpoints", precision=plan.precision,
+                                 has_eval=bool(eval_set), gradient_checkpointing=plan.checkpointing)
+    if options.dry_run:
+        return RunResult(stage="sft", status="dry-run", output_dir=None, details=details)
+
+    # 3. Claim the run directory, load, train.
+    kept = plan.parent_adapters == "kept"
+    base = artifacts.base_entry(resolved, recipe.model.path, parent_adapter_kept=kept)
+    run_dir = prepare_run(recipe.output_dir, "sft", dump_recipe(recipe), recipe.model_dump(mode="json"),
+                          resume=options.resume, overwrite=options.overwrite, base_model=base,
+                          parent_run=resolved.run_dir)
+    with fitting.failure_marked(run_dir):
+        quantized = recipe.quant.bits is not None
+        model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant,
+                                  merge_parent=not kept)
+        if d.padding_free:
+            attention.use_packed_attention(model)
+        model = models.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
+                                      checkpointing=plan.checkpointing,
+                                      parent_adapter=resolved.adapters[0] if kept else None)
+        trainable, total = models.count_parameters(model)
+        run_dir.update(format=fmt, data=stats.summary(), precision=plan.precision.as_json(),
+                       parent_adapters=plan.parent_adapters, quantization=recipe.quant.model_dump() if quantized else None,
+                       trainable_params=trainable, total_params=total, chat_template=tokenizer.chat_template,
+                       attention=model.config._attn_implementation, gradient_checkpointing=plan.checkpointing)
+        collator = batches.FlatCollator() if d.padding_free else batches.PadCollator(tokenizer.pad_token_id)
+        trainer = fitting.CausalTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
+                                        data_collator=collator)
+        outcome = fitting.fit(trainer, run_dir, "sft", perplexity=True)
+        eval_metrics = fitting.evaluate(trainer, outcome, perplexity=True) if eval_set else {}
+
+        section = artifacts.save_outputs(run_dir.path, model, tokenizer)
+        metrics = {
+            "train_loss": outcome.train_loss,
+            **eval_metrics,
+            "steps": outcome.steps,
+            "train_tokens_per_s": outcome.tokens_per_s,
+        }
+        run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens, train_runtime_s=outcome.runtime_s,
+                       train_cpu_s=outcome.cpu_s, resumed_from_step=outcome.resumed_from_step)
+    details = {"trainable_params": trainable, "truncated": stats.truncated, "dtype": plan.precision.as_json()["compute"]}
+    return RunResult(stage="sft", status="completed", output_dir=str(run_dir.path), metrics=metrics, details=details)
+
+
+def _no_samples(recipe: SFTRecipe) -> Exception:
+    from rlhf_cli.errors import DataError
+
+    return DataError(
+        f"{recipe.data.train}: no sample has an answer token left within data.max_length {recipe.data.max_length}: "
+        "raise data.max_length"
+    )
+
+
+def _warn_truncation(truncated: int, n: int, max_length: int) -> None:
+    if truncated:
+        log.warning("%d of %d samples are longer than data.max_length %d and are cut", truncated, n, max_length)

@@ -1,10 +1,113 @@
-"""rlhf train-rm."""
+"""rlhf train-rm: a Bradley-Terry reward model on preference pairs.
+
+    rlhf train-rm recipes/tiny/train-rm.yaml
+    rlhf train-rm --model runs/sft --data prefs.jsonl
+
+The model is the base (or the policy run) with a one-scalar score head; chosen and rejected transcripts
+are rendered with the chat template exactly as core.reward.RewardModel scores text later, and trained on
+-log sigmoid(r_chosen - r_rejected). Eval logs accuracy (chosen scored higher) and the mean margin. The
+run directory is a reward model for `rlhf ppo --reward` and `rlhf eval --reward`: base, adapter, head and
+chat template are found through its run.json.
+"""
 
 from __future__ import annotations
 
-from rlhf_cli.errors import NotImplementedStage
+import logging
+from pathlib import Path
+
+from rlhf_cli.recipe import RewardRecipe
 from rlhf_cli.result import RunOptions, RunResult
 
+log = logging.getLogger("rlhf")
 
-def run(recipe, options: RunOptions) -> RunResult:
-    raise NotImplementedStage("rlhf train-rm is not implemented yet")
+
+def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
+    from rlhf_cli.core import artifacts, batches, chat, models
+    from rlhf_cli.core import trainer as fitting
+    from rlhf_cli.core.data import read_splits
+    from rlhf_cli.core.plan import plan_training
+    from rlhf_cli.recipe_load import dump_recipe
+    from rlhf_cli.runs import prepare_run
+
+    # 1. Tokenizer and data: every data problem surfaces here, before anything is written.
+    resolved = models.resolve(recipe.model)
+    tokenizer = models.load_tokenizer(resolved, chat_template=recipe.data.chat_template)
+    chat.ensure_chat_template(tokenizer)
+    train_records, eval_records, fmt = read_splits(recipe.data, ("preference",), recipe.train.seed)
+    d = recipe.data
+    train_set, stats = batches.preference_samples(tokenizer, train_records, d.max_length)
+    eval_set, _ = batches.preference_samples(tokenizer, eval_records, d.max_length)
+    if not train_set:
+        raise _no_pairs(recipe)
+    if stats.truncated:
+        log.warning("%d of %d pairs are longer than data.max_length %d and are cut (%d became identical and are skipped)",
+                    stats.truncated, len(train_records), d.max_length, stats.dropped)
+
+    # 2. How the model will be held: dtype, trainable parameters, parent adapters, memory.
+    longest = min(d.max_length, max(stats.lengths))
+    plan = plan_training(resolved, recipe.model, lora=recipe.lora, quant=recipe.quant, train=recipe.train,
+                         head="reward", tokens_per_step=2 * recipe.train.batch_size * longest)
+    first = train_set[0]
+    details = {
+        "format": fmt,
+        "train": stats.summary(),
+        "eval_pairs": len(eval_set),
+        "max_length": d.max_length,
+        **plan.as_json(),
+        "sample_chosen": tokenizer.decode(first["chosen_ids"]),
+        "sample_rejected": tokenizer.decode(first["rejected_ids"]),
+    }
+    # Built before anything is written: settings the machine cannot run (fp16 on a CPU) fail here.
+    args = fitting.training_args(recipe.train, Path(recipe.output_dir) / "checkpoints", precision=plan.precision,
+                                 has_eval=bool(eval_set), gradient_checkpointing=plan.checkpointing,
+                                 count_tokens="non_padding", prediction_loss_only=False)
+    if options.dry_run:
+        return RunResult(stage="train-rm", status="dry-run", output_dir=None, details=details)
+
+    # 3. Claim the run directory, load, train.
+    kept = plan.parent_adapters == "kept"
+    base = artifacts.base_entry(resolved, recipe.model.path, parent_adapter_kept=kept)
+    run_dir = prepare_run(recipe.output_dir, "train-rm", dump_recipe(recipe), recipe.model_dump(mode="json"),
+                          resume=options.resume, overwrite=options.overwrite, base_model=base,
+                          parent_run=resolved.run_dir)
+    with fitting.failure_marked(run_dir):
+        quantized = recipe.quant.bits is not None
+        model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant, head="reward",
+                                  merge_parent=not kept)
+        # Padded rows are skipped when the head picks each row's last token; the ids must agree.
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model = models.make_trainable(model, lora=recipe.lora, task="SEQ_CLS", quantized=quantized,
+                                      checkpointing=plan.checkpointing,
+                                      parent_adapter=resolved.adapters[0] if kept else None)
+        trainable, total = models.count_parameters(model)
+        run_dir.update(format=fmt, data=stats.summary(), precision=plan.precision.as_json(),
+                       parent_adapters=plan.parent_adapters, quantization=recipe.quant.model_dump() if quantized else None,
+                       trainable_params=trainable, total_params=total, chat_template=tokenizer.chat_template,
+                       gradient_checkpointing=plan.checkpointing)
+        trainer = fitting.RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
+                                        data_collator=batches.PairCollator(tokenizer.pad_token_id),
+                                        compute_metrics=fitting.reward_metrics,
+                                        center_rewards_coef=recipe.center_rewards_coef)
+        outcome = fitting.fit(trainer, run_dir, "train-rm")
+        eval_metrics = fitting.evaluate(trainer, outcome) if eval_set else {}
+
+        section = artifacts.save_outputs(run_dir.path, model, tokenizer, reward=True)
+        metrics = {
+            "train_loss": outcome.train_loss,
+            **eval_metrics,
+            "steps": outcome.steps,
+            "train_tokens_per_s": outcome.tokens_per_s,
+        }
+        run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens, train_runtime_s=outcome.runtime_s,
+                       train_cpu_s=outcome.cpu_s, resumed_from_step=outcome.resumed_from_step)
+    return RunResult(stage="train-rm", status="completed", output_dir=str(run_dir.path), metrics=metrics,
+                     details={"trainable_params": trainable, "truncated": stats.truncated,
+                              "dtype": plan.precision.as_json()["compute"]})
+
+
+def _no_pairs(recipe: RewardRecipe) -> Exception:
+    from rlhf_cli.errors import DataError
+
+    return DataError(
+        f"{recipe.data.train}: no pair differs within data.max_length {recipe.data.max_length}: raise data.max_length"
+    )

@@ -1,0 +1,77 @@
+"""Memory a training run will need, estimated before anything is loaded (shown by --dry-run).
+
+    estimate_memory(total_params=..., trainable_params=..., weight_bytes=2, hidden=576, layers=30,
+                    vocab=49152, tokens_per_step=2048, checkpointing=False)
+
+Assumptions, stated so the figure can be judged:
+- weights: total_params x weight_bytes (4-bit: 0.5 byte plus ~0.07 for block constants; 8-bit: 1 byte);
+- every trainable parameter holds an fp32 value, an fp32 gradient and two fp32 AdamW moments: 16 bytes
+  (for a full fine-tune the fp32 weights are these 4 bytes, so weight_bytes is 0 on top);
+- activations kept for backward, per token and layer: 34 x hidden x act_bytes / 2 bytes
+  (Korthikanti et al. 2022, "Reducing Activation Recomputation", without the attention-score term that
+  fused / flash attention does not store); with checkpointing only each layer's input (hidden x act_bytes)
+  plus one layer's full set;
+- logits: tokens x vocab x (act_bytes + 4 + 4): the logits, their fp32 upcast in the loss and its gradient;
+- a fixed 0.5 GiB for the framework (CUDA context / allocator slack or the Python process).
+It is an estimate for one device and one micro-batch; real peaks vary by some tens of percent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+GiB = 1024**3
+_OVERHEAD = int(0.5 * GiB)
+
+
+def estimate_memory(
+    *,
+    total_params: int,
+    trainable_params: int,
+    weight_bytes: float,
+    hidden: int,
+    layers: int,
+    vocab: int,
+    tokens_per_step: int,
+    checkpointing: bool,
+    act_bytes: int = 2,
+    full_finetune: bool = False,
+) -> dict[str, Any]:
+    """Bytes per component and the total, in GiB, for a micro-batch of tokens_per_step tokens."""
+    weights = 0 if full_finetune else int(total_params * weight_bytes)
+    optimizer = trainable_params * 16
+    per_layer_full = 34 * hidden * act_bytes // 2
+    if checkpointing:
+        activations = tokens_per_step * (layers * hidden * act_bytes + per_layer_full)
+    else:
+        activations = tokens_per_step * layers * per_layer_full
+    logits = tokens_per_step * vocab * (act_bytes + 8)
+    parts = {
+        "weights": weights,
+        "trainable_and_adam": optimizer,
+        "activations": activations,
+        "logits": logits,
+        "overhead": _OVERHEAD,
+    }
+    total = sum(parts.values())
+    return {
+        "total_gib": round(total / GiB, 2),
+        "parts_gib": {k: round(v / GiB, 3) for k, v in parts.items()},
+        "tokens_per_step": tokens_per_step,
+        "checkpointing": checkpointing,
+    }
+
+
+def weight_bytes_for(bits: int | None, load_bytes: int) -> float:
+    """Bytes per stored weight: 4-bit NF4/FP4 with its block constants, 8-bit, or the load dtype."""
+    if bits == 4:
+        return 0.5 + 0.07
+    if bits == 8:
+        return 1.0 + 0.03
+    return float(load_bytes)
+
+
+def model_shape(config: Any) -> tuple[int, int, int]:
+    """(hidden, layers, vocab) of a transformers config, text part for multimodal ones."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.hidden_size), int(text.num_hidden_layers), int(text.vocab_size)

