@@ -234,7 +234,8 @@ def _claim(
         started_at=manifest.get("started_at", now()),
         finished_at=None,
         base_model=base_model,
-        parent_run=parent_run,
+        # Absolute, so later stages and reports find the parent from any working directory.
+        parent_run=str(Path(parent_run).resolve()) if parent_run else None,
         recipe=recipe_json,
         versions=package_versions(),
         command=" ".join(sys.argv),

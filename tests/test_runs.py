@@ -102,7 +102,7 @@ def test_manifest_fields(tmp_path):
     assert (manifest["stage"], manifest["status"]) == ("sft", "running")
     assert manifest["recipe"] == RECIPE_JSON
     assert manifest["base_model"] == {"path": "some/model"}
-    assert manifest["parent_run"] == "runs/pretrain"
+    assert manifest["parent_run"] == str(Path("runs/pretrain").resolve())
     assert isinstance(manifest["versions"], dict)
     assert (tmp_path / "run" / "recipe.yaml").read_text() == RECIPE_YAML
 
