@@ -218,7 +218,8 @@ def main() -> None:
               f"{r['tokens_per_cpu_s'] / cpu_base:6.2f}x {r['peak_rss'] / 2**30:7.2f} G  {r['setup']}")
     print("tokens/s: real tokens over Trainer's train_runtime; tok/CPU-s: over the process's CPU time in train(),"
           " which other processes on the machine disturb less")
-    print(f"bf16 matmul now: {tflops:.2f} TFLOP/s -> ceiling {ceiling:.0f} tokens/s at 6N FLOPs/token (N={n_params / 1e6:.0f}M)")
+    print(f"bf16 matmul now: {tflops:.2f} TFLOP/s -> {ceiling:.0f} tokens/s at 6N FLOPs/token (N={n_params / 1e6:.0f}M); "
+          f"LoRA skips the frozen weights' gradients (~4N): {ceiling * 1.5:.0f} tokens/s")
     print(f"load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "
           f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']} for every run")
 

@@ -183,3 +183,13 @@ def test_nan_loss_stops_with_exit_1(tiny, tmp_path):
     assert "loss is nan at step 1" in out.stderr
     run = manifest("runs/tiny/sft")
     assert run["status"] == "failed" and "nan" in run["error"]
+
+
+def test_missing_tracker_is_a_recipe_error_before_anything_is_written():
+    import importlib.util
+
+    if importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
+    out = rlhf("sft", "sft.yaml", "--set", "train.report_to=[wandb]")
+    assert out.code == 2, out
+    assert "pip install wandb" in out.stderr and not Path("runs").exists()

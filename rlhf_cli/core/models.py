@@ -82,6 +82,14 @@ def bnb_config(quant: QuantSpec, compute_dtype: torch.dtype) -> Any:
     )
 
 
+def check_quantizable(resolved: ResolvedModel, quant: QuantSpec) -> None:
+    if resolved.gguf_file and quant.bits is not None:
+        raise RecipeError(
+            "quant.bits with a GGUF model: transformers dequantizes GGUF files on load and cannot re-quantize them "
+            "with bitsandbytes; set quant.bits: null, or use a safetensors checkpoint"
+        )
+
+
 def load_model(
     resolved: ResolvedModel,
     *,
@@ -100,12 +108,8 @@ def load_model(
 
     quant = quant or QuantSpec()
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": resolved.trust_remote_code}
+    check_quantizable(resolved, quant)
     if resolved.gguf_file:
-        if quant.bits is not None:
-            raise RecipeError(
-                "quant.bits with a GGUF model: transformers dequantizes GGUF files on load and cannot re-quantize them "
-                "with bitsandbytes; set quant.bits: null, or use a safetensors checkpoint"
-            )
         from transformers import GgufConfig
 
         # dequantize=True gives plain dense Linear layers that train and save_pretrained like any model;

@@ -98,8 +98,9 @@ def plan_training(
     tokens_per_step: int,
     tokenizer: Any = None,
 ) -> TrainingPlan:
-    from rlhf_cli.core.models import attach_lora, count_parameters, start_from_adapter
+    from rlhf_cli.core.models import attach_lora, check_quantizable, count_parameters, start_from_adapter
 
+    check_quantizable(resolved, quant)
     quantized = quant.bits is not None
     precision = plan_precision(spec.dtype, adapters=lora is not None, quantized=quantized)
     parent = parent_adapter_policy(resolved, quantized)

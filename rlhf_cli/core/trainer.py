@@ -149,7 +149,6 @@ class RunCallback(TrainerCallback):
         self.stop_signal: int | None = None
         self.stopping = False  # agreed by every rank: a signal may reach the processes at different steps
         self.progress: Progress | None = None
-        self.summary: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self._loss: float | None = None
         self._interrupt_at = int(os.environ.get("RLHF_TEST_INTERRUPT_AT_STEP", "0") or 0)
@@ -186,8 +185,7 @@ class RunCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = {k: v for k, v in (logs or {}).items() if not k.endswith(_NOISE)}
         if "train_loss" in logs:
-            self.summary = logs  # the end-of-training summary, not a step
-            return
+            return  # the end-of-training summary, not a step
         for key in ("loss", "eval_loss"):
             if key in logs and not math.isfinite(logs[key]):
                 raise TrainingError(
@@ -352,13 +350,15 @@ def _last_train_loss(trainer: Trainer) -> float | None:
 
 
 def _keeps_logits_by_mask() -> bool:
-    """transformers >= 5.x projects to the vocabulary only where a boolean logits_to_keep mask says so."""
-    import inspect
+    """Whether this transformers projects to the vocabulary only where a boolean logits_to_keep mask says
+    (a probe of the helper the models call, rather than a version number)."""
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
 
-    from transformers import modeling_utils
-
-    helper = getattr(modeling_utils, "slice_logits_to_keep", None)
-    return helper is not None and "boolean" in (inspect.getdoc(helper) or "")
+        kept = slice_logits_to_keep(torch.zeros(1, 3, 1), torch.tensor([[True, False, True]]))
+    except (ImportError, TypeError, IndexError, RuntimeError):
+        return False
+    return tuple(kept.shape) == (2, 1)
 
 
 _SELECTIVE_LOGITS = _keeps_logits_by_mask()
