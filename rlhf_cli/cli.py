@@ -89,11 +89,13 @@ def _show_result(result: Any, as_json: bool) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from rlhf_cli.core import distributed
+
+    if not distributed.is_main():
+        return  # one result, from rank 0, under several processes
     if as_json:
         sys.stdout.write(json.dumps(result.to_json(), default=str) + "\n")
         sys.stdout.flush()
-    if os.environ.get("RANK", "0") != "0":
-        return
     err = Console(stderr=True, highlight=False)
     table = Table(title=f"rlhf {result.stage}: {result.status}", show_header=True)
     table.add_column("")
@@ -130,10 +132,21 @@ def _run_stage(
     if output_dir is not None:
         flags = {**flags, "output_dir": output_dir}
     recipe = load_recipe(stage, recipe_path, flags=flags, sets=sets)
+    if not _launch_ok(stage, recipe):
+        return None
     module = importlib.import_module(f"rlhf_cli.stages.{stage.replace('-', '_')}")
     result = module.run(recipe, RunOptions(resume=resume, overwrite=overwrite, dry_run=dry_run))
     _show_result(result, as_json)
     return result
+
+
+def _launch_ok(stage: str, recipe: Any) -> bool:
+    """Under several processes: refuse unsupported launches (on every rank alike, exit 2); eval and generate
+    run on rank 0 alone, the other ranks are done (False)."""
+    from rlhf_cli.core import distributed
+
+    distributed.check_launch(stage, recipe)
+    return stage not in ("eval", "generate") or distributed.is_main()
 
 
 # --------------------------------------------------------------------------- training stages
@@ -218,9 +231,13 @@ def ppo(
     dry_run: DryRunOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
+    from rlhf_cli.recipe_load import UNSET
+
     flags: dict[str, Any] = {"policy.path": policy, "data.train": prompts}
     if reward is not None:
-        flags["reward.function" if is_function_ref(reward) else "reward.path"] = reward
+        # --reward replaces the file's reward source, whichever kind the file names.
+        use, drop = ("reward.function", "reward.path") if is_function_ref(reward) else ("reward.path", "reward.function")
+        flags[use], flags[drop] = reward, UNSET
     _boundary(
         lambda: _run_stage(
             "ppo", recipe, flags, set_,
@@ -244,7 +261,23 @@ def _parse_gates(items: Optional[list[str]], flag: str) -> Optional[dict[str, fl
     return gates
 
 
-@app.command("eval", help="Compute metrics of a model; gate CI with --fail-under / --fail-over (exit 4).")
+EVAL_HELP = """Compute metrics of a model; gate CI with --fail-under / --fail-over (exit 4).
+
+\b
+Metrics (--metric) and the keys they report (the names gates use):
+  perplexity   perplexity: all tokens of text data, answer tokens of chat data
+  reward       reward, reward_std: reward-model score of the model's answers to --prompts
+  win_rate     win_rate, tie_rate: answers vs --reference's, judged by the reward model; ties count half
+  kl           kl: mean over the model's samples of sum log p_model - log p_reference
+  rm_accuracy  rm_accuracy, rm_margin: reward model on --preference pairs
+  length       length, eos_rate: answer tokens; share ending before max_new_tokens
+  reward_fn    reward_fn, reward_fn_std: --reward-fn package.module:function(prompts, responses)
+
+A table goes to stderr and the result as JSON to stdout; eval.json is written into --output-dir when given.
+Exit 0 when every gate holds, 4 naming the metric, its value and the gate otherwise."""
+
+
+@app.command("eval", help=EVAL_HELP)
 def eval_(
     recipe: RecipeArg = None,
     model: ModelOpt = None,
@@ -257,9 +290,11 @@ def eval_(
     preference: Annotated[Optional[str], typer.Option("--preference", help="Preference pairs for rm_accuracy.")] = None,
     fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", help="metric=value: exit 4 if below.")] = None,
     fail_over: Annotated[Optional[list[str]], typer.Option("--fail-over", help="metric=value: exit 4 if above.")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", help="Answers per prompt.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Same seed, same metrics.")] = None,
     set_: SetOpt = None,
     output_dir: OutputDirOpt = None,
-    json_: JsonOpt = False,
+    json_: Annotated[bool, typer.Option("--json", help="Accepted for symmetry: eval always prints JSON on stdout.")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
     def go() -> None:
@@ -274,9 +309,12 @@ def eval_(
             "data.preference": preference,
             "fail_under": _parse_gates(fail_under, "--fail-under"),
             "fail_over": _parse_gates(fail_over, "--fail-over"),
+            "num_samples": num_samples,
+            "seed": seed,
         }
-        result = _run_stage("eval", recipe, flags, set_, output_dir=output_dir, as_json=json_, verbose=verbose)
-        failed = result.details.get("failed_gates") or []
+        # Metrics are eval's result: JSON on stdout always, the table on stderr for people.
+        result = _run_stage("eval", recipe, flags, set_, output_dir=output_dir, as_json=True, verbose=verbose)
+        failed = (result.details.get("failed_gates") or []) if result is not None else []
         if failed:
             raise GateFailed(failed[0], details=failed[1:])
 
@@ -322,6 +360,8 @@ def generate(
             "merge": merge or None,
         }
         recipe = load_recipe("generate", None, flags=flags, sets=set_)
+        if not _launch_ok("generate", recipe):
+            return
         stage = importlib.import_module("rlhf_cli.stages.generate")
         for record in stage.generate(recipe, prompt or [], prompts):
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")

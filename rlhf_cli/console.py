@@ -12,15 +12,14 @@ import time
 import warnings
 from typing import Any
 
+from rlhf_cli.core.distributed import rank as _rank
+from rlhf_cli.core.distributed import world_size
+
 log = logging.getLogger("rlhf")
 
 
 def stderr_is_terminal() -> bool:
     return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -37,14 +36,17 @@ def setup_logging(verbose: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        prefix = f"[rank {_rank()}] " if "RANK" in os.environ else ""
+        prefix = f"[rank {_rank()}] " if world_size() > 1 else ""
         handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(level)
     # Libraries' own chatter (tokenizer warnings, progress bars of datasets) stays out of CI logs.
-    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "torch"):
+    # bitsandbytes warns on CPUs that it cannot fetch an optional kernel from a hub; its fallback works.
+    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "torch", "bitsandbytes"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # Per-file "Loading weights" bars from transformers/hub; our own Progress shows the long work.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # OpenMP threads that wait at a barrier sleep instead of spinning. Read once, when torch loads. On a

@@ -177,6 +177,13 @@ class GenerationSpec(Strict):
     top_k: int = Field(0, ge=0, description="Sample among the k likeliest tokens; 0 = off.")
     stop: list[str] = Field(default_factory=list, description="Strings that end a response (besides EOS).")
 
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, v: list[str]) -> list[str]:
+        if any(not s for s in v):
+            raise ValueError("an empty stop string would end every response at once: remove it")
+        return v
+
 
 def _adapter_rules(quant: QuantSpec, lora: LoraSpec | None) -> None:
     if quant.bits is not None and lora is None:
@@ -302,12 +309,18 @@ class PPOSpec(Strict):
 
     @model_validator(mode="after")
     def _batches_divide(self) -> PPOSpec:
+        # Each PPO epoch splits the rollout into equal mini-batches, and each mini-batch into equal micro-batches.
         if self.rollout_batch_size % self.mini_batch_size:
+            up = -(-self.rollout_batch_size // self.mini_batch_size) * self.mini_batch_size
             raise ValueError(
-                f"rollout_batch_size {self.rollout_batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}"
+                f"rollout_batch_size {self.rollout_batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}: "
+                f"set ppo.rollout_batch_size to a multiple of it (e.g. {up}) or pick a mini_batch_size that divides it"
             )
         if self.mini_batch_size % self.grad_accum:
-            raise ValueError(f"mini_batch_size {self.mini_batch_size} is not a multiple of grad_accum {self.grad_accum}")
+            raise ValueError(
+                f"mini_batch_size {self.mini_batch_size} is not a multiple of grad_accum {self.grad_accum}: "
+                "set ppo.grad_accum to a divisor of ppo.mini_batch_size"
+            )
         return self
 
 
@@ -336,6 +349,17 @@ class PPORecipe(Strict):
 
 Metric = Literal["perplexity", "reward", "win_rate", "kl", "rm_accuracy", "length", "reward_fn"]
 
+# The keys each metric puts into eval's output; gates (--fail-under / --fail-over) name these.
+METRIC_KEYS: dict[str, tuple[str, ...]] = {
+    "perplexity": ("perplexity",),
+    "reward": ("reward", "reward_std"),
+    "win_rate": ("win_rate", "tie_rate"),
+    "kl": ("kl",),
+    "rm_accuracy": ("rm_accuracy", "rm_margin"),
+    "length": ("length", "eos_rate"),
+    "reward_fn": ("reward_fn", "reward_fn_std"),
+}
+
 
 class EvalData(Strict):
     prompts: str | None = Field(None, description="Prompts the model answers (reward, win_rate, kl, length, reward_fn).")
@@ -359,6 +383,7 @@ class EvalRecipe(Strict):
     generation: GenerationSpec = Field(default_factory=lambda: GenerationSpec(temperature=0.0))
     fail_under: dict[str, float] = Field(default_factory=dict, description="Gates: exit 4 when metric < value.")
     fail_over: dict[str, float] = Field(default_factory=dict, description="Gates: exit 4 when metric > value.")
+    num_samples: int = Field(1, ge=1, description="Responses per prompt for reward, win_rate, kl, length and reward_fn.")
     batch_size: int = Field(8, ge=1, description="Samples per forward pass.")
     seed: int = Field(42, description="Seed for sampling.")
     output_dir: str | None = Field(None, description="Write eval.json here when set.")
@@ -380,6 +405,14 @@ class EvalRecipe(Strict):
             raise ValueError("perplexity needs data.text (--text FILE)")
         if "rm_accuracy" in m and self.data.preference is None:
             raise ValueError("rm_accuracy needs data.preference (--preference FILE)")
+        available = [k for metric in self.metrics for k in METRIC_KEYS[metric]]
+        for key, gates in (("fail_under", self.fail_under), ("fail_over", self.fail_over)):
+            unknown = [name for name in gates if name not in available]
+            if unknown:
+                raise ValueError(
+                    f"{key}: {', '.join(unknown)} is not computed by the metrics asked for; "
+                    f"available: {', '.join(available)} (add the metric with --metric)"
+                )
         return self
 
 

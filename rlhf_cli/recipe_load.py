@@ -22,6 +22,10 @@ from rlhf_cli.recipe import RECIPE_CLASSES, STAGES
 
 Loc = tuple[str, ...]
 
+# A flag value that removes the key from the recipe file: `rlhf ppo --reward pkg.mod:fn` replaces a
+# file's reward.path instead of tripping the "exactly one of path or function" rule.
+UNSET = object()
+
 
 # --------------------------------------------------------------------------- YAML with line numbers
 
@@ -43,7 +47,10 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[Loc, int]]:
     """Parse a recipe file safely; returns the mapping and the line of every key."""
     if not path.is_file():
         raise DataError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -78,6 +85,7 @@ def parse_set(item: str) -> tuple[Loc, Any]:
 
 
 def set_path(data: dict[str, Any], loc: Loc, value: Any, origin: str) -> None:
+    """Set data[a][b]... = value, creating sections on the way; value UNSET removes the key."""
     node = data
     for i, part in enumerate(loc[:-1]):
         child = node.get(part)
@@ -86,10 +94,29 @@ def set_path(data: dict[str, Any], loc: Loc, value: Any, origin: str) -> None:
         elif not isinstance(child, dict):
             raise RecipeError(f"{origin}: {'.'.join(loc[: i + 1])} is a value, not a section; cannot set {'.'.join(loc)}")
         node = child
-    node[loc[-1]] = value
+    if value is UNSET:
+        node.pop(loc[-1], None)
+    else:
+        node[loc[-1]] = value
 
 
 # --------------------------------------------------------------------------- validation errors
+
+# Direct flags that supply a required key, so that "missing" names the flag too (DESIGN: a recipe file
+# is optional when flags give the required keys). Keep in step with the options in cli.py.
+_FLAGS: dict[str, str] = {"model.path": "--model MODEL", "data.train": "--data FILE"}
+_STAGE_FLAGS: dict[str, dict[str, str]] = {
+    "ppo": {"policy.path": "--policy RUN", "reward.path": "--reward RUN", "data.train": "--prompts FILE"},
+}
+
+
+def _missing_hint(stage: str, loc: Loc) -> str:
+    flags = {**_FLAGS, **_STAGE_FLAGS.get(stage, {})}
+    dotted = ".".join(loc)
+    for key, flag in flags.items():
+        if key == dotted or key.startswith(dotted + "."):
+            return f" (set {key}, or pass {flag})"
+    return ""
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
@@ -135,7 +162,7 @@ def format_errors(
             section = ".".join(loc[:-1]) or "the top level"
             msg = f"unknown key{hint} (valid keys in {section}: {', '.join(valid)})"
         elif e["type"] == "missing":
-            msg = "required key is missing"
+            msg = "required key is missing" + _missing_hint(str(cls.model_fields["stage"].default), loc)
         else:
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] not in ("value_error", "assertion_error") and "input" in e:
@@ -149,12 +176,14 @@ def format_errors(
 
 
 def _where(loc: Loc, lines: dict[Loc, int], source: str, from_set: set[Loc]) -> str:
+    # A rule on a whole section (train: epochs and max_steps both null) may be broken by a flag below it.
+    via = " (after --set/flags)" if lines and any(s[: len(loc)] == loc for s in from_set) else ""
     for n in range(len(loc), 0, -1):
         if loc[:n] in from_set:
             return "--set/flag"
         if loc[:n] in lines:
-            return f"{source}:{lines[loc[:n]]}"
-    return source
+            return f"{source}:{lines[loc[:n]]}{via}"
+    return source + via
 
 
 # --------------------------------------------------------------------------- entry point

@@ -23,6 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhf_cli.core import distributed
 from rlhf_cli.errors import DataError, RecipeError
 
 SCHEMA_VERSION = 1
@@ -35,7 +36,7 @@ _VERSIONED = ("rlhf-cli", "torch", "transformers", "trl", "peft", "accelerate", 
 
 def is_main_process() -> bool:
     """Rank 0 under torchrun / accelerate launch (both set RANK), or a plain single process."""
-    return os.environ.get("RANK", "0") == "0"
+    return distributed.is_main()
 
 
 def now() -> str:
@@ -47,6 +48,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -166,7 +171,34 @@ def prepare_run(
     - interrupted/failed run with checkpoints and resume=auto: continue from the newest checkpoint;
     - resume=PATH: continue from that checkpoint;
     - a non-empty directory that is not a run: refuse unless overwrite.
+
+    Under several processes rank 0 alone checks and writes; the others receive its decision (or its
+    error, raised on every rank alike).
     """
+
+    def claim() -> dict[str, Any]:
+        run = _claim(output_dir, stage, recipe_yaml, recipe_json, resume=resume, overwrite=overwrite,
+                     base_model=base_model, parent_run=parent_run)
+        return {"path": str(run.path), "manifest": run.manifest,
+                "resume_from": str(run.resume_from) if run.resume_from is not None else None}
+
+    decided = distributed.on_main(claim)
+    resume_from = decided["resume_from"]
+    return RunDir(path=Path(decided["path"]), stage=stage, manifest=decided["manifest"],
+                  resume_from=Path(resume_from) if resume_from is not None else None)
+
+
+def _claim(
+    output_dir: str | Path,
+    stage: str,
+    recipe_yaml: str,
+    recipe_json: dict[str, Any],
+    *,
+    resume: str,
+    overwrite: bool,
+    base_model: Any,
+    parent_run: str | None,
+) -> RunDir:
     path = Path(output_dir)
     old = read_manifest(path)
     resume_from: Path | None = None

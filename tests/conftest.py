@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+# Run directories built by short training loops (tests/fixtures_runs.py), shared by the whole session.
+from fixtures_runs import _fresh_rlhf_logging, lora_chain_run, lora_run, qlora_run, reward_run, sft_full_run  # noqa: F401
+
 # Tests never reach a model hub, even by accident.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -32,17 +32,19 @@ def base_entry(resolved: ResolvedModel, spec_path: str, *, parent_adapter_kept: 
     return {"path": path, "gguf_file": resolved.gguf_file}
 
 
-def save_outputs(run_path: Path, model: Any, tokenizer: Any, *, reward: bool = False) -> dict[str, Any]:
-    """Save adapter/ (peft) or model/ (full weights) plus tokenizer/; return run.json's model section."""
+def save_outputs(run_path: Path, model: Any, tokenizer: Any, *, reward: bool = False,
+                 state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Save adapter/ (peft) or model/ (full weights) plus tokenizer/; return run.json's model section.
+
+    state_dict: the gathered weights where the training processes hold only shards (FSDP, ZeRO-3).
+    """
     from peft import PeftModel
 
     run_path = Path(run_path)
     is_adapter = isinstance(model, PeftModel)
     if is_main_process():
-        if is_adapter:
-            model.save_pretrained(run_path / "adapter", safe_serialization=True)
-        else:
-            model.save_pretrained(run_path / "model", safe_serialization=True)
+        folder = run_path / ("adapter" if is_adapter else "model")
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(run_path / "tokenizer")
     kind = ("reward-" if reward else "") + ("adapter" if is_adapter else "full")
     section: dict[str, Any] = {"kind": kind, "tokenizer": "tokenizer"}

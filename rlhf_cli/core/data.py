@@ -179,6 +179,27 @@ def as_messages(value: Any, role: str) -> list[dict[str, str]]:
     raise DataError(f"expected a string or a list of {{role, content}} messages, got {type(value).__name__}")
 
 
+def prompts_of(records: list[dict[str, Any]], source: str) -> list[Any]:
+    """What to answer in each record: its prompt (text or messages), a conversation without its final
+    answer, or its text."""
+    out = []
+    for n, record in enumerate(records, 1):
+        if record.get("prompt") is not None:
+            out.append(record["prompt"])
+        elif isinstance(record.get("messages"), list):
+            messages = list(record["messages"])
+            while messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+                messages.pop()
+            if not messages:
+                raise DataError(f"{source}: record {n} has no user turn to answer")
+            out.append(as_messages(messages, "user"))
+        elif isinstance(record.get("text"), str):
+            out.append(record["text"])
+        else:
+            raise DataError(f"{source}: record {n} needs a prompt, messages or text column (has: {', '.join(sorted(record))})")
+    return out
+
+
 def percentiles(lengths: list[int], qs: Iterable[int] = (50, 90, 99, 100)) -> dict[str, int]:
     if not lengths:
         return {}

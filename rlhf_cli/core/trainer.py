@@ -31,7 +31,8 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from rlhf_cli.console import Progress
-from rlhf_cli.core.device import Precision
+from rlhf_cli.core import distributed
+from rlhf_cli.core.device import Precision, peak_memory_bytes
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.recipe import TrainSpec
 from rlhf_cli.runs import RunDir, checkpoint_step, is_main_process
@@ -146,6 +147,7 @@ class RunCallback(TrainerCallback):
         self.description = description
         self.perplexity = perplexity
         self.stop_signal: int | None = None
+        self.stopping = False  # agreed by every rank: a signal may reach the processes at different steps
         self.progress: Progress | None = None
         self.summary: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
@@ -168,13 +170,14 @@ class RunCallback(TrainerCallback):
             self.progress.update(state.global_step, **({"loss": self._loss} if self._loss is not None else {}))
         if self._interrupt_at and state.global_step == self._interrupt_at:
             os.kill(os.getpid(), signal.SIGINT)
-        if self.stop_signal is not None:
+        self.stopping = self.stopping or distributed.any_rank(self.stop_signal is not None)
+        if self.stopping:
             control.should_save = True
             control.should_training_stop = True
         return control
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.stop_signal is not None:
+        if self.stopping:
             # The checkpoint was written at the step; no end-of-epoch evaluation on the way out.
             control.should_evaluate = False
             control.should_save = False
@@ -201,6 +204,8 @@ class RunCallback(TrainerCallback):
         self.run.log_metrics({"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs, "time": time.time()})
 
     def on_save(self, args, state, control, **kwargs):
+        # Every rank writes its own RNG state (and, under FSDP, its shard): all must be done first.
+        distributed.barrier()
         if is_main_process():
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
@@ -248,6 +253,8 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
         trainer.remove_callback(cb)
     callback = RunCallback(run, description, perplexity=perplexity)
     trainer.add_callback(callback)
+    # Counts the samples this process reads: each rank trains on its own shard (DistributedSampler).
+    trainer.train_dataset = counted = CountedDataset(trainer.train_dataset)
 
     resumed = None
     if run.resume_from is not None:
@@ -267,12 +274,16 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
         callback.close()
 
     step = trainer.state.global_step
-    if callback.stop_signal is not None:
+    if callback.stopping:
         checkpoint = run.checkpoints / f"checkpoint-{step}"
         run.finish("interrupted", checkpoint=str(checkpoint))
         raise Interrupted(
             f"interrupted at step {step}; checkpoint saved in {checkpoint}: continue with --resume auto"
         )
+    args = trainer.args
+    run.update(distributed=distributed.report(
+        counted.read, global_batch_size=args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps),
+        peak_memory_gb=round(peak_memory_bytes() / 2**30, 3))
     runtime = float(result.metrics.get("train_runtime", 0.0))
     cpu_s = time.process_time() - cpu0
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -287,6 +298,32 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
         last_eval=callback.last_eval,
         resumed_from_step=resumed,
     )
+
+
+class CountedDataset(torch.utils.data.Dataset):
+    """A training set that counts the samples read from it by this process."""
+
+    def __init__(self, data: Any):
+        self.data = data
+        self.read = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        self.read += 1
+        return self.data[i]
+
+
+def full_state_dict(trainer: Trainer) -> dict[str, Any] | None:
+    """The whole model's weights where FSDP or DeepSpeed ZeRO-3 shard them, else None (saved as held).
+
+    Gathering is a collective: every rank calls this, rank 0 gets the weights (accelerate's get_state_dict,
+    what Trainer.save_model uses; ZeRO-3 needs zero3_save_16bit_model: true in the launch config).
+    """
+    if distributed.sharding() not in ("fsdp", "zero3"):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
 
 def evaluate(trainer: Trainer, outcome: Outcome, *, perplexity: bool = False) -> dict[str, float]:
@@ -354,6 +391,10 @@ class CausalTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = causal_lm_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts the labels of all ranks while DDP averages gradients over them:
+            # scale back up, as Trainer.compute_loss does.
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
 

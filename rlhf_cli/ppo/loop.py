@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from rlhf_cli.console import Progress
+from rlhf_cli.core import distributed
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.ppo import algo
 from rlhf_cli.ppo.models import Models
@@ -121,12 +122,14 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
     eos_ids = eos_token_ids(tokenizer, actor.generator())
     whiten_reduce = acc.reduce if world > 1 else None
     stop = StopRequest()
+    generated = 0  # responses sampled by this process (each rank samples for its share of the prompts)
 
     with stop.installed(), Progress(ppo.iterations, "ppo", start=state.iteration, unit="iteration") as bar:
         while state.iteration < ppo.iterations:
             it = state.iteration + 1
             picked = order.take(state.prompt_position, ppo.rollout_batch_size)[rank::world]
             batch_prompts = [prompts.raw[i] for i in picked]
+            generated += len(picked)
 
             # 1. rollout: sample from the current policy
             rollout = generate(actor.generator(), tokenizer, encode_prompts(tokenizer, [prompts.texts[i] for i in picked], device),
@@ -188,12 +191,15 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
             bar.update(it, score=record["score_mean"], kl=record["kl"], clipfrac=record["clipfrac"])
             warn_if_unstable(record, state, it)
 
-            if it % ppo.save_steps == 0 or stop.signal is not None or it == ppo.iterations:
+            # A signal may reach the processes in different iterations: all stop at the first that sees one.
+            stopping = distributed.any_rank(stop.signal is not None)
+            if it % ppo.save_steps == 0 or stopping or it == ppo.iterations:
                 save_checkpoint(run, actor, optimizer, kl_ctl, shuffle, state, acc, ppo.save_total_limit)
-            if stop.signal is not None:
+            if stopping:
                 run.finish("interrupted", metrics=summary(state))
-                raise Interrupted(f"stopped after iteration {it} ({signal.Signals(stop.signal).name}); "
-                                  f"checkpoint saved: continue with --resume auto")
+                why = signal.Signals(stop.signal).name if stop.signal is not None else "signal on another process"
+                raise Interrupted(f"stopped after iteration {it} ({why}); checkpoint saved: continue with --resume auto")
+    run.update(distributed=distributed.report(generated, global_batch_size=ppo.rollout_batch_size))
     return summary(state)
 
 

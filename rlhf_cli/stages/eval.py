@@ -1,10 +1,155 @@
-"""rlhf eval."""
+"""rlhf eval: metrics of a model, and CI gates on them (exit 4 when a gate fails).
+
+    rlhf eval --model runs/ppo --reward runs/rm --reference runs/sft --prompts data/prompts_eval.jsonl \\
+        --metric reward --metric win_rate --metric kl --fail-under reward=0.5 --fail-over kl=8
+
+Metric -> output keys (METRIC_KEYS in recipe.py):
+    perplexity   perplexity        exp(mean NLL per token): all tokens of text data, answer tokens of chat data
+    reward       reward, reward_std    reward-model score of the model's own answers to data.prompts
+    win_rate     win_rate, tie_rate    answers vs the reference's, judged by the reward model; ties count half
+    kl           kl                mean over the model's samples of sum_t log p_model - log p_ref (k1 estimate of
+                                   KL(model || ref) per answer); sampled at temperature 1 whatever `generation` says,
+                                   since the estimate needs samples from the model's own distribution
+    rm_accuracy  rm_accuracy, rm_margin   share of preference pairs the reward model orders right; mean score gap
+    length       length, eos_rate  mean answer tokens; share of answers that end (EOS / stop string) before max_new_tokens
+    reward_fn    reward_fn, reward_fn_std   a user `package.module:function(prompts, responses) -> floats`
+"""
 
 from __future__ import annotations
 
-from rlhf_cli.errors import NotImplementedStage
+import logging
+from pathlib import Path
+from typing import Any
+
+from rlhf_cli.errors import RecipeError
+from rlhf_cli.recipe import METRIC_KEYS, EvalRecipe, GenerationSpec
 from rlhf_cli.result import RunOptions, RunResult
 
+log = logging.getLogger("rlhf")
 
-def run(recipe, options: RunOptions) -> RunResult:
-    raise NotImplementedStage("rlhf eval is not implemented yet")
+
+def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
+    from rlhf_cli.core.data import detect_format, prompts_of, read_records
+    from rlhf_cli.core.inference import load_causal_lm
+    from rlhf_cli.core.metrics import check_gates, compare, mean_std, perplexity
+    from rlhf_cli.core.reward import load_function, load_scorer
+    from rlhf_cli.runs import atomic_write_json, package_versions
+
+    wanted = set(recipe.metrics)
+    data = recipe.data
+    values: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    read = lambda source: read_records(source, fields=data.fields, max_samples=data.max_samples)  # noqa: E731
+
+    policy = load_causal_lm(recipe.model) if wanted - {"rm_accuracy"} else None
+    scorer = None
+    if wanted & {"reward", "win_rate", "rm_accuracy"}:
+        assert recipe.reward is not None
+        r = recipe.reward
+        scorer = load_scorer(r.path, dtype=r.dtype, gguf_file=r.gguf_file, trust_remote_code=r.trust_remote_code,
+                             max_length=data.max_length, batch_size=recipe.batch_size)
+
+    if "perplexity" in wanted:
+        assert policy is not None and data.text is not None
+        records = read(data.text)
+        fmt = detect_format(records, data.text, allowed=("messages", "prompt_completion", "text"))
+        if fmt != "text":
+            from rlhf_cli.core.chat import ensure_chat_template
+
+            ensure_chat_template(policy.tokenizer)
+        with _bar(len(records), "eval perplexity") as bar:
+            ppl = perplexity(policy.model, policy.tokenizer, records, fmt,
+                             max_length=data.max_length, batch_size=recipe.batch_size, on_batch=bar.update)
+        values["perplexity"] = ppl.perplexity
+        details.update(perplexity_tokens=ppl.tokens, perplexity_samples=ppl.samples, truncated=ppl.truncated)
+
+    if "rm_accuracy" in wanted:
+        assert scorer is not None and data.preference is not None
+        pairs = read(data.preference)
+        detect_format(pairs, data.preference, allowed=("preference",), declared="preference")
+        prompts = [p.get("prompt") for p in pairs]
+        gaps = [c - r for c, r in zip(scorer(prompts, [p["chosen"] for p in pairs]), scorer(prompts, [p["rejected"] for p in pairs]))]
+        values["rm_accuracy"] = sum(g > 0 for g in gaps) / len(gaps)
+        values["rm_margin"] = sum(gaps) / len(gaps)
+        details["preference_pairs"] = len(gaps)
+
+    if wanted & {"reward", "win_rate", "length", "reward_fn", "kl"}:
+        assert policy is not None and data.prompts is not None
+        prompts = [p for p in prompts_of(read(data.prompts), data.prompts) for _ in range(recipe.num_samples)]
+        details["answers"] = len(prompts)
+        reference = load_causal_lm(recipe.reference) if wanted & {"win_rate", "kl"} else None
+
+        if wanted & {"reward", "win_rate", "length", "reward_fn"}:
+            answers = _answer(policy, prompts, recipe.generation, recipe, seed=recipe.seed, what="answers")
+            texts = [a.text for a in answers]
+            if "length" in wanted:
+                values["length"] = sum(a.completion_tokens for a in answers) / len(answers)
+                values["eos_rate"] = sum(a.finish_reason != "length" for a in answers) / len(answers)
+            if wanted & {"reward", "win_rate"}:
+                assert scorer is not None
+                scores = scorer(prompts, texts)
+                values["reward"], values["reward_std"] = mean_std(scores)
+            if "reward_fn" in wanted:
+                assert recipe.reward_fn is not None
+                values["reward_fn"], values["reward_fn_std"] = mean_std(load_function(recipe.reward_fn)(prompts, texts))
+            if "win_rate" in wanted:
+                assert reference is not None and scorer is not None
+                # Another seed: the reference's answers are independent draws, not the same random stream.
+                ref_texts = [a.text for a in _answer(reference, prompts, recipe.generation, recipe, seed=recipe.seed + 1,
+                                                     what="reference answers")]
+                verdict = compare(scores, scorer(prompts, ref_texts), texts, ref_texts)
+                values["win_rate"], values["tie_rate"] = verdict.win_rate, verdict.tie_rate
+                details.update(wins=verdict.wins, ties=verdict.ties, losses=verdict.losses)
+        if "kl" in wanted:
+            assert reference is not None
+            values["kl"] = _kl(policy, reference, prompts, recipe)
+
+    metrics = {k: values[k] for m in dict.fromkeys(recipe.metrics) for k in METRIC_KEYS[m] if k in values}
+    details["failed_gates"] = check_gates(metrics, recipe.fail_under, recipe.fail_over)
+    result = RunResult("eval", "completed", recipe.output_dir, metrics=metrics, details=details)
+    if recipe.output_dir:
+        record = {**result.to_json(), "recipe": recipe.model_dump(mode="json"), "versions": package_versions()}
+        atomic_write_json(Path(recipe.output_dir) / "eval.json", record)
+    return result
+
+
+def _bar(total: int, description: str) -> Any:
+    from rlhf_cli.console import Progress
+
+    return Progress(total=total, description=description, unit="sample")
+
+
+def _texts(loaded: Any, prompts: list[Any]) -> list[str]:
+    from rlhf_cli.core.chat import ensure_chat_template, prompt_text
+
+    ensure_chat_template(loaded.tokenizer)
+    return [prompt_text(loaded.tokenizer, p) for p in prompts]
+
+
+def _answer(loaded: Any, prompts: list[Any], spec: GenerationSpec, recipe: EvalRecipe, *, seed: int, what: str) -> list[Any]:
+    from rlhf_cli.core.generation import sample_texts
+
+    with _bar(len(prompts), f"eval {what}") as bar:
+        return list(sample_texts(loaded.model, loaded.tokenizer, _texts(loaded, prompts), spec,
+                                 batch_size=recipe.batch_size, seed=seed, on_batch=bar.update))
+
+
+def _kl(policy: Any, reference: Any, prompts: list[Any], recipe: EvalRecipe) -> float:
+    """Mean sequence KL(model || reference) on the model's own samples, drawn at temperature 1."""
+    import torch
+
+    from rlhf_cli.core.generation import response_logprobs, sample_batches
+    from rlhf_cli.core.metrics import sequence_kl
+
+    if policy.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
+        raise RecipeError("kl compares token log-probs, so the reference must share the model's tokenizer; it does not")
+    # The model's own distribution: no temperature, top-p/top-k or stop strings.
+    spec = GenerationSpec(max_new_tokens=recipe.generation.max_new_tokens, temperature=1.0, top_p=1.0, top_k=0)
+    texts = _texts(policy, prompts)
+    kls: list[torch.Tensor] = []
+    with _bar(len(texts), "eval kl") as bar:
+        for batch in sample_batches(policy.model, policy.tokenizer, texts, spec, batch_size=recipe.batch_size, seed=recipe.seed + 2):
+            logp, ref_logp = response_logprobs(policy.model, batch), response_logprobs(reference.model, batch)
+            kls.append(sequence_kl(logp, ref_logp.to(logp.device), batch.response_mask.to(logp.device)).float().cpu())
+            bar.advance(len(batch.samples))
+    return float(torch.cat(kls).mean())

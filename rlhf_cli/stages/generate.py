@@ -1,14 +1,84 @@
-"""rlhf generate."""
+"""rlhf generate: sample from a model; one JSON object per sample on stdout.
+
+    rlhf generate runs/sft --prompt "where is the cat?" --num-samples 2 --seed 1
+    rlhf generate runs/sft --prompts data/prompts.jsonl --temperature 0 > answers.jsonl
+    echo "where is the cat?" | rlhf generate runs/sft --prompts - --seed 1
+
+Each line: {"index", "sample", "prompt", "response", "finish_reason" (eos|stop|length),
+"prompt_tokens", "completion_tokens"}. Prompts go through the chat template saved with the run (the one
+used in training) unless --raw. Same seed, same output.
+"""
 
 from __future__ import annotations
 
-from rlhf_cli.errors import NotImplementedStage
-from rlhf_cli.result import RunOptions, RunResult
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from rlhf_cli.errors import DataError, RecipeError
+from rlhf_cli.recipe import GenerateRecipe
+
+log = logging.getLogger("rlhf")
 
 
-def run(recipe, options: RunOptions) -> RunResult:
-    raise NotImplementedStage("rlhf generate is not implemented yet")
+def generate(recipe: GenerateRecipe, prompts: list[str], prompts_file: str | None) -> Iterator[dict[str, Any]]:
+    from rlhf_cli.console import Progress
+    from rlhf_cli.core.chat import ensure_chat_template, prompt_text
+    from rlhf_cli.core.generation import sample_texts
+    from rlhf_cli.core.inference import load_causal_lm
+
+    items = list(prompts) + (read_prompts(prompts_file) if prompts_file is not None else [])
+    if not items:
+        raise DataError(f"{prompts_file}: no prompts" if prompts_file else "no prompts given")
+    if recipe.raw and any(not isinstance(p, str) for p in items):
+        raise RecipeError("--raw sends text as it is; these prompts are message lists (drop --raw to use the chat template)")
+
+    loaded = load_causal_lm(recipe.model, quant=recipe.quant, merge=recipe.merge)
+    tokenizer = loaded.tokenizer
+    if not recipe.raw:
+        ensure_chat_template(tokenizer)
+    texts = [prompt_text(tokenizer, p, raw=recipe.raw) for p in items]
+    _warn_long(loaded.model, tokenizer, texts, recipe.generation.max_new_tokens)
+
+    # Samples of one prompt sit next to each other: prompt 0 sample 0..n-1, prompt 1 ...
+    expanded = [t for t in texts for _ in range(recipe.num_samples)]
+    with Progress(total=len(expanded), description="generate", unit="sample") as bar:
+        samples = sample_texts(
+            loaded.model, tokenizer, expanded, recipe.generation,
+            batch_size=recipe.batch_size, seed=recipe.seed, on_batch=bar.update,
+        )
+        for i, sample in enumerate(samples):
+            yield {
+                "index": i // recipe.num_samples,
+                "sample": i % recipe.num_samples,
+                "prompt": items[i // recipe.num_samples],
+                "response": sample.text,
+                "finish_reason": sample.finish_reason,
+                "prompt_tokens": sample.prompt_tokens,
+                "completion_tokens": sample.completion_tokens,
+            }
 
 
-def generate(recipe, prompts, prompts_file):
-    raise NotImplementedStage("rlhf generate is not implemented yet")
+def read_prompts(source: str) -> list[Any]:
+    """Prompts from stdin lines (`-`) or a JSONL/JSON/TXT file: a prompt column, a conversation whose
+    final answer is dropped, or text."""
+    from rlhf_cli.core.data import prompts_of, read_records
+
+    if source == "-":
+        if sys.stdin.isatty():
+            raise RecipeError("--prompts - reads prompts from stdin, but stdin is a terminal: pipe them in (echo ... | rlhf generate ...)")
+        return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+    return prompts_of(read_records(source), source)
+
+
+def _warn_long(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not limit:
+        return
+    longest = max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    if longest + max_new_tokens > limit:
+        log.warning(
+            "longest prompt (%d tokens) + max_new_tokens (%d) exceeds the model's %d positions; answers may degrade",
+            longest, max_new_tokens, limit,
+        )

@@ -85,7 +85,7 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
         outcome = fitting.fit(trainer, run_dir, "sft", perplexity=True)
         eval_metrics = fitting.evaluate(trainer, outcome, perplexity=True) if eval_set else {}
 
-        section = artifacts.save_outputs(run_dir.path, model, tokenizer)
+        section = artifacts.save_outputs(run_dir.path, model, tokenizer, state_dict=fitting.full_state_dict(trainer))
         metrics = {
             "train_loss": outcome.train_loss,
             **eval_metrics,

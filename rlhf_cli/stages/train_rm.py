@@ -91,7 +91,8 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
         outcome = fitting.fit(trainer, run_dir, "train-rm")
         eval_metrics = fitting.evaluate(trainer, outcome) if eval_set else {}
 
-        section = artifacts.save_outputs(run_dir.path, model, tokenizer, reward=True)
+        section = artifacts.save_outputs(run_dir.path, model, tokenizer, reward=True,
+                                         state_dict=fitting.full_state_dict(trainer))
         metrics = {
             "train_loss": outcome.train_loss,
             **eval_metrics,

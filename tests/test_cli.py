@@ -1,0 +1,393 @@
+"""The CLI surface: --help of every command, dispatch to a (fake) stage, the error -> exit-code boundary.
+
+Stages are replaced by fake modules in sys.modules, so these tests never train and never depend on
+what the real stage modules do today.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from rlhf_cli.cli import app
+from rlhf_cli.errors import DataError, NotImplementedStage
+from rlhf_cli.recipe import STAGES, PPORecipe, SFTRecipe
+from rlhf_cli.result import RunOptions, RunResult
+
+REPO = Path(__file__).resolve().parents[1]
+COMMANDS = sorted(typer.main.get_command(app).commands)
+runner = CliRunner()
+
+
+def rlhf(*args: str, env: dict[str, str] | None = None):
+    return runner.invoke(app, list(args), env=env)
+
+
+def rlhf_process(*args: str, code: str = "") -> subprocess.CompletedProcess:
+    """The real `rlhf` process (exit codes as CI sees them); `code` runs first, e.g. to fake a stage."""
+    script = f"{code}\nfrom rlhf_cli.cli import main\nmain()\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("RLHF_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging(monkeypatch):
+    """Commands call setup_logging(), which binds handlers to the runner's streams and sets env vars."""
+    for name in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY", "TOKENIZERS_PARALLELISM", "RLHF_DEBUG"):
+        monkeypatch.delenv(name, raising=False)
+    loggers = [logging.getLogger(n) for n in ("rlhf", "transformers", "datasets", "peft", "trl", "accelerate", "torch")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
+@pytest.fixture
+def fake_stage(monkeypatch) -> Callable[..., list[tuple[Any, RunOptions]]]:
+    """fake_stage("sft", run=...) puts a module with that run() where the CLI imports the stage from."""
+
+    def install(stage: str, run: Callable[[Any, RunOptions], RunResult] | None = None, **attrs: Any):
+        calls: list[tuple[Any, RunOptions]] = []
+
+        def default_run(recipe: Any, options: RunOptions) -> RunResult:
+            return RunResult(stage=stage, status="completed", output_dir=recipe.output_dir, metrics={"loss": 1.0})
+
+        def recording_run(recipe: Any, options: RunOptions) -> RunResult:
+            calls.append((recipe, options))
+            return (run or default_run)(recipe, options)
+
+        name = f"rlhf_cli.stages.{stage.replace('-', '_')}"
+        module = types.ModuleType(name)
+        module.run = recording_run
+        for key, value in attrs.items():
+            setattr(module, key, value)
+        monkeypatch.setitem(sys.modules, name, module)
+        return calls
+
+    return install
+
+
+@pytest.fixture
+def sft_file(tmp_path: Path) -> Path:
+    path = tmp_path / "sft.yaml"
+    path.write_text(
+        "stage: sft\n"
+        "model:\n  path: file/model\n"
+        "data:\n  train: data/chat.jsonl\n"
+        "train:\n  lr: 1.0e-3\n"
+        f"output_dir: {tmp_path / 'runs' / 'sft'}\n"
+    )
+    return path
+
+
+# --------------------------------------------------------------------------- help and surface
+
+
+def test_every_command_is_listed_and_counted():
+    # A new command joins the parametrized --help test below by itself; this catches an empty listing.
+    assert len(COMMANDS) > 10, COMMANDS
+    assert {"pretrain", "sft", "train-rm", "ppo", "eval", "generate", "validate", "schema", "init"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_answers_help(command, flag):
+    result = rlhf(command, flag)
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.stdout and command in result.stdout
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_root_help(flag):
+    result = rlhf(flag)
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+def test_version():
+    result = rlhf("--version")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("rlhf ")
+
+
+def test_unknown_command_exits_nonzero():
+    proc = rlhf_process("frobnicate")
+    assert proc.returncode != 0
+    assert "frobnicate" in proc.stderr
+
+
+# --------------------------------------------------------------------------- dispatch to a stage
+
+
+def test_stage_result_is_json_on_stdout_and_options_arrive(fake_stage, sft_file, tmp_path):
+    calls = fake_stage("sft")
+    out = tmp_path / "elsewhere"
+    result = rlhf(
+        "sft", str(sft_file), "--json", "--resume", "never", "--overwrite", "--dry-run",
+        "--output-dir", str(out), "--set", "train.lr=2e-4",
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)  # stdout holds the result and nothing else
+    assert payload["stage"] == "sft"
+    assert payload["status"] == "completed"
+    assert payload["metrics"] == {"loss": 1.0}
+    assert payload["output_dir"] == str(out)
+
+    [(recipe, options)] = calls
+    assert isinstance(recipe, SFTRecipe)
+    assert recipe.output_dir == str(out)
+    assert recipe.train.lr == 2e-4
+    assert options == RunOptions(resume="never", overwrite=True, dry_run=True)
+
+
+def test_stage_default_options(fake_stage, sft_file):
+    calls = fake_stage("sft")
+    result = rlhf("sft", str(sft_file))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""  # without --json the summary goes to stderr only
+    assert "completed" in result.stderr
+    [(_, options)] = calls
+    assert options == RunOptions(resume="auto", overwrite=False, dry_run=False)
+
+
+def test_resume_path_is_passed_through(fake_stage, sft_file):
+    calls = fake_stage("sft")
+    assert rlhf("sft", str(sft_file), "--resume", "runs/sft/checkpoints/checkpoint-5").exit_code == 0
+    assert calls[0][1].resume == "runs/sft/checkpoints/checkpoint-5"
+
+
+def test_precedence_file_then_flags_then_set(fake_stage, sft_file):
+    calls = fake_stage("sft")
+    assert rlhf("sft", str(sft_file)).exit_code == 0
+    assert rlhf("sft", str(sft_file), "--model", "flag/model").exit_code == 0
+    assert rlhf("sft", str(sft_file), "--model", "flag/model", "--set", "model.path=set/model").exit_code == 0
+    assert rlhf("sft", str(sft_file), "-o", "flag/out", "--set", "output_dir=set/out").exit_code == 0
+    assert [c[0].model.path for c in calls] == ["file/model", "flag/model", "set/model", "file/model"]
+    assert calls[3][0].output_dir == "set/out"
+    assert calls[0][0].train.lr == 1e-3  # the file beats the schema default (2e-4)
+
+
+def test_recipe_file_is_optional_when_flags_give_required_keys(fake_stage):
+    calls = fake_stage("sft")
+    result = rlhf("sft", "--model", "some/model", "--data", "data/chat.jsonl")
+    assert result.exit_code == 0, result.output
+    assert calls[0][0].model.path == "some/model"
+    assert calls[0][0].data.train == "data/chat.jsonl"
+
+
+PPO_FLAGS = ("--policy", "runs/sft", "--prompts", "data/prompts.jsonl")
+
+
+def test_ppo_reward_function_flag_routes_to_reward_function(fake_stage):
+    calls = fake_stage("ppo")
+    result = rlhf("ppo", *PPO_FLAGS, "--reward", "mypkg.mod:fn")
+    assert result.exit_code == 0, result.output
+    recipe = calls[0][0]
+    assert isinstance(recipe, PPORecipe)
+    assert (recipe.reward.function, recipe.reward.path) == ("mypkg.mod:fn", None)
+    assert recipe.policy.path == "runs/sft"
+    assert recipe.data.train == "data/prompts.jsonl"
+
+
+def test_ppo_reward_run_flag_routes_to_reward_path(fake_stage):
+    calls = fake_stage("ppo")
+    assert rlhf("ppo", *PPO_FLAGS, "--reward", "runs/rm").exit_code == 0
+    assert (calls[0][0].reward.path, calls[0][0].reward.function) == ("runs/rm", None)
+
+
+@pytest.mark.parametrize(
+    ("in_file", "flag", "expected"),
+    [
+        ("path: runs/rm", "mypkg.mod:fn", ("mypkg.mod:fn", None)),
+        ("function: mypkg.mod:fn", "runs/rm", (None, "runs/rm")),
+    ],
+)
+def test_ppo_reward_flag_replaces_the_files_reward_source(fake_stage, tmp_path, in_file, flag, expected):
+    calls = fake_stage("ppo")
+    recipe = tmp_path / "ppo.yaml"
+    recipe.write_text(f"stage: ppo\npolicy: {{path: runs/sft}}\nreward: {{{in_file}}}\ndata: {{train: p.jsonl}}\n")
+    result = rlhf("ppo", str(recipe), "--reward", flag)
+    assert result.exit_code == 0, result.output
+    assert (calls[0][0].reward.function, calls[0][0].reward.path) == expected
+
+
+def test_eval_gate_failure_exits_4(fake_stage, tmp_path):
+    def run(recipe, options):
+        assert recipe.fail_under == {"reward": 0.5}
+        return RunResult(
+            stage="eval", status="completed", output_dir=None, metrics={"reward": 0.1},
+            details={"failed_gates": ["reward 0.1 < 0.5 (--fail-under reward=0.5)"]},
+        )
+
+    fake_stage("eval", run)
+    result = rlhf(
+        "eval", "--model", "runs/ppo", "--reward", "runs/rm", "--metric", "reward",
+        "--prompts", "p.jsonl", "--fail-under", "reward=0.5",
+    )
+    assert result.exit_code == 4, result.output
+    assert "reward 0.1 < 0.5" in result.stderr
+
+
+@pytest.mark.parametrize("gate", ["reward", "reward=high", "=0.5"])
+def test_eval_gate_syntax_error_exits_2(fake_stage, gate):
+    calls = fake_stage("eval")
+    result = rlhf("eval", "--model", "m", "--metric", "length", "--prompts", "p.jsonl", "--fail-under", gate)
+    assert result.exit_code == 2, result.output
+    assert "metric=number" in result.stderr
+    assert calls == []
+
+
+def test_generate_without_prompts_exits_2(fake_stage):
+    fake_stage("generate")
+    result = rlhf("generate", "some/model")
+    assert result.exit_code == 2
+    assert "--prompt" in result.stderr
+
+
+# --------------------------------------------------------------------------- the error boundary
+
+
+def _raise(exc: Exception) -> Callable[[Any, RunOptions], RunResult]:
+    def run(recipe: Any, options: RunOptions) -> RunResult:
+        raise exc
+
+    return run
+
+
+def test_data_error_is_one_line_and_exit_3(fake_stage, sft_file):
+    fake_stage("sft", _raise(DataError("data/chat.jsonl:7: not valid JSON")))
+    result = rlhf("sft", str(sft_file))
+    assert result.exit_code == 3
+    assert result.stderr.strip().splitlines() == ["error: data/chat.jsonl:7: not valid JSON"]
+    assert result.stdout == ""
+
+
+def test_rlhf_debug_adds_the_traceback(fake_stage, sft_file):
+    fake_stage("sft", _raise(DataError("data/chat.jsonl:7: not valid JSON")))
+    result = rlhf("sft", str(sft_file), env={"RLHF_DEBUG": "1"})
+    assert result.exit_code == 3
+    assert "Traceback" in result.stderr
+    assert "error: data/chat.jsonl:7: not valid JSON" in result.stderr
+
+
+def test_unimplemented_stage_exits_1(fake_stage, sft_file):
+    fake_stage("sft", _raise(NotImplementedStage("rlhf sft is not implemented yet")))
+    result = rlhf("sft", str(sft_file))
+    assert result.exit_code == 1
+    assert "not implemented yet" in result.stderr
+
+
+def test_unexpected_exception_is_not_swallowed(fake_stage, sft_file):
+    fake_stage("sft", _raise(RuntimeError("bug")))
+    result = rlhf("sft", str(sft_file))
+    assert result.exit_code == 1
+    assert isinstance(result.exception, RuntimeError)
+
+
+def test_exit_codes_of_the_real_process(sft_file):
+    fake = (
+        "import sys, types\n"
+        "from rlhf_cli.errors import DataError\n"
+        "m = types.ModuleType('rlhf_cli.stages.sft')\n"
+        "def run(recipe, options):\n"
+        "    raise DataError('data/chat.jsonl: file not found')\n"
+        "m.run = run\n"
+        "sys.modules['rlhf_cli.stages.sft'] = m\n"
+    )
+    proc = rlhf_process("sft", str(sft_file), code=fake)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["error: data/chat.jsonl: file not found"]
+
+    proc = rlhf_process("sft", str(sft_file), "--set", "train.lr", code=fake)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: --set 'train.lr'")
+
+
+# --------------------------------------------------------------------------- validate, schema, init
+
+
+def test_validate_several_files_one_bad(sft_file, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: sft\nmodel: {path: m}\ndata: {train: d.jsonl}\ntrian: {lr: 1}\n")
+    result = rlhf("validate", str(sft_file), str(bad), "--json")
+    assert result.exit_code == 2
+    report = json.loads(result.stdout)
+    assert [(r["recipe"], r["valid"]) for r in report] == [(str(sft_file), True), (str(bad), False)]
+    assert "did you mean train?" in report[1]["errors"][0]
+    assert f"ok: {sft_file} (sft)" in result.stderr
+    assert f"error: {bad}:4: trian: unknown key" in result.stderr
+
+
+def test_validate_missing_file_exits_3(sft_file, tmp_path):
+    proc = rlhf_process("validate", str(sft_file), str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 3
+    assert "nope.yaml: recipe file not found" in proc.stderr
+
+
+def test_schema_is_json_for_all_stages_and_one():
+    result = rlhf("schema")
+    assert result.exit_code == 0
+    schema = json.loads(result.stdout)
+    assert schema["$schema"].startswith("https://json-schema.org/")
+    assert "$defs" in schema
+
+    result = rlhf("schema", "sft")
+    assert result.exit_code == 0
+    sft = json.loads(result.stdout)
+    assert sft["title"]
+    assert sft["additionalProperties"] is False
+    assert {"stage", "model", "data", "train"} <= set(sft["properties"])
+
+
+def test_schema_of_unknown_stage_exits_2():
+    result = rlhf("schema", "rlhf")
+    assert result.exit_code == 2
+    assert "unknown stage" in result.stderr
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_init_writes_a_recipe_that_validates(stage, tmp_path):
+    path = tmp_path / f"{stage}.yaml"
+    result = rlhf("init", stage, "-o", str(path))
+    assert result.exit_code == 0, result.output
+    assert path.read_text().startswith("# yaml-language-server: $schema=")
+    result = rlhf("validate", str(path))
+    assert result.exit_code == 0, result.output
+    assert f"({stage})" in result.stderr
+
+
+def test_init_refuses_to_overwrite_without_force(tmp_path):
+    path = tmp_path / "sft.yaml"
+    path.write_text("mine\n")
+    result = rlhf("init", "sft", "-o", str(path))
+    assert result.exit_code == 2
+    assert "--force" in result.stderr
+    assert path.read_text() == "mine\n"
+
+    result = rlhf("init", "sft", "-o", str(path), "--force")
+    assert result.exit_code == 0
+    assert "stage: sft" in path.read_text()
+
+
+def test_init_unknown_stage_exits_2(tmp_path):
+    result = rlhf("init", "rm", "-o", str(tmp_path / "x.yaml"))
+    assert result.exit_code == 2
+    assert not (tmp_path / "x.yaml").exists()

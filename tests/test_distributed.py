@@ -1,0 +1,404 @@
+"""Several processes: two CPU processes (gloo) under `accelerate launch` and torchrun, against one process.
+
+The launched tests start `accelerate launch --config_file recipes/accelerate/cpu-2proc.yaml` (accelerate's
+torchrun launcher; its `--cpu` flag would start a single process without an MPI hostfile) on the tiny
+fixture and compare with the same recipe run in one process: the data is split between the ranks, only
+rank 0 writes, the step counts and the saved tensors' shapes agree, and errors end every rank with exit 2.
+The unit tests below them check the launch rules and the rank helpers without starting processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_cli.cli import app
+from rlhf_cli.errors import RecipeError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "recipes" / "accelerate"
+SFT_RECIPE = REPO / "recipes" / "tiny" / "sft.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "RLHF_TEST_INTERRUPT_AT_STEP")}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), OMP_NUM_THREADS="1",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def accelerate(cwd: Path, *args: str, logs: Path | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch` with two CPU processes; per-rank stdout/stderr files under `logs` when given."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu-2proc.yaml"),
+           "--main_process_port", str(free_port()), "--monitor_interval", "1"]
+    if logs is not None:
+        cmd += ["--tee", "3", "--log_dir", str(logs)]
+    return subprocess.run([*cmd, "-m", "rlhf_cli", *args], cwd=cwd, env=launch_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def rank_logs(logs: Path, stream: str) -> dict[int, str]:
+    """torchrun's per-rank files: LOG_DIR/<run id>/attempt_0/<rank>/stderr.log."""
+    return {int(p.parent.name): p.read_text() for p in logs.glob(f"*/attempt_*/*/{stream}.log")}
+
+
+def manifest(run: Path) -> dict:
+    return json.loads((run / "run.json").read_text())
+
+
+def metric_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    shapes = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
+    return shapes
+
+
+def lora_b_norm(folder: Path) -> float:
+    from safetensors.torch import load_file
+
+    return sum(float(v.abs().sum()) for k, v in load_file(str(folder / "adapter_model.safetensors")).items() if "lora_B" in k)
+
+
+def invoke(*args: str):
+    from typer.testing import CliRunner
+
+    return CliRunner().invoke(app, list(args))
+
+
+# --------------------------------------------------------------------------- sft: two processes against one
+
+# 160 chats, one epoch, eval on 50: 10 optimizer steps at a global batch of 16 (16 x 1 process, or 8 x 2).
+SFT_SETS = ["data.max_samples=160", "train.max_steps=null", "train.epochs=1", "train.logging_steps=1",
+            "train.save_steps=5", "lora.dropout=0.0"]
+
+
+def sft_args(tiny: dict, out: Path, batch: int) -> list[str]:
+    sets = [*SFT_SETS, f"train.batch_size={batch}", f"model.path={tiny['model']}", f"data.train={tiny['chat']}",
+            f"data.eval={tiny['chat_eval']}"]
+    return ["sft", str(SFT_RECIPE), "--output-dir", str(out), "--json", *[a for s in sets for a in ("--set", s)]]
+
+
+@pytest.fixture(scope="module")
+def sft_pair(tiny, tmp_path_factory):
+    import torch
+
+    root = tmp_path_factory.mktemp("dist-sft")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = invoke(*sft_args(tiny, root / "one", batch=16))
+    finally:
+        torch.set_num_threads(threads)
+    assert single.exit_code == 0, single.output
+    t0 = time.monotonic()
+    two = accelerate(root, *sft_args(tiny, root / "two", batch=8))
+    seconds = time.monotonic() - t0
+    assert two.returncode == 0, two.stderr[-3000:]
+    return {"root": root, "one": root / "one", "two": root / "two", "launch": two, "seconds": seconds}
+
+
+@pytest.mark.dist
+@pytest.mark.stage
+def test_sft_two_processes_split_the_data_and_match_one(sft_pair):
+    one, two = manifest(sft_pair["one"]), manifest(sft_pair["two"])
+    assert two["status"] == "completed"
+    d1, d2 = one["distributed"], two["distributed"]
+    assert (d1["world_size"], d2["world_size"]) == (1, 2) and d2["sharding"] == "ddp"
+    assert d1["global_batch_size"] == d2["global_batch_size"] == 16
+    # Both ranks trained, each on half of the data (DistributedSampler), not each on all of it.
+    a, b = d2["samples_per_rank"]
+    assert a > 0 and b > 0 and abs(a - b) <= 1
+    assert a + b == d1["samples_per_rank"][0] == 160
+    # Same global batch, same number of optimizer steps (twice as many if every rank read all samples).
+    assert one["metrics"]["steps"] == two["metrics"]["steps"] == 10
+    # Per-token loss averaged over both ranks (not halved by a token count taken over both ranks).
+    assert two["metrics"]["eval_loss"] == pytest.approx(one["metrics"]["eval_loss"], rel=0.05)
+    assert two["metrics"]["train_loss"] == pytest.approx(one["metrics"]["train_loss"], rel=0.1)
+    # One writer: one line per logged step, one result on stdout, one adapter shaped like the single run's.
+    steps = [r["step"] for r in metric_rows(sft_pair["two"]) if "loss" in r]
+    assert steps == sorted(set(steps)) and len(steps) == len([r for r in metric_rows(sft_pair["one"]) if "loss" in r])
+    results = [json.loads(line) for line in sft_pair["launch"].stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1 and results[0]["status"] == "completed"
+    assert tensor_shapes(sft_pair["two"] / "adapter") == tensor_shapes(sft_pair["one"] / "adapter") != {}
+    # Checkpoints: both ranks' RNG states, marked complete only once both were written.
+    ckpt = sft_pair["two"] / "checkpoints" / "checkpoint-10"
+    assert (ckpt / "COMPLETE").exists() and {p.name for p in ckpt.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+
+
+@pytest.mark.dist
+@pytest.mark.stage
+def test_rank0_refusal_exits_2_on_every_rank(tiny, sft_pair):
+    """The output directory holds a completed run: rank 0 refuses, and rank 1 (told, not waiting) too."""
+    run = sft_pair["two"]
+    before = (run / "run.json").read_text()
+    logs = sft_pair["root"] / "logs-refused"
+    t0 = time.monotonic()
+    result = accelerate(sft_pair["root"], *sft_args(tiny, run, batch=8), logs=logs)
+    seconds = time.monotonic() - t0
+    # accelerate launch exits 1 whenever a rank fails; each rank's own exit code is in its failure summary.
+    assert result.returncode != 0
+    assert sorted(re.findall(r"exitcode\s+:\s*(-?\d+)", result.stderr)) == ["2", "2"], result.stderr[-3000:]
+    errors = rank_logs(logs, "stderr")
+    assert set(errors) == {0, 1}
+    for text in errors.values():
+        assert "error:" in text and "holds a completed sft run" in text and "--overwrite" in text
+    assert (run / "run.json").read_text() == before
+    assert seconds < 120
+
+
+@pytest.mark.dist
+@pytest.mark.stage
+def test_recipe_error_exits_2_on_every_rank_under_torchrun(tmp_path):
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "--monitor_interval", "1", "--tee", "3", "--log_dir", str(logs),
+           "-m", "rlhf_cli", "sft", str(SFT_RECIPE), "--set", "train.lr=fast"]
+    t0 = time.monotonic()
+    result = subprocess.run(cmd, cwd=tmp_path, env=launch_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and time.monotonic() - t0 < 60
+    assert sorted(re.findall(r"exitcode\s+:\s*(-?\d+)", result.stderr)) == ["2", "2"], result.stderr[-3000:]
+    errors = rank_logs(logs, "stderr")
+    assert set(errors) == {0, 1}
+    for text in errors.values():
+        assert "train.lr" in text and "valid number" in text
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- ppo: two processes against one
+
+PPO_SETS = {"ppo.iterations": 2, "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 4, "ppo.ppo_epochs": 2,
+            "ppo.lr": 3e-3, "generation.max_new_tokens": 8, "lora.r": 8, "lora.alpha": 16}
+
+
+def ppo_args(tiny: dict, policy: Path, out: Path) -> list[str]:
+    args = ["ppo", "--policy", str(policy), "--reward", "tests.dist_support:answer_length", "--prompts", str(tiny["prompts"]),
+            "--output-dir", str(out), "--json"]
+    return args + [a for k, v in PPO_SETS.items() for a in ("--set", f"{k}={v}")]
+
+
+@pytest.mark.dist
+@pytest.mark.stage
+def test_ppo_two_processes_share_the_rollout_and_match_one(tiny, sft_full_run, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = invoke(*ppo_args(tiny, sft_full_run, tmp_path / "one"))
+    finally:
+        torch.set_num_threads(threads)
+    assert single.exit_code == 0, single.output
+    two = accelerate(tmp_path, *ppo_args(tiny, sft_full_run, tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    one_m, two_m = manifest(tmp_path / "one"), manifest(tmp_path / "two")
+    assert two_m["status"] == "completed" and two_m["metrics"]["iterations"] == one_m["metrics"]["iterations"] == 2
+    # 8 prompts per iteration in both runs: all 8 on one process, or 4 sampled by each of two.
+    assert one_m["distributed"]["samples_per_rank"] == [16]
+    assert two_m["distributed"]["samples_per_rank"] == [8, 8] and two_m["distributed"]["world_size"] == 2
+    rows_one, rows_two = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one] == [1, 2]
+    assert set(rows_two[-1]) == set(rows_one[-1])
+    for folder in ("adapter", "value"):
+        assert tensor_shapes(tmp_path / "two" / folder) == tensor_shapes(tmp_path / "one" / folder) != {}
+    # Both adapters trained in both runs (lora_B starts at zero): under DDP every trainable tensor needs a gradient.
+    for run in ("one", "two"):
+        for folder in ("adapter", "value"):
+            assert lora_b_norm(tmp_path / run / folder) > 0, (run, folder)
+    ckpt = tmp_path / "two" / "checkpoints" / "checkpoint-2"
+    assert (ckpt / "COMPLETE").exists() and (ckpt / "rng-0.pt").exists() and (ckpt / "rng-1.pt").exists()
+    assert len([line for line in two.stdout.splitlines() if line.startswith("{")]) == 1
+
+
+# --------------------------------------------------------------------------- launch rules (no processes started)
+
+
+@pytest.fixture
+def env(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                 "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+                 "ACCELERATE_DEEPSPEED_CONFIG_FILE", "ACCELERATE_USE_CPU", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def sft_recipe(**sets):
+    from rlhf_cli.recipe_load import load_recipe
+
+    return load_recipe("sft", SFT_RECIPE, sets=[f"{k}={v}" for k, v in sets.items()])
+
+
+def ppo_recipe(**sets):
+    from rlhf_cli.recipe_load import load_recipe
+
+    flags = {"policy.path": "runs/sft", "reward.function": "tests.ppo_support:says_great", "data.train": "p.jsonl"}
+    return load_recipe("ppo", None, flags=flags, sets=[f"{k}={v}" for k, v in sets.items()])
+
+
+def test_ranks_come_from_the_launcher_environment(env):
+    from rlhf_cli.core import distributed
+    from rlhf_cli.runs import is_main_process
+
+    assert (distributed.rank(), distributed.world_size(), distributed.sharding(), is_main_process()) == (0, 1, "none", True)
+    env.setenv("RANK", "3")
+    env.setenv("WORLD_SIZE", "4")
+    env.setenv("LOCAL_RANK", "1")
+    assert (distributed.rank(), distributed.world_size(), distributed.local_rank()) == (3, 4, 1)
+    assert distributed.sharding() == "ddp" and not is_main_process()
+    env.delenv("RANK")
+    env.delenv("WORLD_SIZE")
+    env.setenv("PMI_RANK", "1")  # mpirun's names
+    env.setenv("PMI_SIZE", "2")
+    assert (distributed.rank(), distributed.world_size()) == (1, 2)
+
+
+def test_sharding_mode_from_accelerate_launch(env, tmp_path):
+    from rlhf_cli.core.distributed import sharding
+
+    env.setenv("ACCELERATE_USE_FSDP", "true")
+    assert sharding() == "fsdp"
+    env.delenv("ACCELERATE_USE_FSDP")
+    env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert sharding() == "zero2"  # accelerate's default stage
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    env.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    assert sharding() == "zero3"
+    env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    assert sharding() == "zero1"
+
+
+@pytest.mark.parametrize("mode", [{"ACCELERATE_USE_FSDP": "true"},
+                                  {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}])
+def test_quantized_base_refused_under_sharded_weights(env, mode):
+    from rlhf_cli.core.distributed import check_launch
+
+    for k, v in mode.items():
+        env.setenv(k, v)
+    check_launch("sft", sft_recipe())  # unquantized: fine
+    with pytest.raises(RecipeError, match=r"quant.bits 4 under (FSDP|DeepSpeed ZeRO-3).*ddp.yaml"):
+        check_launch("sft", sft_recipe(**{"quant.bits": 4}))
+
+
+def test_quantized_base_allowed_under_ddp_and_zero2(env):
+    from rlhf_cli.core.distributed import check_launch
+
+    env.setenv("WORLD_SIZE", "2")
+    check_launch("sft", sft_recipe(**{"quant.bits": 4}))
+    env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    env.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    check_launch("sft", sft_recipe(**{"quant.bits": 4}))
+
+
+def test_ppo_launch_rules(env):
+    from rlhf_cli.core.distributed import check_launch
+
+    env.setenv("WORLD_SIZE", "2")
+    check_launch("ppo", ppo_recipe(**{"ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 4}))
+    with pytest.raises(RecipeError, match="global batch sizes: under 2 processes.*multiples of 2"):
+        check_launch("ppo", ppo_recipe(**{"ppo.rollout_batch_size": 6, "ppo.mini_batch_size": 3}))
+    env.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RecipeError, match="ppo runs on one process or under DDP, not under FSDP"):
+        check_launch("ppo", ppo_recipe(**{"ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 4}))
+
+
+def test_refusal_happens_before_anything_is_written(env, tmp_path):
+    env.setenv("ACCELERATE_USE_FSDP", "true")
+    out = tmp_path / "run"
+    result = invoke("sft", str(SFT_RECIPE), "--set", "quant.bits=4", "--output-dir", str(out))
+    assert result.exit_code == 2 and "under FSDP" in result.output
+    assert not out.exists()
+
+
+def test_other_ranks_leave_generate_and_eval_to_rank_0(env, tmp_path):
+    # Rank 1 of 2 validates (a recipe error is its error too) and then has nothing to do: no model is
+    # loaded (this one does not exist) and nothing is printed.
+    env.setenv("RANK", "1")
+    env.setenv("WORLD_SIZE", "2")
+    missing = str(tmp_path / "no-model")
+    result = invoke("generate", missing, "--prompt", "hi")
+    assert result.exit_code == 0 and result.stdout == ""
+    result = invoke("eval", "--model", missing, "--metric", "length", "--prompts", str(tmp_path / "p.jsonl"))
+    assert result.exit_code == 0 and result.stdout == ""
+    assert invoke("generate", missing, "--prompt", "hi", "--temperature", "-1").exit_code == 2
+
+
+def test_on_main_single_process_passes_through(env):
+    from rlhf_cli.core import distributed
+
+    assert distributed.on_main(lambda: {"a": 1}) == {"a": 1}
+    assert distributed.broadcast_json([1, 2]) == [1, 2] and distributed.gather_ints(5) == [5]
+    assert distributed.report(7) == {"world_size": 1, "sharding": "none", "samples_per_rank": [7]}
+
+    def refuse():
+        raise RecipeError("no")
+
+    with pytest.raises(RecipeError, match="no"):
+        distributed.on_main(refuse)
+
+
+def test_accelerate_configs_are_valid():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = sorted(CONFIGS.glob("*.yaml"))
+    assert {p.name for p in configs} >= {"ddp.yaml", "fsdp.yaml", "deepspeed-zero2.yaml", "deepspeed-zero3.yaml",
+                                        "multi-node.yaml", "cpu-2proc.yaml"}
+    for path in configs:
+        raw = yaml.safe_load(path.read_text())
+        for key in ("compute_environment", "distributed_type", "num_processes", "num_machines", "mixed_precision"):
+            assert key in raw, f"{path.name}: no {key}"
+        # accelerate's own loader rejects unknown keys and bad values.
+        config = load_config_from_file(str(path))
+        assert config.num_processes >= 2, path.name
+        assert raw["mixed_precision"] == "no", f"{path.name}: precision comes from the recipe's model.dtype"
+    assert yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())["fsdp_config"]["fsdp_use_orig_params"] is True
+    assert yaml.safe_load((CONFIGS / "deepspeed-zero3.yaml").read_text())["deepspeed_config"]["zero3_save_16bit_model"]
+
+
+def test_single_process_cpu_launch_is_named(env, caplog):
+    """`accelerate launch --cpu --num_processes 2` starts one process: say so instead of training alone silently."""
+    import logging
+
+    from rlhf_cli.core.distributed import check_launch
+
+    env.setenv("ACCELERATE_USE_CPU", "True")
+    env.setenv("MASTER_ADDR", "127.0.0.1")
+    with caplog.at_level(logging.WARNING, logger="rlhf"):
+        check_launch("sft", sft_recipe())
+    assert "single process" in caplog.text and "--multi_gpu" in caplog.text
+
+
+def test_sharded_modes_refused_on_cpu_processes(env):
+    import torch
+
+    from rlhf_cli.core import distributed
+    from rlhf_cli.errors import TrainingError
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only refusal")
+    env.setenv("WORLD_SIZE", "2")
+    env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(TrainingError, match="DeepSpeed ZeRO-2 needs CUDA GPUs"):
+        distributed.init()

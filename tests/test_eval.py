@@ -1,0 +1,128 @@
+"""rlhf eval: metrics on tiny trained runs, JSON on stdout, eval.json, and CI gates (exit 0 / 2 / 4)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from typer.testing import CliRunner
+
+from rlhf_cli.cli import app
+
+runner = CliRunner()
+
+
+def _shuffled(sentence: str, rng: random.Random) -> str:
+    words = sentence.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+@pytest.fixture(scope="module")
+def few_prompts(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("eval") / "prompts.jsonl"
+    path.write_text("".join(tiny["prompts_eval"].read_text().splitlines(keepends=True)[:12]))
+    return path
+
+
+@pytest.fixture
+def great_fn(tmp_path, monkeypatch):
+    """A rule-based reward function the user writes: 1 when the answer says "great"."""
+    (tmp_path / "my_rewards.py").write_text(
+        "def great(prompts, responses):\n    return [float('great' in r) for r in responses]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_rewards:great"
+
+
+def _eval(args: list[str], code: int = 0) -> tuple[dict, str]:
+    result = runner.invoke(app, ["eval", *args])
+    assert result.exit_code == code, result.stderr
+    return json.loads(result.stdout), result.stderr
+
+
+@pytest.mark.stage
+def test_perplexity_lower_on_fixture_than_shuffled(sft_full_run, tiny):
+    from rlhf_cli.core.inference import load_causal_lm
+    from rlhf_cli.core.metrics import perplexity
+    from rlhf_cli.recipe import ModelSpec
+
+    loaded = load_causal_lm(ModelSpec(path=str(sft_full_run)))
+    rng = random.Random(0)
+    chats = [json.loads(line) for line in tiny["chat_eval"].read_text().splitlines()][:24]
+    shuffled = [{"messages": [c["messages"][0], {**c["messages"][1], "content": _shuffled(c["messages"][1]["content"], rng)}]}
+                for c in chats]
+    ppl = lambda records, fmt: perplexity(loaded.model, loaded.tokenizer, records, fmt, max_length=128, batch_size=8)  # noqa: E731
+    chat, chat_shuffled = ppl(chats, "messages"), ppl(shuffled, "messages")
+    assert chat.perplexity < chat_shuffled.perplexity / 2, (chat, chat_shuffled)
+    # Chat data scores the answer tokens only; text data scores every token.
+    texts = [{"text": c["messages"][1]["content"]} for c in chats]
+    text, text_shuffled = ppl(texts, "text"), ppl([{"text": _shuffled(t["text"], rng)} for t in texts], "text")
+    assert text.perplexity < text_shuffled.perplexity / 2, (text, text_shuffled)
+    assert chat.tokens == sum(len(loaded.tokenizer(t["text"])["input_ids"]) + 1 for t in texts)  # answers + <|end|>
+
+
+@pytest.mark.stage
+def test_all_metrics_against_itself_and_gates_that_hold(sft_full_run, reward_run, tiny, few_prompts, great_fn, tmp_path):
+    out = tmp_path / "eval"
+    metrics = ["perplexity", "reward", "win_rate", "kl", "rm_accuracy", "length", "reward_fn"]
+    result, stderr = _eval([
+        "--model", str(sft_full_run), "--reference", str(sft_full_run), "--reward", str(reward_run),
+        "--reward-fn", great_fn, "--prompts", str(few_prompts), "--text", str(tiny["chat_eval"]),
+        "--preference", str(tiny["preference_eval"]), *[a for m in metrics for a in ("--metric", m)],
+        "-n", "2", "--set", "generation.temperature=1.0", "--set", "generation.max_new_tokens=12", "--seed", "5",
+        "--fail-under", "rm_accuracy=0.75", "--fail-over", "kl=0.001", "--output-dir", str(out),
+    ])
+    m = result["metrics"]
+    assert list(m) == ["perplexity", "reward", "reward_std", "win_rate", "tie_rate", "kl", "rm_accuracy", "rm_margin",
+                       "length", "eos_rate", "reward_fn", "reward_fn_std"]
+    assert 1 < m["perplexity"] < 5  # the run learnt the fixture (random init: ~384)
+    assert m["rm_accuracy"] > 0.75 and m["rm_margin"] > 0  # trained RM, held-out pairs
+    assert 0.25 <= m["win_rate"] <= 0.75  # a model against itself: about half
+    assert abs(m["kl"]) < 1e-3  # KL of a model to itself
+    assert 0 < m["length"] <= 12 and 0 <= m["eos_rate"] <= 1 and 0 <= m["reward_fn"] <= 1
+    assert result["details"]["failed_gates"] == [] and result["details"]["answers"] == 24
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["metrics"] == m and saved["recipe"]["fail_over"] == {"kl": 0.001}
+    assert "win_rate" in stderr  # the table is for people, on stderr
+
+
+@pytest.mark.stage
+def test_failing_gate_exits_4_naming_metric_value_and_threshold(reward_run, tiny):
+    result, stderr = _eval([
+        "--reward", str(reward_run), "--preference", str(tiny["preference_eval"]), "--metric", "rm_accuracy",
+        "--fail-under", "rm_accuracy=1.01", "--fail-over", "rm_margin=1000",
+    ], code=4)
+    acc = result["metrics"]["rm_accuracy"]
+    assert f"error: rm_accuracy = {acc:.4g} is under the gate 1.01 (--fail-under rm_accuracy=1.01)" in stderr
+    assert result["details"]["failed_gates"] == [f"rm_accuracy = {acc:.4g} is under the gate 1.01 (--fail-under rm_accuracy=1.01)"]
+
+
+@pytest.mark.stage
+def test_same_seed_same_metrics_and_kl_to_another_model(sft_full_run, tiny, few_prompts, great_fn):
+    args = ["--model", str(sft_full_run), "--prompts", str(few_prompts), "--metric", "length", "--metric", "reward_fn",
+            "--reward-fn", great_fn, "--set", "generation.temperature=1.0", "--set", "generation.max_new_tokens=12"]
+    first, _ = _eval([*args, "--seed", "3"])
+    again, _ = _eval([*args, "--seed", "3"])
+    assert first["metrics"] == again["metrics"]
+    # Against the untrained base the trained model's samples are far likelier: a large positive KL.
+    kl, _ = _eval(["--model", str(sft_full_run), "--reference", str(tiny["model"]), "--prompts", str(few_prompts),
+                   "--metric", "kl", "--set", "generation.max_new_tokens=12", "--fail-under", "kl=5"])
+    assert kl["metrics"]["kl"] > 5
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--metric", "perplexity", "--model", "m", "--text", "t.jsonl", "--fail-over", "kl=8"],
+         "fail_over: kl is not computed by the metrics asked for; available: perplexity"),
+        (["--metric", "reward", "--prompts", "p.jsonl", "--model", "m", "--reward", "r", "--fail-under", "reward"],
+         "--fail-under 'reward': expected metric=number"),
+        (["--metric", "kl", "--model", "m", "--prompts", "p.jsonl"], "win_rate and kl compare against a reference"),
+        (["--metric", "bleu", "--model", "m"], "metrics.0"),
+    ],
+)
+def test_usage_errors_exit_2_before_loading_anything(args, message):
+    result = runner.invoke(app, ["eval", *args])
+    assert result.exit_code == 2 and message in result.stderr, result.stderr

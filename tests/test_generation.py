@@ -1,0 +1,126 @@
+"""core/generation.py and core/metrics.py: batched sampling, finish reasons, log-probs, pairwise wins, gates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_cli.core import generation as gen
+from rlhf_cli.core.metrics import check_gates, compare, mean_std, sequence_kl
+from rlhf_cli.recipe import GenerationSpec, ModelSpec
+
+
+@pytest.fixture(scope="module")
+def sft(sft_full_run):
+    from rlhf_cli.core.chat import prompt_text
+    from rlhf_cli.core.inference import load_causal_lm
+
+    loaded = load_causal_lm(ModelSpec(path=str(sft_full_run), dtype="fp32"))
+    questions = ["where is the cat?", "where is the big brown dog today, please tell me?", "where is the owl?"]
+    return loaded, [prompt_text(loaded.tokenizer, q) for q in questions]
+
+
+@pytest.mark.stage
+def test_left_padded_batch_matches_prompts_alone(sft):
+    loaded, prompts = sft
+    spec = GenerationSpec(max_new_tokens=12, temperature=0)
+    batch = gen.generate_batch(loaded.model, loaded.tokenizer, prompts, spec)
+    alone = [gen.generate_batch(loaded.model, loaded.tokenizer, [p], spec).samples[0] for p in prompts]
+    assert batch.prompt_mask[0].tolist().count(0) > 0  # the short prompt really was left-padded
+    assert [s.text for s in batch.samples] == [s.text for s in alone]
+    assert [s.prompt_tokens for s in batch.samples] == [s.prompt_tokens for s in alone]
+    # The trained model answers in the fixture's pattern and stops on its own.
+    assert batch.samples[0].text.startswith("the ") and batch.samples[0].finish_reason == "eos"
+
+
+@pytest.mark.stage
+def test_finish_reasons_masks_and_token_counts(sft):
+    loaded, prompts = sft
+    tok = loaded.tokenizer
+    batch = gen.generate_batch(loaded.model, tok, prompts[:1], GenerationSpec(max_new_tokens=20, temperature=0))
+    s = batch.samples[0]
+    row = batch.responses[0].tolist()
+    assert row[s.completion_tokens - 1] == tok.eos_token_id  # EOS is the last counted token
+    assert batch.response_mask[0].sum() == s.completion_tokens
+    assert tok.decode(row[: s.completion_tokens - 1]) == s.text
+
+    cut = gen.generate_batch(loaded.model, tok, prompts[:1], GenerationSpec(max_new_tokens=20, temperature=0, stop=[" in "]))
+    c = cut.samples[0]
+    assert c.finish_reason == "stop" and c.text == s.text[: s.text.index(" in ")]
+    assert " in " in tok.decode(cut.responses[0, : c.completion_tokens].tolist())
+    assert " in " not in tok.decode(cut.responses[0, : c.completion_tokens - 1].tolist())
+
+    short = gen.generate_batch(loaded.model, tok, prompts[:1], GenerationSpec(max_new_tokens=3, temperature=0))
+    assert short.samples[0].finish_reason == "length" and short.samples[0].completion_tokens == 3
+
+
+def test_finish_on_token_lists(tiny):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    body = tok("the cat is in the garden. it is great.", add_special_tokens=False)["input_ids"]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    s = gen._finish(tok, body + [eos, pad, pad], [eos], pad, [])
+    assert (s.text, s.finish_reason, s.completion_tokens) == ("the cat is in the garden. it is great.", "eos", len(body) + 1)
+    s = gen._finish(tok, body + [eos], [eos], pad, ["garden", "great"])
+    assert s.text == "the cat is in the " and s.finish_reason == "stop"
+    assert "garden" in tok.decode(body[: s.completion_tokens]) and "garden" not in tok.decode(body[: s.completion_tokens - 1])
+    s = gen._finish(tok, body, [eos], pad, ["dog"])
+    assert (s.finish_reason, s.completion_tokens) == ("length", len(body))
+
+
+@pytest.mark.stage
+def test_same_seed_same_samples(sft):
+    loaded, prompts = sft
+    spec = GenerationSpec(max_new_tokens=10, temperature=1.5)
+    run = lambda seed: [s.text for s in gen.sample_texts(loaded.model, loaded.tokenizer, prompts * 2, spec, batch_size=4, seed=seed)]  # noqa: E731
+    first = run(1)
+    assert run(1) == first
+    assert run(2) != first
+
+
+@pytest.mark.stage
+def test_response_logprobs_ignore_padding_and_match_kl_zero(sft):
+    loaded, prompts = sft
+    spec = GenerationSpec(max_new_tokens=8, temperature=1.0)
+    torch.manual_seed(0)
+    batch = gen.generate_batch(loaded.model, loaded.tokenizer, prompts, spec)
+    logp = gen.response_logprobs(loaded.model, batch)
+    assert torch.isfinite(logp).all() and (logp <= 0).all()
+    assert (logp[batch.response_mask == 0] == 0).all() and (logp[batch.response_mask == 1] < 0).any()
+    # Row 0 scored inside a left-padded batch equals row 0 scored alone (positions skip the padding).
+    p0 = int(batch.prompt_mask[0].sum())
+    alone = gen.GeneratedBatch(
+        sequences=batch.sequences[:1, batch.prompt_length - p0 :],
+        prompt_mask=batch.prompt_mask[:1, batch.prompt_length - p0 :],
+        response_mask=batch.response_mask[:1],
+        samples=batch.samples[:1],
+    )
+    assert torch.allclose(gen.response_logprobs(loaded.model, alone)[0], logp[0], atol=1e-4)
+    assert sequence_kl(logp, logp, batch.response_mask).abs().max() == 0
+
+
+def test_compare_counts_ties_half():
+    c = compare([1.0, 2.0, 0.5, 3.0], [0.0, 2.0, 1.0, 1.0], ["a", "b", "c", "same"], ["x", "y", "z", "same"])
+    assert (c.wins, c.ties, c.losses) == (1, 2, 1)  # equal score, and identical answers, are ties
+    assert c.win_rate == pytest.approx(0.5) and c.tie_rate == pytest.approx(0.5)
+
+
+def test_sequence_kl_sums_answer_tokens_only():
+    logp = torch.tensor([[-1.0, -2.0, -3.0]])
+    ref = torch.tensor([[-2.0, -2.5, -9.0]])
+    assert sequence_kl(logp, ref, torch.tensor([[1, 1, 0]])).item() == pytest.approx(1.5)
+
+
+def test_gates_name_metric_value_and_threshold():
+    metrics = {"reward": 0.31, "kl": 9.2, "win_rate": 0.6, "length": math.nan}
+    assert check_gates(metrics, {"win_rate": 0.5}, {"kl": 10}) == []
+    failed = check_gates(metrics, {"reward": 0.5, "length": 1}, {"kl": 8})
+    assert failed == [
+        "reward = 0.31 is under the gate 0.5 (--fail-under reward=0.5)",
+        "length = nan is under the gate 1 (--fail-under length=1)",
+        "kl = 9.2 is over the gate 8 (--fail-over kl=8)",
+    ]
+    assert mean_std([1.0, 3.0]) == (2.0, 1.0)

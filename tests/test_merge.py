@@ -1,0 +1,110 @@
+"""rlhf merge: a LoRA run becomes a plain transformers directory with the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from rlhf_cli.cli import app
+from rlhf_cli.demo.tiny import CHAT_TEMPLATE
+
+pytestmark = pytest.mark.stage
+runner = CliRunner()
+
+
+def _inputs(tokenizer):
+    texts = ["<|user|>where is the cat?<|end|><|assistant|>the cat is in the garden.", "<|user|>where is the owl?<|end|>"]
+    tokenizer.padding_side = "right"
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def _live_logits(run, enc, head="causal"):
+    """Base + adapters as peft applies them at inference (the last adapter live, not merged)."""
+    from rlhf_cli.core.inference import load_causal_lm
+    from rlhf_cli.recipe import ModelSpec
+
+    loaded = load_causal_lm(ModelSpec(path=str(run), dtype="fp32"), merge=False)
+    with torch.no_grad():
+        return loaded.model(**enc).logits
+
+
+def _merge(run, out, *extra, code=0):
+    result = runner.invoke(app, ["merge", str(run), "--output", str(out), "--json", *extra])
+    assert result.exit_code == code, result.stderr
+    return (json.loads(result.stdout) if code == 0 else None), result.stderr
+
+
+def test_merged_model_matches_base_plus_adapter(lora_chain_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_cli.runs import resolve_model
+
+    out = tmp_path / "merged"
+    result, _ = _merge(lora_chain_run, out, "--dtype", "fp32")
+    assert result["details"]["adapters"] == 2 and result["details"]["dequantized_base"] is False
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # plain transformers, no peft
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k]
+    enc = _inputs(tokenizer)
+    with torch.no_grad():
+        merged = model(**enc).logits
+    live = _live_logits(lora_chain_run, enc)
+    mask = enc["attention_mask"].bool()
+    assert torch.allclose(merged[mask], live[mask], atol=1e-4)
+    # The adapters matter: the merged weights are not the base's.
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(str(lora_chain_run)).base)
+    with torch.no_grad():
+        assert not torch.allclose(base(**enc).logits[mask], merged[mask], atol=1e-2)
+    assert not list(tmp_path.glob(".merged.*"))  # no temp directory left behind
+
+
+def test_refuses_non_empty_output_without_overwrite(lora_run, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    _, stderr = _merge(lora_run, out, code=2)
+    assert "exists and is not empty: pass --overwrite" in stderr
+    _, stderr = _merge(lora_run, out, "--overwrite", code=2)  # not a model directory: never deleted
+    assert "not a model directory" in stderr and (out / "notes.txt").read_text() == "keep me"
+    _, stderr = _merge(lora_run, lora_run.parent, "--overwrite", code=2)
+    assert "holds the run being merged" in stderr
+
+
+def test_qlora_run_merges_into_dequantized_base(qlora_run, tmp_path, caplog):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "merged"
+    result, stderr = _merge(qlora_run, out)
+    assert result["details"]["dequantized_base"] is True and result["details"]["dtype"] == "fp32"  # the base's own dtype
+    assert "QLoRA run: merging into the dequantized base at fp32" in stderr
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert getattr(model.config, "quantization_config", None) is None
+    enc = _inputs(AutoTokenizer.from_pretrained(out))
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(json.loads((qlora_run / "run.json").read_text())["base_model"]["path"])
+    full_precision = PeftModel.from_pretrained(base, qlora_run / "adapter")
+    mask = enc["attention_mask"].bool()
+    with torch.no_grad():
+        assert torch.allclose(model(**enc).logits[mask], full_precision(**enc).logits[mask], atol=1e-4)
+
+
+def test_reward_run_merges_into_a_sequence_classifier(reward_run, tiny, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_cli.core.reward import load_reward_model
+
+    out = tmp_path / "rm"
+    result, _ = _merge(reward_run, out, "--dtype", "fp32")
+    assert result["details"]["head"] == "reward"
+    merged = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32)
+    enc = _inputs(AutoTokenizer.from_pretrained(out))
+    run_scorer = load_reward_model(str(reward_run), dtype="fp32")
+    with torch.no_grad():
+        assert torch.allclose(merged(**enc).logits, run_scorer.model(**enc).logits, atol=1e-4)

@@ -1,0 +1,299 @@
+"""Recipes: shipped files validate, the schema is current, overrides, and one clear line per mistake."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rlhf_cli.cli import app
+from rlhf_cli.errors import DataError, RecipeError
+from rlhf_cli.recipe import STAGES
+from rlhf_cli.recipe_load import load_recipe, parse_set
+from rlhf_cli.starter import schema_text
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO / "recipes"
+# recipes/accelerate/ holds accelerate launch configs, not recipes.
+SHIPPED = sorted(
+    p for p in RECIPES_DIR.rglob("*") if p.suffix in (".yaml", ".yml") and p.relative_to(RECIPES_DIR).parts[0] != "accelerate"
+)
+runner = CliRunner()
+
+SFT = "stage: sft\nmodel:\n  path: some/model\ndata:\n  train: data/chat.jsonl\n"
+PPO = "stage: ppo\npolicy:\n  path: runs/sft\nreward:\n  path: runs/rm\ndata:\n  train: data/prompts.jsonl\n"
+
+
+def write(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def line_of(path: Path, prefix: str) -> int:
+    """1-based number of the first line that starts with prefix (indentation included)."""
+    return next(i for i, line in enumerate(path.read_text().splitlines(), 1) if line.startswith(prefix))
+
+
+@pytest.fixture(autouse=True)
+def no_stage_runs(monkeypatch):
+    """Every recipe error must stop before a stage runs; if one slips through, fail instead of training."""
+
+    def run(recipe, options):
+        raise AssertionError(f"the {recipe.stage} stage ran: the recipe should have been rejected")
+
+    for stage in STAGES:
+        name = f"rlhf_cli.stages.{stage.replace('-', '_')}"
+        module = types.ModuleType(name)
+        module.run = run
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def rlhf(*args: str):
+    result = runner.invoke(app, list(args))
+    assert not isinstance(result.exception, AssertionError), result.exception
+    return result
+
+
+# --------------------------------------------------------------------------- shipped recipes and schema
+
+
+def test_shipped_recipes_are_found():
+    # A glob that finds nothing must fail, not quietly check zero files.
+    assert len(SHIPPED) > 0, f"no *.yaml recipes under {RECIPES_DIR}"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES_DIR)))
+def test_shipped_recipe_validates(path):
+    recipe = load_recipe(None, path)
+    assert recipe.stage in STAGES
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(RECIPES_DIR)))
+def test_shipped_recipe_points_editors_at_the_schema(path):
+    first = path.read_text().splitlines()[0]
+    m = re.fullmatch(r"# yaml-language-server: \$schema=(\S+)", first)
+    assert m, f"{path}: first line should be '# yaml-language-server: $schema=<relative path to schema.json>'"
+    assert (path.parent / m.group(1)).resolve() == RECIPES_DIR / "schema.json"
+
+
+def test_all_shipped_recipes_through_the_cli():
+    result = rlhf("validate", *map(str, SHIPPED))
+    assert result.exit_code == 0, result.stderr
+
+
+def test_committed_schema_is_current():
+    committed = (RECIPES_DIR / "schema.json").read_text()
+    assert committed == schema_text(), "recipes/schema.json is stale: run `make schema` and commit it"
+    json.loads(committed)
+
+
+# --------------------------------------------------------------------------- unknown keys, types, syntax
+
+
+def test_unknown_key_gets_did_you_mean_and_line(tmp_path):
+    path = write(tmp_path, SFT + "trian:\n  lr: 1.0e-4\n")
+    result = rlhf("validate", str(path))
+    assert result.exit_code == 2
+    assert f"{path}:{line_of(path, 'trian:')}: trian: unknown key; did you mean train?" in result.stderr
+
+
+def test_unknown_nested_key_gets_did_you_mean_and_line(tmp_path):
+    path = write(tmp_path, SFT + "lora:\n  alpha: 16\n  rr: 8\n")
+    result = rlhf("sft", str(path))
+    assert result.exit_code == 2
+    assert f"{path}:{line_of(path, '  rr:')}: lora.rr: unknown key; did you mean lora.r?" in result.stderr
+    assert "valid keys in lora: r, alpha, dropout, target_modules" in result.stderr
+
+
+def test_every_unknown_key_is_reported(tmp_path):
+    path = write(tmp_path, SFT + "trian: {}\nlora: {rr: 8}\n")
+    result = rlhf("validate", str(path))
+    assert result.exit_code == 2
+    assert "did you mean train?" in result.stderr and "did you mean lora.r?" in result.stderr
+
+
+def test_wrong_type_names_the_key_and_line(tmp_path):
+    path = write(tmp_path, SFT + "train:\n  batch_size: many\n")
+    result = rlhf("validate", str(path))
+    assert result.exit_code == 2
+    assert f"{path}:{line_of(path, '  batch_size:')}: train.batch_size:" in result.stderr
+    assert "'many'" in result.stderr
+
+
+@pytest.mark.parametrize(("command", "right"), [("ppo", "sft"), ("train-rm", "sft")])
+def test_recipe_for_another_stage_names_the_right_command(tmp_path, command, right):
+    path = write(tmp_path, SFT)
+    result = rlhf(command, str(path))
+    assert result.exit_code == 2
+    assert f"this is a `{right}` recipe, not `{command}`" in result.stderr
+    assert f"rlhf {right} {path}" in result.stderr
+
+
+def test_unknown_stage_gets_did_you_mean(tmp_path):
+    path = write(tmp_path, "stage: ppoo\n")
+    result = rlhf("validate", str(path))
+    assert result.exit_code == 2
+    assert f"{path}:1: stage: unknown stage 'ppoo'; did you mean ppo?" in result.stderr
+
+
+def test_validate_needs_a_stage_key(tmp_path):
+    result = rlhf("validate", str(write(tmp_path, "model: {path: m}\n")))
+    assert result.exit_code == 2
+    assert "no `stage:` key" in result.stderr
+
+
+def test_yaml_syntax_error_gives_line_and_column(tmp_path):
+    path = write(tmp_path, "stage: sft\nmodel:\n  path: x\n    dtype: bf16\n")
+    result = rlhf("validate", str(path))
+    assert result.exit_code == 2
+    assert f"{path}:4:10: invalid YAML" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"- stage: sft\n", "not a list"), (b"stage: sft\nmodel: {path: \xff}\n", "not UTF-8")],
+    ids=["list", "latin-1"],
+)
+def test_file_that_is_not_a_recipe_exits_2(tmp_path, content, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    result = rlhf("validate", str(path))
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_recipe_file_exits_3(tmp_path):
+    result = rlhf("sft", str(tmp_path / "nope.yaml"))
+    assert result.exit_code == 3
+    assert "nope.yaml: recipe file not found" in result.stderr
+    with pytest.raises(DataError):
+        load_recipe("sft", tmp_path / "nope.yaml")
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_set_nested_list_and_float_values(tmp_path):
+    path = write(tmp_path, SFT)
+    recipe = load_recipe(
+        "sft", path,
+        sets=["train.lr=2e-4", "lora.target_modules=[q_proj,v_proj]", "lora.r=8", "data.fields={instruction: prompt}"],
+    )
+    # PyYAML reads 2e-4 as a string; the float field coerces it.
+    assert recipe.train.lr == 2e-4 and isinstance(recipe.train.lr, float)
+    assert recipe.lora.target_modules == ["q_proj", "v_proj"]
+    assert recipe.lora.r == 8
+    assert recipe.data.fields == {"instruction": "prompt"}
+
+
+def test_set_null_removes_a_section(tmp_path):
+    recipe = load_recipe("sft", write(tmp_path, SFT + "lora:\n  r: 8\n"), sets=["lora=null"])
+    assert recipe.lora is None
+
+
+def test_set_creates_sections_the_file_lacks(tmp_path):
+    recipe = load_recipe("sft", write(tmp_path, SFT), sets=["quant.bits=4"])
+    assert recipe.quant.bits == 4
+
+
+def test_precedence_defaults_file_flags_set(tmp_path):
+    path = write(tmp_path, SFT + "train:\n  lr: 1.0e-3\n  seed: 7\n")
+    assert load_recipe("sft", path).train.batch_size == 8  # schema default
+    assert load_recipe("sft", path).train.lr == 1e-3  # file beats default
+    flags = {"model.path": "flag/model", "data.train": None}  # None means "flag not given"
+    recipe = load_recipe("sft", path, flags=flags)
+    assert (recipe.model.path, recipe.data.train) == ("flag/model", "data/chat.jsonl")
+    recipe = load_recipe("sft", path, flags=flags, sets=["model.path=set/model", "train.seed=1"])
+    assert (recipe.model.path, recipe.train.seed, recipe.train.lr) == ("set/model", 1, 1e-3)
+
+
+def test_later_set_wins(tmp_path):
+    recipe = load_recipe("sft", write(tmp_path, SFT), sets=["train.lr=1e-4", "train.lr=3e-4"])
+    assert recipe.train.lr == 3e-4
+
+
+def test_recipe_without_file_from_flags():
+    recipe = load_recipe("ppo", None, flags={"policy.path": "runs/sft", "reward.path": "runs/rm", "data.train": "p.jsonl"})
+    assert recipe.reward.path == "runs/rm"
+
+
+@pytest.mark.parametrize("item", ["train.lr", "=1", "train..lr=1", ".lr=1", "train.lr.=1"])
+def test_bad_set_syntax(item):
+    with pytest.raises(RecipeError, match="expected dotted.key=value"):
+        parse_set(item)
+
+
+def test_bad_set_syntax_exits_2(tmp_path):
+    result = rlhf("sft", str(write(tmp_path, SFT)), "--set", "train.lr")
+    assert result.exit_code == 2
+    assert "--set 'train.lr': expected dotted.key=value" in result.stderr
+
+
+@pytest.mark.parametrize("item", ["train.lr.x=1", "model.path.x=1"])
+def test_set_below_a_scalar_exits_2(tmp_path, item):
+    result = rlhf("sft", str(write(tmp_path, SFT + "train:\n  lr: 1.0e-3\n")), "--set", item)
+    assert result.exit_code == 2
+    assert "is a value, not a section" in result.stderr
+
+
+def test_set_unknown_key_gets_did_you_mean(tmp_path):
+    result = rlhf("sft", str(write(tmp_path, SFT)), "--set", "train.learning_rate=1e-4", "--set", "lora.rr=4")
+    assert result.exit_code == 2
+    assert "--set/flag: train.learning_rate: unknown key" in result.stderr
+    assert "did you mean lora.r?" in result.stderr
+
+
+def test_set_value_is_validated_like_the_file(tmp_path):
+    result = rlhf("sft", str(write(tmp_path, SFT)), "--set", "train.lr=fast")
+    assert result.exit_code == 2
+    assert "--set/flag: train.lr:" in result.stderr
+
+
+# --------------------------------------------------------------------------- cross-field rules
+
+
+@pytest.mark.parametrize(
+    ("stage", "text", "sets", "fix"),
+    [
+        ("sft", SFT, ["quant.bits=4", "lora=null"], "add a lora block or set quant.bits: null"),
+        ("sft", SFT, ["train.epochs=null", "train.max_steps=null"], "set train.epochs (e.g. 1) or train.max_steps"),
+        ("sft", SFT, ["data.format=preference"], "set data.format: auto"),
+        ("ppo", PPO.replace("reward:\n  path: runs/rm\n", ""), [], "set reward.path, or pass --reward RUN"),
+        ("ppo", PPO, ["reward.function=mypkg.mod:fn"], "give exactly one of reward.path"),
+        ("ppo", PPO, ["ppo.rollout_batch_size=60"], "set ppo.rollout_batch_size to a multiple of it (e.g. 64)"),
+        ("ppo", PPO, ["ppo.grad_accum=3"], "set ppo.grad_accum to a divisor of ppo.mini_batch_size"),
+        ("ppo", PPO, ["generation.temperature=0"], "PPO must sample"),
+    ],
+    ids=["qlora-without-lora", "no-length", "sft-format", "ppo-no-reward", "two-rewards", "rollout", "grad-accum", "greedy"],
+)
+def test_cross_field_rules_say_how_to_fix(tmp_path, stage, text, sets, fix):
+    path = write(tmp_path, text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(stage, path, sets=sets)
+    assert fix in info.value.message
+    result = rlhf(stage, str(path), *[arg for s in sets for arg in ("--set", s)])
+    assert result.exit_code == 2
+    assert fix in result.stderr
+
+
+def test_section_rule_broken_by_set_says_so(tmp_path):
+    path = write(tmp_path, SFT + "train:\n  epochs: 1\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe("sft", path, sets=["train.epochs=null"])
+    assert info.value.message.startswith(f"{path}:{line_of(path, 'train:')} (after --set/flags): train:")
+
+
+def test_missing_required_key_names_the_flag():
+    with pytest.raises(RecipeError) as info:
+        load_recipe("sft", None, flags={"data.train": "d.jsonl"})
+    assert info.value.message == "command line: model: required key is missing (set model.path, or pass --model MODEL)"
+    with pytest.raises(RecipeError) as info:
+        load_recipe("ppo", None, flags={"reward.path": "runs/rm", "data.train": "p.jsonl"})
+    assert "pass --policy RUN" in info.value.message

@@ -1,0 +1,282 @@
+"""rlhf report on fake run directories: numbers, plots, side-by-side answers, escaping, exit codes."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rlhf_cli.cli import app
+from rlhf_cli.errors import DataError, RecipeError
+from rlhf_cli.stages.report import report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+SCRIPT = "<script>alert('x')</script> it is great."
+
+
+def _write_run(path: Path, stage: str, records: list[dict], metrics: dict, status: str = "completed") -> Path:
+    path.mkdir(parents=True)
+    manifest = {
+        "schema_version": 1, "stage": stage, "status": status,
+        "started_at": "2025-01-01T10:00:00+00:00", "finished_at": "2025-01-01T10:03:25+00:00",
+        "base_model": {"path": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "parent_run": None,
+        "model": {"kind": "adapter", "adapters": ["adapter"], "tokenizer": "tokenizer"},
+        "metrics": metrics, "recipe": {"stage": stage, "output_dir": str(path)},
+    }
+    (path / "run.json").write_text(json.dumps(manifest))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def pipeline(tmp_path) -> dict[str, Path]:
+    """A finished demo pipeline as the stages would leave it, without training anything."""
+    sft = []
+    for step in range(1, 21):
+        sft.append({"step": step, "epoch": step / 20, "loss": 2.5 * math.exp(-step / 10) + 0.8,
+                    "lr": 2e-4 * (1 - step / 20), "grad_norm": 3.0 / step})
+        if step % 5 == 0:
+            sft.append({"step": step, "epoch": step / 20, "eval_loss": 2.0 * math.exp(-step / 12) + 1.0})
+    rm = []
+    for step in range(1, 16):
+        rm.append({"step": step, "loss": 0.69 - 0.02 * step, "accuracy": 0.5 + 0.02 * step, "margin": 0.1 * step})
+        if step % 5 == 0:
+            rm.append({"step": step, "eval_loss": 0.7 - 0.015 * step, "eval_accuracy": 0.55 + 0.02 * step})
+    ppo = [
+        {"iteration": i, "score_mean": 0.1 * i + 0.234, "score_std": 0.3, "kl": 0.01 * i, "entropy": 2.0 - 0.05 * i,
+         "policy_loss": -0.01 * i, "value_loss": 1.0 / i, "clipfrac": 0.05, "response_length": 40 + i,
+         "note": "text values are skipped"}
+        for i in range(1, 11)
+    ]
+    runs = {
+        "sft": _write_run(tmp_path / "runs/sft", "sft", sft, {"loss": 0.88, "eval_loss": 1.37}),
+        "rm": _write_run(tmp_path / "runs/rm", "train-rm", rm, {"eval_accuracy": 0.8125, "eval_loss": 0.475}),
+        "ppo": _write_run(tmp_path / "runs/ppo", "ppo", ppo, {"score_mean": 1.234, "kl": 0.1, "entropy": 1.5}),
+    }
+    prompts = ["How are you?", "What is the weather like?", "Tell me about cats.", "Only in sft", "Only in ppo"]
+    sft_rows = [{"prompt": p, "response": f"sft answer {i}", "finish_reason": "stop", "completion_tokens": 3}
+                for i, p in enumerate(prompts[:4])]
+    ppo_rows = [{"prompt": p, "response": f"ppo answer {i}", "finish_reason": "stop", "completion_tokens": 3}
+                for i, p in enumerate(prompts[:3] + prompts[4:])]
+    ppo_rows[1]["response"] = SCRIPT
+    (tmp_path / "samples").mkdir()
+    runs["sft_samples"] = _jsonl(tmp_path / "samples/sft.jsonl", sft_rows)
+    runs["ppo_samples"] = _jsonl(tmp_path / "samples/ppo.jsonl", ppo_rows)
+    evaldir = tmp_path / "runs/eval"
+    evaldir.mkdir()
+    (evaldir / "eval.json").write_text(json.dumps({
+        "model": str(runs["ppo"]), "reference": str(runs["sft"]),
+        "metrics": {"reward": 0.91, "reference_reward": 0.35, "win_rate": 0.6875, "kl": 0.042,
+                    "reward_fn": 0.5432, "rm_accuracy": 0.7333, "length": {"mean": 41.5, "max": 64}},
+        "samples": [{"prompt": "How are you?", "response": "I am great.", "reference_response": "Fine.",
+                     "score": 1.5, "reference_score": 0.2}],
+    }))
+    runs["eval"] = evaldir
+    return runs
+
+
+class _Tables(HTMLParser):
+    """Cells of every table, and the src of every <img>."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: list[dict] = []
+        self.images: list[str] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self.tables.append({"class": attrs.get("class"), "rows": []})
+        elif tag == "tr":
+            self.tables[-1]["rows"].append([])
+        elif tag in ("td", "th"):
+            self._cell = []
+        elif tag == "img":
+            self.images.append(attrs["src"])
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[-1]["rows"][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _parse(html_text: str) -> _Tables:
+    parser = _Tables()
+    parser.feed(html_text)
+    return parser
+
+
+def _inputs(p: dict[str, Path]) -> list[Path]:
+    return [p["sft"], p["rm"], p["ppo"], p["eval"], p["sft_samples"], p["ppo_samples"]]
+
+
+def test_report_shows_the_pipeline_numbers_plots_and_answers(pipeline, tmp_path):
+    out = tmp_path / "report"
+    result = report(_inputs(pipeline), out)
+
+    assert result.status == "completed" and result.output_dir == str(out)
+    page = (out / "report.html").read_text()
+    parsed = _parse(page)
+    summary = {row[0]: row[1] for row in parsed.tables[0]["rows"][1:]}
+    # run.json final metrics win over the last logged value (accuracy 0.85 at step 15).
+    assert summary["Reward model accuracy on held-out preference pairs (eval)"] == "0.7333"
+    assert summary["Reward model accuracy on its eval split, last evaluation"] == "0.8125"
+    assert summary["PPO rollout score, last iteration"] == "1.234"
+    assert summary["Win rate against the reference (reward model as judge)"] == "0.6875"
+    assert summary["Mean reward of the reference policy (held-out prompts)"] == "0.35"
+    assert summary["Independent rule-based check (reward_fn, e.g. VADER sentiment)"] == "0.5432"
+    assert summary["SFT held-out loss, last evaluation"] == "1.37"
+    assert summary["length.mean"] == "41.5"  # nested eval metrics are flattened
+    assert result.metrics["rm_accuracy"] == 0.7333 and result.metrics["ppo_score"] == 1.234
+    saved = json.loads((out / "summary.json").read_text())
+    assert {r["key"]: r["value"] for r in saved["summary"]}["win_rate"] == 0.6875
+
+    # sft: loss, optimizer; train-rm: loss, accuracy; ppo: loss, score/kl/entropy, PPO diagnostics, rollouts.
+    assert len(parsed.images) == result.details["plots"] == 8
+    assert sorted(parsed.images) == sorted(p.name for p in out.glob("*.png"))
+    assert any("ppo" in src and "reward" in src for src in parsed.images)
+
+
+def test_plots_are_real_drawings(pipeline, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "report"
+    report(_inputs(pipeline), out)
+    pngs = sorted(out.glob("*.png"))
+    assert pngs
+    for png in pngs:
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+        with Image.open(png) as image:
+            image.load()
+            width, height = image.size
+            colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
+        assert width >= 400 and height >= 300
+        # Curves, labels and anti-aliasing give hundreds of colours; a blank figure has one.
+        assert colours is None or len(colours) > 50, png.name
+
+
+def test_side_by_side_rows_are_the_shared_prompts_and_text_is_escaped(pipeline, tmp_path):
+    out = tmp_path / "report"
+    report(_inputs(pipeline), out)
+    page = (out / "report.html").read_text()
+    tables = [t for t in _parse(page).tables if t["class"] == "sbs"]
+
+    samples, evaluated = tables
+    assert samples["rows"][0] == ["Prompt", "sft.jsonl", "ppo.jsonl"]
+    assert samples["rows"][1:] == [
+        ["How are you?", "sft answer 0finish_reason stop · completion_tokens 3",
+         "ppo answer 0finish_reason stop · completion_tokens 3"],
+        ["What is the weather like?", "sft answer 1finish_reason stop · completion_tokens 3",
+         SCRIPT + "finish_reason stop · completion_tokens 3"],
+        ["Tell me about cats.", "sft answer 2finish_reason stop · completion_tokens 3",
+         "ppo answer 2finish_reason stop · completion_tokens 3"],
+    ]
+    assert evaluated["rows"][0] == ["Prompt", "ppo (evaluated)", "sft (reference)"]
+    assert evaluated["rows"][1] == ["How are you?", "I am great.score 1.5", "Fine.score 0.2"]
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+
+
+def test_cli_json_and_exit_codes(pipeline, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "report"
+    ok = runner.invoke(app, ["report", *map(str, _inputs(pipeline)), "--output", str(out), "--json"])
+    assert ok.exit_code == 0, ok.output
+    result = json.loads(ok.stdout)
+    assert result["stage"] == "report" and result["metrics"]["win_rate"] == 0.6875
+    assert result["details"]["report"] == str(out / "report.html")
+
+    not_a_run = tmp_path / "notes"
+    not_a_run.mkdir()
+    bad = runner.invoke(app, ["report", str(pipeline["sft"]), str(not_a_run), "--output", str(tmp_path / "r2")])
+    assert bad.exit_code == 3
+    assert "notes: not a run directory" in bad.stderr
+    missing = runner.invoke(app, ["report", str(tmp_path / "runs/nope"), "--output", str(tmp_path / "r2")])
+    assert missing.exit_code == 3 and "not found" in missing.stderr
+    assert not (tmp_path / "r2").exists()
+
+
+def test_failure_leaves_the_previous_report_untouched(pipeline, tmp_path, monkeypatch):
+    from rlhf_cli.stages import report as module
+
+    out = tmp_path / "report"
+    report([pipeline["sft"]], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "hi", "response": "a"}\n{"prompt": \n')
+    with pytest.raises(DataError, match="broken.jsonl:2"):
+        report([pipeline["sft"], pipeline["ppo"], broken], out)
+
+    def fail(*args, **kwargs):  # the plots are already drawn into the temp folder at this point
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(module, "_html", fail)
+    with pytest.raises(RuntimeError):
+        report([pipeline["ppo"]], out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    # A rerun replaces the old report as a whole.
+    monkeypatch.undo()
+    report([pipeline["ppo"]], out)
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "01-ppo-loss.png", "01-ppo-ppo.png", "01-ppo-reward.png", "01-ppo-rollout.png"
+    ]
+
+
+def test_refuses_to_write_over_a_directory_that_is_not_a_report(pipeline, tmp_path):
+    with pytest.raises(RecipeError, match="not a report directory"):
+        report([pipeline["ppo"]], pipeline["sft"])
+    assert (pipeline["sft"] / "run.json").exists()
+
+
+def test_odd_metrics_and_unknown_stages_do_not_break_the_report(tmp_path):
+    run = _write_run(tmp_path / "dpo", "dpo", [], {"rewards/margins": 0.42, "label": "x"}, status="failed")
+    (run / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 1.0, "flag": true, "name": "a"}\n'
+        '{"loss": 0.9}\n'  # no step: not placeable on the x axis
+        '{"step": 2, "loss": NaN, "rewards/chosen": 0.1}\n'
+        '{"step": 3, "loss": 0.7, "rewards/chosen": 0.3}\n'
+        '{"step": 4, "lo'  # torn last line of a killed run
+    )
+    result = report([run], tmp_path / "report")
+
+    page = (tmp_path / "report/report.html").read_text()
+    assert result.metrics == {"rewards/margins": 0.42}  # final metrics of a stage the summary does not know
+    assert "failed" in page
+    assert result.details["plots"] == 2  # loss (steps 1 and 3) and rewards/chosen
+
+
+def test_missing_matplotlib_is_a_clear_install_hint(pipeline, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(RecipeError, match=r"pip install 'rlhf-cli\[report\]'"):
+        report([pipeline["sft"]], tmp_path / "report")
+    assert not (tmp_path / "report").exists()
+
+
+def test_an_earlier_report_among_the_inputs_is_skipped(pipeline, tmp_path, monkeypatch):
+    """`rlhf report runs/* -o runs/report`, run twice: the glob then also names the report itself."""
+    monkeypatch.chdir(tmp_path)
+    first = report([Path("runs/sft"), Path("runs/rm")], Path("runs/report"))
+    again = report(sorted(Path("runs").iterdir()), Path("runs/report"))
+    other = report(sorted(Path("runs").iterdir()), Path("elsewhere"))
+
+    assert first.details["runs"] == 2
+    assert again.details["runs"] == other.details["runs"] == 3 and again.details["evals"] == 1
+    assert again.output_dir == "runs/report"

@@ -1,0 +1,316 @@
+"""Run directories: atomic writes, refusing / replacing / resuming runs, and resolving run chains."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from rlhf_cli import runs
+from rlhf_cli.errors import DataError, RecipeError
+from rlhf_cli.runs import (
+    atomic_write_json,
+    atomic_write_text,
+    latest_checkpoint,
+    prepare_run,
+    read_manifest,
+    resolve_model,
+)
+
+RECIPE_YAML = "stage: sft\nmodel: {path: m}\n"
+RECIPE_JSON = {"stage": "sft", "model": {"path": "m"}}
+
+
+def start(path: Path, stage: str = "sft", **kwargs) -> runs.RunDir:
+    return prepare_run(path, stage, RECIPE_YAML, RECIPE_JSON, **kwargs)
+
+
+def checkpoint(run_dir: Path, step: int, complete: bool = True) -> Path:
+    path = run_dir / "checkpoints" / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    if complete:
+        (path / "COMPLETE").touch()
+    return path
+
+
+def interrupted_run(path: Path) -> runs.RunDir:
+    run = start(path)
+    run.finish("interrupted")
+    return run
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_write_json_leaves_only_the_target(tmp_path):
+    target = tmp_path / "run.json"
+    atomic_write_json(target, {"a": 1})
+    atomic_write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 2}
+    assert os.listdir(tmp_path) == ["run.json"]
+
+
+def test_atomic_write_json_creates_parent_directories(tmp_path):
+    target = tmp_path / "a" / "b" / "run.json"
+    atomic_write_json(target, {"ok": True})
+    assert json.loads(target.read_text()) == {"ok": True}
+
+
+@pytest.mark.parametrize("breaks", ["json.dumps", "os.fsync", "os.replace"])
+def test_failed_write_keeps_the_old_content_and_no_temp_file(tmp_path, monkeypatch, breaks):
+    target = tmp_path / "run.json"
+    atomic_write_json(target, {"version": "old"})
+
+    def boom(*args, **kwargs):
+        raise OSError(f"{breaks} failed")
+
+    module, name = breaks.split(".")
+    monkeypatch.setattr(getattr(runs, module), name, boom)
+    with pytest.raises(OSError, match="failed"):
+        atomic_write_json(target, {"version": "new"})
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"version": "old"}
+    assert os.listdir(tmp_path) == ["run.json"]
+
+
+def test_interrupt_mid_write_removes_the_temp_file(tmp_path, monkeypatch):
+    target = tmp_path / "recipe.yaml"
+    atomic_write_text(target, "old\n")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(target, "new\n")
+    monkeypatch.undo()
+    assert target.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["recipe.yaml"]
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def test_manifest_fields(tmp_path):
+    run = start(tmp_path / "run", base_model={"path": "some/model"}, parent_run="runs/pretrain")
+    manifest = read_manifest(tmp_path / "run")
+    for key in ("schema_version", "stage", "status", "started_at", "versions", "command", "recipe"):
+        assert key in manifest, key
+    assert manifest["schema_version"] == runs.SCHEMA_VERSION
+    assert (manifest["stage"], manifest["status"]) == ("sft", "running")
+    assert manifest["recipe"] == RECIPE_JSON
+    assert manifest["base_model"] == {"path": "some/model"}
+    assert manifest["parent_run"] == "runs/pretrain"
+    assert isinstance(manifest["versions"], dict)
+    assert (tmp_path / "run" / "recipe.yaml").read_text() == RECIPE_YAML
+
+    run.finish("completed", metrics={"loss": 0.5})
+    manifest = read_manifest(tmp_path / "run")
+    assert manifest["status"] == "completed"
+    assert manifest["metrics"] == {"loss": 0.5}
+    assert manifest["finished_at"] >= manifest["started_at"]
+
+
+def test_invalid_manifest_is_a_data_error_with_line(tmp_path):
+    (tmp_path / "run.json").write_text('{\n  "stage": "sft",\n  oops\n}\n')
+    with pytest.raises(DataError, match=r"run.json:3: run.json is not valid JSON"):
+        read_manifest(tmp_path)
+
+
+def test_only_rank_0_writes(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    run = start(tmp_path / "run")
+    run.finish("completed")
+    run.log_metrics({"step": 1})
+    assert not (tmp_path / "run" / "run.json").exists()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+# --------------------------------------------------------------------------- claiming an output directory
+
+
+def test_completed_run_is_refused_without_overwrite(tmp_path):
+    start(tmp_path / "run").finish("completed")
+    with pytest.raises(RecipeError, match="completed sft run: pass --overwrite"):
+        start(tmp_path / "run")
+    assert read_manifest(tmp_path / "run")["status"] == "completed"
+
+
+def test_overwrite_replaces_a_completed_run(tmp_path):
+    path = tmp_path / "run"
+    start(path).finish("completed")
+    (path / "adapter").mkdir()
+    (path / "adapter" / "weights.bin").write_bytes(b"old")
+    run = start(path, overwrite=True)
+    assert run.resume_from is None
+    assert read_manifest(path)["status"] == "running"
+    assert not (path / "adapter").exists()
+
+
+def test_run_of_another_stage_is_refused(tmp_path):
+    start(tmp_path / "run", stage="train-rm").finish("completed")
+    with pytest.raises(RecipeError, match="holds a `train-rm` run, not `sft`"):
+        start(tmp_path / "run")
+
+
+def test_non_run_directory_with_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(RecipeError, match="is not a run directory"):
+        start(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_empty_existing_directory_is_used(tmp_path):
+    start(tmp_path)
+    assert read_manifest(tmp_path)["status"] == "running"
+
+
+def test_non_run_directory_is_replaced_with_overwrite(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    start(tmp_path, overwrite=True)
+    assert not (tmp_path / "notes.txt").exists()
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def test_resume_auto_picks_the_newest_complete_checkpoint(tmp_path):
+    path = tmp_path / "run"
+    old = interrupted_run(path)
+    checkpoint(path, 2)
+    five = checkpoint(path, 5)
+    checkpoint(path, 7, complete=False)  # a crash mid-save leaves no marker
+    checkpoint(path, 10).joinpath("COMPLETE").unlink()
+    run = start(path)
+    assert run.resume_from == five
+    manifest = read_manifest(path)
+    assert manifest["resumed_from"] == str(five)
+    assert manifest["started_at"] == old.manifest["started_at"]
+    assert manifest["status"] == "running"
+    assert (path / "checkpoints" / "checkpoint-2").is_dir()
+
+
+def test_latest_checkpoint_orders_by_step_not_by_name(tmp_path):
+    checkpoint(tmp_path, 9)
+    checkpoint(tmp_path, 10)
+    (tmp_path / "checkpoints" / "checkpoint-x").mkdir()
+    assert latest_checkpoint(tmp_path).name == "checkpoint-10"
+    assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+def test_interrupted_run_without_checkpoint_starts_over(tmp_path):
+    path = tmp_path / "run"
+    interrupted_run(path)
+    (path / "metrics.jsonl").write_text('{"step": 1}\n')
+    run = start(path)
+    assert run.resume_from is None
+    assert not (path / "metrics.jsonl").exists()
+
+
+def test_resume_never_starts_over(tmp_path):
+    path = tmp_path / "run"
+    interrupted_run(path)
+    checkpoint(path, 5)
+    run = start(path, resume="never")
+    assert run.resume_from is None
+    assert not (path / "checkpoints").exists()
+
+
+def test_resume_from_a_given_checkpoint(tmp_path):
+    path = tmp_path / "run"
+    interrupted_run(path)
+    checkpoint(path, 5)
+    three = checkpoint(path, 3)
+    run = start(path, resume=str(three))
+    assert run.resume_from == three
+    assert read_manifest(path)["resumed_from"] == str(three)
+
+
+def test_resume_from_a_missing_or_odd_path_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="checkpoint directory not found"):
+        start(tmp_path / "run", resume=str(tmp_path / "checkpoint-3"))
+    (tmp_path / "somewhere").mkdir()
+    with pytest.raises(DataError, match="not a checkpoint directory"):
+        start(tmp_path / "run", resume=str(tmp_path / "somewhere"))
+
+
+def test_truncate_metrics_drops_steps_after_the_checkpoint(tmp_path):
+    run = start(tmp_path / "run")
+    for step in range(1, 11):
+        run.log_metrics({"step": step, "loss": 1.0 / step})
+    run.truncate_metrics(5)
+    steps = [json.loads(line)["step"] for line in run.metrics_file.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    assert sorted(os.listdir(run.path)) == ["metrics.jsonl", "recipe.yaml", "run.json"]
+
+
+def test_truncate_metrics_without_a_file_is_a_no_op(tmp_path):
+    run = start(tmp_path / "run")
+    run.truncate_metrics(5)
+    assert not run.metrics_file.exists()
+
+
+# --------------------------------------------------------------------------- resolving models
+
+
+def fake_run(path: Path, stage: str, model: dict, base_model=None, status: str = "completed") -> Path:
+    path.mkdir(parents=True)
+    for sub in [model.get("path"), model.get("tokenizer"), *model.get("adapters", [])]:
+        if sub:
+            (path / sub).mkdir()
+    manifest = {"schema_version": 1, "stage": stage, "status": status, "model": model, "base_model": base_model}
+    (path / "run.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_resolve_chain_of_runs(tmp_path):
+    pretrain = fake_run(tmp_path / "pretrain", "pretrain", {"kind": "full", "path": "model", "tokenizer": "tokenizer"})
+    sft = fake_run(
+        tmp_path / "sft", "sft", {"kind": "adapter", "adapters": ["adapter"], "tokenizer": "tokenizer"},
+        base_model={"path": str(pretrain)},
+    )
+    ppo = fake_run(tmp_path / "ppo", "ppo", {"kind": "adapter", "adapters": ["adapter"]}, base_model=str(sft))
+
+    resolved = resolve_model(str(ppo))
+    assert resolved.base == str(pretrain / "model")
+    assert resolved.adapters == (str(sft / "adapter"), str(ppo / "adapter"))
+    assert resolved.tokenizer_path == str(sft / "tokenizer")  # the nearest run that saved one
+    assert resolved.kind == "causal-lm"
+    assert resolved.run_dir == str(ppo)
+
+
+def test_resolve_reward_run(tmp_path):
+    rm = fake_run(
+        tmp_path / "rm", "train-rm", {"kind": "reward-adapter", "adapters": ["adapter"], "tokenizer": "tokenizer"},
+        base_model={"path": "org/base-model"},
+    )
+    resolved = resolve_model(str(rm))
+    assert (resolved.base, resolved.kind) == ("org/base-model", "reward")
+    assert resolved.adapters == (str(rm / "adapter"),)
+
+
+def test_resolve_hub_id_and_model_directory(tmp_path):
+    assert resolve_model("org/model").base == "org/model"
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model(str(tmp_path)).adapters == ()
+
+
+def test_resolve_directory_that_is_neither_run_nor_model(tmp_path):
+    with pytest.raises(DataError, match="neither a run directory"):
+        resolve_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("status", ["running", "interrupted", "failed"])
+def test_resolve_unfinished_run_is_a_data_error(tmp_path, status):
+    run = fake_run(tmp_path / "sft", "sft", {"kind": "adapter", "adapters": ["adapter"]}, "org/base", status=status)
+    with pytest.raises(DataError, match=f"run is {status}, not completed"):
+        resolve_model(str(run))
+
+
+def test_resolve_chain_with_an_unfinished_parent_is_a_data_error(tmp_path):
+    sft = fake_run(tmp_path / "sft", "sft", {"kind": "adapter", "adapters": ["adapter"]}, "org/base", status="interrupted")
+    ppo = fake_run(tmp_path / "ppo", "ppo", {"kind": "adapter", "adapters": ["adapter"]}, base_model=str(sft))
+    with pytest.raises(DataError, match="sft: run is interrupted"):
+        resolve_model(str(ppo))
