@@ -158,12 +158,16 @@ def main() -> None:
               f"{'gen tok/s':>9} {'train tok/s':>11} {'peak GB':>8} {'load':>5}")
     print(header)
     print("-" * len(header))
+    # OpenMP threads sleep at barriers, as under the rlhf CLI (console.setup_logging): on a CPU shared with
+    # other jobs, spinning threads stall each other. Read when torch loads, so set for the child processes.
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "."),
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     results = []
     for layout in args.layouts.split(","):
         load_before = os.getloadavg()[0]
         proc = subprocess.run([sys.executable, __file__, "--child", layout, "--workdir", str(workdir),
                                "--iterations", str(args.iterations), "--dtype", args.dtype],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", ".")})
+                              capture_output=True, text=True, env=env)
         if proc.returncode:
             print(f"{layout}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue

@@ -1,27 +1,27 @@
 """The four PPO roles (policy, value, reference, reward) and where their weights live.
 
-    plan = plan_reward(recipe, policy_resolved, tokenizer)      # where the reward lives (no weights yet)
-    models = build_models(recipe, policy_resolved, plan)         # loads each base once
-    logits, values = models.actor(ids, mask, pos, n_response)    # trainable pass
+    plan = plan_layout(recipe, policy_resolved, tokenizer)     # where everything lives (no weights yet)
+    models = build_models(recipe, policy_resolved, plan)        # loads each base once
+    logits, values = models.actor(ids, mask, pos, n_response)   # trainable pass
     ref_logits = models.actor.reference_logits(ids, mask, pos, n_response)
     scores = models.scorer(prompts, responses)
 
 Layouts (recorded in run.json):
 
 - shared-base (LoRA): one base model in memory. The policy and the value model are two LoRA adapters
-  on it ("policy", and "value" plus a scalar head); the reference is the same base with adapters
-  disabled (the starting policy, since the policy adapter starts at zero and the policy run's own
-  adapters are merged into the base first); a reward run trained on the same base (e.g. `rlhf train-rm
-  --model runs/sft`) loads its adapter ("reward") and score head onto it too. With `quant.bits: 4` the
-  shared base is 4-bit.
-- shared-base + separate reward: as above, with a reward model on another base (or another tokenizer
-  or dtype) loaded on its own.
+  on it ("policy", and "value" plus a scalar head), both starting at zero; the reference is the base
+  with neither. The policy run's own adapters (an SFT LoRA) are either merged into the base first, or,
+  on a quantized base where merging would round them away, loaded as frozen adapters that every role
+  stacks under its own ("stacked"). A reward run trained on the same base (`rlhf train-rm --model
+  runs/sft`, or from the base) loads its adapter ("reward") and score head onto it too. With
+  `quant.bits: 4` the shared base is 4-bit.
+- shared-base+separate-reward: as above, with a reward model on another base (or in another dtype, or
+  a full model) loaded on its own.
 - separate (full fine-tuning, `lora: null`): policy, reference and value are full copies.
 
-Adapters are switched by `set_adapter`, which also flips requires_grad; both trainable adapters are
-switched back on each time so one forward + one backward can train policy and value together (what
-DDP under `accelerate launch` expects). Activation checkpointing is off here: it would recompute a
-pass in backward under whichever adapter was active last.
+Switching roles only changes which adapters the LoRA layers apply, so one forward + one backward trains
+policy and value together (what DDP under `accelerate launch` expects). Activation checkpointing is off
+here: it would recompute a pass in backward under whichever adapters were active last.
 """
 
 from __future__ import annotations
@@ -85,67 +85,70 @@ def new_value_head(hidden_size: int, device: Any) -> nn.Linear:
 
 
 class SharedActor(nn.Module):
-    """Policy and value as two LoRA adapters on one (possibly 4-bit) base; reference = adapters off."""
+    """Policy and value as two LoRA adapters on one (possibly 4-bit) base.
+
+    `parents` are the policy run's own adapters when they are kept frozen instead of merged: every role
+    applies them under its own adapter, and the reference applies them alone.
+    """
 
     layout = "shared-base"
 
-    def __init__(self, peft_model: Any, value_head: nn.Linear):
+    def __init__(self, peft_model: Any, value_head: nn.Linear, parents: list[str]):
         super().__init__()
         self.peft = peft_model
         self.value_head = value_head
+        self.parents = parents
         self.trainable_adapters = [POLICY, VALUE]
-        self._active: str | None = None
+        self._active: list[str] | None = None
         self._layers: list[Any] = []  # the LoRA layers, once freeze_all_but_trainable found them
 
-    def use(self, adapter: str) -> None:
-        """Make `adapter` the one the LoRA layers apply, leaving requires_grad as it is.
+    def use(self, adapters: list[str]) -> None:
+        """Make the LoRA layers apply exactly these adapters (their updates add up), leaving requires_grad.
 
-        peft's set_adapter also freezes every other adapter and walks all modules twice (~20 ms on a
-        135M model, several times per micro-batch), so after the first call only the tuner layers'
+        peft's set_adapter also freezes every other adapter and walks all modules twice (~20 ms on a 135M
+        model, several times per micro-batch), so after the first call only the tuner layers'
         active-adapter lists are set, where this peft version keeps them.
         """
-        if adapter == self._active:
+        if adapters == self._active:
             return
         if self._layers:
             for layer in self._layers:
-                layer._active_adapter = [adapter]
-            self.peft.base_model.active_adapter = adapter
+                layer._active_adapter = list(adapters)
         else:
-            self.peft.set_adapter(adapter)
+            self.peft.base_model.set_adapter(list(adapters))
             self.peft.set_requires_grad(self.trainable_adapters, True)
-        self._active = adapter
+        self._active = list(adapters)
 
     def freeze_all_but_trainable(self) -> None:
         """Once every adapter is loaded: policy, value and the value head train; nothing else does."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         for name, p in self.peft.named_parameters():
-            p.requires_grad = any(f".{a}." in name for a in self.trainable_adapters) and "lora_" in name
+            p.requires_grad = "lora_" in name and any(f".{a}." in name for a in self.trainable_adapters)
         self.value_head.requires_grad_(True)
         layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)]
         self._layers = layers if all(isinstance(getattr(m, "_active_adapter", None), (str, list)) for m in layers) else []
         self._active = None
-        self.use(POLICY)
+        self.use(self.parents + [POLICY])
 
     def forward(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> tuple[Tensor, Tensor]:
-        self.use(POLICY)
+        self.use(self.parents + [POLICY])
         logits = response_logits(self.peft, ids, mask, pos, n_response)
-        self.use(VALUE)
+        self.use(self.parents + [VALUE])
         values = token_values(trunk(self.peft.get_base_model()), self.value_head, ids, mask, pos, n_response)
-        self.use(POLICY)
+        self.use(self.parents + [POLICY])
         return logits, values
 
     @torch.no_grad()
     def reference_logits(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> Tensor:
-        with self.peft.disable_adapter():
-            logits = response_logits(self.peft, ids, mask, pos, n_response)
-        # Leaving disable_adapter re-enables the layers through peft's set_adapter, which freezes every
-        # adapter but the active one: without this the value adapter stops learning (and DDP fails).
-        self.peft.set_requires_grad(self.trainable_adapters, True)
-        return logits
+        self.use(self.parents)
+        try:
+            return response_logits(self.peft, ids, mask, pos, n_response)
+        finally:
+            self.use(self.parents + [POLICY])
 
     def generator(self) -> Any:
-        self.use(POLICY)
+        self.use(self.parents + [POLICY])
         return self.peft
 
     def save(self, policy_dir: Path, value_dir: Path) -> None:
@@ -157,9 +160,6 @@ class SharedActor(nn.Module):
         load_adapter_weights(self.peft, POLICY, policy_dir)
         load_adapter_weights(self.peft, VALUE, value_dir)
         load_head(self.value_head, value_dir / VALUE_HEAD_FILE)
-
-    def policy_for_saving(self) -> Any:
-        return self.peft
 
 
 class SeparateActor(nn.Module):
@@ -201,9 +201,6 @@ class SeparateActor(nn.Module):
             if unexpected:
                 raise DataError(f"{folder}: checkpoint does not fit the model (unexpected {unexpected[:3]})")
 
-    def policy_for_saving(self) -> Any:
-        return self.policy
-
 
 # --------------------------------------------------------------------------- adapter files
 
@@ -242,14 +239,37 @@ def load_head(head: nn.Linear, path: Path) -> None:
     head.load_state_dict(load_file(str(path)))
 
 
+def add_frozen_adapter(peft_model: Any, name: str, folder: Path) -> dict[str, Tensor]:
+    """Load a saved LoRA adapter (SFT or reward) onto the shared model under `name`, frozen.
+
+    A reward adapter's score head is not a layer of the causal model: its weights are returned instead,
+    for a head of our own. Returns {} for an adapter without one.
+    """
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = copy.deepcopy(LoraConfig.from_pretrained(str(folder)))
+    config.modules_to_save = None
+    config.task_type = "CAUSAL_LM"
+    config.inference_mode = True
+    peft_model.add_adapter(name, config)
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    head = {k.split(".")[-1]: state.pop(k) for k in [k for k in state if k.split(".")[-2] == "score"]}
+    result = set_peft_model_state_dict(peft_model, state, adapter_name=name)
+    if result.unexpected_keys:
+        raise DataError(f"{folder}: adapter does not fit the policy's base (unexpected {list(result.unexpected_keys)[:3]})")
+    return head
+
+
 # --------------------------------------------------------------------------- reward
 
 
 class SharedReward:
-    """A reward run's LoRA adapter and score head, loaded onto the shared base."""
+    """A reward run's LoRA adapter(s) and score head, loaded onto the shared base."""
 
-    def __init__(self, actor: SharedActor, head: nn.Linear, tokenizer: Any, pad_token_id: int | None, batch_size: int = 8):
-        self.actor, self.head, self.tokenizer = actor, head, tokenizer
+    def __init__(self, actor: SharedActor, adapters: list[str], head: nn.Linear, tokenizer: Any,
+                 pad_token_id: int | None, batch_size: int = 8):
+        self.actor, self.adapters, self.head, self.tokenizer = actor, adapters, head, tokenizer
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size
 
@@ -259,7 +279,7 @@ class SharedReward:
         body = trunk(self.actor.peft.get_base_model())
         device = self.head.weight.device
         out: list[float] = []
-        self.actor.use(REWARD)
+        self.actor.use(self.adapters)
         try:
             for i in range(0, len(texts), self.batch_size):
                 enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
@@ -274,25 +294,28 @@ class SharedReward:
                 pooled = hidden[torch.arange(len(ids), device=device), last]
                 out.extend(self.head(pooled.to(self.head.weight.dtype))[:, 0].float().tolist())
         finally:
-            self.actor.use(POLICY)
+            self.actor.use(self.actor.parents + [POLICY])
         return out
 
 
 @dataclass
-class RewardPlan:
-    """How the reward is computed: a function, a reward run on the shared base, or a separate model."""
+class LayoutPlan:
+    """Where every role lives, decided before any weight loads (a wrong --reward fails fast, exit 2)."""
 
-    kind: str  # function | shared | separate
-    resolved: ResolvedModel | None = None
-    tokenizer: Any = None  # the reward model's, with the chat template it was trained with
+    parents: str  # none | merged | stacked: what happens to the policy run's own adapters
+    reward: str  # function | shared | separate
+    reward_resolved: ResolvedModel | None = None
+    reward_tokenizer: Any = None  # the reward model's, with the chat template it was trained with
     why: str = ""
 
 
-def plan_reward(recipe: PPORecipe, policy: ResolvedModel, policy_tokenizer: Any) -> RewardPlan:
-    """Decide where the reward model lives, before any weights load (a wrong --reward fails fast, exit 2)."""
+def plan_layout(recipe: PPORecipe, policy: ResolvedModel, policy_tokenizer: Any) -> LayoutPlan:
     src = recipe.reward
+    quantized = recipe.quant.bits is not None
+    # Folding a LoRA into 4/8-bit weights rounds it away (core.plan keeps parents the same way).
+    parents = "none" if not policy.adapters else ("stacked" if quantized and recipe.lora is not None else "merged")
     if src.function is not None:
-        return RewardPlan("function", why=f"rule-based reward {src.function}")
+        return LayoutPlan(parents, "function", why=f"rule-based reward {src.function}")
     assert src.path is not None
     resolved = resolve_model(src.path, src.gguf_file, src.trust_remote_code)
     if resolved.run_dir and resolved.kind != "reward":
@@ -301,27 +324,32 @@ def plan_reward(recipe: PPORecipe, policy: ResolvedModel, policy_tokenizer: Any)
             "pass a train-rm run directory, a sequence-classification model, or package.module:function"
         )
     tokenizer = _reward_tokenizer(resolved, policy_tokenizer)
+
+    def separate(why: str) -> LayoutPlan:
+        return LayoutPlan(parents, "separate", resolved, tokenizer, why)
+
     if recipe.lora is None:
-        return RewardPlan("separate", resolved, tokenizer, "full PPO keeps separate copies")
+        return separate("full PPO keeps separate copies")
     if not resolved.adapters or not resolved.run_dir:
-        return RewardPlan("separate", resolved, tokenizer, "the reward model is a full model, not an adapter")
-    adapter_cfg = Path(resolved.adapters[-1]) / "adapter_config.json"
-    if not adapter_cfg.is_file() or json.loads(adapter_cfg.read_text()).get("peft_type") != "LORA":
-        return RewardPlan("separate", resolved, tokenizer, "the reward adapter is not LoRA")
-    same_base = (
-        _same_path(resolved.base, policy.base)
-        and resolved.gguf_file == policy.gguf_file
-        and len(resolved.adapters) - 1 == len(policy.adapters)
-        and all(_same_path(a, b) for a, b in zip(resolved.adapters[:-1], policy.adapters))
-    )
-    if not same_base:
-        return RewardPlan(
-            "separate", resolved, tokenizer,
-            "the reward run was trained on another base than the policy (train it with --model set to the policy run to share one)",
-        )
+        return separate("the reward model is a full model, not an adapter")
+    if not all(_is_lora(a) for a in resolved.adapters):
+        return separate("the reward adapter is not LoRA")
+    if not (_same_path(resolved.base, policy.base) and resolved.gguf_file == policy.gguf_file):
+        return separate("the reward run was trained on another base model than the policy")
     if resolve_dtype(src.dtype) != resolve_dtype(recipe.policy.dtype):
-        return RewardPlan("separate", resolved, tokenizer, "reward.dtype differs from policy.dtype")
-    return RewardPlan("shared", resolved, tokenizer, "reward adapter and head on the shared base")
+        return separate("reward.dtype differs from policy.dtype")
+    on_merged = len(resolved.adapters) - 1 == len(policy.adapters) and all(
+        _same_path(a, b) for a, b in zip(resolved.adapters[:-1], policy.adapters))
+    if parents == "merged" and not on_merged:
+        # e.g. a reward run trained from the base while the policy is base + SFT: keep the SFT adapter
+        # frozen instead of merging it, and both fit on the one base.
+        parents = "stacked"
+    return LayoutPlan(parents, "shared", resolved, tokenizer, "reward adapter and head on the shared base")
+
+
+def _is_lora(folder: str) -> bool:
+    config = Path(folder) / "adapter_config.json"
+    return config.is_file() and json.loads(config.read_text()).get("peft_type") == "LORA"
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -329,34 +357,6 @@ def _same_path(a: str, b: str) -> bool:
     if pa.exists() and pb.exists():
         return pa.resolve() == pb.resolve()
     return a == b
-
-
-def _load_shared_reward(actor: SharedActor, resolved: ResolvedModel, tokenizer: Any) -> SharedReward:
-    from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    folder = Path(resolved.adapters[-1])
-    config = LoraConfig.from_pretrained(str(folder))
-    # The score head is not a LoRA layer of the causal model: it is read into our own Linear below.
-    config = copy.deepcopy(config)
-    config.modules_to_save = None
-    config.task_type = "CAUSAL_LM"
-    config.inference_mode = True
-    actor.peft.add_adapter(REWARD, config)
-    state = load_file(str(folder / "adapter_model.safetensors"))
-    head_keys = [k for k in state if k.split(".")[-2] == "score"]
-    if not head_keys:
-        raise DataError(f"{folder}: reward adapter has no score head (expected a `score` weight saved with it)")
-    head_state = {k.split(".")[-1]: state.pop(k) for k in head_keys}
-    result = set_peft_model_state_dict(actor.peft, state, adapter_name=REWARD)
-    if result.unexpected_keys:
-        raise DataError(f"{folder}: reward adapter does not fit the policy base (unexpected {list(result.unexpected_keys)[:3]})")
-    weight = head_state["weight"]
-    device = actor.value_head.weight.device
-    head = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in head_state, device=device, dtype=torch.float32)
-    head.load_state_dict({k: v.float() for k, v in head_state.items()})
-    head.requires_grad_(False)
-    return SharedReward(actor, head, tokenizer, _reward_pad_id(resolved, tokenizer))
 
 
 def _reward_pad_id(resolved: ResolvedModel, tokenizer: Any) -> int | None:
@@ -447,25 +447,29 @@ class Models:
     layout: dict[str, Any] = field(default_factory=dict)
 
 
-def build_models(recipe: PPORecipe, policy_res: ResolvedModel, plan: RewardPlan) -> Models:
-    """Load every role, sharing one base where the layout allows it."""
+def build_models(recipe: PPORecipe, policy_res: ResolvedModel, plan: LayoutPlan) -> Models:
+    """Load every role, sharing one base where the plan says so."""
     dtype = resolve_dtype(recipe.policy.dtype)
-    base = load_model(policy_res, dtype=dtype, quant=recipe.quant)
+    base = load_model(policy_res, dtype=dtype, quant=recipe.quant, merge_parent=plan.parents != "stacked")
     device = next(base.parameters()).device
     base.eval()  # no dropout anywhere in PPO: it would make rollout and training log-probs disagree (Huang et al. 2024)
     if device.type == "cpu":
         use_eager_attention_for_short_sequences(base, recipe.data.max_prompt_length + recipe.generation.max_new_tokens)
+    roles: dict[str, str] = {}
     if recipe.lora is not None:
         peft = attach_lora(base, recipe.lora, task="CAUSAL_LM", quantized=recipe.quant.bits is not None,
                            gradient_checkpointing=False, adapter_name=POLICY)
         peft.add_adapter(VALUE, copy.deepcopy(peft.peft_config[POLICY]))
-        actor: SharedActor | SeparateActor = SharedActor(peft, new_value_head(base.config.hidden_size, device))
-        actor.use(POLICY)
-        actor.eval()
-        if recipe.quant.bits is not None:
-            keep_4bit_layers_in_train_mode(actor)
-        roles = {"policy": "LoRA adapter 'policy' on the shared base", "reference": "the shared base with adapters disabled",
-                 "value": "LoRA adapter 'value' + scalar head on the shared base"}
+        names = {}  # adapter folder -> name on the shared model
+        if plan.parents == "stacked":
+            for i, folder in enumerate(policy_res.adapters):
+                add_frozen_adapter(peft, f"parent{i}", Path(folder))
+                names[folder] = f"parent{i}"
+        actor: SharedActor | SeparateActor = SharedActor(peft, new_value_head(base.config.hidden_size, device),
+                                                         parents=list(names.values()))
+        on_top = " on top of the policy run's frozen adapters" if names else ""
+        roles = {"policy": f"LoRA adapter 'policy'{on_top}", "value": f"LoRA adapter 'value' + scalar head{on_top}",
+                 "reference": "the shared base" + (" with the policy run's frozen adapters" if names else ", no adapters")}
         copies = 1
     else:
         reference = load_model(policy_res, dtype=dtype).eval().requires_grad_(False)
@@ -475,28 +479,51 @@ def build_models(recipe: PPORecipe, policy_res: ResolvedModel, plan: RewardPlan)
         roles = {"policy": "full model", "reference": "frozen full copy", "value": "full copy + scalar head"}
         copies = 3
 
-    if plan.kind == "function":
+    if plan.reward == "function":
         assert recipe.reward.function is not None
         scorer: RewardFn = load_function(recipe.reward.function)
         roles["reward"] = f"function {recipe.reward.function}"
-    elif plan.kind == "shared":
-        assert plan.resolved is not None and isinstance(actor, SharedActor)
-        scorer = _load_shared_reward(actor, plan.resolved, plan.tokenizer)
-        roles["reward"] = f"LoRA adapter 'reward' + score head of {plan.resolved.run_dir} on the shared base"
+    elif plan.reward == "shared":
+        assert plan.reward_resolved is not None and isinstance(actor, SharedActor)
+        rm = plan.reward_resolved
+        if plan.parents == "merged":
+            stack = [REWARD]  # its parents are the policy's, already merged into the base
+        else:
+            # Its own parents: the policy's frozen adapters where they are the same folders, else loaded too.
+            stack = []
+            for i, folder in enumerate(rm.adapters[:-1]):
+                known = next((n for f, n in names.items() if _same_path(f, folder)), None)
+                if known is None:
+                    known = f"reward_parent{i}"
+                    add_frozen_adapter(actor.peft, known, Path(folder))
+                stack.append(known)
+            stack.append(REWARD)
+        head_state = add_frozen_adapter(actor.peft, REWARD, Path(rm.adapters[-1]))
+        if "weight" not in head_state:
+            raise DataError(f"{rm.adapters[-1]}: reward adapter has no score head (expected a `score` weight saved with it)")
+        head = nn.Linear(head_state["weight"].shape[1], 1, bias="bias" in head_state, device=device, dtype=torch.float32)
+        head.load_state_dict({k: v.float() for k, v in head_state.items()})
+        head.requires_grad_(False)
+        scorer = SharedReward(actor, stack, head, plan.reward_tokenizer, _reward_pad_id(rm, plan.reward_tokenizer))
+        roles["reward"] = f"LoRA adapter 'reward' + score head of {rm.run_dir} on the shared base"
     else:
-        assert plan.resolved is not None and recipe.reward.path is not None
-        rm = load_reward_model(recipe.reward.path, dtype=recipe.reward.dtype, gguf_file=recipe.reward.gguf_file,
-                               trust_remote_code=recipe.reward.trust_remote_code)
-        rm.tokenizer = plan.tokenizer
-        rm.max_length = context_length(plan.resolved) or rm.max_length
-        scorer = rm
+        assert plan.reward_resolved is not None and recipe.reward.path is not None
+        rm_model = load_reward_model(recipe.reward.path, dtype=recipe.reward.dtype, gguf_file=recipe.reward.gguf_file,
+                                     trust_remote_code=recipe.reward.trust_remote_code)
+        rm_model.tokenizer = plan.reward_tokenizer
+        rm_model.max_length = context_length(plan.reward_resolved) or rm_model.max_length
+        scorer = rm_model
         roles["reward"] = f"separate model {recipe.reward.path}"
         copies += 1
     if isinstance(actor, SharedActor):
+        actor.eval()
+        if recipe.quant.bits is not None:
+            keep_4bit_layers_in_train_mode(actor)
         actor.freeze_all_but_trainable()
-    name = "shared-base+separate-reward" if recipe.lora is not None and plan.kind == "separate" else actor.layout
-    layout: dict[str, Any] = {"name": name, "base_copies": copies, "quantized_bits": recipe.quant.bits, "roles": roles}
-    if plan.kind != "function":
+    name = "shared-base+separate-reward" if recipe.lora is not None and plan.reward == "separate" else actor.layout
+    layout: dict[str, Any] = {"name": name, "base_copies": copies, "quantized_bits": recipe.quant.bits,
+                              "parent_adapters": plan.parents, "roles": roles}
+    if plan.reward != "function":
         layout["reward_placement"] = plan.why
     log.info("PPO layout %s: %d base cop%s in memory", name, copies, "y" if copies == 1 else "ies")
     return Models(actor, scorer, layout)

@@ -34,7 +34,7 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
         build_models,
         check_reward_template,
         context_length,
-        plan_reward,
+        plan_layout,
         policy_tokenizer,
     )
     from rlhf_cli.recipe_load import dump_recipe
@@ -44,17 +44,17 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
     #    before a weight is loaded or a file written.
     policy = resolve(recipe.policy)
     tokenizer = policy_tokenizer(recipe, policy)
-    plan = plan_reward(recipe, policy, tokenizer)
+    plan = plan_layout(recipe, policy, tokenizer)
     raw = read_prompts(recipe)
     texts = [prompt_text(tokenizer, p) for p in raw]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     check_lengths(lengths, recipe, context_length(policy), "the policy's")
-    if plan.tokenizer is not None:
-        check_reward_template(plan.tokenizer, raw[0])
-        assert plan.resolved is not None
-        reward_texts = [conversation_text(plan.tokenizer, p, "") for p in raw]
-        reward_lengths = [len(ids) for ids in plan.tokenizer(reward_texts, add_special_tokens=False)["input_ids"]]
-        check_lengths(reward_lengths, recipe, context_length(plan.resolved), "the reward model's", max_prompt=False)
+    if plan.reward_tokenizer is not None:
+        rm_tok = plan.reward_tokenizer
+        check_reward_template(rm_tok, raw[0])
+        assert plan.reward_resolved is not None
+        reward_lengths = [len(ids) for ids in rm_tok([conversation_text(rm_tok, p, "") for p in raw], add_special_tokens=False)["input_ids"]]
+        check_lengths(reward_lengths, recipe, context_length(plan.reward_resolved), "the reward model's", max_prompt=False)
     details: dict[str, Any] = {
         "prompts": len(raw),
         "prompt_tokens": percentiles(lengths),
@@ -64,7 +64,8 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
     }
     if options.dry_run:
         details["layout"] = "separate copies" if recipe.lora is None else (
-            "shared base" + (", separate reward model" if plan.kind == "separate" else ""))
+            "shared base" + (", separate reward model" if plan.reward == "separate" else ""))
+        details["parent_adapters"] = plan.parents
         return RunResult("ppo", "dry-run", recipe.output_dir, details=details)
 
     # 2. Claim the run directory and build the roles.
