@@ -127,6 +127,7 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
     with stop.installed(), Progress(ppo.iterations, "ppo", start=state.iteration, unit="iteration") as bar:
         while state.iteration < ppo.iterations:
             it = state.iteration + 1
+            cpu0 = time.process_time()
             picked = order.take(state.prompt_position, ppo.rollout_batch_size)[rank::world]
             batch_prompts = [prompts.raw[i] for i in picked]
             generated += len(picked)
@@ -180,6 +181,8 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
                 "time_generation": rollout.seconds,
                 "time_scoring": t_score,
                 "time_training": t_train,
+                # CPU seconds of this process (all its threads): the work done, whatever else shares the machine.
+                "cpu_seconds": time.process_time() - cpu0,
                 "tokens_per_s_generation": gen_tokens / max(rollout.seconds, 1e-9),
                 "tokens_per_s_training": recipe.ppo.ppo_epochs * _sum(acc, rollout.attention_mask.sum().float()) / max(t_train, 1e-9),
             }
