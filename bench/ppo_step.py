@@ -155,7 +155,7 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct {args.dtype}, 8 prompts/rollout, 32 new tokens, 4 PPO epochs x 2 minibatches, "
           f"{os.cpu_count()} CPUs, torch threads default; median of iterations 2..{args.iterations} (best in brackets)")
     header = (f"{'layout':28} {'copies':>6} {'s/iter':>13} {'gen':>6} {'score':>6} {'train':>6} "
-              f"{'gen tok/s':>9} {'train tok/s':>11} {'peak GB':>8} {'load':>5}")
+              f"{'gen tok/s':>9} {'train tok/s':>11} {'peak GB':>8} {'CPU s':>6} {'load':>5}")
     print(header)
     print("-" * len(header))
     # OpenMP threads sleep at barriers, as under the rlhf CLI (console.setup_logging): on a CPU shared with
@@ -182,12 +182,13 @@ def main() -> None:
         print(f"{layout:28} {out['base_copies']:>6} {total[len(total) // 2]:>6.2f} ({total[0]:>4.1f}) "
               f"{med('time_generation'):>6.2f} {med('time_scoring'):>6.2f} {med('time_training'):>6.2f} "
               f"{med('tokens_per_s_generation'):>9.0f} {med('tokens_per_s_training'):>11.0f} {out['peak_rss'] / 1e9:>8.2f} "
-              f"{max(load_before, os.getloadavg()[0]):>5.1f}")
+              f"{med('cpu_seconds'):>6.1f} {max(load_before, os.getloadavg()[0]):>5.1f}")
         results.append(out)
     print(f"{'trl 1.12.0, fp32 (separate value + reward copies)':35}  {19.2:>6.2f}        {3.3:>6.2f} {1.4:>6.2f} {14.5:>6.2f}"
           f"{'':>22} {4.7:>8.2f}")
     print("peak GB = peak resident memory of the layout's process (VmHWM), including ~"
           f"{min((r['rss_at_start'] for r in results), default=0) / 1e9:.2f} GB of torch/transformers/peft once imported; "
+          "CPU s = CPU seconds of the process per iteration (all threads; what the work costs, whatever else runs); "
           "load = 1-minute load average around the run (2 means both cores busy with this bench alone)")
 
 

@@ -311,3 +311,26 @@ def test_adapter_switching_matches_peft_and_trains_only_policy_and_value(tiny, r
     torch.testing.assert_close(ref, expected_ref)
     assert not torch.allclose(logits, ref)
     assert scores == pytest.approx(models.scorer(["where is the cat?"], ["the cat is in the barn."]))
+
+
+def test_a_reward_model_whose_input_format_is_unknown_is_a_usage_error(tiny, runs, tmp_path):
+    """A sequence-classification model with another vocabulary and no chat template: PPO cannot know how
+    to show it a conversation, so it stops before loading anything."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf_cli.demo.tiny import build_tokenizer
+
+    tok_dir = build_tokenizer(tmp_path / "other-tok", vocab_size=300)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.chat_template = None
+    rm_dir = tmp_path / "other-rm"
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    (rm_dir / "chat_template.jinja").unlink(missing_ok=True)
+    out = runs["root"] / "ppo-no-template"
+    result = ppo(tiny, runs, out, str(rm_dir), iterations=1)
+    assert result.exit_code == 2, result.output
+    assert "no chat template and another vocabulary" in result.output
+    assert not out.exists()

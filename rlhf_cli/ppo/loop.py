@@ -127,6 +127,7 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
     with stop.installed(), Progress(ppo.iterations, "ppo", start=state.iteration, unit="iteration") as bar:
         while state.iteration < ppo.iterations:
             it = state.iteration + 1
+            cpu0 = time.process_time()
             picked = order.take(state.prompt_position, ppo.rollout_batch_size)[rank::world]
             batch_prompts = [prompts.raw[i] for i in picked]
             generated += len(picked)
@@ -180,6 +181,8 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
                 "time_generation": rollout.seconds,
                 "time_scoring": t_score,
                 "time_training": t_train,
+                # CPU seconds of this process (all its threads): the work done, whatever else shares the machine.
+                "cpu_seconds": time.process_time() - cpu0,
                 "tokens_per_s_generation": gen_tokens / max(rollout.seconds, 1e-9),
                 "tokens_per_s_training": recipe.ppo.ppo_epochs * _sum(acc, rollout.attention_mask.sum().float()) / max(t_train, 1e-9),
             }
@@ -205,30 +208,49 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
 
 def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollout: Rollout, batch: dict[str, Tensor],
                recipe: PPORecipe, shuffle: torch.Generator, mini: int, micro: int, it: int) -> dict[str, float]:
-    """ppo_epochs passes over the rollout in shuffled minibatches; one optimizer step per minibatch."""
+    """ppo_epochs passes over the rollout in shuffled minibatches; one optimizer step per minibatch.
+
+    On one process the policy pass is backpropagated before the value pass runs, so only one role's
+    activations are alive at a time (half the peak). Under DDP both passes go through one forward and
+    one backward of the wrapped model, which is what its gradient synchronisation expects.
+    """
     ppo = recipe.ppo
+    actor = acc.unwrap_model(model)
+    one_process = acc.num_processes == 1
     n, R = rollout.response_ids.shape
     sums: dict[str, list[float]] = defaultdict(list)
+
+    def policy_terms(logits: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logp = algo.logprobs_from_logits(logits / recipe.generation.temperature, rollout.response_ids[idx])
+        return algo.policy_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], rollout.mask[idx], ppo.clip_range)
+
+    def value_terms(values: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return algo.value_loss(values, batch["old_values"][idx], batch["returns"][idx], rollout.mask[idx],
+                               ppo.value_clip_range)
+
+    def finite(loss: Tensor, what: str, epoch: int, stats: dict[str, Tensor]) -> Tensor:
+        if not torch.isfinite(loss):
+            ratio = f", ratio max {float(stats['ratio_max']):.4g}" if "ratio_max" in stats else ""
+            raise TrainingError(f"{what} loss is {float(loss)} at iteration {it}, epoch {epoch + 1}{ratio}: "
+                                "lower ppo.lr or set ppo.reward_clip")
+        return loss
+
     for epoch in range(ppo.ppo_epochs):
         perm = torch.randperm(n, generator=shuffle).to(rollout.response_ids.device)
         for start in range(0, n - mini + 1, mini):
             for m in range(start, start + mini, micro):
                 idx = perm[m : m + micro]
+                ids, attn, pos = rollout.rows(idx)
                 with acc.accumulate(model):
-                    ids, attn, pos = rollout.rows(idx)
-                    logits, values = model(ids, attn, pos, R)
-                    logp = algo.logprobs_from_logits(logits / recipe.generation.temperature, rollout.response_ids[idx])
-                    mask = rollout.mask[idx]
-                    pg_loss, pg = algo.policy_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], mask, ppo.clip_range)
-                    vf_loss, vf = algo.value_loss(values, batch["old_values"][idx], batch["returns"][idx], mask,
-                                                  ppo.value_clip_range)
-                    loss = pg_loss + ppo.vf_coef * vf_loss
-                    if not torch.isfinite(loss):
-                        raise TrainingError(
-                            f"loss is {float(loss)} at iteration {it}, epoch {epoch + 1} (policy {float(pg_loss):.4g}, "
-                            f"value {float(vf_loss):.4g}, ratio max {float(pg['ratio_max']):.4g}): lower ppo.lr or set ppo.reward_clip"
-                        )
-                    acc.backward(loss)
+                    if one_process:
+                        pg_loss, pg = policy_terms(actor.policy_logits(ids, attn, pos, R), idx)
+                        acc.backward(finite(pg_loss, "policy", epoch, pg))
+                        vf_loss, vf = value_terms(actor.values(ids, attn, pos, R), idx)
+                        acc.backward(finite(ppo.vf_coef * vf_loss, "value", epoch, vf))
+                    else:
+                        logits, values = model(ids, attn, pos, R)
+                        (pg_loss, pg), (vf_loss, vf) = policy_terms(logits, idx), value_terms(values, idx)
+                        acc.backward(finite(pg_loss + ppo.vf_coef * vf_loss, "policy + value", epoch, pg))
                     if acc.sync_gradients:
                         acc.clip_grad_norm_(params, ppo.max_grad_norm)
                     optimizer.step()

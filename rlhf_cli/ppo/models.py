@@ -132,12 +132,18 @@ class SharedActor(nn.Module):
         self.use(self.parents + [POLICY])
 
     def forward(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> tuple[Tensor, Tensor]:
+        return self.policy_logits(ids, mask, pos, n_response), self.values(ids, mask, pos, n_response)
+
+    def policy_logits(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> Tensor:
         self.use(self.parents + [POLICY])
-        logits = response_logits(self.peft, ids, mask, pos, n_response)
+        return response_logits(self.peft, ids, mask, pos, n_response)
+
+    def values(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> Tensor:
         self.use(self.parents + [VALUE])
-        values = token_values(trunk(self.peft.get_base_model()), self.value_head, ids, mask, pos, n_response)
-        self.use(self.parents + [POLICY])
-        return logits, values
+        try:
+            return token_values(trunk(self.peft.get_base_model()), self.value_head, ids, mask, pos, n_response)
+        finally:
+            self.use(self.parents + [POLICY])
 
     @torch.no_grad()
     def reference_logits(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> Tensor:
@@ -174,9 +180,13 @@ class SeparateActor(nn.Module):
         self.reference = [reference]  # a list keeps it out of parameters(), state_dict() and DDP
 
     def forward(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> tuple[Tensor, Tensor]:
-        logits = response_logits(self.policy, ids, mask, pos, n_response)
-        values = token_values(trunk(self.value_model), self.value_model.score, ids, mask, pos, n_response)
-        return logits, values
+        return self.policy_logits(ids, mask, pos, n_response), self.values(ids, mask, pos, n_response)
+
+    def policy_logits(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> Tensor:
+        return response_logits(self.policy, ids, mask, pos, n_response)
+
+    def values(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> Tensor:
+        return token_values(trunk(self.value_model), self.value_model.score, ids, mask, pos, n_response)
 
     @torch.no_grad()
     def reference_logits(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> Tensor:
