@@ -59,9 +59,10 @@ def test_each_stage_had_its_effect(chain):
     assert sft["eval_loss"] < 1.0, sft                      # answers are predictable after SFT
     rm = manifest(chain, "rm")["metrics"]
     assert rm["eval_accuracy"] >= 0.8, rm                    # the "great" preference was learned
-    scores = curve(chain, "ppo", "score_mean")
-    early, late = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
-    assert late > early + 0.5, scores                       # PPO raised the reward-model score
+    # PPO's effect is judged on greedy answers to held-out prompts (the sampled rollout scores at
+    # temperature 1 swing by +-2 between iterations): the reward model prefers PPO's answer to SFT's.
+    metrics = json.loads((chain / "runs/eval/eval.json").read_text())["metrics"]
+    assert metrics["win_rate"] >= 0.75, metrics
 
 
 def test_eval_gates_and_outputs(chain):
