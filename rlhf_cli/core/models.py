@@ -217,13 +217,6 @@ def _default_device() -> str:
     return f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
 
 
-def wants_checkpointing(setting: str | bool, *, quantized: bool, n_params: int) -> bool:
-    """auto: recompute activations only where memory is the constraint (quantized or >1B-parameter bases)."""
-    if isinstance(setting, bool):
-        return setting
-    return quantized or n_params > 1_000_000_000
-
-
 def attach_lora(
     model: Any,
     lora: LoraSpec,
