@@ -206,3 +206,69 @@ def test_gguf_model_loads_as_a_plain_trainable_model(tmp_path):
     assert getattr(model, "hf_quantizer", None) is None and not model.is_quantized
     model.save_pretrained(tmp_path / "plain")  # refused while the GGUF quantizer is attached
     assert (tmp_path / "plain" / "model.safetensors").exists()
+
+
+def test_lora_computes_in_the_activation_dtype_with_fp32_weights(tiny):
+    """On a bf16 base the LoRA matrices stay fp32 and trainable, but multiply in bf16; the result is
+    peft's fp32-adapter result up to bf16 rounding, gradients reach the fp32 weights, and the cached bf16
+    copy used without grad follows an optimizer step."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cli.core.models import lora_in_activation_dtype, make_trainable
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.bfloat16)
+    model = make_trainable(base, lora=LoraSpec(r=4, dropout=0.0), task="CAUSAL_LM", quantized=False,
+                           checkpointing=False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # a non-zero update, so the adapters change the logits
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    model.eval()
+    fast = model(input_ids=ids).logits.float()
+
+    from peft.tuners.lora.layer import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for m in layers:  # back to peft's own path for the reference
+        m.cast_input_dtype_enabled = True
+        for lin in [*m.lora_A.values(), *m.lora_B.values()]:
+            lin.__class__ = torch.nn.Linear
+    reference = model(input_ids=ids).logits.float()
+    assert lora_in_activation_dtype(model) == len(layers) > 0
+    assert (fast - reference).abs().max() < 0.05 * reference.abs().max()
+
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+    with torch.no_grad():
+        before = model(input_ids=ids).logits.float()
+        # fused: updates in place without bumping the weights' version counters
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True).step()
+        after = model(input_ids=ids).logits.float()
+        with torch.enable_grad():
+            fresh = model(input_ids=ids).logits.float()
+    assert not torch.equal(before, after)  # the no-grad cache saw the step
+    assert torch.equal(after, fresh)
+
+
+def test_output_head_gets_a_contiguous_input(tiny):
+    """Last-position logits (what generation asks for) are the same with the head's input made contiguous."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cli.core.models import contiguous_head_input
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 9))
+    with torch.no_grad():
+        plain = model(input_ids=ids, logits_to_keep=1).logits
+        contiguous_head_input(model)
+        seen = []
+        model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+        hooked = model(input_ids=ids, logits_to_keep=1).logits
+    assert seen == [True]
+    torch.testing.assert_close(hooked, plain)
