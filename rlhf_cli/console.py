@@ -48,6 +48,8 @@ def setup_logging(verbose: bool = False) -> None:
     # Per-file "Loading weights" bars from transformers/hub; our own Progress shows the long work.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # The GGUF loader's per-tensor "de-quantizing" bar (plain tqdm) would otherwise flood logs.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     choose_omp_wait_policy()
     if not verbose:
