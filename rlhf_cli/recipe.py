@@ -353,11 +353,11 @@ Metric = Literal["perplexity", "reward", "win_rate", "kl", "rm_accuracy", "lengt
 METRIC_KEYS: dict[str, tuple[str, ...]] = {
     "perplexity": ("perplexity",),
     "reward": ("reward", "reward_std"),
-    "win_rate": ("win_rate", "tie_rate"),
+    "win_rate": ("win_rate", "tie_rate", "reference_reward"),
     "kl": ("kl",),
     "rm_accuracy": ("rm_accuracy", "rm_margin"),
     "length": ("length", "eos_rate"),
-    "reward_fn": ("reward_fn", "reward_fn_std"),
+    "reward_fn": ("reward_fn", "reward_fn_std", "reference_reward_fn"),
 }
 
 

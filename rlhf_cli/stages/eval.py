@@ -6,13 +6,15 @@
 Metric -> output keys (METRIC_KEYS in recipe.py):
     perplexity   perplexity        exp(mean NLL per token): all tokens of text data, answer tokens of chat data
     reward       reward, reward_std    reward-model score of the model's own answers to data.prompts
-    win_rate     win_rate, tie_rate    answers vs the reference's, judged by the reward model; ties count half
+    win_rate     win_rate, tie_rate, reference_reward    answers vs the reference's, judged by the reward model;
+                                   ties count half; the reference answers' mean reward
     kl           kl                mean over the model's samples of sum_t log p_model - log p_ref (k1 estimate of
                                    KL(model || ref) per answer); sampled at temperature 1 whatever `generation` says,
                                    since the estimate needs samples from the model's own distribution
     rm_accuracy  rm_accuracy, rm_margin   share of preference pairs the reward model orders right; mean score gap
     length       length, eos_rate  mean answer tokens; share of answers that end (EOS / stop string) before max_new_tokens
-    reward_fn    reward_fn, reward_fn_std   a user `package.module:function(prompts, responses) -> floats`
+    reward_fn    reward_fn, reward_fn_std   a user `package.module:function(prompts, responses) -> floats`;
+                 reference_reward_fn: its mean over the reference's answers (with win_rate)
 """
 
 from __future__ import annotations
@@ -97,8 +99,13 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
                 # Another seed: the reference's answers are independent draws, not the same random stream.
                 ref_texts = [a.text for a in _answer(reference, prompts, recipe.generation, recipe, seed=recipe.seed + 1,
                                                      what="reference answers")]
-                verdict = compare(scores, scorer(prompts, ref_texts), texts, ref_texts)
+                ref_scores = scorer(prompts, ref_texts)
+                verdict = compare(scores, ref_scores, texts, ref_texts)
                 values["win_rate"], values["tie_rate"] = verdict.win_rate, verdict.tie_rate
+                values["reference_reward"] = mean_std(ref_scores)[0]
+                if "reward_fn" in wanted:
+                    assert recipe.reward_fn is not None
+                    values["reference_reward_fn"] = mean_std(load_function(recipe.reward_fn)(prompts, ref_texts))[0]
                 details.update(wins=verdict.wins, ties=verdict.ties, losses=verdict.losses)
         if "kl" in wanted:
             assert reference is not None
