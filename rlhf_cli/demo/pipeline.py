@@ -61,8 +61,7 @@ def prepare_real(work: Path) -> None:
     data = work / "data"
     if not (data / "manifest.json").exists():
         _say(f"preparing demo data in {data} (chatterbot-corpus, chitchat-dataset)")
-        # 100 held-out pairs keep the reward-model evaluations to about a minute on 2 cores.
-        counts = prepare(data, seed=0, preferences_eval=100)
+        counts = prepare(data, seed=0)
         _say("  " + ", ".join(f"{k}: {v}" for k, v in counts.items() if isinstance(v, int)))
     folder, _ = smollm2_gguf()
     link = work / "smollm2"

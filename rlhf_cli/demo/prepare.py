@@ -46,7 +46,9 @@ DEFAULT_SIZES: dict[str, int | None] = {
     "prompts_eval": 40,  # what is there: 6 held-out starters + held-out conversational questions
 }
 HELDOUT_STARTERS = 6  # of the 34 chitchat starter prompts
-MIN_GAP = 2.0  # points on the 1-10 scale between chosen and rejected
+# Points on the 1-10 scale between chosen and rejected. At 4 the pairs differ visibly in their openings
+# (see response_text); at 2 a LoRA reward model on SmolLM2-135M stayed at chance on held-out starters.
+MIN_GAP = 4.0
 MAX_RESPONSE_CHARS = 400
 MAX_DOC_CHARS = 2000  # pretraining documents; long chats would otherwise dominate the token count
 MAX_USES = 3  # pairs one conversation may appear in, so a few chats cannot dominate the preference set
@@ -136,11 +138,12 @@ def response_text(conv: Conversation, max_chars: int = MAX_RESPONSE_CHARS) -> st
     """The opening of a chat as one response: whole turns, one per line, up to max_chars.
 
     The ratings judge the whole chat, but a reward model sees only this window, so the pair has to differ in
-    something visible there. On the default pairs (gap of 2 or more) the chosen opening is longer in ~62%
-    and has the higher VADER score in ~58%, and a bag-of-words Bradley-Terry model reaches ~0.62 on held-out
-    starters: chats that people rated well get going and stay friendly within the first few turns. Cutting
-    both sides to the same length leaves ~55% (VADER), close to noise, so we keep whole turns and accept the
-    length cue (generation length is bounded by max_new_tokens anyway).
+    something visible there. With a rating gap of 4 or more (the default) the chosen opening is longer in 68%
+    of the training pairs and 66% of the held-out ones, and has the higher VADER score in 61% / 58% (at a gap
+    of 2: 61% / 55% longer, 57% / 54% more positive): chats that people rated well get going and stay
+    friendly within the first few turns. Cutting both sides to the same length leaves the sentiment cue
+    close to noise, so we keep whole turns and accept the length cue (generation length is bounded by
+    max_new_tokens anyway).
     """
     out = ""
     for turn in conv.turns:
@@ -391,7 +394,8 @@ def prepare(
     """Write the demo data files into out_dir and return {file name: record count}.
 
     Sizes are upper bounds (None: all available). The counts returned are what was written; they can fall
-    short of a size when the sources run out (about 2,300 training preference pairs at MIN_GAP=2 and MAX_USES=3).
+    short of a size when the sources run out (1,291 training and 306 held-out preference pairs at MIN_GAP=4,
+    MAX_USES=3 and seed 0).
     """
     out_dir = Path(out_dir)
     convs = load_chitchat()
