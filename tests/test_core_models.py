@@ -272,3 +272,35 @@ def test_output_head_gets_a_contiguous_input(tiny):
         hooked = model(input_ids=ids, logits_to_keep=1).logits
     assert seen == [True]
     torch.testing.assert_close(hooked, plain)
+
+
+def test_exact_lora_matches_peft_and_sees_updates_below_bf16_rounding(tiny):
+    """Under exact_lora() a bf16 model's LoRA layers give peft's fp32-adapter result, so a weight change
+    smaller than bf16 rounding still changes the output (PPO's ratio depends on it); outside, it does not."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cli.core.models import exact_lora, make_trainable
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.bfloat16)
+    model = make_trainable(base, lora=LoraSpec(r=4, dropout=0.0), task="CAUSAL_LM", quantized=False,
+                           checkpointing=False).eval()
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    with torch.no_grad():
+        for p in lora:  # values bf16 can hold exactly, so a small enough change rounds back to them
+            p.copy_(torch.randn_like(p).mul(0.5).bfloat16().float())
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+
+    def logits(exact: bool) -> torch.Tensor:
+        with torch.no_grad():
+            if exact:
+                with exact_lora():
+                    return model(input_ids=ids).logits.float()
+            return model(input_ids=ids).logits.float()
+
+    before_fast, before_exact = logits(False), logits(True)
+    with torch.no_grad():
+        for p in lora:
+            p.mul_(1 + 2**-12)  # below half of bf16's relative step (2**-8): the bf16 copies do not change
+    assert torch.equal(logits(False), before_fast)
+    assert not torch.equal(logits(True), before_exact)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from rlhf_cli.console import Progress
 from rlhf_cli.core import distributed
+from rlhf_cli.core.models import exact_lora
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.ppo import algo
 from rlhf_cli.ppo.models import Models
@@ -138,8 +139,10 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
                                gen, eos_ids)
             # 2. score: log-probs (policy, reference), values, and the reward model's score
             t0 = time.perf_counter()
-            logp, ref_logp, values, entropy = token_stats(model, actor.reference_logits, rollout, gen.temperature,
-                                                          scoring_rows(rollout, micro, vocab))
+            with exact_lora():
+                logp, ref_logp, values, entropy = token_stats(model, actor.reference_logits, rollout, gen.temperature,
+                                                              scoring_rows(rollout, micro, vocab))
+            # The reward model computes as it was trained (train-rm's LoRA in the activation dtype).
             raw_scores = torch.tensor(models.scorer(batch_prompts, rollout.texts), dtype=torch.float32, device=device)
             t_score = time.perf_counter() - t0
             if not torch.isfinite(raw_scores).all():
@@ -161,7 +164,8 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
             # 4. PPO epochs over shuffled minibatches
             t0 = time.perf_counter()
             batch = {"old_logp": logp, "old_values": values, "advantages": advantages, "returns": returns}
-            stats = ppo_update(model, optimizer, acc, params, rollout, batch, recipe, shuffle, mini, micro, it)
+            with exact_lora():
+                stats = ppo_update(model, optimizer, acc, params, rollout, batch, recipe, shuffle, mini, micro, it)
             t_train = time.perf_counter() - t0
 
             # 5. KL controller, metrics, warnings
