@@ -327,7 +327,8 @@ class _ActivationDtypeLinear(torch.nn.Linear):
     once enough of them add up. SFT does not mind (the demo's held-out SFT loss was 2.50 either way), but
     PPO's trust region does: its ratio stays at 1 while the rounded weights stand still, then jumps, and
     on the demo-tiny chain the policy ended 14-25 nats from the reference instead of 7-12 for the same
-    reward. PPO therefore scores and trains under exact_lora() and samples with the fast path.
+    reward. PPO therefore samples, scores and trains under exact_lora() (the fast path barely sped up
+    its sampling); its reward model scores as train-rm trained it.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

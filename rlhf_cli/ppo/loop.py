@@ -134,9 +134,10 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
             batch_prompts = [prompts.raw[i] for i in picked]
             generated += len(picked)
 
-            # 1. rollout: sample from the current policy
-            rollout = generate(actor.generator(), tokenizer, encode_prompts(tokenizer, [prompts.texts[i] for i in picked], device),
-                               gen, eos_ids)
+            # 1. rollout: sample from the current policy, computed exactly as it is scored and trained
+            with exact_lora():
+                rollout = generate(actor.generator(), tokenizer,
+                                   encode_prompts(tokenizer, [prompts.texts[i] for i in picked], device), gen, eos_ids)
             # 2. score: log-probs (policy, reference), values, and the reward model's score
             t0 = time.perf_counter()
             with exact_lora():
