@@ -134,6 +134,17 @@ def load_chitchat(path: Path | None = None) -> tuple[Conversation, ...]:
     return tuple(out)
 
 
+def join_within(lines: tuple[str, ...] | list[str], max_chars: int) -> str:
+    """Whole lines, one per line of text, as many as fit in max_chars ("" when the first does not)."""
+    out = ""
+    for line in lines:
+        joined = f"{out}\n{line}" if out else line
+        if len(joined) > max_chars:
+            break
+        out = joined
+    return out
+
+
 def response_text(conv: Conversation, max_chars: int = MAX_RESPONSE_CHARS) -> str:
     """The opening of a chat as one response: whole turns, one per line, up to max_chars.
 
@@ -145,12 +156,7 @@ def response_text(conv: Conversation, max_chars: int = MAX_RESPONSE_CHARS) -> st
     close to noise, so we keep whole turns and accept the length cue (generation length is bounded by
     max_new_tokens anyway).
     """
-    out = ""
-    for turn in conv.turns:
-        joined = f"{out}\n{turn}" if out else turn
-        if len(joined) > max_chars:
-            break
-        out = joined
+    out = join_within(conv.turns, max_chars)
     if not out and conv.turns:
         # A first turn longer than the cap: cut it at a word boundary.
         out = conv.turns[0][: max_chars + 1].rsplit(" ", 1)[0][:max_chars]
@@ -254,12 +260,7 @@ def pretrain_docs(convs: tuple[Conversation, ...] | list[Conversation], exclude_
     for c in convs:
         if c.prompt in exclude_starters or len(c.utterances) < 2:
             continue
-        text = ""
-        for line in c.utterances:
-            joined = f"{text}\n{line}" if text else line
-            if len(joined) > max_chars:
-                break
-            text = joined
+        text = join_within(c.utterances, max_chars)
         if text:
             docs.append(text)
     random.Random(seed).shuffle(docs)
