@@ -3,6 +3,9 @@ padding-free batches (same loss as padded ones), parent-adapter policy."""
 
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 
@@ -304,3 +307,69 @@ def test_exact_lora_matches_peft_and_sees_updates_below_bf16_rounding(tiny):
             p.mul_(1 + 2**-12)  # below half of bf16's relative step (2**-8): the bf16 copies do not change
     assert torch.equal(logits(False), before_fast)
     assert not torch.equal(logits(True), before_exact)
+
+
+@pytest.mark.parametrize("case", ["bf16-exact", "fp32", "bf16-exact-two-adapters", "dropout"])
+def test_fused_lora_update_matches_peft(tiny, case):
+    """The one-node LoRA update gives peft's outputs and gradients (its own forward being the reference):
+    fp32 adapters on a bf16 base under exact_lora(), an fp32 model, two adapters applied together, and
+    dropout (the same mask from the same seed). Outside exact_lora() a bf16 model keeps the unfused path."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLinear
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cli.core import models
+    from rlhf_cli.core.models import exact_lora, lora_in_activation_dtype, make_trainable
+
+    torch.manual_seed(0)
+    dtype = torch.float32 if case == "fp32" else torch.bfloat16
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=dtype)
+    model = make_trainable(base, lora=LoraSpec(r=4, alpha=5.0, dropout=0.3 if case == "dropout" else 0.0),
+                           task="CAUSAL_LM", quantized=False, checkpointing=False)
+    if case == "bf16-exact-two-adapters":
+        model.add_adapter("second", LoraConfig(r=2, lora_alpha=3, target_modules="all-linear", lora_dropout=0.0))
+        model.base_model.set_adapter(["default", "second"])
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            torch.nn.init.normal_(p, std=0.3)  # non-zero updates, with a scaling that is not a power of two
+            p.requires_grad_(True)
+    lora_in_activation_dtype(model)
+    layers = [m for m in model.modules() if isinstance(m, PeftLinear)]
+    assert layers and all(type(m) is not PeftLinear for m in layers)  # all fused
+    fused_class = type(layers[0])
+    model.train(case == "dropout")
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    calls = []
+    real_apply = models._LoraUpdate.apply
+
+    def counted(*args):
+        calls.append(1)
+        return real_apply(*args)
+
+    def run(fused: bool, exact: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        for m in layers:
+            m.__class__ = fused_class if fused else PeftLinear
+        model.zero_grad()
+        torch.manual_seed(1)
+        calls.clear()
+        with exact_lora() if exact else contextlib.nullcontext(), mock.patch.object(models._LoraUpdate, "apply", counted):
+            logits = model(input_ids=ids).logits.float()
+            logits.logsumexp(-1).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return logits.detach(), grads
+
+    reference, ref_grads = run(fused=False)
+    fused, fused_grads = run(fused=True)
+    assert len(calls) == len(layers) * (2 if case == "bf16-exact-two-adapters" else 1)
+    assert ref_grads and ref_grads.keys() == fused_grads.keys()
+    # fp32 all through: equal to fp32 rounding. On a bf16 base the updates are fp32 too, but a last-bit
+    # difference of one can flip a bf16 rounding of the activations, which the layers above carry on.
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert (fused - reference).abs().max() <= tol * reference.abs().max()
+    for n, g in ref_grads.items():
+        assert g.dtype == torch.float32 and g.abs().sum() > 0, n
+        assert (fused_grads[n] - g).norm() <= tol * g.norm(), n
+    if dtype == torch.bfloat16:
+        run(fused=True, exact=False)
+        assert not calls  # bf16 arithmetic: the activation-dtype layers, unfused
