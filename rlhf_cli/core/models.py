@@ -11,6 +11,7 @@ is "base + its own adapter" on top of whatever its parent was (recorded in run.j
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -378,10 +379,8 @@ class _LoraUpdate(torch.autograd.Function):
         return grad_result, grad_x, grad_A, grad_B, None
 
 
-_fused_classes: dict[type, type] = {}
-
-
-def _fused_lora_class(peft_linear: type) -> type:
+@functools.cache
+def _fused_lora_linear() -> type:
     """peft's LoRA Linear with its update in one autograd node per adapter (_LoraUpdate) where the update
     is computed in the adapter weights' dtype: under exact_lora(), or on a model all in one dtype.
 
@@ -397,24 +396,24 @@ def _fused_lora_class(peft_linear: type) -> type:
     gained 1% there), disabled or merged adapters, DoRA and other variants, a LoRA bias, mixed-adapter
     batches. Dropout stays a node of its own, on the update's input.
     """
-    if peft_linear not in _fused_classes:
-        def forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            names = [a for a in self.active_adapters if a in self.lora_A]
-            if (args or kwargs or self.disable_adapters or self.merged or self.lora_variant
-                    or any(self.lora_B[a].bias is not None or self.lora_B[a].weight.dtype != self.lora_A[a].weight.dtype
-                           or not (_exact_lora or x.dtype == self.lora_A[a].weight.dtype) for a in names)):
-                return peft_linear.forward(self, x, *args, **kwargs)
-            result = self.base_layer(x)
-            out_dtype = result.dtype
-            for a in names:
-                A, B = self.lora_A[a].weight, self.lora_B[a].weight
-                result = _LoraUpdate.apply(result, self.lora_dropout[a](x), A, B, self.scaling[a])
-            return result.to(out_dtype)
+    from peft.tuners.lora.layer import Linear
 
-        name = f"Fused{peft_linear.__name__}"
-        cls = type(name, (peft_linear,), {"forward": forward, "__module__": __name__})
-        globals()[name] = _fused_classes[peft_linear] = cls  # a module attribute, so pickle finds it
-    return _fused_classes[peft_linear]
+    def forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        names = [a for a in self.active_adapters if a in self.lora_A]
+        if (args or kwargs or self.disable_adapters or self.merged or self.lora_variant
+                or any(self.lora_B[a].bias is not None or self.lora_B[a].weight.dtype != self.lora_A[a].weight.dtype
+                       or not (_exact_lora or x.dtype == self.lora_A[a].weight.dtype) for a in names)):
+            return Linear.forward(self, x, *args, **kwargs)
+        result = self.base_layer(x)
+        out_dtype = result.dtype
+        for a in names:
+            A, B = self.lora_A[a].weight, self.lora_B[a].weight
+            result = _LoraUpdate.apply(result, self.lora_dropout[a](x), A, B, self.scaling[a])
+        return result.to(out_dtype)
+
+    cls = type("FusedLoraLinear", (Linear,), {"forward": forward, "__module__": __name__})
+    globals()["FusedLoraLinear"] = cls  # a module attribute, so pickle finds it
+    return cls
 
 
 _step_hook: Any = None
@@ -436,7 +435,7 @@ def exact_lora() -> Iterator[None]:
 def lora_in_activation_dtype(model: Any) -> int:
     """Make the plain LoRA layers of `model` compute in the activation dtype (see _ActivationDtypeLinear);
     where they compute in the adapters' dtype, a plain Linear's update is one autograd node (see
-    _fused_lora_class).
+    _fused_lora_linear).
 
     Only the speed changes on an fp32 model. Layers with a LoRA variant (DoRA, ...) keep peft's own path.
     Returns how many layers changed.
@@ -458,7 +457,7 @@ def lora_in_activation_dtype(model: Any) -> int:
                 m.__class__ = _ActivationDtypeLinear
             module.cast_input_dtype_enabled = False  # peft's cast of x to the adapter's dtype
             if type(module) is PeftLinear:  # not its 4-/8-bit subclasses, whose base layers dequantize
-                module.__class__ = _fused_lora_class(PeftLinear)
+                module.__class__ = _fused_lora_linear()
             changed += 1
     return changed
 
