@@ -130,3 +130,12 @@ def test_same_seed_same_metrics_and_kl_to_another_model(sft_full_run, tiny, few_
 def test_usage_errors_exit_2_before_loading_anything(args, message):
     result = runner.invoke(app, ["eval", *args])
     assert result.exit_code == 2 and message in result.stderr, result.stderr
+
+
+def test_a_reward_function_that_cannot_be_imported_exits_2_before_any_model_loads(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    result = runner.invoke(app, ["eval", "--model", str(tmp_path / "no-such-model"), "--prompts", str(prompts),
+                                 "--metric", "reward_fn", "--reward-fn", "no_such_module_xyz:score"])
+    assert result.exit_code == 2, result.stderr
+    assert "reward function no_such_module_xyz:score: cannot import no_such_module_xyz" in result.stderr

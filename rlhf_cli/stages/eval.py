@@ -43,6 +43,8 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     details: dict[str, Any] = {}
     read = lambda source: read_records(source, fields=data.fields, max_samples=data.max_samples)  # noqa: E731
 
+    # User code is imported first: a wrong reference fails before any model loads.
+    reward_fn = load_function(recipe.reward_fn) if "reward_fn" in wanted and recipe.reward_fn else None
     policy = load_causal_lm(recipe.model) if wanted - {"rm_accuracy"} else None
     scorer = None
     if wanted & {"reward", "win_rate", "rm_accuracy"}:
@@ -91,9 +93,8 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
                 assert scorer is not None
                 scores = scorer(prompts, texts)
                 values["reward"], values["reward_std"] = mean_std(scores)
-            if "reward_fn" in wanted:
-                assert recipe.reward_fn is not None
-                values["reward_fn"], values["reward_fn_std"] = mean_std(load_function(recipe.reward_fn)(prompts, texts))
+            if reward_fn is not None:
+                values["reward_fn"], values["reward_fn_std"] = mean_std(reward_fn(prompts, texts))
             if "win_rate" in wanted:
                 assert reference is not None and scorer is not None
                 # Another seed: the reference's answers are independent draws, not the same random stream.
@@ -103,9 +104,8 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
                 verdict = compare(scores, ref_scores, texts, ref_texts)
                 values["win_rate"], values["tie_rate"] = verdict.win_rate, verdict.tie_rate
                 values["reference_reward"] = mean_std(ref_scores)[0]
-                if "reward_fn" in wanted:
-                    assert recipe.reward_fn is not None
-                    values["reference_reward_fn"] = mean_std(load_function(recipe.reward_fn)(prompts, ref_texts))[0]
+                if reward_fn is not None:
+                    values["reference_reward_fn"] = mean_std(reward_fn(prompts, ref_texts))[0]
                 details.update(wins=verdict.wins, ties=verdict.ties, losses=verdict.losses)
         if "kl" in wanted:
             assert reference is not None
