@@ -259,6 +259,14 @@ def test_a_policy_run_given_as_reward_is_a_usage_error(tiny, runs):
     assert not out.exists()  # nothing half-written
 
 
+def test_a_reward_function_that_cannot_be_imported_exits_2_before_the_run_starts(tiny, runs):
+    out = runs["root"] / "ppo-bad-function"
+    result = ppo(tiny, runs, out, "no_such_module_xyz:score", iterations=1)
+    assert result.exit_code == 2, result.output
+    assert "reward function no_such_module_xyz:score: cannot import no_such_module_xyz" in result.output
+    assert not out.exists()  # refused before the run directory or any model
+
+
 def test_prompts_too_long_for_the_context_are_a_data_error(tiny, runs):
     out = runs["root"] / "ppo-long"
     result = ppo(tiny, runs, out, "tests.ppo_support:says_great", iterations=1, extra={"data.max_prompt_length": 4})

@@ -316,6 +316,7 @@ class LayoutPlan:
     reward: str  # function | shared | separate
     reward_resolved: ResolvedModel | None = None
     reward_tokenizer: Any = None  # the reward model's, with the chat template it was trained with
+    reward_function: RewardFn | None = None  # imported here, so a wrong package.module:function exits 2 first
     why: str = ""
 
 
@@ -325,7 +326,8 @@ def plan_layout(recipe: PPORecipe, policy: ResolvedModel, policy_tokenizer: Any)
     # Folding a LoRA into 4/8-bit weights rounds it away (core.plan keeps parents the same way).
     parents = "none" if not policy.adapters else ("stacked" if quantized and recipe.lora is not None else "merged")
     if src.function is not None:
-        return LayoutPlan(parents, "function", why=f"rule-based reward {src.function}")
+        return LayoutPlan(parents, "function", reward_function=load_function(src.function),
+                          why=f"rule-based reward {src.function}")
     assert src.path is not None
     resolved = resolve_model(src.path, src.gguf_file, src.trust_remote_code)
     if resolved.run_dir and resolved.kind != "reward":
@@ -490,8 +492,8 @@ def build_models(recipe: PPORecipe, policy_res: ResolvedModel, plan: LayoutPlan)
         copies = 3
 
     if plan.reward == "function":
-        assert recipe.reward.function is not None
-        scorer: RewardFn = load_function(recipe.reward.function)
+        assert plan.reward_function is not None
+        scorer: RewardFn = plan.reward_function
         roles["reward"] = f"function {recipe.reward.function}"
     elif plan.reward == "shared":
         assert plan.reward_resolved is not None and isinstance(actor, SharedActor)
