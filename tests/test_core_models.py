@@ -217,7 +217,7 @@ def test_lora_computes_in_the_activation_dtype_with_fp32_weights(tiny):
     copy used without grad follows an optimizer step."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cli.core.models import lora_in_activation_dtype, make_trainable
+    from rlhf_cli.core.models import fast_lora_layers, make_trainable
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.bfloat16)
@@ -239,7 +239,7 @@ def test_lora_computes_in_the_activation_dtype_with_fp32_weights(tiny):
         for lin in [*m.lora_A.values(), *m.lora_B.values()]:
             lin.__class__ = torch.nn.Linear
     reference = model(input_ids=ids).logits.float()
-    assert lora_in_activation_dtype(model) == len(layers) > 0
+    assert fast_lora_layers(model) == len(layers) > 0
     assert (fast - reference).abs().max() < 0.05 * reference.abs().max()
 
     loss = model(input_ids=ids, labels=ids).loss
@@ -319,7 +319,7 @@ def test_fused_lora_update_matches_peft(tiny, case):
     from transformers import AutoModelForCausalLM
 
     from rlhf_cli.core import models
-    from rlhf_cli.core.models import exact_lora, lora_in_activation_dtype, make_trainable
+    from rlhf_cli.core.models import exact_lora, fast_lora_layers, make_trainable
 
     torch.manual_seed(0)
     dtype = torch.float32 if case == "fp32" else torch.bfloat16
@@ -334,7 +334,7 @@ def test_fused_lora_update_matches_peft(tiny, case):
             p.data = p.data.float()
             torch.nn.init.normal_(p, std=0.3)  # non-zero updates, with a scaling that is not a power of two
             p.requires_grad_(True)
-    lora_in_activation_dtype(model)
+    fast_lora_layers(model)
     layers = [m for m in model.modules() if isinstance(m, PeftLinear)]
     assert layers and all(type(m) is not PeftLinear for m in layers)  # all fused
     fused_class = type(layers[0])

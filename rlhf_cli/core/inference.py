@@ -77,10 +77,10 @@ def load_causal_lm(
     if live:
         from peft import PeftModel
 
-        from rlhf_cli.core.models import lora_in_activation_dtype
+        from rlhf_cli.core.models import fast_lora_layers
 
         model = PeftModel.from_pretrained(model, live)
-        lora_in_activation_dtype(model)  # computes as in training
+        fast_lora_layers(model)  # computes as in training
     model.eval()
     loaded = Loaded(model=model, tokenizer=tokenizer, resolved=resolved, quant=quant, live_adapter=live)
     log.info("loaded %s", loaded.describe)

@@ -301,7 +301,7 @@ def make_trainable(
         model.requires_grad_(True)
     for module in model.modules():
         fp32_trainable_modules(module)
-    lora_in_activation_dtype(model)
+    fast_lora_layers(model)
     return model
 
 
@@ -432,10 +432,11 @@ def exact_lora() -> Iterator[None]:
         _exact_lora = before
 
 
-def lora_in_activation_dtype(model: Any) -> int:
-    """Make the plain LoRA layers of `model` compute in the activation dtype (see _ActivationDtypeLinear);
-    where they compute in the adapters' dtype, a plain Linear's update is one autograd node (see
-    _fused_lora_linear).
+def fast_lora_layers(model: Any) -> int:
+    """Swap in faster forwards for the plain LoRA layers of `model`, in place: their A and B multiply in
+    the activation dtype (see _ActivationDtypeLinear), and where the update is computed in the adapters'
+    own dtype instead (under exact_lora(), or on an fp32 model), a plain Linear's update is one autograd
+    node (see _fused_lora_linear).
 
     Only the speed changes on an fp32 model. Layers with a LoRA variant (DoRA, ...) keep peft's own path.
     Returns how many layers changed.

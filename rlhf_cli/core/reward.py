@@ -92,10 +92,10 @@ def load_reward_model(path: str, *, dtype: str = "auto", gguf_file: str | None =
     from rlhf_cli.core.device import resolve_dtype
     from rlhf_cli.core.inference import run_quant
     from rlhf_cli.core.models import (
+        fast_lora_layers,
         fp32_trainable_modules,
         load_model,
         load_tokenizer,
-        lora_in_activation_dtype,
     )
     from rlhf_cli.runs import resolve_model
 
@@ -109,7 +109,7 @@ def load_reward_model(path: str, *, dtype: str = "auto", gguf_file: str | None =
     model = load_model(base, dtype=resolve_dtype(dtype), quant=run_quant(resolved), head="reward")
     if live:
         model = PeftModel.from_pretrained(model, live)
-        lora_in_activation_dtype(model)  # computes as in training
+        fast_lora_layers(model)  # computes as in training
     for module in model.modules():
         if type(module).__name__ == "Linear" and module.out_features == 1:
             fp32_trainable_modules(module, all_params=True)

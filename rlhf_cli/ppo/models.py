@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from rlhf_cli.core.chat import conversation_text, ensure_chat_template
 from rlhf_cli.core.device import resolve_dtype
-from rlhf_cli.core.models import attach_lora, load_model, load_tokenizer, lora_in_activation_dtype
+from rlhf_cli.core.models import attach_lora, fast_lora_layers, load_model, load_tokenizer
 from rlhf_cli.core.reward import RewardFn, load_function, load_reward_model
 from rlhf_cli.errors import DataError, RecipeError
 from rlhf_cli.recipe import PPORecipe
@@ -531,7 +531,7 @@ def build_models(recipe: PPORecipe, policy_res: ResolvedModel, plan: LayoutPlan)
         actor.eval()
         if recipe.quant.bits is not None:
             keep_4bit_layers_in_train_mode(actor)
-        lora_in_activation_dtype(actor.peft)
+        fast_lora_layers(actor.peft)
         actor.freeze_all_but_trainable()
     name = "shared-base+separate-reward" if recipe.lora is not None and plan.reward == "separate" else actor.layout
     layout: dict[str, Any] = {"name": name, "base_copies": copies, "quantized_bits": recipe.quant.bits,
