@@ -226,3 +226,19 @@ def test_divergence_ends_the_run_before_a_poisoned_checkpoint_and_keeps_the_last
         weights = load_file(marker.parent / "adapter_model.safetensors")
         assert all(torch.isfinite(t).all() for t in weights.values()), marker.parent.name
 
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes")])
+def test_out_of_memory_on_the_device_or_the_host_is_one_line_naming_what_to_lower(monkeypatch, error):
+    from transformers import Trainer
+
+    def exhausted(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Trainer, "training_step", exhausted)
+    out = rlhf("sft", "sft.yaml", "--set", "train.max_steps=2")
+    assert out.code == 1, out
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: out of memory at step 0: lower train.batch_size or data.max_length, set train.gradient_checkpointing: "
+        "true, or load the base in 4 bits (quant.bits: 4)")
+    assert manifest("runs/tiny/sft")["status"] == "failed"

@@ -36,6 +36,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from rlhf_cli.console import Progress
 from rlhf_cli.core import distributed
 from rlhf_cli.core.device import Precision, peak_memory_bytes
+from rlhf_cli.core.memory import out_of_memory
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.recipe import TrainSpec
 from rlhf_cli.runs import RunDir, checkpoint_step, is_main_process
@@ -281,7 +282,9 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
     try:
         with _signals(callback.request_stop):
             result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
-    except torch.OutOfMemoryError:
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
         raise TrainingError(
             f"out of memory at step {trainer.state.global_step}: lower train.batch_size or data.max_length, "
             "set train.gradient_checkpointing: true, or load the base in 4 bits (quant.bits: 4)"
