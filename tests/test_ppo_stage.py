@@ -345,3 +345,54 @@ def test_a_reward_model_whose_input_format_is_unknown_is_a_usage_error(tiny, run
     assert result.exit_code == 2, result.output
     assert "no chat template and another vocabulary" in result.output
     assert not out.exists()
+
+
+# One optimizer step per iteration, few tokens: seconds per run.
+SMALL = {"ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 8, "ppo.ppo_epochs": 1, "ppo.save_steps": 1,
+         "generation.max_new_tokens": 8}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_an_update_that_overflows_ends_the_run_before_its_checkpoint(tiny, sft_full_run, tmp_path):
+    """lr 1e39 makes the first AdamW step overflow: no loss is computed after it, so only a check of the
+    weights stops the checkpoint of iteration 1 (save_steps 1) from being marked complete."""
+    out = tmp_path / "ppo-overflow"
+    result = ppo(tiny, {"sft": sft_full_run}, out, "tests.ppo_support:says_great", iterations=2,
+                 extra={**SMALL, "ppo.lr": 1e39})
+    assert result.exit_code == 1, result.output
+    assert ("error: iteration 1: the policy or value weights are not finite after the update: lower ppo.lr (now 1e+39)"
+            in result.output)
+    assert not list(out.glob("checkpoints/*/COMPLETE"))
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+def test_checkpoints_before_a_diverged_iteration_stay_as_they_were(tiny, sft_full_run, tmp_path, monkeypatch):
+    """Iterations 1 and 2 are checkpointed; iteration 3's last optimizer step overflows (simulated): the run
+    exits 1 and neither a checkpoint of infs nor the rotation (save_total_limit 2) touches the good ones."""
+    import torch
+
+    from rlhf_cli.ppo import loop
+
+    out = tmp_path / "ppo-poisoned"
+    update, before = loop.ppo_update, {}
+
+    def overflowing(*args):
+        stats = update(*args)
+        params, it = args[3], args[-1]
+        if it == 3:
+            before.update(_files(out / "checkpoints"))
+            with torch.no_grad():
+                params[0].fill_(float("inf"))
+        return stats
+
+    monkeypatch.setattr(loop, "ppo_update", overflowing)
+    result = ppo(tiny, {"sft": sft_full_run}, out, "tests.ppo_support:says_great", iterations=4,
+                 extra={**SMALL, "ppo.save_total_limit": 2})
+    assert result.exit_code == 1, result.output
+    assert "iteration 3: the policy or value weights are not finite" in result.output
+    assert {"checkpoint-1/COMPLETE", "checkpoint-2/COMPLETE"} <= set(before)
+    assert _files(out / "checkpoints") == before
+

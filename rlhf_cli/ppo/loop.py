@@ -3,6 +3,10 @@
 The math lives in rlhf_cli/ppo/algo.py; this file only orders the steps, times them, logs them and
 makes them resumable. RLHF PPO as in Ziegler et al. 2019 and Ouyang et al. 2022, with the details of
 Huang et al. 2024 ("The N Implementation Details of RLHF with PPO").
+
+What stops a run stops every rank at the same point with the same message (NaN scores, NaN losses,
+non-finite weights): a rank that raised alone would leave the others waiting in their next collective.
+The weights are checked after every iteration's update, so a checkpoint never holds non-finite ones.
 """
 
 from __future__ import annotations
@@ -146,8 +150,10 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
             # The reward model computes as it was trained (train-rm's LoRA in the activation dtype).
             raw_scores = torch.tensor(models.scorer(batch_prompts, rollout.texts), dtype=torch.float32, device=device)
             t_score = time.perf_counter() - t0
-            if not torch.isfinite(raw_scores).all():
-                raise TrainingError(f"iteration {it}: the reward returned NaN/inf for {int((~torch.isfinite(raw_scores)).sum())} responses")
+            nonfinite = sum(distributed.gather_ints(int((~torch.isfinite(raw_scores)).sum())))
+            if nonfinite:
+                raise TrainingError(f"iteration {it}: the reward returned NaN/inf for {nonfinite} of {ppo.rollout_batch_size} "
+                                    "responses: make the reward function (or model) return finite scores")
 
             # 3. rewards and advantages
             scores = raw_scores.clone()
@@ -168,6 +174,10 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
             with exact_lora():
                 stats = ppo_update(model, optimizer, acc, params, rollout, batch, recipe, shuffle, mini, micro, it)
             t_train = time.perf_counter() - t0
+            # The last optimizer step of an iteration meets no loss check before the checkpoint is written.
+            if not distributed.all_finite(params):
+                raise TrainingError(f"iteration {it}: the policy or value weights are not finite after the update: "
+                                    f"lower ppo.lr (now {ppo.lr:g}) or set ppo.reward_clip")
 
             # 5. KL controller, metrics, warnings
             seq_kl = kl.sum(1)
@@ -251,11 +261,11 @@ def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollo
         return algo.value_loss(values, batch["old_values"][idx], batch["returns"][idx], rollout.mask[idx],
                                ppo.value_clip_range)
 
-    def finite(loss: Tensor, what: str, epoch: int, stats: dict[str, Tensor]) -> Tensor:
-        if not torch.isfinite(loss):
-            ratio = f", ratio max {float(stats['ratio_max']):.4g}" if "ratio_max" in stats else ""
-            raise TrainingError(f"{what} loss is {float(loss)} at iteration {it}, epoch {epoch + 1}{ratio}: "
-                                "lower ppo.lr or set ppo.reward_clip")
+    def finite(loss: Tensor, what: str, epoch: int) -> Tensor:
+        # Decided by every rank before backward, whose gradient all-reduce a rank that raised alone would miss.
+        if distributed.any_rank(not bool(torch.isfinite(loss))):
+            raise TrainingError(f"{what} loss is not finite at iteration {it}, epoch {epoch + 1}: "
+                                f"lower ppo.lr (now {ppo.lr:g}) or set ppo.reward_clip")
         return loss
 
     for epoch in range(ppo.ppo_epochs):
@@ -267,13 +277,13 @@ def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollo
                 with acc.accumulate(model):
                     if one_process:
                         pg_loss, pg = policy_terms(actor.policy_logits(ids, attn, pos, R), idx)
-                        acc.backward(finite(pg_loss, "policy", epoch, pg))
+                        acc.backward(finite(pg_loss, "policy", epoch))
                         vf_loss, vf = value_terms(actor.values(ids, attn, pos, R), idx)
-                        acc.backward(finite(ppo.vf_coef * vf_loss, "value", epoch, vf))
+                        acc.backward(finite(ppo.vf_coef * vf_loss, "value", epoch))
                     else:
                         logits, values = model(ids, attn, pos, R)
                         (pg_loss, pg), (vf_loss, vf) = policy_terms(logits, idx), value_terms(values, idx)
-                        acc.backward(finite(pg_loss + ppo.vf_coef * vf_loss, "policy + value", epoch, pg))
+                        acc.backward(finite(pg_loss + ppo.vf_coef * vf_loss, "policy + value", epoch))
                     if acc.sync_gradients:
                         acc.clip_grad_norm_(params, ppo.max_grad_norm)
                     optimizer.step()
@@ -332,7 +342,8 @@ def save_checkpoint(run: RunDir, actor: Any, optimizer: Any, kl_ctl: Any, shuffl
                     acc: Any, keep: int) -> Path:
     """checkpoints/checkpoint-N/: adapters (or weights), value head, optimizer, KL controller, RNG, position.
 
-    COMPLETE is written last, so a crash mid-save leaves a checkpoint that resume skips.
+    COMPLETE is written last, so a crash mid-save leaves a checkpoint that resume skips; train() calls this
+    only once the iteration's weights were found finite, so _prune rotates finite checkpoints only.
     """
     path = run.checkpoints / f"checkpoint-{state.iteration}"
     if is_main_process():
