@@ -17,6 +17,7 @@ import random
 import shutil
 import signal
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from rlhf_cli.console import Progress
 from rlhf_cli.core import distributed
+from rlhf_cli.core.memory import out_of_memory
 from rlhf_cli.core.models import exact_lora
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.ppo import algo
@@ -130,7 +132,8 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
     stop = StopRequest()
     generated = 0  # responses sampled by this process (each rank samples for its share of the prompts)
 
-    with stop.installed(), Progress(ppo.iterations, "ppo", start=state.iteration, unit="iteration") as bar:
+    with stop.installed(), Progress(ppo.iterations, "ppo", start=state.iteration, unit="iteration") as bar, \
+            failures_explained(state, recipe):
         while state.iteration < ppo.iterations:
             it = state.iteration + 1
             cpu0 = time.process_time()
@@ -221,6 +224,32 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
                 raise Interrupted(f"stopped after iteration {it} ({why}); checkpoint saved: continue with --resume auto")
     run.update(distributed=distributed.report(generated, global_batch_size=ppo.rollout_batch_size))
     return summary(state)
+
+
+@contextmanager
+def failures_explained(state: State, recipe: PPORecipe) -> Iterator[None]:
+    """Out of memory, and the math refusing the numbers of a diverged policy (NaN sampling probabilities, a
+    NaN KL, no response tokens left to whiten), as one line with what to lower instead of a traceback."""
+    try:
+        yield
+    except Exception as e:
+        it = state.iteration + 1
+        if out_of_memory(e):
+            quant = "" if recipe.quant.bits == 4 else ", or load the base in 4 bits (quant.bits: 4)"
+            raise TrainingError(f"out of memory in iteration {it}: lower ppo.rollout_batch_size, ppo.mini_batch_size, "
+                                f"generation.max_new_tokens or data.max_prompt_length{quant}") from None
+        if _refused_by_the_math(e):
+            raise TrainingError(f"iteration {it}: {str(e).splitlines()[0]}: the policy diverged; "
+                                f"lower ppo.lr (now {recipe.ppo.lr:g}) or ppo.ppo_epochs") from None
+        raise
+
+
+def _refused_by_the_math(e: BaseException) -> bool:
+    """An argument check of algo.py, or torch refusing to sample from NaN/inf probabilities."""
+    if isinstance(e, RuntimeError) and "probability tensor contains" in str(e):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    return isinstance(e, ValueError) and bool(frames) and frames[-1].filename == algo.__file__
 
 
 def adamw(params: list[Tensor], **kwargs: Any) -> torch.optim.Optimizer:
