@@ -232,6 +232,28 @@ def test_ppo_two_processes_share_the_rollout_and_match_one(tiny, sft_full_run, t
     assert len([line for line in two.stdout.splitlines() if line.startswith("{")]) == 1
 
 
+@pytest.mark.dist
+@pytest.mark.stage
+def test_a_nan_reward_on_one_rank_ends_every_rank_with_exit_1_and_the_same_line(tiny, sft_full_run, tmp_path):
+    """Rank 1's reward is NaN, rank 0's is not: both must stop at that iteration, not rank 0 waiting in the
+    next collective for a rank that has gone."""
+    args = ppo_args(tiny, sft_full_run, tmp_path / "run")
+    args[args.index("tests.dist_support:answer_length")] = "tests.dist_support:nan_on_rank_1"
+    logs = tmp_path / "logs"
+    t0 = time.monotonic()
+    result = accelerate(tmp_path, *args, logs=logs)
+    seconds = time.monotonic() - t0
+    assert result.returncode != 0
+    assert sorted(re.findall(r"exitcode\s+:\s*(-?\d+)", result.stderr)) == ["1", "1"], result.stderr[-3000:]
+    lines = {rank: [line for line in text.splitlines() if line.startswith("error:")]
+             for rank, text in rank_logs(logs, "stderr").items()}
+    assert set(lines) == {0, 1} and lines[0] == lines[1], lines
+    assert lines[0] == ["error: iteration 1: the reward returned NaN/inf for 4 of 8 responses: make the reward "
+                        "function (or model) return finite scores"]
+    assert manifest(tmp_path / "run")["status"] == "failed"
+    assert seconds < 120
+
+
 # --------------------------------------------------------------------------- launch rules (no processes started)
 
 
