@@ -186,6 +186,26 @@ def test_recipe_error_exits_2_on_every_rank_under_torchrun(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.dist
+@pytest.mark.stage
+def test_sft_divergence_ends_every_rank_with_exit_1_and_the_same_line(tiny, tmp_path):
+    """lr 1e30: the loss is NaN at step 2 (not a logged one) on both ranks; both must stop there, before its save."""
+    logs = tmp_path / "logs"
+    args = [*sft_args(tiny, tmp_path / "run", batch=8), "--set", "train.lr=1e30", "--set", "train.save_steps=2",
+            "--set", "train.logging_steps=5"]
+    t0 = time.monotonic()
+    result = accelerate(tmp_path, *args, logs=logs)
+    seconds = time.monotonic() - t0
+    assert sorted(re.findall(r"exitcode\s+:\s*(-?\d+)", result.stderr)) == ["1", "1"], result.stderr[-3000:]
+    lines = {rank: [line for line in text.splitlines() if line.startswith("error:")]
+             for rank, text in rank_logs(logs, "stderr").items()}
+    assert set(lines) == {0, 1} and lines[0] == lines[1] and len(lines[0]) == 1, lines
+    assert "at step 2: training diverged; lower train.lr (now 1e+30)" in lines[0][0]
+    assert manifest(tmp_path / "run")["status"] == "failed"
+    assert not list((tmp_path / "run").glob("checkpoints/*/COMPLETE"))
+    assert seconds < 120
+
+
 # --------------------------------------------------------------------------- ppo: two processes against one
 
 PPO_SETS = {"ppo.iterations": 2, "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 4, "ppo.ppo_epochs": 2,
