@@ -77,7 +77,8 @@ def model_shape(config: Any) -> tuple[int, int, int]:
     return int(text.hidden_size), int(text.num_hidden_layers), int(text.vocab_size)
 
 
-# The host allocator fails with a plain RuntimeError (c10's alloc_cpu), not torch.OutOfMemoryError.
+# The host allocator fails with a plain RuntimeError (c10's alloc_cpu), not torch.OutOfMemoryError
+# (matched by name below: this module is read before torch is imported).
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
 
 

@@ -13,7 +13,8 @@ Checkpoints are <run>/checkpoints/checkpoint-N; a COMPLETE file is dropped into 
 finished writing it (runs.latest_checkpoint trusts no other). The loss and the trained weights are
 checked after every optimizer step, before Trainer may save or rotate checkpoints, so a diverged step
 ends the run and no checkpoint ever holds non-finite weights: those kept are the last finite ones.
-For tests, RLHF_TEST_INTERRUPT_AT_STEP=k sends this process a SIGINT after optimizer step k, which exercises the real signal path.
+For tests, RLHF_TEST_INTERRUPT_AT_STEP=k sends this process a SIGINT after optimizer step k, which
+exercises the real signal path.
 """
 
 from __future__ import annotations
