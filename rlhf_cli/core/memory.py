@@ -78,7 +78,7 @@ def model_shape(config: Any) -> tuple[int, int, int]:
 
 
 # The host allocator fails with a plain RuntimeError (c10's alloc_cpu), not torch.OutOfMemoryError
-# (matched by name below: this module is read before torch is imported).
+# (matched by name below, so that this module needs no torch import).
 _OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
 
 
