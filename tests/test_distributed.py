@@ -444,3 +444,14 @@ def test_sharded_modes_refused_on_cpu_processes(env):
     env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(TrainingError, match="DeepSpeed ZeRO-2 needs CUDA GPUs"):
         distributed.init()
+
+
+def test_finiteness_and_sums_on_one_process(env):
+    import torch
+
+    from rlhf_cli.core import distributed
+
+    assert distributed.all_finite([torch.ones(3), torch.zeros(2, 2)]) and distributed.all_finite([])
+    assert not distributed.all_finite([torch.ones(3), torch.tensor([1.0, float("inf")])])
+    assert not distributed.all_finite([torch.tensor(float("nan"))])
+    assert distributed.total(2.5) == 2.5
