@@ -186,6 +186,26 @@ def test_recipe_error_exits_2_on_every_rank_under_torchrun(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.dist
+@pytest.mark.stage
+def test_sft_divergence_ends_every_rank_with_exit_1_and_the_same_line(tiny, tmp_path):
+    """lr 1e30: the loss is NaN at step 2 (not a logged one) on both ranks; both must stop there, before its save."""
+    logs = tmp_path / "logs"
+    args = [*sft_args(tiny, tmp_path / "run", batch=8), "--set", "train.lr=1e30", "--set", "train.save_steps=2",
+            "--set", "train.logging_steps=5"]
+    t0 = time.monotonic()
+    result = accelerate(tmp_path, *args, logs=logs)
+    seconds = time.monotonic() - t0
+    assert sorted(re.findall(r"exitcode\s+:\s*(-?\d+)", result.stderr)) == ["1", "1"], result.stderr[-3000:]
+    lines = {rank: [line for line in text.splitlines() if line.startswith("error:")]
+             for rank, text in rank_logs(logs, "stderr").items()}
+    assert set(lines) == {0, 1} and lines[0] == lines[1] and len(lines[0]) == 1, lines
+    assert "at step 2: training diverged; lower train.lr (now 1e+30)" in lines[0][0]
+    assert manifest(tmp_path / "run")["status"] == "failed"
+    assert not list((tmp_path / "run").glob("checkpoints/*/COMPLETE"))
+    assert seconds < 120
+
+
 # --------------------------------------------------------------------------- ppo: two processes against one
 
 PPO_SETS = {"ppo.iterations": 2, "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 4, "ppo.ppo_epochs": 2,
@@ -230,6 +250,28 @@ def test_ppo_two_processes_share_the_rollout_and_match_one(tiny, sft_full_run, t
     ckpt = tmp_path / "two" / "checkpoints" / "checkpoint-2"
     assert (ckpt / "COMPLETE").exists() and (ckpt / "rng-0.pt").exists() and (ckpt / "rng-1.pt").exists()
     assert len([line for line in two.stdout.splitlines() if line.startswith("{")]) == 1
+
+
+@pytest.mark.dist
+@pytest.mark.stage
+def test_a_nan_reward_on_one_rank_ends_every_rank_with_exit_1_and_the_same_line(tiny, sft_full_run, tmp_path):
+    """Rank 1's reward is NaN, rank 0's is not: both must stop at that iteration, not rank 0 waiting in the
+    next collective for a rank that has gone."""
+    args = ppo_args(tiny, sft_full_run, tmp_path / "run")
+    args[args.index("tests.dist_support:answer_length")] = "tests.dist_support:nan_on_rank_1"
+    logs = tmp_path / "logs"
+    t0 = time.monotonic()
+    result = accelerate(tmp_path, *args, logs=logs)
+    seconds = time.monotonic() - t0
+    assert result.returncode != 0
+    assert sorted(re.findall(r"exitcode\s+:\s*(-?\d+)", result.stderr)) == ["1", "1"], result.stderr[-3000:]
+    lines = {rank: [line for line in text.splitlines() if line.startswith("error:")]
+             for rank, text in rank_logs(logs, "stderr").items()}
+    assert set(lines) == {0, 1} and lines[0] == lines[1], lines
+    assert lines[0] == ["error: iteration 1: the reward returned NaN/inf for 4 of 8 responses: make the reward "
+                        "function (or model) return finite scores"]
+    assert manifest(tmp_path / "run")["status"] == "failed"
+    assert seconds < 120
 
 
 # --------------------------------------------------------------------------- launch rules (no processes started)
@@ -402,3 +444,14 @@ def test_sharded_modes_refused_on_cpu_processes(env):
     env.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(TrainingError, match="DeepSpeed ZeRO-2 needs CUDA GPUs"):
         distributed.init()
+
+
+def test_finiteness_and_sums_on_one_process(env):
+    import torch
+
+    from rlhf_cli.core import distributed
+
+    assert distributed.all_finite([torch.ones(3), torch.zeros(2, 2)]) and distributed.all_finite([])
+    assert not distributed.all_finite([torch.ones(3), torch.tensor([1.0, float("inf")])])
+    assert not distributed.all_finite([torch.tensor(float("nan"))])
+    assert distributed.total(2.5) == 2.5

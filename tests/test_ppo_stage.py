@@ -345,3 +345,96 @@ def test_a_reward_model_whose_input_format_is_unknown_is_a_usage_error(tiny, run
     assert result.exit_code == 2, result.output
     assert "no chat template and another vocabulary" in result.output
     assert not out.exists()
+
+
+# One optimizer step per iteration, few tokens: seconds per run.
+SMALL = {"ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 8, "ppo.ppo_epochs": 1, "ppo.save_steps": 1,
+         "generation.max_new_tokens": 8}
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_an_update_that_overflows_ends_the_run_before_its_checkpoint(tiny, sft_full_run, tmp_path):
+    """lr 1e39 makes the first AdamW step overflow: no loss is computed after it, so only a check of the
+    weights stops the checkpoint of iteration 1 (save_steps 1) from being marked complete."""
+    out = tmp_path / "ppo-overflow"
+    result = ppo(tiny, {"sft": sft_full_run}, out, "tests.ppo_support:says_great", iterations=2,
+                 extra={**SMALL, "ppo.lr": 1e39})
+    assert result.exit_code == 1, result.output
+    assert ("error: iteration 1: the policy or value weights are not finite after the update: lower ppo.lr (now 1e+39)"
+            in result.output)
+    assert not list(out.glob("checkpoints/*/COMPLETE"))
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+def test_checkpoints_before_a_diverged_iteration_stay_as_they_were(tiny, sft_full_run, tmp_path, monkeypatch):
+    """Iterations 1 and 2 are checkpointed; iteration 3's last optimizer step overflows (simulated): the run
+    exits 1 and neither a checkpoint of infs nor the rotation (save_total_limit 2) touches the good ones."""
+    import torch
+
+    from rlhf_cli.ppo import loop
+
+    out = tmp_path / "ppo-poisoned"
+    update, before = loop.ppo_update, {}
+
+    def overflowing(*args):
+        stats = update(*args)
+        params, it = args[3], args[-1]
+        if it == 3:
+            before.update(_files(out / "checkpoints"))
+            with torch.no_grad():
+                params[0].fill_(float("inf"))
+        return stats
+
+    monkeypatch.setattr(loop, "ppo_update", overflowing)
+    result = ppo(tiny, {"sft": sft_full_run}, out, "tests.ppo_support:says_great", iterations=4,
+                 extra={**SMALL, "ppo.save_total_limit": 2})
+    assert result.exit_code == 1, result.output
+    assert "iteration 3: the policy or value weights are not finite" in result.output
+    assert {"checkpoint-1/COMPLETE", "checkpoint-2/COMPLETE"} <= set(before)
+    assert _files(out / "checkpoints") == before
+
+
+@pytest.mark.parametrize("error", ["device", "host"])
+def test_out_of_memory_in_ppo_is_one_line_naming_what_to_lower(tiny, sft_full_run, tmp_path, monkeypatch, error):
+    import torch
+
+    from rlhf_cli.ppo import loop
+
+    def exhausted(*args, **kwargs):
+        if error == "device":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes")
+
+    monkeypatch.setattr(loop, "generate", exhausted)
+    out = tmp_path / "ppo-oom"
+    result = ppo(tiny, {"sft": sft_full_run}, out, "tests.ppo_support:says_great", iterations=1, extra=SMALL)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: out of memory in iteration 1: lower ppo.rollout_batch_size, ppo.mini_batch_size, "
+        "generation.max_new_tokens or data.max_prompt_length, or load the base in 4 bits (quant.bits: 4)")
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+def test_the_math_refusing_a_diverged_policy_is_one_line_and_other_errors_stay_tracebacks():
+    import torch
+
+    from rlhf_cli.errors import TrainingError
+    from rlhf_cli.ppo import algo
+    from rlhf_cli.ppo.loop import State, failures_explained
+    from rlhf_cli.recipe import PPORecipe
+
+    recipe = PPORecipe(policy={"path": "runs/sft"}, reward={"function": "tests.ppo_support:says_great"},
+                       data={"train": "p.jsonl"})
+    with pytest.raises(TrainingError, match=r"^iteration 5: current_kl must be finite, got nan: the policy diverged; "
+                                            r"lower ppo.lr \(now 1e-05\) or ppo.ppo_epochs$"):
+        with failures_explained(State(iteration=4), recipe):
+            algo.make_kl_controller(0.05, 6.0, 10000).update(float("nan"), 8)
+    with pytest.raises(TrainingError, match=r"^iteration 1: probability tensor contains"):
+        with failures_explained(State(), recipe):
+            torch.multinomial(torch.tensor([[float("nan"), 1.0]]), 1)
+    with pytest.raises(ValueError, match="not the math"):
+        with failures_explained(State(), recipe):
+            raise ValueError("not the math")

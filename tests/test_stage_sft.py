@@ -193,3 +193,52 @@ def test_missing_tracker_is_a_recipe_error_before_anything_is_written():
     out = rlhf("sft", "sft.yaml", "--set", "train.report_to=[wandb]")
     assert out.code == 2, out
     assert "pip install wandb" in out.stderr and not Path("runs").exists()
+
+
+def _checkpoint_files(run: Path) -> dict[str, bytes]:
+    root = run / "checkpoints"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_divergence_ends_the_run_before_a_poisoned_checkpoint_and_keeps_the_last_finite_one(monkeypatch):
+    """lr 1e30 after a warm-up step at lr 0: step 1 is checkpointed (interrupted there), step 2 moves the LoRA
+    B matrices by 5e29 and step 3's loss is NaN. Resumed, the run must stop at step 3 (logged or not),
+    before it saves (save_steps 3) and save_total_limit 1 rotates checkpoint-1 out for one full of NaNs."""
+    from safetensors.torch import load_file
+
+    run = Path("runs/tiny/sft")
+    common = ["--set", "train.lr=1e30", "--set", "train.lr_scheduler=constant_with_warmup", "--set", "train.warmup_ratio=0.2",
+              "--set", "train.max_steps=8", "--set", "train.save_steps=3", "--set", "train.logging_steps=5",
+              "--set", "train.save_total_limit=1", "--set", "data.eval=null"]
+    monkeypatch.setenv("RLHF_TEST_INTERRUPT_AT_STEP", "1")
+    assert rlhf("sft", "sft.yaml", *common).code == 130
+    before = _checkpoint_files(run)
+    assert "checkpoint-1/COMPLETE" in before
+
+    monkeypatch.delenv("RLHF_TEST_INTERRUPT_AT_STEP")
+    out = rlhf("sft", "sft.yaml", *common)
+    assert out.code == 1, out
+    error = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert error == [error[-1]] and "loss is nan at step 3" in error[0] and "lower train.lr (now 1e+30)" in error[0], out.stderr
+    assert manifest(run)["status"] == "failed" and "step 3" in manifest(run)["error"]
+    assert _checkpoint_files(run) == before
+    for marker in (run / "checkpoints").glob("checkpoint-*/COMPLETE"):
+        weights = load_file(marker.parent / "adapter_model.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values()), marker.parent.name
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes")])
+def test_out_of_memory_on_the_device_or_the_host_is_one_line_naming_what_to_lower(monkeypatch, error):
+    from transformers import Trainer
+
+    def exhausted(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Trainer, "training_step", exhausted)
+    out = rlhf("sft", "sft.yaml", "--set", "train.max_steps=2")
+    assert out.code == 1, out
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: out of memory at step 0: lower train.batch_size or data.max_length, set train.gradient_checkpointing: "
+        "true, or load the base in 4 bits (quant.bits: 4)")
+    assert manifest("runs/tiny/sft")["status"] == "failed"

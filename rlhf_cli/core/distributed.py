@@ -199,6 +199,32 @@ def any_rank(flag: bool) -> bool:
     return max(gather_ints(int(flag))) > 0
 
 
+def all_finite(tensors: Any) -> bool:
+    """Whether every value of these tensors is finite on every rank, decided alike on all of them.
+
+    One stacked isfinite (one device sync) and one collective: weights may be sharded, and a rank that
+    stopped on its own would leave the others waiting in their next collective.
+    """
+    import torch
+
+    flags = [torch.isfinite(t).all() for t in tensors]
+    finite = bool(torch.stack([f.to(flags[0].device) for f in flags]).all()) if flags else True
+    return not any_rank(not finite)
+
+
+def total(value: float) -> float:
+    """The sum of every rank's value, on every rank (a NaN or inf on any rank makes it NaN or inf on all)."""
+    if world_size() == 1:
+        return float(value)
+    import torch
+    import torch.distributed as dist
+
+    init()
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_device())
+    dist.all_reduce(t)
+    return float(t.item())
+
+
 def report(samples_this_rank: int, **extra: Any) -> dict[str, Any]:
     """run.json `distributed`: how the run was launched and how many samples each rank processed
     (a collective: every rank calls it)."""

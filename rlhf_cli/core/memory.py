@@ -75,3 +75,15 @@ def model_shape(config: Any) -> tuple[int, int, int]:
     """(hidden, layers, vocab) of a transformers config, text part for multimodal ones."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text.hidden_size), int(text.num_hidden_layers), int(text.vocab_size)
+
+
+# The host allocator fails with a plain RuntimeError (c10's alloc_cpu), not torch.OutOfMemoryError
+# (matched by name below, so that this module needs no torch import).
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether an exception means a device or the host ran out of memory, whatever class torch gave it."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _OOM_MESSAGES)

@@ -5,12 +5,16 @@
     outcome = fit(trainer, run, "sft")
 
 fit() adds what every stage needs around trainer.train(): metrics.jsonl with every logged step, a
-progress bar (rich on a terminal, log lines in CI), a stop with exit 1 on a NaN/inf loss, a checkpoint
-and exit 130 on SIGINT/SIGTERM, and resuming from the saved step with the metrics curve continuing.
+progress bar (rich on a terminal, log lines in CI), a stop with exit 1 on a NaN/inf loss or weights, a
+checkpoint and exit 130 on SIGINT/SIGTERM, and resuming from the saved step with the metrics curve
+continuing.
 
 Checkpoints are <run>/checkpoints/checkpoint-N; a COMPLETE file is dropped into each once Trainer has
-finished writing it (runs.latest_checkpoint trusts no other). For tests, RLHF_TEST_INTERRUPT_AT_STEP=k
-sends this process a SIGINT after optimizer step k, which exercises the real signal path.
+finished writing it (runs.latest_checkpoint trusts no other). The loss and the trained weights are
+checked after every optimizer step, before Trainer may save or rotate checkpoints, so a diverged step
+ends the run and no checkpoint ever holds non-finite weights: those kept are the last finite ones.
+For tests, RLHF_TEST_INTERRUPT_AT_STEP=k sends this process a SIGINT after optimizer step k, which
+exercises the real signal path.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from rlhf_cli.console import Progress
 from rlhf_cli.core import distributed
 from rlhf_cli.core.device import Precision, peak_memory_bytes
+from rlhf_cli.core.memory import out_of_memory
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.recipe import TrainSpec
 from rlhf_cli.runs import RunDir, checkpoint_step, is_main_process
@@ -142,8 +147,9 @@ class Outcome:
 class RunCallback(TrainerCallback):
     """metrics.jsonl, progress, NaN guard, graceful stop and checkpoint markers."""
 
-    def __init__(self, run: RunDir, description: str, *, perplexity: bool = False):
+    def __init__(self, run: RunDir, description: str, trainer: Trainer, *, perplexity: bool = False):
         self.run = run
+        self.trainer = trainer
         self.description = description
         self.perplexity = perplexity
         self.stop_signal: int | None = None
@@ -165,6 +171,12 @@ class RunCallback(TrainerCallback):
         self.progress.__enter__()
 
     def on_step_end(self, args, state, control, **kwargs):
+        # Trainer saves (and rotates old checkpoints out) right after this call: stop before a diverged
+        # step can be saved. Every step, not only logged ones: a NaN loss makes NaN weights at once.
+        loss = _loss_since_log(self.trainer)
+        trained = [p for p in kwargs["model"].parameters() if p.requires_grad]
+        if not distributed.all_finite([loss, *trained]):
+            raise TrainingError(_diverged(distributed.total(float(loss)), state.global_step, args.learning_rate))
         if self.progress is not None:
             self.progress.update(state.global_step, **({"loss": self._loss} if self._loss is not None else {}))
         if self._interrupt_at and state.global_step == self._interrupt_at:
@@ -186,12 +198,8 @@ class RunCallback(TrainerCallback):
         logs = {k: v for k, v in (logs or {}).items() if not k.endswith(_NOISE)}
         if "train_loss" in logs:
             return  # the end-of-training summary, not a step
-        for key in ("loss", "eval_loss"):
-            if key in logs and not math.isfinite(logs[key]):
-                raise TrainingError(
-                    f"{key} is {logs[key]} at step {state.global_step}: training diverged; lower train.lr, "
-                    "check the data, or train in bf16/fp32 instead of fp16"
-                )
+        if "eval_loss" in logs and not math.isfinite(logs["eval_loss"]):
+            raise TrainingError(_diverged(logs["eval_loss"], state.global_step, args.learning_rate, what="eval_loss"))
         if "loss" in logs:
             self._loss = logs["loss"]
         if "eval_loss" in logs:
@@ -213,6 +221,18 @@ class RunCallback(TrainerCallback):
         if self.progress is not None:
             self.progress.__exit__(None, None, None)
             self.progress = None
+
+
+def _loss_since_log(trainer: Trainer) -> torch.Tensor:
+    """The training losses summed on the device since the last log: every step's, read without a sync
+    (Trainer's _tr_loss; its own logging_nan_inf_filter is off, so a NaN stays in the sum)."""
+    return trainer._tr_loss
+
+
+def _diverged(loss: float, step: int, lr: float, what: str = "loss") -> str:
+    """The one line for a run that diverged: the non-finite loss where there is one, else the weights."""
+    seen = f"{what} is {loss} at step {step}" if not math.isfinite(loss) else f"the trained weights are not finite after step {step}"
+    return f"{seen}: training diverged; lower train.lr (now {lr:g}), check the data, or train in bf16/fp32 instead of fp16"
 
 
 @contextlib.contextmanager
@@ -249,7 +269,7 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
     # Trainer's own printer writes dicts to stdout, which carries only results here.
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
-    callback = RunCallback(run, description, perplexity=perplexity)
+    callback = RunCallback(run, description, trainer, perplexity=perplexity)
     trainer.add_callback(callback)
     # Counts the samples this process reads: each rank trains on its own shard (DistributedSampler).
     trainer.train_dataset = counted = CountedDataset(trainer.train_dataset)
@@ -263,7 +283,9 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
     try:
         with _signals(callback.request_stop):
             result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
-    except torch.OutOfMemoryError:
+    except Exception as e:
+        if not out_of_memory(e):
+            raise
         raise TrainingError(
             f"out of memory at step {trainer.state.global_step}: lower train.batch_size or data.max_length, "
             "set train.gradient_checkpointing: true, or load the base in 4 bits (quant.bits: 4)"

@@ -3,6 +3,10 @@
 The math lives in rlhf_cli/ppo/algo.py; this file only orders the steps, times them, logs them and
 makes them resumable. RLHF PPO as in Ziegler et al. 2019 and Ouyang et al. 2022, with the details of
 Huang et al. 2024 ("The N Implementation Details of RLHF with PPO").
+
+What stops a run stops every rank at the same point with the same message (NaN scores, NaN losses,
+non-finite weights): a rank that raised alone would leave the others waiting in their next collective.
+The weights are checked after every iteration's update, so a checkpoint never holds non-finite ones.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import random
 import shutil
 import signal
 import time
+import traceback
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +30,7 @@ from torch import Tensor
 
 from rlhf_cli.console import Progress
 from rlhf_cli.core import distributed
+from rlhf_cli.core.memory import out_of_memory
 from rlhf_cli.core.models import exact_lora
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.ppo import algo
@@ -126,7 +132,8 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
     stop = StopRequest()
     generated = 0  # responses sampled by this process (each rank samples for its share of the prompts)
 
-    with stop.installed(), Progress(ppo.iterations, "ppo", start=state.iteration, unit="iteration") as bar:
+    with stop.installed(), Progress(ppo.iterations, "ppo", start=state.iteration, unit="iteration") as bar, \
+            failures_explained(state, recipe):
         while state.iteration < ppo.iterations:
             it = state.iteration + 1
             cpu0 = time.process_time()
@@ -146,8 +153,10 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
             # The reward model computes as it was trained (train-rm's LoRA in the activation dtype).
             raw_scores = torch.tensor(models.scorer(batch_prompts, rollout.texts), dtype=torch.float32, device=device)
             t_score = time.perf_counter() - t0
-            if not torch.isfinite(raw_scores).all():
-                raise TrainingError(f"iteration {it}: the reward returned NaN/inf for {int((~torch.isfinite(raw_scores)).sum())} responses")
+            nonfinite = sum(distributed.gather_ints(int((~torch.isfinite(raw_scores)).sum())))
+            if nonfinite:
+                raise TrainingError(f"iteration {it}: the reward returned NaN/inf for {nonfinite} of {ppo.rollout_batch_size} "
+                                    "responses: make the reward function (or model) return finite scores")
 
             # 3. rewards and advantages
             scores = raw_scores.clone()
@@ -168,6 +177,10 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
             with exact_lora():
                 stats = ppo_update(model, optimizer, acc, params, rollout, batch, recipe, shuffle, mini, micro, it)
             t_train = time.perf_counter() - t0
+            # The last optimizer step of an iteration meets no loss check before the checkpoint is written.
+            if not distributed.all_finite(params):
+                raise TrainingError(f"iteration {it}: the policy or value weights are not finite after the update: "
+                                    f"lower ppo.lr (now {ppo.lr:g}) or set ppo.reward_clip")
 
             # 5. KL controller, metrics, warnings
             seq_kl = kl.sum(1)
@@ -213,6 +226,32 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
     return summary(state)
 
 
+@contextmanager
+def failures_explained(state: State, recipe: PPORecipe) -> Iterator[None]:
+    """Out of memory, and the math refusing the numbers of a diverged policy (NaN sampling probabilities, a
+    NaN KL, no response tokens left to whiten), as one line with what to lower instead of a traceback."""
+    try:
+        yield
+    except Exception as e:
+        it = state.iteration + 1
+        if out_of_memory(e):
+            quant = "" if recipe.quant.bits == 4 else ", or load the base in 4 bits (quant.bits: 4)"
+            raise TrainingError(f"out of memory in iteration {it}: lower ppo.rollout_batch_size, ppo.mini_batch_size, "
+                                f"generation.max_new_tokens or data.max_prompt_length{quant}") from None
+        if _refused_by_the_math(e):
+            raise TrainingError(f"iteration {it}: {str(e).splitlines()[0]}: the policy diverged; "
+                                f"lower ppo.lr (now {recipe.ppo.lr:g}) or ppo.ppo_epochs") from None
+        raise
+
+
+def _refused_by_the_math(e: BaseException) -> bool:
+    """An argument check of algo.py, or torch refusing to sample from NaN/inf probabilities."""
+    if isinstance(e, RuntimeError) and "probability tensor contains" in str(e):
+        return True
+    frames = traceback.extract_tb(e.__traceback__)
+    return isinstance(e, ValueError) and bool(frames) and frames[-1].filename == algo.__file__
+
+
 def adamw(params: list[Tensor], **kwargs: Any) -> torch.optim.Optimizer:
     """AdamW, fused where torch has a fused kernel for these tensors (a third of the step time of the
     per-tensor loop on 9.8M LoRA parameters of SmolLM2-135M on a CPU: 12 ms instead of 33)."""
@@ -251,11 +290,11 @@ def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollo
         return algo.value_loss(values, batch["old_values"][idx], batch["returns"][idx], rollout.mask[idx],
                                ppo.value_clip_range)
 
-    def finite(loss: Tensor, what: str, epoch: int, stats: dict[str, Tensor]) -> Tensor:
-        if not torch.isfinite(loss):
-            ratio = f", ratio max {float(stats['ratio_max']):.4g}" if "ratio_max" in stats else ""
-            raise TrainingError(f"{what} loss is {float(loss)} at iteration {it}, epoch {epoch + 1}{ratio}: "
-                                "lower ppo.lr or set ppo.reward_clip")
+    def finite(loss: Tensor, what: str, epoch: int) -> Tensor:
+        # Decided by every rank before backward, whose gradient all-reduce a rank that raised alone would miss.
+        if distributed.any_rank(not bool(torch.isfinite(loss))):
+            raise TrainingError(f"{what} loss is not finite at iteration {it}, epoch {epoch + 1}: "
+                                f"lower ppo.lr (now {ppo.lr:g}) or set ppo.reward_clip")
         return loss
 
     for epoch in range(ppo.ppo_epochs):
@@ -267,13 +306,13 @@ def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollo
                 with acc.accumulate(model):
                     if one_process:
                         pg_loss, pg = policy_terms(actor.policy_logits(ids, attn, pos, R), idx)
-                        acc.backward(finite(pg_loss, "policy", epoch, pg))
+                        acc.backward(finite(pg_loss, "policy", epoch))
                         vf_loss, vf = value_terms(actor.values(ids, attn, pos, R), idx)
-                        acc.backward(finite(ppo.vf_coef * vf_loss, "value", epoch, vf))
+                        acc.backward(finite(ppo.vf_coef * vf_loss, "value", epoch))
                     else:
                         logits, values = model(ids, attn, pos, R)
                         (pg_loss, pg), (vf_loss, vf) = policy_terms(logits, idx), value_terms(values, idx)
-                        acc.backward(finite(pg_loss + ppo.vf_coef * vf_loss, "policy + value", epoch, pg))
+                        acc.backward(finite(pg_loss + ppo.vf_coef * vf_loss, "policy + value", epoch))
                     if acc.sync_gradients:
                         acc.clip_grad_norm_(params, ppo.max_grad_norm)
                     optimizer.step()
@@ -332,7 +371,8 @@ def save_checkpoint(run: RunDir, actor: Any, optimizer: Any, kl_ctl: Any, shuffl
                     acc: Any, keep: int) -> Path:
     """checkpoints/checkpoint-N/: adapters (or weights), value head, optimizer, KL controller, RNG, position.
 
-    COMPLETE is written last, so a crash mid-save leaves a checkpoint that resume skips.
+    COMPLETE is written last, so a crash mid-save leaves a checkpoint that resume skips; train() calls this
+    only once the iteration's weights were found finite, so _prune rotates finite checkpoints only.
     """
     path = run.checkpoints / f"checkpoint-{state.iteration}"
     if is_main_process():
