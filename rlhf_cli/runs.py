@@ -31,6 +31,8 @@ MANIFEST = "run.json"
 Status = Literal["running", "completed", "failed", "interrupted"]
 ModelKind = Literal["adapter", "full", "reward-adapter", "reward-full"]
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# peft writes safetensors (safe_serialization=True); older runs may hold the pickle format.
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _VERSIONED = ("rlhf-cli", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
 
 
@@ -298,7 +300,9 @@ def resolve_model(path: str, gguf_file: str | None = None, trust_remote_code: bo
     model = manifest.get("model") or {}
     kind = "reward" if str(model.get("kind", "")).startswith("reward") else "causal-lm"
     tokenizer = str(p / model["tokenizer"]) if model.get("tokenizer") else None
-    trust = bool(manifest.get("trust_remote_code", trust_remote_code))
+    _check_model_files(p, model)
+    # Only the caller (the user's flag or recipe) may allow remote code; a run.json never does.
+    trust = trust_remote_code
     if model.get("kind") in ("full", "reward-full"):
         return ResolvedModel(base=str(p / model["path"]), tokenizer=tokenizer, kind=kind, run_dir=str(p), trust_remote_code=trust)
 
@@ -316,3 +320,16 @@ def resolve_model(path: str, gguf_file: str | None = None, trust_remote_code: bo
         run_dir=str(p),
         trust_remote_code=trust,
     )
+
+
+def _check_model_files(run: Path, model: dict[str, Any]) -> None:
+    """The files run.json points at must be there: found missing here, not as a loader traceback later."""
+    if model.get("kind") in ("full", "reward-full"):
+        needed = [(run / model["path"] / "config.json",)]
+    else:
+        folders = [run / adapter for adapter in model.get("adapters", [])]
+        needed = [alternatives for f in folders
+                  for alternatives in ((f / "adapter_config.json",), tuple(f / name for name in _ADAPTER_WEIGHTS))]
+    for alternatives in needed:
+        if not any(path.is_file() for path in alternatives):
+            raise DataError(f"{alternatives[0]}: missing, though {run / MANIFEST} names it: restore it, or train that run again")

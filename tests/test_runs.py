@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,6 +22,12 @@ from rlhf_cli.runs import (
 
 RECIPE_YAML = "stage: sft\nmodel: {path: m}\n"
 RECIPE_JSON = {"stage": "sft", "model": {"path": "m"}}
+
+
+def tree(root: Path) -> dict[str, str | None]:
+    """Every path under root with its content's hash (None for directories), to show nothing changed."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
 
 
 def start(path: Path, stage: str = "sft", **kwargs) -> runs.RunDir:
@@ -255,12 +262,17 @@ def test_truncate_metrics_without_a_file_is_a_no_op(tmp_path):
 # --------------------------------------------------------------------------- resolving models
 
 
-def fake_run(path: Path, stage: str, model: dict, base_model=None, status: str = "completed") -> Path:
+def fake_run(path: Path, stage: str, model: dict, base_model=None, status: str = "completed", **extra) -> Path:
+    """A run directory holding the (empty) files its run.json names."""
     path.mkdir(parents=True)
-    for sub in [model.get("path"), model.get("tokenizer"), *model.get("adapters", [])]:
+    files = {model.get("path"): ["config.json"], model.get("tokenizer"): [],
+             **{a: ["adapter_config.json", "adapter_model.safetensors"] for a in model.get("adapters", [])}}
+    for sub, names in files.items():
         if sub:
             (path / sub).mkdir()
-    manifest = {"schema_version": 1, "stage": stage, "status": status, "model": model, "base_model": base_model}
+            for name in names:
+                (path / sub / name).write_text("{}")
+    manifest = {"schema_version": 1, "stage": stage, "status": status, "model": model, "base_model": base_model, **extra}
     (path / "run.json").write_text(json.dumps(manifest))
     return path
 
@@ -314,3 +326,29 @@ def test_resolve_chain_with_an_unfinished_parent_is_a_data_error(tmp_path):
     ppo = fake_run(tmp_path / "ppo", "ppo", {"kind": "adapter", "adapters": ["adapter"]}, base_model=str(sft))
     with pytest.raises(DataError, match="sft: run is interrupted"):
         resolve_model(str(ppo))
+
+
+def test_a_run_json_cannot_switch_remote_code_on(tmp_path):
+    untrusted = {"trust_remote_code": True, "recipe": {"model": {"path": "org/base", "trust_remote_code": True}}}
+    sft = fake_run(tmp_path / "sft", "sft", {"kind": "adapter", "adapters": ["adapter"]}, "org/base", **untrusted)
+    ppo = fake_run(tmp_path / "ppo", "ppo", {"kind": "adapter", "adapters": ["adapter"]}, str(sft), **untrusted)
+    assert resolve_model(str(ppo)).trust_remote_code is False
+    assert resolve_model(str(ppo), trust_remote_code=True).trust_remote_code is True
+
+
+@pytest.mark.parametrize("deleted", ["adapter_config.json", "adapter_model.safetensors"])
+def test_run_with_deleted_adapter_files_is_a_data_error(tmp_path, deleted):
+    sft = fake_run(tmp_path / "sft", "sft", {"kind": "adapter", "adapters": ["adapter"]}, "org/base")
+    (sft / "adapter" / deleted).unlink()
+    before = tree(tmp_path)
+    with pytest.raises(DataError) as e:
+        resolve_model(str(sft))
+    assert e.value.message == f"{sft / 'adapter' / deleted}: missing, though {sft / 'run.json'} names it: restore it, or train that run again"
+    assert tree(tmp_path) == before
+
+
+def test_full_run_with_deleted_model_is_a_data_error(tmp_path):
+    full = fake_run(tmp_path / "full", "sft", {"kind": "full", "path": "model"}, "org/base")
+    (full / "model" / "config.json").unlink()
+    with pytest.raises(DataError, match=r"model/config.json: missing, though .*run.json names it"):
+        resolve_model(str(full))
