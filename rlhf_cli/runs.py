@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,8 @@ from typing import Any, Literal
 
 from rlhf_cli.core import distributed
 from rlhf_cli.errors import DataError, RecipeError
+
+log = logging.getLogger("rlhf")
 
 SCHEMA_VERSION = 1
 MANIFEST = "run.json"
@@ -148,12 +151,27 @@ class RunDir:
         """On resume, drop lines logged after the checkpoint so the curve continues without duplicates."""
         if not self.metrics_file.exists() or not is_main_process():
             return
-        kept = [
-            line
-            for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get(key, 0) <= after_step
-        ]
+        kept = [line for line, record in _metric_records(self.metrics_file) if record.get(key, 0) <= after_step]
         atomic_write_text(self.metrics_file, "".join(k + "\n" for k in kept))
+
+
+def _metric_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """metrics.jsonl's lines with their records. A crash mid-write tears the last line, which is dropped with a
+    warning so the run can resume; an undecodable line anywhere else is damage the user must see."""
+    lines = [(n, raw) for n, raw in enumerate(path.read_bytes().split(b"\n"), 1) if raw.strip()]
+    out = []
+    for n, raw in lines:
+        try:
+            record = json.loads(raw)
+        except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+            if n == lines[-1][0]:
+                log.warning("%s:%d: dropping the torn last line (the run stopped while writing it)", path, n)
+                break
+            raise DataError(f"{path}:{n}: not a valid JSON line: fix or delete that line, or start over with --resume never") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{n}: not a JSON object: fix or delete that line, or start over with --resume never")
+        out.append((raw.decode("utf-8"), record))
+    return out
 
 
 def prepare_run(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -257,6 +259,28 @@ def test_truncate_metrics_without_a_file_is_a_no_op(tmp_path):
     run = start(tmp_path / "run")
     run.truncate_metrics(5)
     assert not run.metrics_file.exists()
+
+
+def test_truncate_metrics_drops_a_torn_last_line_with_a_warning(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("rlhf"), "propagate", True)  # the CLI's logging setup may have turned it off
+    run = start(tmp_path / "run")
+    for step in range(1, 4):
+        run.log_metrics({"step": step, "loss": 1.0})
+    with run.metrics_file.open("a") as f:
+        f.write('{"step": 4, "lo')  # the process died mid-write
+    run.truncate_metrics(3)
+    assert [json.loads(line)["step"] for line in run.metrics_file.read_text().splitlines()] == [1, 2, 3]
+    assert f"{run.metrics_file}:4: dropping the torn last line" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [b'{"step": 2, "lo', b"[2]", b"\xff"])
+def test_truncate_metrics_refuses_a_bad_line_before_the_last(tmp_path, bad):
+    run = start(tmp_path / "run")
+    run.metrics_file.write_bytes(b'{"step": 1}\n' + bad + b'\n{"step": 3}\n')
+    before = tree(tmp_path)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(run.metrics_file))}:2: not a (valid JSON line|JSON object): fix or delete"):
+        run.truncate_metrics(3)
+    assert tree(tmp_path) == before
 
 
 # --------------------------------------------------------------------------- resolving models
