@@ -187,10 +187,15 @@ def prepare_run(
 ) -> RunDir:
     """Claim output_dir for a new run, or pick up an interrupted one.
 
-    - completed run there: refuse unless overwrite (re-running never silently says "done" or clobbers);
-    - interrupted/failed run with checkpoints and resume=auto: continue from the newest checkpoint;
-    - resume=PATH: continue from that checkpoint;
-    - a non-empty directory that is not a run: refuse unless overwrite.
+    - a completed run there: refused unless overwrite (re-running never silently says "done" or clobbers);
+    - a run of another stage: refused unless overwrite (which replaces it);
+    - an interrupted/failed run with checkpoints and resume=auto: continues from the newest complete one;
+    - resume=PATH: continues from that checkpoint, which must be a complete one of this very run
+      (output_dir/checkpoints/checkpoint-N): a checkpoint of another run directory is refused, because the
+      run it continues (manifest, metrics, later checkpoints) is the one in output_dir; to continue that
+      other run, give its directory as output_dir. With overwrite, PATH may continue a completed run;
+    - a non-empty directory that holds no run (no run.json) is refused, overwrite or not: --overwrite
+      replaces runs, never other files.
 
     Under several processes rank 0 alone checks and writes; the others receive its decision (or its
     error, raised on every rank alike).
@@ -220,29 +225,13 @@ def _claim(
     parent_run: str | None,
 ) -> RunDir:
     path = Path(output_dir)
+    if parent_run and Path(parent_run).resolve() == path.resolve():
+        raise RecipeError(f"{path} is the run this {stage} run starts from: choose another --output-dir")
+    _refuse_non_run(path)
+    wanted = _wanted_checkpoint(path, resume)
     old = read_manifest(path)
-    resume_from: Path | None = None
-
-    if resume not in ("auto", "never"):
-        resume_from = Path(resume)
-        if not resume_from.is_dir():
-            raise DataError(f"--resume {resume}: checkpoint directory not found")
-        checkpoint_step(resume_from)
-    elif old is not None:
-        if old.get("stage") != stage and not overwrite:
-            raise RecipeError(
-                f"{path} holds a `{old.get('stage')}` run, not `{stage}`: choose another --output-dir or pass --overwrite"
-            )
-        status = old.get("status")
-        if status == "completed" and not overwrite:
-            raise RecipeError(f"{path} holds a completed {stage} run: pass --overwrite to replace it, or choose another --output-dir")
-        if resume == "auto" and not overwrite:
-            # An unfinished run with no checkpoint yet is started over in place.
-            resume_from = latest_checkpoint(path)
-    elif path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise RecipeError(f"{path} exists and is not a run directory: choose another --output-dir or pass --overwrite")
-
-    if resume_from is None and path.exists() and (overwrite or old is not None):
+    resume_from = _resume_point(path, stage, old, resume=resume, wanted=wanted, overwrite=overwrite)
+    if resume_from is None and old is not None:
         _clear(path)
     path.mkdir(parents=True, exist_ok=True)
 
@@ -264,15 +253,76 @@ def _claim(
         manifest["resumed_from"] = str(resume_from)
     run = RunDir(path=path, stage=stage, manifest=manifest, resume_from=resume_from)
     if is_main_process():
-        atomic_write_text(path / "recipe.yaml", recipe_yaml)
+        # run.json first: from then on the directory is a run, whatever else is cut short.
         run.update()
+        atomic_write_text(path / "recipe.yaml", recipe_yaml)
     return run
 
 
+def _refuse_non_run(path: Path) -> None:
+    """Only a run directory (one holding run.json) or an empty one may be claimed: anything else is the
+    user's, and no flag makes it ours."""
+    if path.is_dir() and not (path / MANIFEST).is_file() and any(path.iterdir()):
+        raise RecipeError(f"{path} is not empty and holds no run (no {MANIFEST}): choose a new or empty --output-dir")
+
+
+def _wanted_checkpoint(path: Path, resume: str) -> Path | None:
+    """The checkpoint --resume PATH names, checked to be a complete one of this run; None for auto / never."""
+    if resume in ("auto", "never"):
+        return None
+    wanted = Path(resume)
+    if not wanted.is_dir():
+        raise DataError(f"--resume {resume}: checkpoint directory not found")
+    checkpoint_step(wanted)
+    if wanted.resolve().parent != (path / "checkpoints").resolve():
+        raise RecipeError(
+            f"--resume {resume}: not a checkpoint of {path} (expected {path / 'checkpoints'}/checkpoint-N): "
+            "to continue the run it belongs to, pass that run's directory as --output-dir"
+        )
+    if not (wanted / "COMPLETE").exists():
+        raise RecipeError(
+            f"--resume {resume}: incomplete checkpoint (no COMPLETE marker: its save was cut short): "
+            "resume from another checkpoint, or --resume auto for the newest complete one"
+        )
+    return wanted
+
+
+def _resume_point(path: Path, stage: str, old: dict[str, Any] | None, *, resume: str, wanted: Path | None,
+                  overwrite: bool) -> Path | None:
+    """The checkpoint the claim continues from, or None to start over; raises where the run may not be claimed.
+
+    The same rules hold for --resume auto and --resume PATH; only what is resumed differs.
+    """
+    if old is None:
+        return None
+    if old.get("stage") != stage:
+        if wanted is not None:
+            raise RecipeError(
+                f"--resume {resume}: {path} holds a `{old.get('stage')}` run, not `{stage}`: "
+                f"its checkpoints do not continue a {stage} run; choose another --output-dir"
+            )
+        if not overwrite:
+            raise RecipeError(
+                f"{path} holds a `{old.get('stage')}` run, not `{stage}`: choose another --output-dir or pass --overwrite"
+            )
+    if old.get("status") == "completed" and not overwrite:
+        raise RecipeError(f"{path} holds a completed {stage} run: pass --overwrite to replace it, or choose another --output-dir")
+    if wanted is not None:
+        return wanted
+    if resume == "auto" and not overwrite:
+        # An unfinished run with no checkpoint yet is started over in place.
+        return latest_checkpoint(path)
+    return None
+
+
 def _clear(path: Path) -> None:
+    """Empty a run directory for a new run. run.json stays until the new one replaces it, so a crash here
+    still leaves a run directory (never one that no longer counts as a run and must be cleaned by hand)."""
     if not is_main_process():
         return
     for child in path.iterdir():
+        if child.name == MANIFEST:
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:

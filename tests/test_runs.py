@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -164,11 +166,29 @@ def test_run_of_another_stage_is_refused(tmp_path):
         start(tmp_path / "run")
 
 
-def test_non_run_directory_with_files_is_refused(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(RecipeError, match="is not a run directory"):
-        start(tmp_path)
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+def users_files(root: Path) -> dict[str, str | None]:
+    (root / "notes.txt").write_text("mine")
+    (root / "data").mkdir()
+    (root / "data" / "chat.jsonl").write_text('{"prompt": "hi"}\n')
+    return tree(root)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_non_run_directory_with_files_is_refused_even_with_overwrite(tmp_path, overwrite):
+    before = users_files(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        start(tmp_path, overwrite=overwrite)
+    assert e.value.exit_code == 2
+    assert e.value.message == f"{tmp_path} is not empty and holds no run (no run.json): choose a new or empty --output-dir"
+    assert tree(tmp_path) == before
+
+
+def test_parent_run_as_output_dir_is_refused(tmp_path):
+    start(tmp_path / "run").finish("completed")
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError, match=r"run is the run this sft run starts from: choose another --output-dir$"):
+        start(tmp_path / "run", overwrite=True, parent_run=str(tmp_path / "run"))
+    assert tree(tmp_path) == before
 
 
 def test_empty_existing_directory_is_used(tmp_path):
@@ -176,10 +196,6 @@ def test_empty_existing_directory_is_used(tmp_path):
     assert read_manifest(tmp_path)["status"] == "running"
 
 
-def test_non_run_directory_is_replaced_with_overwrite(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    start(tmp_path, overwrite=True)
-    assert not (tmp_path / "notes.txt").exists()
 
 
 # --------------------------------------------------------------------------- resuming
@@ -243,6 +259,63 @@ def test_resume_from_a_missing_or_odd_path_is_a_data_error(tmp_path):
     (tmp_path / "somewhere").mkdir()
     with pytest.raises(DataError, match="not a checkpoint directory"):
         start(tmp_path / "run", resume=str(tmp_path / "somewhere"))
+
+
+def completed_run_with_checkpoint(path: Path, stage: str = "sft") -> Path:
+    start(path, stage=stage).finish("completed")
+    return checkpoint(path, 4)
+
+
+def test_resume_path_on_a_completed_run_is_refused(tmp_path):
+    four = completed_run_with_checkpoint(tmp_path / "run")
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        start(tmp_path / "run", resume=str(four))
+    assert e.value.message == f"{tmp_path / 'run'} holds a completed sft run: pass --overwrite to replace it, or choose another --output-dir"
+    assert tree(tmp_path) == before
+
+
+def test_resume_path_with_overwrite_continues_a_completed_run(tmp_path):
+    four = completed_run_with_checkpoint(tmp_path / "run")
+    run = start(tmp_path / "run", resume=str(four), overwrite=True)
+    assert run.resume_from == four and four.is_dir()
+    assert read_manifest(tmp_path / "run")["status"] == "running"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_resume_path_on_a_run_of_another_stage_is_refused(tmp_path, overwrite):
+    four = completed_run_with_checkpoint(tmp_path / "run", stage="train-rm")
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        start(tmp_path / "run", resume=str(four), overwrite=overwrite)
+    assert e.value.message == (f"--resume {four}: {tmp_path / 'run'} holds a `train-rm` run, not `sft`: "
+                               "its checkpoints do not continue a sft run; choose another --output-dir")
+    assert tree(tmp_path) == before
+
+
+def test_resume_path_to_an_incomplete_checkpoint_is_refused(tmp_path):
+    interrupted_run(tmp_path / "run")
+    torn = checkpoint(tmp_path / "run", 6, complete=False)
+    (torn / "optimizer.pt").write_bytes(b"\x80\x02")  # cut short mid-save
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        start(tmp_path / "run", resume=str(torn))
+    assert e.value.message == (f"--resume {torn}: incomplete checkpoint (no COMPLETE marker: its save was cut short): "
+                               "resume from another checkpoint, or --resume auto for the newest complete one")
+    assert tree(tmp_path) == before
+
+
+def test_resume_path_of_another_run_directory_is_refused(tmp_path):
+    interrupted_run(tmp_path / "other")
+    theirs = checkpoint(tmp_path / "other", 3)
+    interrupted_run(tmp_path / "run")
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError, match=r"not a checkpoint of .*run \(expected .*run/checkpoints/checkpoint-N\): "
+                                          r"to continue the run it belongs to, pass that run's directory as --output-dir"):
+        start(tmp_path / "run", resume=str(theirs))
+    assert tree(tmp_path) == before
+    # The same checkpoint through another spelling of the path is this run's.
+    assert start(tmp_path / "other", resume=str(tmp_path / "run" / ".." / "other" / "checkpoints" / "checkpoint-3")).resume_from
 
 
 def test_truncate_metrics_drops_steps_after_the_checkpoint(tmp_path):
@@ -376,3 +449,32 @@ def test_full_run_with_deleted_model_is_a_data_error(tmp_path):
     (full / "model" / "config.json").unlink()
     with pytest.raises(DataError, match=r"model/config.json: missing, though .*run.json names it"):
         resolve_model(str(full))
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def test_cli_overwrite_of_the_working_directory_deletes_nothing(tmp_path, monkeypatch):
+    """`rlhf sft recipe.yaml -o . --overwrite` in a directory of the user's own files: exit 2, nothing touched."""
+    from typer.testing import CliRunner
+
+    from rlhf_cli.cli import app
+
+    def claim_only(recipe, options):
+        prepare_run(recipe.output_dir, "sft", RECIPE_YAML, recipe.model_dump(mode="json"),
+                    resume=options.resume, overwrite=options.overwrite)
+        raise AssertionError("the directory was claimed")
+
+    stage = types.ModuleType("rlhf_cli.stages.sft")
+    stage.run = claim_only
+    monkeypatch.setitem(sys.modules, "rlhf_cli.stages.sft", stage)
+    monkeypatch.chdir(tmp_path)
+    users_files(tmp_path)
+    (tmp_path / "sft.yaml").write_text("stage: sft\nmodel: {path: m}\ndata: {train: data/chat.jsonl}\n")
+    before = tree(tmp_path)
+    result = CliRunner().invoke(app, ["sft", "sft.yaml", "-o", ".", "--overwrite"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: . is not empty and holds no run (no run.json): choose a new or empty --output-dir"
+    ]
+    assert tree(tmp_path) == before
