@@ -12,6 +12,7 @@ run.json and recipe.yaml are written atomically (temp file + rename). Only rank 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -33,9 +34,18 @@ SCHEMA_VERSION = 1
 MANIFEST = "run.json"
 Status = Literal["running", "completed", "failed", "interrupted"]
 ModelKind = Literal["adapter", "full", "reward-adapter", "reward-full"]
+_ABSENT = object()
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # peft writes safetensors (safe_serialization=True); older runs may hold the pickle format.
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# Recipe keys a resumed run may change: how long it trains, how often it logs, evaluates and saves, where it
+# writes. Any other change (lr, data, LoRA rank, seed, ...) makes it another run, which resume refuses.
+RESUMABLE_KEYS = frozenset({
+    "output_dir",
+    "train.epochs", "train.max_steps", "train.logging_steps", "train.eval_steps", "train.save_steps",
+    "train.save_total_limit", "train.report_to",
+    "ppo.iterations", "ppo.save_steps", "ppo.save_total_limit",
+})
 _VERSIONED = ("rlhf-cli", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
 
 
@@ -230,7 +240,7 @@ def _claim(
     _refuse_non_run(path)
     wanted = _wanted_checkpoint(path, resume)
     old = read_manifest(path)
-    resume_from = _resume_point(path, stage, old, resume=resume, wanted=wanted, overwrite=overwrite)
+    resume_from = _resume_point(path, stage, old, recipe_json, resume=resume, wanted=wanted, overwrite=overwrite)
     if resume_from is None and old is not None:
         _clear(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -246,6 +256,7 @@ def _claim(
         # Absolute, so later stages and reports find the parent from any working directory.
         parent_run=str(Path(parent_run).resolve()) if parent_run else None,
         recipe=recipe_json,
+        fingerprint=_fingerprint_id(recipe_json),
         versions=package_versions(),
         command=" ".join(sys.argv),
     )
@@ -287,8 +298,8 @@ def _wanted_checkpoint(path: Path, resume: str) -> Path | None:
     return wanted
 
 
-def _resume_point(path: Path, stage: str, old: dict[str, Any] | None, *, resume: str, wanted: Path | None,
-                  overwrite: bool) -> Path | None:
+def _resume_point(path: Path, stage: str, old: dict[str, Any] | None, recipe_json: dict[str, Any], *, resume: str,
+                  wanted: Path | None, overwrite: bool) -> Path | None:
     """The checkpoint the claim continues from, or None to start over; raises where the run may not be claimed.
 
     The same rules hold for --resume auto and --resume PATH; only what is resumed differs.
@@ -308,11 +319,49 @@ def _resume_point(path: Path, stage: str, old: dict[str, Any] | None, *, resume:
     if old.get("status") == "completed" and not overwrite:
         raise RecipeError(f"{path} holds a completed {stage} run: pass --overwrite to replace it, or choose another --output-dir")
     if wanted is not None:
-        return wanted
-    if resume == "auto" and not overwrite:
+        point: Path | None = wanted
+    elif resume == "auto" and not overwrite:
         # An unfinished run with no checkpoint yet is started over in place.
-        return latest_checkpoint(path)
-    return None
+        point = latest_checkpoint(path)
+    else:
+        return None
+    if point is not None:
+        _refuse_changed_recipe(path, old.get("recipe") or {}, recipe_json)
+    return point
+
+
+def recipe_fingerprint(recipe_json: dict[str, Any]) -> dict[str, Any]:
+    """What makes a run the run it is: every dotted key of the resolved recipe except RESUMABLE_KEYS."""
+    return {key: value for key, value in _dotted(recipe_json).items() if key not in RESUMABLE_KEYS}
+
+
+def _fingerprint_id(recipe_json: dict[str, Any]) -> str:
+    """run.json `fingerprint`: a short id of recipe_fingerprint, equal for runs that are the same run."""
+    canonical = json.dumps(recipe_fingerprint(recipe_json), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _dotted(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(obj, dict) or not obj:
+        return {prefix: obj}
+    flat: dict[str, Any] = {}
+    for key, value in obj.items():
+        flat.update(_dotted(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def _refuse_changed_recipe(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Resume continues the same run: a checkpoint trained with other settings would silently mix two runs."""
+    before, after = recipe_fingerprint(old), recipe_fingerprint(new)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k, _ABSENT) != after.get(k, _ABSENT))
+    # A section that appeared or vanished (lora: null -> {r: 16}) is named once, not key by key.
+    changed = [k for k in changed if not any(k.startswith(f"{other}.") for other in changed)]
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise RecipeError(
+            f"{path}: the recipe changed since this run started ({shown}); resuming continues the same run: "
+            "restore those keys, or start over with --resume never, --overwrite, or another --output-dir"
+        )
 
 
 def _clear(path: Path) -> None:

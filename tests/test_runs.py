@@ -318,6 +318,72 @@ def test_resume_path_of_another_run_directory_is_refused(tmp_path):
     assert start(tmp_path / "other", resume=str(tmp_path / "run" / ".." / "other" / "checkpoints" / "checkpoint-3")).resume_from
 
 
+SFT_JSON = {"stage": "sft", "model": {"path": "m", "dtype": "auto"}, "lora": {"r": 16, "alpha": 32},
+            "data": {"train": "chat.jsonl", "fields": {}}, "output_dir": "runs/sft",
+            "train": {"lr": 2e-4, "max_steps": 10, "logging_steps": 10, "report_to": []}}
+
+
+def with_keys(recipe: dict, **dotted) -> dict:
+    out = json.loads(json.dumps(recipe))
+    for key, value in dotted.items():
+        *parents, last = key.split("__")
+        node = out
+        for name in parents:
+            node = node[name]
+        node[last] = value
+    return out
+
+
+def interrupted_sft(path: Path) -> Path:
+    prepare_run(path, "sft", RECIPE_YAML, SFT_JSON).finish("interrupted")
+    return checkpoint(path, 5)
+
+
+@pytest.mark.parametrize("how", ["auto", "path"])
+def test_resume_with_a_changed_recipe_is_refused(tmp_path, how):
+    five = interrupted_sft(tmp_path / "run")
+    changed = with_keys(SFT_JSON, train__lr=1e-3, lora__r=8, data__fields={"q": "prompt"}, train__max_steps=20)
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        prepare_run(tmp_path / "run", "sft", RECIPE_YAML, changed, resume="auto" if how == "auto" else str(five))
+    assert e.value.message == (
+        f"{tmp_path / 'run'}: the recipe changed since this run started (data.fields, lora.r, train.lr); "
+        "resuming continues the same run: restore those keys, or start over with --resume never, --overwrite, "
+        "or another --output-dir"
+    )
+    assert tree(tmp_path) == before
+
+
+def test_resume_may_change_how_long_and_how_often(tmp_path):
+    five = interrupted_sft(tmp_path / "run")
+    longer = with_keys(SFT_JSON, train__max_steps=20, train__logging_steps=1, train__report_to=["tensorboard"],
+                       output_dir=str(tmp_path / "run"))
+    run = prepare_run(tmp_path / "run", "sft", RECIPE_YAML, longer)
+    assert run.resume_from == five
+    manifest = read_manifest(tmp_path / "run")
+    assert manifest["recipe"]["train"]["max_steps"] == 20
+    assert manifest["fingerprint"] == runs._fingerprint_id(SFT_JSON) != runs._fingerprint_id(with_keys(SFT_JSON, train__lr=1.0))
+
+
+def test_every_resumable_key_is_a_recipe_key():
+    from pydantic import BaseModel
+
+    from rlhf_cli.recipe import RECIPE_CLASSES
+
+    def keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+        out = set()
+        for name, info in model.model_fields.items():
+            out.add(prefix + name)
+            nested = [t for t in (info.annotation, *getattr(info.annotation, "__args__", ())) if isinstance(t, type)]
+            for t in nested:
+                if issubclass(t, BaseModel):
+                    out |= keys(t, f"{prefix}{name}.")
+        return out
+
+    known = set().union(*(keys(cls) for cls in RECIPE_CLASSES.values()))
+    assert runs.RESUMABLE_KEYS and runs.RESUMABLE_KEYS <= known, runs.RESUMABLE_KEYS - known
+
+
 def test_truncate_metrics_drops_steps_after_the_checkpoint(tmp_path):
     run = start(tmp_path / "run")
     for step in range(1, 11):
