@@ -5,21 +5,27 @@
       recipe.yaml     the resolved recipe, re-runnable as is
       metrics.jsonl   one JSON object per logged step
       adapter/ | model/, tokenizer/, checkpoints/
+      .lock           flock'ed by the one process that owns the run (and names it), for the life of that process
 
-run.json and recipe.yaml are written atomically (temp file + rename). Only rank 0 writes.
+run.json and recipe.yaml are written atomically (temp file + rename). Only rank 0 writes, and only rank 0
+takes the lock. Every stage claims its directory through prepare_run, the one place that decides whether a
+directory may be used, cleared or resumed.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -32,6 +38,7 @@ log = logging.getLogger("rlhf")
 
 SCHEMA_VERSION = 1
 MANIFEST = "run.json"
+LOCK = ".lock"
 Status = Literal["running", "completed", "failed", "interrupted"]
 ModelKind = Literal["adapter", "full", "reward-adapter", "reward-full"]
 _ABSENT = object()
@@ -237,10 +244,16 @@ def _claim(
     path = Path(output_dir)
     if parent_run and Path(parent_run).resolve() == path.resolve():
         raise RecipeError(f"{path} is the run this {stage} run starts from: choose another --output-dir")
+    # What no other process can change is refused before the lock, so nothing is created there.
     _refuse_non_run(path)
     wanted = _wanted_checkpoint(path, resume)
-    old = read_manifest(path)
-    resume_from = _resume_point(path, stage, old, recipe_json, resume=resume, wanted=wanted, overwrite=overwrite)
+    give_back = _hold(path) if is_main_process() else _nothing
+    try:
+        old = read_manifest(path)
+        resume_from = _resume_point(path, stage, old, recipe_json, resume=resume, wanted=wanted, overwrite=overwrite)
+    except BaseException:
+        give_back()
+        raise
     if resume_from is None and old is not None:
         _clear(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -273,12 +286,12 @@ def _claim(
 def _refuse_non_run(path: Path) -> None:
     """Only a run directory (one holding run.json) or an empty one may be claimed: anything else is the
     user's, and no flag makes it ours."""
-    if path.is_dir() and not (path / MANIFEST).is_file() and any(path.iterdir()):
+    if path.is_dir() and not (path / MANIFEST).is_file() and any(child.name != LOCK for child in path.iterdir()):
         raise RecipeError(f"{path} is not empty and holds no run (no {MANIFEST}): choose a new or empty --output-dir")
 
 
 def _wanted_checkpoint(path: Path, resume: str) -> Path | None:
-    """The checkpoint --resume PATH names, checked to be a complete one of this run; None for auto / never."""
+    """The checkpoint --resume PATH names, checked to be one of this run's; None for auto / never."""
     if resume in ("auto", "never"):
         return None
     wanted = Path(resume)
@@ -289,11 +302,6 @@ def _wanted_checkpoint(path: Path, resume: str) -> Path | None:
         raise RecipeError(
             f"--resume {resume}: not a checkpoint of {path} (expected {path / 'checkpoints'}/checkpoint-N): "
             "to continue the run it belongs to, pass that run's directory as --output-dir"
-        )
-    if not (wanted / "COMPLETE").exists():
-        raise RecipeError(
-            f"--resume {resume}: incomplete checkpoint (no COMPLETE marker: its save was cut short): "
-            "resume from another checkpoint, or --resume auto for the newest complete one"
         )
     return wanted
 
@@ -306,6 +314,10 @@ def _resume_point(path: Path, stage: str, old: dict[str, Any] | None, recipe_jso
     """
     if old is None:
         return None
+    if old.get("status") == "running":
+        # This process holds the lock, so no other runs it: it was stopped before it could say so.
+        log.warning("%s: run.json says running but no process holds the run: it stopped without finishing "
+                    "(killed?); it is treated as interrupted", path)
     if old.get("stage") != stage:
         if wanted is not None:
             raise RecipeError(
@@ -318,6 +330,11 @@ def _resume_point(path: Path, stage: str, old: dict[str, Any] | None, recipe_jso
             )
     if old.get("status") == "completed" and not overwrite:
         raise RecipeError(f"{path} holds a completed {stage} run: pass --overwrite to replace it, or choose another --output-dir")
+    if wanted is not None and not (wanted / "COMPLETE").exists():
+        raise RecipeError(
+            f"--resume {resume}: incomplete checkpoint (no COMPLETE marker: its save was cut short): "
+            "resume from another checkpoint, or --resume auto for the newest complete one"
+        )
     if wanted is not None:
         point: Path | None = wanted
     elif resume == "auto" and not overwrite:
@@ -364,13 +381,81 @@ def _refuse_changed_recipe(path: Path, old: dict[str, Any], new: dict[str, Any])
         )
 
 
+# Run directories this process holds, each with its lock file's descriptor. They stay open until the process
+# ends, so the kernel releases the lock on any exit (SIGKILL included), and at no other time.
+_HELD: dict[Path, int] = {}
+
+
+def _hold(path: Path) -> Callable[[], None]:
+    """Lock the run directory for this process (flock on path/.lock, which records the holder), or raise
+    naming the process that holds it. Returns how to undo this call, for a claim refused after locking: the
+    lock is released and a lock file this call created is removed, so a refused directory is left as it was.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    key = path.resolve()
+    if key in _HELD:  # claimed before by this very process, one run after another
+        return _nothing
+    fd, created = _lock(path)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv), "since": now()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+    _HELD[key] = fd
+
+    def undo() -> None:
+        if created:
+            (path / LOCK).unlink(missing_ok=True)  # while still locked: a process waiting on this file sees it go and retries
+        os.close(_HELD.pop(key))
+
+    return undo
+
+
+def _lock(path: Path) -> tuple[int, bool]:
+    """An open descriptor of path/.lock holding its flock, and whether this call created the file."""
+    lock = path / LOCK
+    while True:
+        try:
+            fd, created = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(lock, os.O_RDWR), False
+            except FileNotFoundError:
+                continue  # removed by a claim that was refused meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise RecipeError(
+                f"{path} is in use by another process ({holder}): wait for it to finish, or choose another --output-dir"
+            ) from None
+        # Locked the file that is there now, not one a refused claim removed after it was opened here.
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd, created
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {holder['pid']} on {holder['host']}: {holder['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "it has not recorded itself yet"
+
+
+def _nothing() -> None:
+    pass
+
+
 def _clear(path: Path) -> None:
-    """Empty a run directory for a new run. run.json stays until the new one replaces it, so a crash here
-    still leaves a run directory (never one that no longer counts as a run and must be cleaned by hand)."""
+    """Empty a run directory for a new run, keeping its lock. run.json stays until the new one replaces it,
+    so a crash here still leaves a run directory (never one that no longer counts as a run)."""
     if not is_main_process():
         return
     for child in path.iterdir():
-        if child.name == MANIFEST:
+        if child.name in (MANIFEST, LOCK):
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)

@@ -198,6 +198,95 @@ def test_empty_existing_directory_is_used(tmp_path):
 
 
 
+# --------------------------------------------------------------------------- one owner at a time
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from rlhf_cli.runs import prepare_run
+run = prepare_run(sys.argv[1], "sft", "stage: sft\\n", {"stage": "sft", "model": {"path": "m"}})
+ckpt = run.checkpoints / "checkpoint-2"
+ckpt.mkdir(parents=True)
+(ckpt / "COMPLETE").touch()
+print("claimed", flush=True)
+time.sleep(120)
+"""
+
+
+def written_run(path: Path, status: str, stage: str = "sft") -> None:
+    """A run directory as another process (or an older version, without a lock file) left it."""
+    atomic_write_json(path / "run.json", {"schema_version": 1, "stage": stage, "status": status, "recipe": RECIPE_JSON})
+    atomic_write_text(path / "recipe.yaml", RECIPE_YAML)
+
+
+def test_a_second_claim_is_refused_naming_the_holder_until_it_is_killed(tmp_path):
+    import signal
+    import socket
+    import subprocess
+
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    path = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, str(script), str(path)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "claimed\n"
+        before = tree(path)
+        for overwrite in (False, True):
+            with pytest.raises(RecipeError) as e:
+                start(path, overwrite=overwrite)
+            assert e.value.exit_code == 2
+            assert e.value.message == (
+                f"{path} is in use by another process (pid {holder.pid} on {socket.gethostname()}: {script} {path}): "
+                "wait for it to finish, or choose another --output-dir"
+            )
+            assert tree(path) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # Killed mid-run: run.json still says running, but nobody holds it, so it is an interrupted run.
+    assert read_manifest(path)["status"] == "running"
+    run = start(path)
+    assert run.resume_from == path / "checkpoints" / "checkpoint-2"
+
+
+def test_a_lock_held_through_another_open_file_refuses_the_claim(tmp_path):
+    import fcntl
+
+    written_run(tmp_path, "interrupted")
+    checkpoint(tmp_path, 3)
+    with open(tmp_path / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = tree(tmp_path)
+        with pytest.raises(RecipeError, match=r"is in use by another process \(it has not recorded itself yet\)"):
+            start(tmp_path)
+        assert tree(tmp_path) == before
+    assert start(tmp_path).resume_from == tmp_path / "checkpoints" / "checkpoint-3"
+
+
+@pytest.mark.parametrize("status", ["completed", "interrupted"])
+def test_a_claim_refused_under_the_lock_leaves_no_lock_file_behind(tmp_path, status):
+    written_run(tmp_path, status)
+    checkpoint(tmp_path, 1)
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError, match="holds a completed sft run" if status == "completed" else "the recipe changed"):
+        prepare_run(tmp_path, "sft", RECIPE_YAML, {**RECIPE_JSON, "seed": 1})
+    assert tree(tmp_path) == before  # no .lock either
+
+
+def test_the_lock_file_is_not_content_and_survives_overwrite(tmp_path):
+    import fcntl
+
+    (tmp_path / ".lock").write_text("")  # left by a claim that died before writing run.json
+    start(tmp_path).finish("completed")
+    (tmp_path / "adapter").mkdir()
+    start(tmp_path, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == [".lock", "recipe.yaml", "run.json"]
+    with open(tmp_path / ".lock") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # still held by this process
+
+
 # --------------------------------------------------------------------------- resuming
 
 
@@ -391,7 +480,7 @@ def test_truncate_metrics_drops_steps_after_the_checkpoint(tmp_path):
     run.truncate_metrics(5)
     steps = [json.loads(line)["step"] for line in run.metrics_file.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
-    assert sorted(os.listdir(run.path)) == ["metrics.jsonl", "recipe.yaml", "run.json"]
+    assert sorted(os.listdir(run.path)) == [".lock", "metrics.jsonl", "recipe.yaml", "run.json"]
 
 
 def test_truncate_metrics_without_a_file_is_a_no_op(tmp_path):
