@@ -396,14 +396,16 @@ def _hold(path: Path) -> Callable[[], None]:
     if key in _HELD:  # claimed before by this very process, one run after another
         return _nothing
     fd, created = _lock(path)
+    previous = _read_all(fd)
     holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv), "since": now()}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+    _rewrite(fd, (json.dumps(holder) + "\n").encode())
     _HELD[key] = fd
 
     def undo() -> None:
         if created:
             (path / LOCK).unlink(missing_ok=True)  # while still locked: a process waiting on this file sees it go and retries
+        else:
+            _rewrite(fd, previous)
         os.close(_HELD.pop(key))
 
     return undo
@@ -437,9 +439,18 @@ def _lock(path: Path) -> tuple[int, bool]:
         os.close(fd)
 
 
+def _read_all(fd: int) -> bytes:
+    return os.pread(fd, os.fstat(fd).st_size, 0)
+
+
+def _rewrite(fd: int, data: bytes) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
 def _holder(fd: int) -> str:
     try:
-        holder = json.loads(os.pread(fd, 4096, 0))
+        holder = json.loads(_read_all(fd))
         return f"pid {holder['pid']} on {holder['host']}: {holder['command']}"
     except (ValueError, KeyError, TypeError):
         return "it has not recorded itself yet"

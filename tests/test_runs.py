@@ -265,14 +265,17 @@ def test_a_lock_held_through_another_open_file_refuses_the_claim(tmp_path):
     assert start(tmp_path).resume_from == tmp_path / "checkpoints" / "checkpoint-3"
 
 
+@pytest.mark.parametrize("lock_file", ["none", "left by the last holder"])
 @pytest.mark.parametrize("status", ["completed", "interrupted"])
-def test_a_claim_refused_under_the_lock_leaves_no_lock_file_behind(tmp_path, status):
+def test_a_claim_refused_under_the_lock_leaves_the_directory_as_it_was(tmp_path, status, lock_file):
     written_run(tmp_path, status)
     checkpoint(tmp_path, 1)
+    if lock_file != "none":
+        (tmp_path / ".lock").write_text('{"pid": 1, "host": "h", "command": "rlhf sft", "since": "then"}\n')
     before = tree(tmp_path)
     with pytest.raises(RecipeError, match="holds a completed sft run" if status == "completed" else "the recipe changed"):
         prepare_run(tmp_path, "sft", RECIPE_YAML, {**RECIPE_JSON, "seed": 1})
-    assert tree(tmp_path) == before  # no .lock either
+    assert tree(tmp_path) == before  # no new .lock, nor a rewritten one
 
 
 def test_the_lock_file_is_not_content_and_survives_overwrite(tmp_path):
