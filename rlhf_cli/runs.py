@@ -314,10 +314,6 @@ def _resume_point(path: Path, stage: str, old: dict[str, Any] | None, recipe_jso
     """
     if old is None:
         return None
-    if old.get("status") == "running":
-        # This process holds the lock, so no other runs it: it was stopped before it could say so.
-        log.warning("%s: run.json says running but no process holds the run: it stopped without finishing "
-                    "(killed?); it is treated as interrupted", path)
     if old.get("stage") != stage:
         if wanted is not None:
             raise RecipeError(
@@ -330,12 +326,16 @@ def _resume_point(path: Path, stage: str, old: dict[str, Any] | None, recipe_jso
             )
     if old.get("status") == "completed" and not overwrite:
         raise RecipeError(f"{path} holds a completed {stage} run: pass --overwrite to replace it, or choose another --output-dir")
-    if wanted is not None and not (wanted / "COMPLETE").exists():
-        raise RecipeError(
-            f"--resume {resume}: incomplete checkpoint (no COMPLETE marker: its save was cut short): "
-            "resume from another checkpoint, or --resume auto for the newest complete one"
-        )
+    if old.get("status") == "running":
+        # This process holds the lock, so no other runs it: it was stopped before it could say so.
+        log.warning("%s: run.json says running but no process holds the run: it stopped without finishing "
+                    "(killed?); it is treated as interrupted", path)
     if wanted is not None:
+        if not (wanted / "COMPLETE").exists():  # checked under the lock: its writer may be saving it right now
+            raise RecipeError(
+                f"--resume {resume}: incomplete checkpoint (no COMPLETE marker: its save was cut short): "
+                "resume from another checkpoint, or --resume auto for the newest complete one"
+            )
         point: Path | None = wanted
     elif resume == "auto" and not overwrite:
         # An unfinished run with no checkpoint yet is started over in place.
