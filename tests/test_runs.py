@@ -137,6 +137,7 @@ def test_only_rank_0_writes(tmp_path, monkeypatch):
     run.log_metrics({"step": 1})
     assert not (tmp_path / "run" / "run.json").exists()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / ".lock").exists()  # rank 0 alone holds the run
 
 
 # --------------------------------------------------------------------------- claiming an output directory
