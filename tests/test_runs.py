@@ -1,12 +1,16 @@
-"""Run directories: atomic writes, refusing / replacing / resuming runs, and resolving run chains."""
+"""Run directories: atomic writes, one owner at a time, refusing / replacing / resuming runs, and resolving run chains."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import signal
+import socket
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -204,7 +208,6 @@ def test_empty_existing_directory_is_used(tmp_path):
 
 HOLDER = """
 import sys, time
-from pathlib import Path
 from rlhf_cli.runs import prepare_run
 run = prepare_run(sys.argv[1], "sft", "stage: sft\\n", {"stage": "sft", "model": {"path": "m"}})
 ckpt = run.checkpoints / "checkpoint-2"
@@ -222,10 +225,6 @@ def written_run(path: Path, status: str, stage: str = "sft") -> None:
 
 
 def test_a_second_claim_is_refused_naming_the_holder_until_it_is_killed(tmp_path):
-    import signal
-    import socket
-    import subprocess
-
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
     path = tmp_path / "run"
@@ -253,8 +252,6 @@ def test_a_second_claim_is_refused_naming_the_holder_until_it_is_killed(tmp_path
 
 
 def test_a_lock_held_through_another_open_file_refuses_the_claim(tmp_path):
-    import fcntl
-
     written_run(tmp_path, "interrupted")
     checkpoint(tmp_path, 3)
     with open(tmp_path / ".lock", "w") as lock:
@@ -280,8 +277,6 @@ def test_a_claim_refused_under_the_lock_leaves_the_directory_as_it_was(tmp_path,
 
 
 def test_the_lock_file_is_not_content_and_survives_overwrite(tmp_path):
-    import fcntl
-
     (tmp_path / ".lock").write_text("")  # left by a claim that died before writing run.json
     start(tmp_path).finish("completed")
     (tmp_path / "adapter").mkdir()
