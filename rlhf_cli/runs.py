@@ -5,19 +5,27 @@
       recipe.yaml     the resolved recipe, re-runnable as is
       metrics.jsonl   one JSON object per logged step
       adapter/ | model/, tokenizer/, checkpoints/
+      .lock           flock'ed by the one process that owns the run (and names it), for the life of that process
 
-run.json and recipe.yaml are written atomically (temp file + rename). Only rank 0 writes.
+run.json and recipe.yaml are written atomically (temp file + rename). Only rank 0 writes, and only rank 0
+takes the lock. Every stage claims its directory through prepare_run, the one place that decides whether a
+directory may be used, cleared or resumed.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -26,11 +34,25 @@ from typing import Any, Literal
 from rlhf_cli.core import distributed
 from rlhf_cli.errors import DataError, RecipeError
 
+log = logging.getLogger("rlhf")
+
 SCHEMA_VERSION = 1
 MANIFEST = "run.json"
+LOCK = ".lock"
 Status = Literal["running", "completed", "failed", "interrupted"]
 ModelKind = Literal["adapter", "full", "reward-adapter", "reward-full"]
+_ABSENT = object()
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# peft writes safetensors (safe_serialization=True); older runs may hold the pickle format.
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# Recipe keys a resumed run may change: how long it trains, how often it logs, evaluates and saves, where it
+# writes. Any other change (lr, data, LoRA rank, seed, ...) makes it another run, which resume refuses.
+RESUMABLE_KEYS = frozenset({
+    "output_dir",
+    "train.epochs", "train.max_steps", "train.logging_steps", "train.eval_steps", "train.save_steps",
+    "train.save_total_limit", "train.report_to",
+    "ppo.iterations", "ppo.save_steps", "ppo.save_total_limit",
+})
 _VERSIONED = ("rlhf-cli", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
 
 
@@ -146,12 +168,27 @@ class RunDir:
         """On resume, drop lines logged after the checkpoint so the curve continues without duplicates."""
         if not self.metrics_file.exists() or not is_main_process():
             return
-        kept = [
-            line
-            for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get(key, 0) <= after_step
-        ]
+        kept = [line for line, record in _metric_records(self.metrics_file) if record.get(key, 0) <= after_step]
         atomic_write_text(self.metrics_file, "".join(k + "\n" for k in kept))
+
+
+def _metric_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """metrics.jsonl's lines with their records. A crash mid-write tears the last line, which is dropped with a
+    warning so the run can resume; an undecodable line anywhere else is damage the user must see."""
+    lines = [(n, raw) for n, raw in enumerate(path.read_bytes().split(b"\n"), 1) if raw.strip()]
+    out = []
+    for n, raw in lines:
+        try:
+            record = json.loads(raw)
+        except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+            if n == lines[-1][0]:
+                log.warning("%s:%d: dropping the torn last line (the run stopped while writing it)", path, n)
+                break
+            raise DataError(f"{path}:{n}: not a valid JSON line: fix or delete that line, or start over with --resume never") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{n}: not a JSON object: fix or delete that line, or start over with --resume never")
+        out.append((raw.decode("utf-8"), record))
+    return out
 
 
 def prepare_run(
@@ -167,10 +204,15 @@ def prepare_run(
 ) -> RunDir:
     """Claim output_dir for a new run, or pick up an interrupted one.
 
-    - completed run there: refuse unless overwrite (re-running never silently says "done" or clobbers);
-    - interrupted/failed run with checkpoints and resume=auto: continue from the newest checkpoint;
-    - resume=PATH: continue from that checkpoint;
-    - a non-empty directory that is not a run: refuse unless overwrite.
+    - a completed run there: refused unless overwrite (re-running never silently says "done" or clobbers);
+    - a run of another stage: refused unless overwrite (which replaces it);
+    - an interrupted/failed run with checkpoints and resume=auto: continues from the newest complete one;
+    - resume=PATH: continues from that checkpoint, which must be a complete one of this very run
+      (output_dir/checkpoints/checkpoint-N): a checkpoint of another run directory is refused, because the
+      run it continues (manifest, metrics, later checkpoints) is the one in output_dir; to continue that
+      other run, give its directory as output_dir. With overwrite, PATH may continue a completed run;
+    - a non-empty directory that holds no run (no run.json) is refused, overwrite or not: --overwrite
+      replaces runs, never other files.
 
     Under several processes rank 0 alone checks and writes; the others receive its decision (or its
     error, raised on every rank alike).
@@ -200,29 +242,19 @@ def _claim(
     parent_run: str | None,
 ) -> RunDir:
     path = Path(output_dir)
-    old = read_manifest(path)
-    resume_from: Path | None = None
-
-    if resume not in ("auto", "never"):
-        resume_from = Path(resume)
-        if not resume_from.is_dir():
-            raise DataError(f"--resume {resume}: checkpoint directory not found")
-        checkpoint_step(resume_from)
-    elif old is not None:
-        if old.get("stage") != stage and not overwrite:
-            raise RecipeError(
-                f"{path} holds a `{old.get('stage')}` run, not `{stage}`: choose another --output-dir or pass --overwrite"
-            )
-        status = old.get("status")
-        if status == "completed" and not overwrite:
-            raise RecipeError(f"{path} holds a completed {stage} run: pass --overwrite to replace it, or choose another --output-dir")
-        if resume == "auto" and not overwrite:
-            # An unfinished run with no checkpoint yet is started over in place.
-            resume_from = latest_checkpoint(path)
-    elif path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise RecipeError(f"{path} exists and is not a run directory: choose another --output-dir or pass --overwrite")
-
-    if resume_from is None and path.exists() and (overwrite or old is not None):
+    if parent_run and Path(parent_run).resolve() == path.resolve():
+        raise RecipeError(f"{path} is the run this {stage} run starts from: choose another --output-dir")
+    # What no other process can change is refused before the lock, so nothing is created there.
+    _refuse_non_run(path)
+    wanted = _wanted_checkpoint(path, resume)
+    give_back = _hold(path) if is_main_process() else _nothing
+    try:
+        old = read_manifest(path)
+        resume_from = _resume_point(path, stage, old, recipe_json, resume=resume, wanted=wanted, overwrite=overwrite)
+    except BaseException:
+        give_back()
+        raise
+    if resume_from is None and old is not None:
         _clear(path)
     path.mkdir(parents=True, exist_ok=True)
 
@@ -237,6 +269,7 @@ def _claim(
         # Absolute, so later stages and reports find the parent from any working directory.
         parent_run=str(Path(parent_run).resolve()) if parent_run else None,
         recipe=recipe_json,
+        fingerprint=_fingerprint_id(recipe_json),
         versions=package_versions(),
         command=" ".join(sys.argv),
     )
@@ -244,15 +277,197 @@ def _claim(
         manifest["resumed_from"] = str(resume_from)
     run = RunDir(path=path, stage=stage, manifest=manifest, resume_from=resume_from)
     if is_main_process():
-        atomic_write_text(path / "recipe.yaml", recipe_yaml)
+        # run.json first: from then on the directory is a run, whatever else is cut short.
         run.update()
+        atomic_write_text(path / "recipe.yaml", recipe_yaml)
     return run
 
 
+def _refuse_non_run(path: Path) -> None:
+    """Only a run directory (one holding run.json) or an empty one may be claimed: anything else is the
+    user's, and no flag makes it ours."""
+    if path.is_dir() and not (path / MANIFEST).is_file() and any(child.name != LOCK for child in path.iterdir()):
+        raise RecipeError(f"{path} is not empty and holds no run (no {MANIFEST}): choose a new or empty --output-dir")
+
+
+def _wanted_checkpoint(path: Path, resume: str) -> Path | None:
+    """The checkpoint --resume PATH names, checked to be one of this run's; None for auto / never."""
+    if resume in ("auto", "never"):
+        return None
+    wanted = Path(resume)
+    if not wanted.is_dir():
+        raise DataError(f"--resume {resume}: checkpoint directory not found")
+    checkpoint_step(wanted)
+    if wanted.resolve().parent != (path / "checkpoints").resolve():
+        raise RecipeError(
+            f"--resume {resume}: not a checkpoint of {path} (expected {path / 'checkpoints'}/checkpoint-N): "
+            "to continue the run it belongs to, pass that run's directory as --output-dir"
+        )
+    return wanted
+
+
+def _resume_point(path: Path, stage: str, old: dict[str, Any] | None, recipe_json: dict[str, Any], *, resume: str,
+                  wanted: Path | None, overwrite: bool) -> Path | None:
+    """The checkpoint the claim continues from, or None to start over; raises where the run may not be claimed.
+
+    The same rules hold for --resume auto and --resume PATH; only what is resumed differs.
+    """
+    if old is None:
+        return None
+    if old.get("stage") != stage:
+        if wanted is not None:
+            raise RecipeError(
+                f"--resume {resume}: {path} holds a `{old.get('stage')}` run, not `{stage}`: "
+                f"its checkpoints do not continue a {stage} run; choose another --output-dir"
+            )
+        if not overwrite:
+            raise RecipeError(
+                f"{path} holds a `{old.get('stage')}` run, not `{stage}`: choose another --output-dir or pass --overwrite"
+            )
+    if old.get("status") == "completed" and not overwrite:
+        raise RecipeError(f"{path} holds a completed {stage} run: pass --overwrite to replace it, or choose another --output-dir")
+    if old.get("status") == "running":
+        # This process holds the lock, so no other runs it: it was stopped before it could say so.
+        log.warning("%s: run.json says running but no process holds the run: it stopped without finishing "
+                    "(killed?); it is treated as interrupted", path)
+    if wanted is not None:
+        if not (wanted / "COMPLETE").exists():  # checked under the lock: its writer may be saving it right now
+            raise RecipeError(
+                f"--resume {resume}: incomplete checkpoint (no COMPLETE marker: its save was cut short): "
+                "resume from another checkpoint, or --resume auto for the newest complete one"
+            )
+        point: Path | None = wanted
+    elif resume == "auto" and not overwrite:
+        # An unfinished run with no checkpoint yet is started over in place.
+        point = latest_checkpoint(path)
+    else:
+        return None
+    if point is not None:
+        _refuse_changed_recipe(path, old.get("recipe") or {}, recipe_json)
+    return point
+
+
+def recipe_fingerprint(recipe_json: dict[str, Any]) -> dict[str, Any]:
+    """What makes a run the run it is: every dotted key of the resolved recipe except RESUMABLE_KEYS."""
+    return {key: value for key, value in _dotted(recipe_json).items() if key not in RESUMABLE_KEYS}
+
+
+def _fingerprint_id(recipe_json: dict[str, Any]) -> str:
+    """run.json `fingerprint`: a short id of recipe_fingerprint, equal for runs that are the same run."""
+    canonical = json.dumps(recipe_fingerprint(recipe_json), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _dotted(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(obj, dict) or not obj:
+        return {prefix: obj}
+    flat: dict[str, Any] = {}
+    for key, value in obj.items():
+        flat.update(_dotted(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def _refuse_changed_recipe(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Resume continues the same run: a checkpoint trained with other settings would silently mix two runs."""
+    before, after = recipe_fingerprint(old), recipe_fingerprint(new)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k, _ABSENT) != after.get(k, _ABSENT))
+    # A section that appeared or vanished (lora: null -> {r: 16}) is named once, not key by key.
+    changed = [k for k in changed if not any(k.startswith(f"{other}.") for other in changed)]
+    if changed:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise RecipeError(
+            f"{path}: the recipe changed since this run started ({shown}); resuming continues the same run: "
+            "restore those keys, or start over with --resume never, --overwrite, or another --output-dir"
+        )
+
+
+# Run directories this process holds, each with its lock file's descriptor. They stay open until the process
+# ends, so the kernel releases the lock on any exit (SIGKILL included), and at no other time.
+_HELD: dict[Path, int] = {}
+
+
+def _hold(path: Path) -> Callable[[], None]:
+    """Lock the run directory for this process (flock on path/.lock, which records the holder), or raise
+    naming the process that holds it. Returns how to undo this call, for a claim refused after locking: the
+    lock is released and a lock file this call created is removed, so a refused directory is left as it was.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    key = path.resolve()
+    if key in _HELD:  # claimed before by this very process, one run after another
+        return _nothing
+    fd, created = _lock(path)
+    previous = _read_all(fd)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv), "since": now()}
+    _rewrite(fd, (json.dumps(holder) + "\n").encode())
+    _HELD[key] = fd
+
+    def undo() -> None:
+        if created:
+            (path / LOCK).unlink(missing_ok=True)  # while still locked: a process waiting on this file sees it go and retries
+        else:
+            _rewrite(fd, previous)
+        os.close(_HELD.pop(key))
+
+    return undo
+
+
+def _lock(path: Path) -> tuple[int, bool]:
+    """An open descriptor of path/.lock holding its flock, and whether this call created the file."""
+    lock = path / LOCK
+    while True:
+        try:
+            fd, created = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(lock, os.O_RDWR), False
+            except FileNotFoundError:
+                continue  # removed by a claim that was refused meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise RecipeError(
+                f"{path} is in use by another process ({holder}): wait for it to finish, or choose another --output-dir"
+            ) from None
+        # Locked the file that is there now, not one a refused claim removed after it was opened here.
+        try:
+            if os.fstat(fd).st_ino == os.stat(lock).st_ino:
+                return fd, created
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    return os.pread(fd, os.fstat(fd).st_size, 0)
+
+
+def _rewrite(fd: int, data: bytes) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
+def _holder(fd: int) -> str:
+    try:
+        holder = json.loads(_read_all(fd))
+        return f"pid {holder['pid']} on {holder['host']}: {holder['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "it has not recorded itself yet"
+
+
+def _nothing() -> None:
+    pass
+
+
 def _clear(path: Path) -> None:
+    """Empty a run directory for a new run, keeping its lock. run.json stays until the new one replaces it,
+    so a crash here still leaves a run directory (never one that no longer counts as a run)."""
     if not is_main_process():
         return
     for child in path.iterdir():
+        if child.name in (MANIFEST, LOCK):
+            continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
@@ -298,7 +513,9 @@ def resolve_model(path: str, gguf_file: str | None = None, trust_remote_code: bo
     model = manifest.get("model") or {}
     kind = "reward" if str(model.get("kind", "")).startswith("reward") else "causal-lm"
     tokenizer = str(p / model["tokenizer"]) if model.get("tokenizer") else None
-    trust = bool(manifest.get("trust_remote_code", trust_remote_code))
+    _check_model_files(p, model)
+    # Only the caller (the user's flag or recipe) may allow remote code; a run.json never does.
+    trust = trust_remote_code
     if model.get("kind") in ("full", "reward-full"):
         return ResolvedModel(base=str(p / model["path"]), tokenizer=tokenizer, kind=kind, run_dir=str(p), trust_remote_code=trust)
 
@@ -316,3 +533,16 @@ def resolve_model(path: str, gguf_file: str | None = None, trust_remote_code: bo
         run_dir=str(p),
         trust_remote_code=trust,
     )
+
+
+def _check_model_files(run: Path, model: dict[str, Any]) -> None:
+    """The files run.json points at must be there: found missing here, not as a loader traceback later."""
+    if model.get("kind") in ("full", "reward-full"):
+        needed = [(run / model["path"] / "config.json",)]
+    else:
+        folders = [run / adapter for adapter in model.get("adapters", [])]
+        needed = [alternatives for f in folders
+                  for alternatives in ((f / "adapter_config.json",), tuple(f / name for name in _ADAPTER_WEIGHTS))]
+    for alternatives in needed:
+        if not any(path.is_file() for path in alternatives):
+            raise DataError(f"{alternatives[0]}: missing, though {run / MANIFEST} names it: restore it, or train that run again")

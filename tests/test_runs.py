@@ -1,9 +1,18 @@
-"""Run directories: atomic writes, refusing / replacing / resuming runs, and resolving run chains."""
+"""Run directories: atomic writes, one owner at a time, refusing / replacing / resuming runs, and resolving run chains."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -21,6 +30,12 @@ from rlhf_cli.runs import (
 
 RECIPE_YAML = "stage: sft\nmodel: {path: m}\n"
 RECIPE_JSON = {"stage": "sft", "model": {"path": "m"}}
+
+
+def tree(root: Path) -> dict[str, str | None]:
+    """Every path under root with its content's hash (None for directories), to show nothing changed."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
 
 
 def start(path: Path, stage: str = "sft", **kwargs) -> runs.RunDir:
@@ -126,6 +141,7 @@ def test_only_rank_0_writes(tmp_path, monkeypatch):
     run.log_metrics({"step": 1})
     assert not (tmp_path / "run" / "run.json").exists()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / ".lock").exists()  # rank 0 alone holds the run
 
 
 # --------------------------------------------------------------------------- claiming an output directory
@@ -155,11 +171,29 @@ def test_run_of_another_stage_is_refused(tmp_path):
         start(tmp_path / "run")
 
 
-def test_non_run_directory_with_files_is_refused(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(RecipeError, match="is not a run directory"):
-        start(tmp_path)
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+def users_files(root: Path) -> dict[str, str | None]:
+    (root / "notes.txt").write_text("mine")
+    (root / "data").mkdir()
+    (root / "data" / "chat.jsonl").write_text('{"prompt": "hi"}\n')
+    return tree(root)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_non_run_directory_with_files_is_refused_even_with_overwrite(tmp_path, overwrite):
+    before = users_files(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        start(tmp_path, overwrite=overwrite)
+    assert e.value.exit_code == 2
+    assert e.value.message == f"{tmp_path} is not empty and holds no run (no run.json): choose a new or empty --output-dir"
+    assert tree(tmp_path) == before
+
+
+def test_parent_run_as_output_dir_is_refused(tmp_path):
+    start(tmp_path / "run").finish("completed")
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError, match=r"run is the run this sft run starts from: choose another --output-dir$"):
+        start(tmp_path / "run", overwrite=True, parent_run=str(tmp_path / "run"))
+    assert tree(tmp_path) == before
 
 
 def test_empty_existing_directory_is_used(tmp_path):
@@ -167,10 +201,89 @@ def test_empty_existing_directory_is_used(tmp_path):
     assert read_manifest(tmp_path)["status"] == "running"
 
 
-def test_non_run_directory_is_replaced_with_overwrite(tmp_path):
-    (tmp_path / "notes.txt").write_text("mine")
+
+
+# --------------------------------------------------------------------------- one owner at a time
+
+
+HOLDER = """
+import sys, time
+from rlhf_cli.runs import prepare_run
+run = prepare_run(sys.argv[1], "sft", "stage: sft\\n", {"stage": "sft", "model": {"path": "m"}})
+ckpt = run.checkpoints / "checkpoint-2"
+ckpt.mkdir(parents=True)
+(ckpt / "COMPLETE").touch()
+print("claimed", flush=True)
+time.sleep(120)
+"""
+
+
+def written_run(path: Path, status: str, stage: str = "sft") -> None:
+    """A run directory as another process (or an older version, without a lock file) left it."""
+    atomic_write_json(path / "run.json", {"schema_version": 1, "stage": stage, "status": status, "recipe": RECIPE_JSON})
+    atomic_write_text(path / "recipe.yaml", RECIPE_YAML)
+
+
+def test_a_second_claim_is_refused_naming_the_holder_until_it_is_killed(tmp_path):
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    path = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, str(script), str(path)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "claimed\n"
+        before = tree(path)
+        for overwrite in (False, True):
+            with pytest.raises(RecipeError) as e:
+                start(path, overwrite=overwrite)
+            assert e.value.exit_code == 2
+            assert e.value.message == (
+                f"{path} is in use by another process (pid {holder.pid} on {socket.gethostname()}: {script} {path}): "
+                "wait for it to finish, or choose another --output-dir"
+            )
+            assert tree(path) == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # Killed mid-run: run.json still says running, but nobody holds it, so it is an interrupted run.
+    assert read_manifest(path)["status"] == "running"
+    run = start(path)
+    assert run.resume_from == path / "checkpoints" / "checkpoint-2"
+
+
+def test_a_lock_held_through_another_open_file_refuses_the_claim(tmp_path):
+    written_run(tmp_path, "interrupted")
+    checkpoint(tmp_path, 3)
+    with open(tmp_path / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = tree(tmp_path)
+        with pytest.raises(RecipeError, match=r"is in use by another process \(it has not recorded itself yet\)"):
+            start(tmp_path)
+        assert tree(tmp_path) == before
+    assert start(tmp_path).resume_from == tmp_path / "checkpoints" / "checkpoint-3"
+
+
+@pytest.mark.parametrize("lock_file", ["none", "left by the last holder"])
+@pytest.mark.parametrize("status", ["completed", "interrupted"])
+def test_a_claim_refused_under_the_lock_leaves_the_directory_as_it_was(tmp_path, status, lock_file):
+    written_run(tmp_path, status)
+    checkpoint(tmp_path, 1)
+    if lock_file != "none":
+        (tmp_path / ".lock").write_text('{"pid": 1, "host": "h", "command": "rlhf sft", "since": "then"}\n')
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError, match="holds a completed sft run" if status == "completed" else "the recipe changed"):
+        prepare_run(tmp_path, "sft", RECIPE_YAML, {**RECIPE_JSON, "seed": 1})
+    assert tree(tmp_path) == before  # no new .lock, nor a rewritten one
+
+
+def test_the_lock_file_is_not_content_and_survives_overwrite(tmp_path):
+    (tmp_path / ".lock").write_text("")  # left by a claim that died before writing run.json
+    start(tmp_path).finish("completed")
+    (tmp_path / "adapter").mkdir()
     start(tmp_path, overwrite=True)
-    assert not (tmp_path / "notes.txt").exists()
+    assert sorted(os.listdir(tmp_path)) == [".lock", "recipe.yaml", "run.json"]
+    with open(tmp_path / ".lock") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # still held by this process
 
 
 # --------------------------------------------------------------------------- resuming
@@ -236,6 +349,129 @@ def test_resume_from_a_missing_or_odd_path_is_a_data_error(tmp_path):
         start(tmp_path / "run", resume=str(tmp_path / "somewhere"))
 
 
+def completed_run_with_checkpoint(path: Path, stage: str = "sft") -> Path:
+    start(path, stage=stage).finish("completed")
+    return checkpoint(path, 4)
+
+
+def test_resume_path_on_a_completed_run_is_refused(tmp_path):
+    four = completed_run_with_checkpoint(tmp_path / "run")
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        start(tmp_path / "run", resume=str(four))
+    assert e.value.message == f"{tmp_path / 'run'} holds a completed sft run: pass --overwrite to replace it, or choose another --output-dir"
+    assert tree(tmp_path) == before
+
+
+def test_resume_path_with_overwrite_continues_a_completed_run(tmp_path):
+    four = completed_run_with_checkpoint(tmp_path / "run")
+    run = start(tmp_path / "run", resume=str(four), overwrite=True)
+    assert run.resume_from == four and four.is_dir()
+    assert read_manifest(tmp_path / "run")["status"] == "running"
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_resume_path_on_a_run_of_another_stage_is_refused(tmp_path, overwrite):
+    four = completed_run_with_checkpoint(tmp_path / "run", stage="train-rm")
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        start(tmp_path / "run", resume=str(four), overwrite=overwrite)
+    assert e.value.message == (f"--resume {four}: {tmp_path / 'run'} holds a `train-rm` run, not `sft`: "
+                               "its checkpoints do not continue a sft run; choose another --output-dir")
+    assert tree(tmp_path) == before
+
+
+def test_resume_path_to_an_incomplete_checkpoint_is_refused(tmp_path):
+    interrupted_run(tmp_path / "run")
+    torn = checkpoint(tmp_path / "run", 6, complete=False)
+    (torn / "optimizer.pt").write_bytes(b"\x80\x02")  # cut short mid-save
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        start(tmp_path / "run", resume=str(torn))
+    assert e.value.message == (f"--resume {torn}: incomplete checkpoint (no COMPLETE marker: its save was cut short): "
+                               "resume from another checkpoint, or --resume auto for the newest complete one")
+    assert tree(tmp_path) == before
+
+
+def test_resume_path_of_another_run_directory_is_refused(tmp_path):
+    interrupted_run(tmp_path / "other")
+    theirs = checkpoint(tmp_path / "other", 3)
+    interrupted_run(tmp_path / "run")
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError, match=r"not a checkpoint of .*run \(expected .*run/checkpoints/checkpoint-N\): "
+                                          r"to continue the run it belongs to, pass that run's directory as --output-dir"):
+        start(tmp_path / "run", resume=str(theirs))
+    assert tree(tmp_path) == before
+    # The same checkpoint through another spelling of the path is this run's.
+    assert start(tmp_path / "other", resume=str(tmp_path / "run" / ".." / "other" / "checkpoints" / "checkpoint-3")).resume_from
+
+
+SFT_JSON = {"stage": "sft", "model": {"path": "m", "dtype": "auto"}, "lora": {"r": 16, "alpha": 32},
+            "data": {"train": "chat.jsonl", "fields": {}}, "output_dir": "runs/sft",
+            "train": {"lr": 2e-4, "max_steps": 10, "logging_steps": 10, "report_to": []}}
+
+
+def with_keys(recipe: dict, **dotted) -> dict:
+    out = json.loads(json.dumps(recipe))
+    for key, value in dotted.items():
+        *parents, last = key.split("__")
+        node = out
+        for name in parents:
+            node = node[name]
+        node[last] = value
+    return out
+
+
+def interrupted_sft(path: Path) -> Path:
+    prepare_run(path, "sft", RECIPE_YAML, SFT_JSON).finish("interrupted")
+    return checkpoint(path, 5)
+
+
+@pytest.mark.parametrize("how", ["auto", "path"])
+def test_resume_with_a_changed_recipe_is_refused(tmp_path, how):
+    five = interrupted_sft(tmp_path / "run")
+    changed = with_keys(SFT_JSON, train__lr=1e-3, lora__r=8, data__fields={"q": "prompt"}, train__max_steps=20)
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        prepare_run(tmp_path / "run", "sft", RECIPE_YAML, changed, resume="auto" if how == "auto" else str(five))
+    assert e.value.message == (
+        f"{tmp_path / 'run'}: the recipe changed since this run started (data.fields, lora.r, train.lr); "
+        "resuming continues the same run: restore those keys, or start over with --resume never, --overwrite, "
+        "or another --output-dir"
+    )
+    assert tree(tmp_path) == before
+
+
+def test_resume_may_change_how_long_and_how_often(tmp_path):
+    five = interrupted_sft(tmp_path / "run")
+    longer = with_keys(SFT_JSON, train__max_steps=20, train__logging_steps=1, train__report_to=["tensorboard"],
+                       output_dir=str(tmp_path / "run"))
+    run = prepare_run(tmp_path / "run", "sft", RECIPE_YAML, longer)
+    assert run.resume_from == five
+    manifest = read_manifest(tmp_path / "run")
+    assert manifest["recipe"]["train"]["max_steps"] == 20
+    assert manifest["fingerprint"] == runs._fingerprint_id(SFT_JSON) != runs._fingerprint_id(with_keys(SFT_JSON, train__lr=1.0))
+
+
+def test_every_resumable_key_is_a_recipe_key():
+    from pydantic import BaseModel
+
+    from rlhf_cli.recipe import RECIPE_CLASSES
+
+    def keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+        out = set()
+        for name, info in model.model_fields.items():
+            out.add(prefix + name)
+            nested = [t for t in (info.annotation, *getattr(info.annotation, "__args__", ())) if isinstance(t, type)]
+            for t in nested:
+                if issubclass(t, BaseModel):
+                    out |= keys(t, f"{prefix}{name}.")
+        return out
+
+    known = set().union(*(keys(cls) for cls in RECIPE_CLASSES.values()))
+    assert runs.RESUMABLE_KEYS and runs.RESUMABLE_KEYS <= known, runs.RESUMABLE_KEYS - known
+
+
 def test_truncate_metrics_drops_steps_after_the_checkpoint(tmp_path):
     run = start(tmp_path / "run")
     for step in range(1, 11):
@@ -243,7 +479,7 @@ def test_truncate_metrics_drops_steps_after_the_checkpoint(tmp_path):
     run.truncate_metrics(5)
     steps = [json.loads(line)["step"] for line in run.metrics_file.read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
-    assert sorted(os.listdir(run.path)) == ["metrics.jsonl", "recipe.yaml", "run.json"]
+    assert sorted(os.listdir(run.path)) == [".lock", "metrics.jsonl", "recipe.yaml", "run.json"]
 
 
 def test_truncate_metrics_without_a_file_is_a_no_op(tmp_path):
@@ -252,15 +488,42 @@ def test_truncate_metrics_without_a_file_is_a_no_op(tmp_path):
     assert not run.metrics_file.exists()
 
 
+def test_truncate_metrics_drops_a_torn_last_line_with_a_warning(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("rlhf"), "propagate", True)  # the CLI's logging setup may have turned it off
+    run = start(tmp_path / "run")
+    for step in range(1, 4):
+        run.log_metrics({"step": step, "loss": 1.0})
+    with run.metrics_file.open("a") as f:
+        f.write('{"step": 4, "lo')  # the process died mid-write
+    run.truncate_metrics(3)
+    assert [json.loads(line)["step"] for line in run.metrics_file.read_text().splitlines()] == [1, 2, 3]
+    assert f"{run.metrics_file}:4: dropping the torn last line" in caplog.text
+
+
+@pytest.mark.parametrize("bad", [b'{"step": 2, "lo', b"[2]", b"\xff"])
+def test_truncate_metrics_refuses_a_bad_line_before_the_last(tmp_path, bad):
+    run = start(tmp_path / "run")
+    run.metrics_file.write_bytes(b'{"step": 1}\n' + bad + b'\n{"step": 3}\n')
+    before = tree(tmp_path)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(run.metrics_file))}:2: not a (valid JSON line|JSON object): fix or delete"):
+        run.truncate_metrics(3)
+    assert tree(tmp_path) == before
+
+
 # --------------------------------------------------------------------------- resolving models
 
 
-def fake_run(path: Path, stage: str, model: dict, base_model=None, status: str = "completed") -> Path:
+def fake_run(path: Path, stage: str, model: dict, base_model=None, status: str = "completed", **extra) -> Path:
+    """A run directory holding the (empty) files its run.json names."""
     path.mkdir(parents=True)
-    for sub in [model.get("path"), model.get("tokenizer"), *model.get("adapters", [])]:
+    files = {model.get("path"): ["config.json"], model.get("tokenizer"): [],
+             **{a: ["adapter_config.json", "adapter_model.safetensors"] for a in model.get("adapters", [])}}
+    for sub, names in files.items():
         if sub:
             (path / sub).mkdir()
-    manifest = {"schema_version": 1, "stage": stage, "status": status, "model": model, "base_model": base_model}
+            for name in names:
+                (path / sub / name).write_text("{}")
+    manifest = {"schema_version": 1, "stage": stage, "status": status, "model": model, "base_model": base_model, **extra}
     (path / "run.json").write_text(json.dumps(manifest))
     return path
 
@@ -314,3 +577,58 @@ def test_resolve_chain_with_an_unfinished_parent_is_a_data_error(tmp_path):
     ppo = fake_run(tmp_path / "ppo", "ppo", {"kind": "adapter", "adapters": ["adapter"]}, base_model=str(sft))
     with pytest.raises(DataError, match="sft: run is interrupted"):
         resolve_model(str(ppo))
+
+
+def test_a_run_json_cannot_switch_remote_code_on(tmp_path):
+    untrusted = {"trust_remote_code": True, "recipe": {"model": {"path": "org/base", "trust_remote_code": True}}}
+    sft = fake_run(tmp_path / "sft", "sft", {"kind": "adapter", "adapters": ["adapter"]}, "org/base", **untrusted)
+    ppo = fake_run(tmp_path / "ppo", "ppo", {"kind": "adapter", "adapters": ["adapter"]}, str(sft), **untrusted)
+    assert resolve_model(str(ppo)).trust_remote_code is False
+    assert resolve_model(str(ppo), trust_remote_code=True).trust_remote_code is True
+
+
+@pytest.mark.parametrize("deleted", ["adapter_config.json", "adapter_model.safetensors"])
+def test_run_with_deleted_adapter_files_is_a_data_error(tmp_path, deleted):
+    sft = fake_run(tmp_path / "sft", "sft", {"kind": "adapter", "adapters": ["adapter"]}, "org/base")
+    (sft / "adapter" / deleted).unlink()
+    before = tree(tmp_path)
+    with pytest.raises(DataError) as e:
+        resolve_model(str(sft))
+    assert e.value.message == f"{sft / 'adapter' / deleted}: missing, though {sft / 'run.json'} names it: restore it, or train that run again"
+    assert tree(tmp_path) == before
+
+
+def test_full_run_with_deleted_model_is_a_data_error(tmp_path):
+    full = fake_run(tmp_path / "full", "sft", {"kind": "full", "path": "model"}, "org/base")
+    (full / "model" / "config.json").unlink()
+    with pytest.raises(DataError, match=r"model/config.json: missing, though .*run.json names it"):
+        resolve_model(str(full))
+
+
+# --------------------------------------------------------------------------- through the CLI
+
+
+def test_cli_overwrite_of_the_working_directory_deletes_nothing(tmp_path, monkeypatch):
+    """`rlhf sft recipe.yaml -o . --overwrite` in a directory of the user's own files: exit 2, nothing touched."""
+    from typer.testing import CliRunner
+
+    from rlhf_cli.cli import app
+
+    def claim_only(recipe, options):
+        prepare_run(recipe.output_dir, "sft", RECIPE_YAML, recipe.model_dump(mode="json"),
+                    resume=options.resume, overwrite=options.overwrite)
+        raise AssertionError("the directory was claimed")
+
+    stage = types.ModuleType("rlhf_cli.stages.sft")
+    stage.run = claim_only
+    monkeypatch.setitem(sys.modules, "rlhf_cli.stages.sft", stage)
+    monkeypatch.chdir(tmp_path)
+    users_files(tmp_path)
+    (tmp_path / "sft.yaml").write_text("stage: sft\nmodel: {path: m}\ndata: {train: data/chat.jsonl}\n")
+    before = tree(tmp_path)
+    result = CliRunner().invoke(app, ["sft", "sft.yaml", "-o", ".", "--overwrite"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        "error: . is not empty and holds no run (no run.json): choose a new or empty --output-dir"
+    ]
+    assert tree(tmp_path) == before
