@@ -373,3 +373,53 @@ def test_fused_lora_update_matches_peft(tiny, case):
     if dtype == torch.bfloat16:
         run(fused=True, exact=False)
         assert not calls  # bf16 arithmetic: the activation-dtype layers, unfused
+
+
+@pytest.mark.parametrize(
+    ("device", "flash_attn", "varlen", "expected"),
+    [("cpu", True, True, "per_sample"), ("cuda", True, True, "flash_attention_2"),
+     ("cuda", False, True, "varlen"), ("cuda", False, False, "per_sample")],
+)
+def test_attention_kernel_follows_capabilities(device, flash_attn, varlen, expected):
+    """CUDA never gets the dense block-diagonal sdpa mask; the CPU keeps its measured per-sample loop."""
+    from rlhf_cli.core.attention import attention_kernel
+
+    assert attention_kernel(device, flash_attn=flash_attn, varlen=varlen) == expected
+
+
+@pytest.mark.parametrize(("n_heads", "n_kv", "style"), [(4, 4, "window"), (4, 2, "window"), (4, 2, "is_causal")])
+def test_varlen_call_matches_per_sample_attention(monkeypatch, n_heads, n_kv, style):
+    """The varlen wrapper's layout (T, H, D), cumulative lengths and causal flag, checked on the CPU against
+    a stand-in that does what torch's CUDA varlen_attn does, for both of its signatures and for GQA."""
+    from rlhf_cli.core import attention
+
+    def reference(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        assert kw.get("is_causal") or kw.get("window_size") == (-1, 0)
+        assert cu_q.dtype == torch.int32 and max_q == max(torch.diff(cu_q).tolist())
+        outs = []
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+            outs.append(torch.nn.functional.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=True, scale=kw.get("scale"), enable_gqa=kw.get("enable_gqa", False)))
+        return torch.cat(outs, dim=1).transpose(0, 1)
+
+    if style == "window":
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=None,
+                 enable_gqa=False):
+            return reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                             window_size=window_size, enable_gqa=enable_gqa)
+    else:
+        def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+            return reference(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=is_causal)
+    monkeypatch.setattr(attention, "_torch_varlen", lambda: fake)
+    torch.manual_seed(0)
+    bounds = [0, 5, 12, 15]
+    q = torch.randn(1, n_heads, 15, 8)
+    k, v = torch.randn(1, n_kv, 15, 8), torch.randn(1, n_kv, 15, 8)
+    scale = 8 ** -0.5
+    got = attention._varlen_packed(q, k, v, bounds, scale)
+    monkeypatch.setattr(attention, "_FUSED_FROM", 10**6)
+    want, _ = attention.packed_attention(None, q, k, v, None, scaling=scale,
+                                         position_ids=torch.tensor([[*range(5), *range(7), *range(3)]]))
+    assert got.shape == want.shape == (1, 15, n_heads, 8)
+    assert torch.allclose(got, want, atol=1e-5)

@@ -79,14 +79,14 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
         else:
             model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant,
                                       merge_parent=not kept)
-        attention.use_packed_attention(model)  # used by rows of unequal length (data.packing: false)
+        kernel = attention.use_packed_attention(model)  # used by rows of unequal length (data.packing: false)
         model = models.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
                                       checkpointing=plan.checkpointing,
                                       parent_adapter=resolved.adapters[0] if kept else None)
         trainable, total = models.count_parameters(model)
         run_dir.update(data=stats.summary(), precision=plan.precision.as_json(), parent_adapters=plan.parent_adapters,
                        quantization=recipe.quant.model_dump() if quantized else None,
-                       trainable_params=trainable, total_params=total, attention=model.config._attn_implementation,
+                       trainable_params=trainable, total_params=total, attention=kernel or model.config._attn_implementation,
                        gradient_checkpointing=plan.checkpointing)
         trainer = fitting.CausalTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
                                         data_collator=batches.FlatCollator())

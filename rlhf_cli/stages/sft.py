@@ -69,8 +69,7 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
         quantized = recipe.quant.bits is not None
         model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant,
                                   merge_parent=not kept)
-        if d.padding_free:
-            attention.use_packed_attention(model)
+        kernel = attention.use_packed_attention(model) if d.padding_free else None
         model = models.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
                                       checkpointing=plan.checkpointing,
                                       parent_adapter=resolved.adapters[0] if kept else None)
@@ -78,7 +77,7 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
         run_dir.update(format=fmt, data=stats.summary(), precision=plan.precision.as_json(),
                        parent_adapters=plan.parent_adapters, quantization=recipe.quant.model_dump() if quantized else None,
                        trainable_params=trainable, total_params=total, chat_template=tokenizer.chat_template,
-                       attention=model.config._attn_implementation, gradient_checkpointing=plan.checkpointing)
+                       attention=kernel or model.config._attn_implementation, gradient_checkpointing=plan.checkpointing)
         collator = batches.FlatCollator() if d.padding_free else batches.PadCollator(tokenizer.pad_token_id)
         trainer = fitting.CausalTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
                                         data_collator=collator)
