@@ -99,7 +99,7 @@ class LoraSpec(Strict):
 
 # --------------------------------------------------------------------------- data
 
-Format = Literal["auto", "text", "messages", "prompt_completion", "preference", "prompt"]
+Format = Literal["auto", "text", "messages", "prompt_completion", "preference", "ranked", "prompt"]
 
 
 class DataBase(Strict):
@@ -254,8 +254,10 @@ class RewardRecipe(Strict):
     @model_validator(mode="after")
     def _rules(self) -> RewardRecipe:
         _adapter_rules(self.quant, self.lora)
-        if self.data.format not in ("auto", "preference"):
-            raise ValueError(f"train-rm needs preference pairs, not {self.data.format}: set data.format: preference or auto")
+        if self.data.format not in ("auto", "preference", "ranked"):
+            raise ValueError(
+                f"train-rm needs preference pairs or rankings, not {self.data.format}: set data.format: preference, ranked or auto"
+            )
         return self
 
 

@@ -39,7 +39,7 @@ def ranking_loss(rewards: torch.Tensor, groups: Sequence[Sequence[Pair]]) -> tor
     `rewards` holds the scores of every answer of the batch; each group lists its pairs as indices into it.
     Groups without pairs (all answers tied) are left out.
     """
-    better, worse, weight = _flatten(groups, rewards.device)
+    better, worse, weight = pair_weights(groups, rewards.device)
     if better.numel() == 0:
         raise ValueError("no ranking in the batch has a pair")
     per_pair = -torch.nn.functional.logsigmoid(rewards[better] - rewards[worse])
@@ -49,11 +49,11 @@ def ranking_loss(rewards: torch.Tensor, groups: Sequence[Sequence[Pair]]) -> tor
 
 def pair_margins(rewards: torch.Tensor, groups: Sequence[Sequence[Pair]]) -> torch.Tensor:
     """r_better - r_worse of every pair of the batch: > 0 where the model orders the pair right."""
-    better, worse, _ = _flatten(groups, rewards.device)
+    better, worse, _ = pair_weights(groups, rewards.device)
     return rewards[better] - rewards[worse]
 
 
-def _flatten(groups: Sequence[Sequence[Pair]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_weights(groups: Sequence[Sequence[Pair]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Index tensors of all pairs, and each pair's weight 1 / (pairs in its group)."""
     better, worse, weight = [], [], []
     for pairs in groups:
