@@ -143,3 +143,26 @@ def test_identical_pairs_are_named_as_such(tmp_path):
     path.write_text(json.dumps({"prompt": "p", "chosen": "same answer", "rejected": "same answer"}) + "\n")
     out = rlhf("train-rm", "train-rm.yaml", "--data", str(path), "--set", "data.eval_fraction=0")
     assert out.code == 3 and "identical" in out.stderr and "max_length" not in out.stderr, out
+
+
+@pytest.mark.stage
+@pytest.mark.usefixtures("workdir")
+def test_train_rm_continues_from_an_earlier_reward_model(tiny):
+    """Round 2 starts from round 1's adapter and head: its first loss is already far below log 2."""
+    from stagekit import train_losses
+
+    assert rlhf("train-rm", "train-rm.yaml", "--set", "train.max_steps=25").code == 0
+    out = rlhf("train-rm", "train-rm.yaml", "--model", "runs/tiny/rm", "-o", "runs/tiny/rm2",
+               "--set", "train.max_steps=2", "--set", "train.logging_steps=1")
+    assert out.code == 0, out
+    first = train_losses("runs/tiny/rm2")[0][1]
+    assert first < 0.3, first
+    run = manifest("runs/tiny/rm2")
+    assert run["parent_run"].endswith("runs/tiny/rm") and run["model"]["kind"] == "reward-adapter"
+    from rlhf_cli.core.reward import load_reward_model
+
+    scorer = load_reward_model("runs/tiny/rm2", max_length=64)
+    pairs = [json.loads(line) for line in open(tiny["preference_eval"])]
+    prompts = [p["prompt"] for p in pairs]
+    gaps = [c - r for c, r in zip(scorer(prompts, [p["chosen"] for p in pairs]), scorer(prompts, [p["rejected"] for p in pairs]))]
+    assert sum(g > 0 for g in gaps) / len(gaps) >= 0.9
