@@ -366,7 +366,7 @@ METRIC_KEYS: dict[str, tuple[str, ...]] = {
 class EvalData(Strict):
     prompts: str | None = Field(None, description="Prompts the model answers (reward, win_rate, kl, length, reward_fn).")
     text: str | None = Field(None, description="Text or chat data for perplexity.")
-    preference: str | None = Field(None, description="Preference pairs for rm_accuracy.")
+    preference: str | None = Field(None, description="Preference pairs or rankings for rm_accuracy (pairwise accuracy).")
     fields: dict[str, str] = Field(default_factory=dict, description="Column renames.")
     max_samples: int | None = Field(None, ge=1, description="Evaluate on the first N samples only.")
     max_length: int = Field(1024, ge=8, description="Longest tokenized sample for perplexity / rm_accuracy.")
@@ -395,8 +395,10 @@ class EvalRecipe(Strict):
         m = set(self.metrics)
         if m - {"rm_accuracy"} and self.model is None:
             raise ValueError("model is missing: name the model to evaluate (--model RUN)")
-        if m & {"reward", "win_rate", "rm_accuracy"} and self.reward is None:
-            raise ValueError("reward, win_rate and rm_accuracy need a reward model: set reward.path (--reward RUN)")
+        if m & {"reward", "win_rate"} and self.reward is None:
+            raise ValueError("reward and win_rate need a reward model: set reward.path (--reward RUN)")
+        if "rm_accuracy" in m and self.reward is None and self.model is None:
+            raise ValueError("rm_accuracy needs a reward model: set reward.path (--reward RUN), or --model RUN of a train-rm run")
         if m & {"win_rate", "kl"} and self.reference is None:
             raise ValueError("win_rate and kl compare against a reference: set reference.path (--reference RUN)")
         if "reward_fn" in m and self.reward_fn is None:

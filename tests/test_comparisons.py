@@ -166,3 +166,32 @@ def test_train_rm_continues_from_an_earlier_reward_model(tiny):
     prompts = [p["prompt"] for p in pairs]
     gaps = [c - r for c, r in zip(scorer(prompts, [p["chosen"] for p in pairs]), scorer(prompts, [p["rejected"] for p in pairs]))]
     assert sum(g > 0 for g in gaps) / len(gaps) >= 0.9
+
+
+@pytest.mark.stage
+def test_eval_rm_accuracy_on_rankings_with_the_reward_run_as_model(tiny, reward_run, tmp_path):
+    """Pairwise accuracy over rankings equals the accuracy over the same pairs written one by one."""
+    from typer.testing import CliRunner
+
+    from rlhf_cli.cli import app
+
+    ranked = _rankings(tiny, tmp_path / "ranked.jsonl", k=3, source="preference_eval")
+    pairs_file = tmp_path / "pairs.jsonl"
+    with open(pairs_file, "w") as out:
+        for line in open(ranked):
+            row = json.loads(line)
+            c = comparison_of(row, "ranked")
+            for b, w in c.pairs:
+                out.write(json.dumps({"prompt": row["prompt"], "chosen": row["responses"][b],
+                                      "rejected": row["responses"][w]}) + "\n")
+    runner = CliRunner()
+    results = []
+    for data in (ranked, str(pairs_file)):
+        result = runner.invoke(app, ["eval", "--model", str(reward_run), "--metric", "rm_accuracy", "--preference", data])
+        assert result.exit_code == 0, result.stderr
+        results.append(json.loads(result.stdout))
+    by_ranking, by_pair = results
+    assert by_ranking["details"]["preference_pairs"] == by_pair["details"]["preference_pairs"] == 3 * 50
+    assert by_ranking["details"]["preference_prompts"] == 50
+    assert by_ranking["metrics"]["rm_accuracy"] == pytest.approx(by_pair["metrics"]["rm_accuracy"])
+    assert by_ranking["metrics"]["rm_accuracy"] > 0.6
