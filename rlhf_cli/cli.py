@@ -141,12 +141,12 @@ def _run_stage(
 
 
 def _launch_ok(stage: str, recipe: Any) -> bool:
-    """Under several processes: refuse unsupported launches (on every rank alike, exit 2); eval and generate
-    run on rank 0 alone, the other ranks are done (False)."""
+    """Under several processes: refuse unsupported launches (on every rank alike, exit 2); eval, generate and
+    compare run on rank 0 alone, the other ranks are done (False)."""
     from rlhf_cli.core import distributed
 
     distributed.check_launch(stage, recipe)
-    return stage not in ("eval", "generate") or distributed.is_main()
+    return stage not in ("eval", "generate", "compare") or distributed.is_main()
 
 
 # --------------------------------------------------------------------------- training stages
@@ -337,6 +337,11 @@ def generate(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Do not apply the chat template.")] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Merge LoRA adapters in memory first (faster).")] = False,
+    best_of: Annotated[bool, typer.Option("--best-of", help="Keep the highest-scoring of --num-samples answers per prompt.")] = False,
+    reward: Annotated[
+        Optional[str], typer.Option("--reward", help="Scores for --best-of: reward run or model, or package.module:function.")
+    ] = None,
+    all_: Annotated[bool, typer.Option("--all", help="With --best-of: write every candidate with its score.")] = False,
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -358,12 +363,57 @@ def generate(
             "batch_size": batch_size,
             "raw": raw or None,
             "merge": merge or None,
+            "best_of": best_of or None,
+            "reward": reward,
+            "all": all_ or None,
         }
         recipe = load_recipe("generate", None, flags=flags, sets=set_)
         if not _launch_ok("generate", recipe):
             return
         stage = importlib.import_module("rlhf_cli.stages.generate")
         for record in stage.generate(recipe, prompt or [], prompts):
+            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
+
+    _boundary(go)
+
+
+@app.command(help="Sample K answers per prompt as ranked data for train-rm: scored by a reward, or left for people to rank.")
+def compare(
+    model: Annotated[str, typer.Argument(help="Run directory, local model or hub id whose answers to compare.")],
+    prompts: Annotated[str, typer.Option("--prompts", help="Prompt file (JSONL/JSON/txt).")],
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", help="Answers per prompt (K >= 2).")] = None,
+    reward: Annotated[
+        Optional[str], typer.Option("--reward", help="Judge: reward run or model, or package.module:function.")
+    ] = None,
+    for_labelling: Annotated[
+        bool, typer.Option("--for-labelling", help="Shuffled answers with an empty ranking for people to fill in.")
+    ] = False,
+    temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    set_: SetOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    def go() -> None:
+        from rlhf_cli.recipe_load import load_recipe
+
+        _setup(verbose)
+        flags = {
+            "model.path": model,
+            "prompts": prompts,
+            "num_samples": num_samples,
+            "reward": reward,
+            "for_labelling": for_labelling or None,
+            "generation.temperature": temperature,
+            "generation.max_new_tokens": max_new_tokens,
+            "seed": seed,
+        }
+        recipe = load_recipe("compare", None, flags=flags, sets=set_)
+        if not _launch_ok("compare", recipe):
+            return
+        stage = importlib.import_module("rlhf_cli.stages.compare")
+        for record in stage.compare(recipe):
             sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
             sys.stdout.flush()
 

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
-STAGES = ("pretrain", "sft", "train-rm", "ppo", "eval", "generate")
+STAGES = ("pretrain", "sft", "train-rm", "ppo", "eval", "generate", "compare")
 
 
 def is_function_ref(ref: str) -> bool:
@@ -99,7 +99,7 @@ class LoraSpec(Strict):
 
 # --------------------------------------------------------------------------- data
 
-Format = Literal["auto", "text", "messages", "prompt_completion", "preference", "prompt"]
+Format = Literal["auto", "text", "messages", "prompt_completion", "preference", "ranked", "prompt"]
 
 
 class DataBase(Strict):
@@ -254,8 +254,10 @@ class RewardRecipe(Strict):
     @model_validator(mode="after")
     def _rules(self) -> RewardRecipe:
         _adapter_rules(self.quant, self.lora)
-        if self.data.format not in ("auto", "preference"):
-            raise ValueError(f"train-rm needs preference pairs, not {self.data.format}: set data.format: preference or auto")
+        if self.data.format not in ("auto", "preference", "ranked"):
+            raise ValueError(
+                f"train-rm needs preference pairs or rankings, not {self.data.format}: set data.format: preference, ranked or auto"
+            )
         return self
 
 
@@ -364,7 +366,7 @@ METRIC_KEYS: dict[str, tuple[str, ...]] = {
 class EvalData(Strict):
     prompts: str | None = Field(None, description="Prompts the model answers (reward, win_rate, kl, length, reward_fn).")
     text: str | None = Field(None, description="Text or chat data for perplexity.")
-    preference: str | None = Field(None, description="Preference pairs for rm_accuracy.")
+    preference: str | None = Field(None, description="Preference pairs or rankings for rm_accuracy (pairwise accuracy).")
     fields: dict[str, str] = Field(default_factory=dict, description="Column renames.")
     max_samples: int | None = Field(None, ge=1, description="Evaluate on the first N samples only.")
     max_length: int = Field(1024, ge=8, description="Longest tokenized sample for perplexity / rm_accuracy.")
@@ -393,8 +395,10 @@ class EvalRecipe(Strict):
         m = set(self.metrics)
         if m - {"rm_accuracy"} and self.model is None:
             raise ValueError("model is missing: name the model to evaluate (--model RUN)")
-        if m & {"reward", "win_rate", "rm_accuracy"} and self.reward is None:
-            raise ValueError("reward, win_rate and rm_accuracy need a reward model: set reward.path (--reward RUN)")
+        if m & {"reward", "win_rate"} and self.reward is None:
+            raise ValueError("reward and win_rate need a reward model: set reward.path (--reward RUN)")
+        if "rm_accuracy" in m and self.reward is None and self.model is None:
+            raise ValueError("rm_accuracy needs a reward model: set reward.path (--reward RUN), or --model RUN of a train-rm run")
         if m & {"win_rate", "kl"} and self.reference is None:
             raise ValueError("win_rate and kl compare against a reference: set reference.path (--reference RUN)")
         if "reward_fn" in m and self.reward_fn is None:
@@ -428,10 +432,51 @@ class GenerateRecipe(Strict):
     seed: int = Field(42, description="Same seed, same output.")
     raw: bool = Field(False, description="Send prompts as they are, without the chat template.")
     merge: bool = Field(False, description="Merge LoRA adapters into the base in memory (faster generation).")
+    best_of: bool = Field(False, description="Keep the highest-scoring of num_samples answers per prompt (best-of-n).")
+    reward: str | None = Field(
+        None, description="Scores for best_of: a reward model (train-rm run or model) or package.module:function."
+    )
+    all: bool = Field(False, description="With best_of: write every candidate with its score and whether it is the best.")
+
+    @model_validator(mode="after")
+    def _best_of_needs(self) -> GenerateRecipe:
+        if self.best_of and self.reward is None:
+            raise ValueError("best_of needs something to score with: set reward (--reward runs/rm or package.module:function)")
+        if self.best_of and self.num_samples < 2:
+            raise ValueError("best_of picks among num_samples answers: set num_samples to 2 or more (-n 4)")
+        if not self.best_of and (self.reward is not None or self.all):
+            raise ValueError("reward and all are used by best_of only: add --best-of, or drop them")
+        return self
+
+
+class CompareRecipe(Strict):
+    """K answers per prompt as ranked data for the next reward model: scored, or left for people to rank."""
+
+    stage: Literal["compare"] = "compare"
+    model: ModelSpec
+    prompts: str = Field(..., min_length=1, description="Prompt file (JSONL/JSON/TXT): what the answers respond to.")
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    generation: GenerationSpec = Field(
+        default_factory=lambda: GenerationSpec(temperature=1.0),
+        description="Sampling settings; temperature 1 by default, since answers to compare must differ.",
+    )
+    num_samples: int = Field(4, ge=2, description="Answers per prompt (K); every pair of a ranking is trained on.")
+    reward: str | None = Field(None, description="Score the answers: a reward model (train-rm run) or package.module:function.")
+    for_labelling: bool = Field(
+        False, description="Write the answers shuffled with an empty ranking for people to fill in, instead of scores."
+    )
+    batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
+    seed: int = Field(42, description="Same seed, same answers and order.")
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> CompareRecipe:
+        if (self.reward is None) == (not self.for_labelling):
+            raise ValueError("give exactly one judge: reward (--reward runs/rm or package.module:function) or --for-labelling")
+        return self
 
 
 Recipe = Annotated[
-    Union[PretrainRecipe, SFTRecipe, RewardRecipe, PPORecipe, EvalRecipe, GenerateRecipe],
+    Union[PretrainRecipe, SFTRecipe, RewardRecipe, PPORecipe, EvalRecipe, GenerateRecipe, CompareRecipe],
     Field(discriminator="stage"),
 ]
 
@@ -442,4 +487,5 @@ RECIPE_CLASSES: dict[str, type[Strict]] = {
     "ppo": PPORecipe,
     "eval": EvalRecipe,
     "generate": GenerateRecipe,
+    "compare": CompareRecipe,
 }

@@ -25,6 +25,7 @@ _PLACEHOLDERS: dict[str, dict[str, Any]] = {
         "data": {"prompts": "data/prompts.jsonl"},
     },
     "generate": {"model": {"path": "runs/sft"}},
+    "compare": {"model": {"path": "runs/ppo"}, "prompts": "data/prompts.jsonl", "reward": "runs/rm"},
 }
 
 

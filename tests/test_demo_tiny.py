@@ -1,7 +1,7 @@
 """End to end: `make demo-tiny`'s chain through the real CLI, with each hand-off and each stage's effect checked.
 
 pretrain from scratch -> sft on the pretrain run -> train-rm on the sft run -> ppo (policy sft, reward rm)
--> eval (gated on PPO beating SFT) -> generate -> report.
+-> eval (gated on PPO beating SFT) -> generate -> round 2 (compare -> train-rm from rm -> eval) -> report.
 """
 
 from __future__ import annotations
@@ -74,3 +74,15 @@ def test_eval_gates_and_outputs(chain):
         assert rows and all(r["response"] is not None and r["finish_reason"] in ("eos", "stop", "length") for r in rows)
     html = (chain / "report/report.html").read_text()
     assert "<img" in html and "ppo.jsonl" in html
+
+
+def test_round_two_reward_model_judges_the_policy_better(chain):
+    """The reason the loop exists: trained on the PPO policy's own answers ranked by the judge, the round-2
+    reward model orders held-out answers of that policy better than the round-1 model does."""
+    rows = [json.loads(line) for line in (chain / "round2_eval.jsonl").read_text().splitlines()]
+    assert len(rows) == 50 and all(len(r["responses"]) == 4 and len(r["scores"]) == 4 for r in rows)
+    rm2 = manifest(chain, "rm2")
+    assert Path(rm2["parent_run"]).resolve() == (chain / "runs/rm").resolve()
+    first, second = (json.loads((chain / f"runs/eval_{rm}_round2/eval.json").read_text())["metrics"]["rm_accuracy"]
+                     for rm in ("rm", "rm2"))
+    assert second > first + 0.03, (first, second)

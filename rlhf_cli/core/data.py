@@ -27,6 +27,7 @@ SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt")
 # Columns that identify each format, in detection order (most specific first).
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "preference": ("chosen", "rejected"),
+    "ranked": ("responses",),  # with a ranking (indices, best first) or scores; an empty one awaits labelling
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
@@ -143,6 +144,38 @@ def detect_format(records: list[dict[str, Any]], source: str, allowed: Iterable[
     )
 
 
+# Columns a format reads besides the ones that identify it.
+OPTIONAL_COLUMNS: dict[str, tuple[str, ...]] = {
+    "preference": ("prompt",),
+    "ranked": ("prompt", "ranking", "scores"),
+    "prompt": ("messages", "text"),
+}
+# What the field's datasets call the prompt (`{"query", "chosen", "rejected"}` is the common form of Chinese
+# RLHF data; Alpaca-style sets say instruction, QA sets question).
+PROMPT_ALIASES = ("query", "question", "instruction")
+
+
+def adopt_prompt_alias(records: list[dict[str, Any]], fmt: str, source: str) -> list[dict[str, Any]]:
+    """Records whose prompt goes by another common name, with that column read as the prompt."""
+    if "prompt" not in OPTIONAL_COLUMNS.get(fmt, ()) or "prompt" in records[0]:
+        return records
+    alias = next((a for a in PROMPT_ALIASES if a in records[0]), None)
+    if alias is None:
+        return records
+    log.info("%s: reading column %s as the prompt (set data.fields to choose another)", source, alias)
+    return [{("prompt" if k == alias else k): v for k, v in r.items()} for r in records]
+
+
+def warn_unused_columns(records: list[dict[str, Any]], fmt: str, source: str) -> None:
+    """A column that the format does not read is named, with the rename that would use it."""
+    used = set(FORMAT_COLUMNS[fmt]) | set(OPTIONAL_COLUMNS.get(fmt, ()))
+    unused = sorted(set(records[0]) - used)
+    if unused:
+        wanted = sorted(set(OPTIONAL_COLUMNS.get(fmt, ())) - set(records[0])) or sorted(FORMAT_COLUMNS[fmt])
+        log.warning("%s: column(s) %s are not used by format %s (it reads %s); to use one, rename it with data.fields, "
+                    "e.g. {%s: %s}", source, ", ".join(unused), fmt, ", ".join(sorted(used)), unused[0], wanted[0])
+
+
 def check_columns(records: list[dict[str, Any]], fmt: str, source: str) -> None:
     """Every record carries the format's columns (the first record alone decided the format)."""
     needed = FORMAT_COLUMNS[fmt]
@@ -211,11 +244,14 @@ def read_splits(spec: Any, allowed: Iterable[str], seed: int) -> tuple[list[dict
     """(train, eval, format) from a recipe's data section: read, rename, detect, check, hold out."""
     records = read_records(spec.train, fields=spec.fields, split=spec.split, max_samples=spec.max_samples)
     fmt = detect_format(records, spec.train, allowed, spec.format)
+    records = adopt_prompt_alias(records, fmt, spec.train)
     check_columns(records, fmt, spec.train)
+    warn_unused_columns(records, fmt, spec.train)
     eval_records = None
     if spec.eval:
         eval_records = read_records(spec.eval, fields=spec.fields, split=spec.split)
         detect_format(eval_records, spec.eval, (fmt,), fmt)
+        eval_records = adopt_prompt_alias(eval_records, fmt, spec.eval)
         check_columns(eval_records, fmt, spec.eval)
     train, held = split_eval(records, eval_records, spec.eval_fraction, seed)
     return train, held, fmt

@@ -424,35 +424,47 @@ class CausalTrainer(Trainer):
 
 
 class RewardTrainer(Trainer):
-    """Bradley-Terry loss on (chosen, rejected) rows: -log sigmoid(r_c - r_r) (Ouyang et al. 2022), plus
-    an optional center_rewards_coef * (r_c + r_r)^2 that keeps scores near zero (Eisenstein et al. 2023)."""
+    """Reward model on rankings (a pair is the ranking of two): the mean over each prompt's pairs of
+    -log sigmoid(r_better - r_worse), one prompt one sample (Ouyang et al. 2022; core.ranking), plus an
+    optional center_rewards_coef * (r_better + r_worse)^2 that keeps scores near zero (Eisenstein et al.
+    2023), weighted as the pairs are."""
 
     def __init__(self, *args: Any, center_rewards_coef: float | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.center_rewards_coef = center_rewards_coef
 
-    def _rewards(self, model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, 0].float()
-        return rewards.chunk(2)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        chosen, rejected = self._rewards(model, inputs)
-        loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+        from rlhf_cli.core.ranking import pair_weights, ranking_loss
+
+        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, 0].float()
+        groups = inputs["groups"]
+        loss = ranking_loss(rewards, groups)
         if self.center_rewards_coef:
-            loss = loss + self.center_rewards_coef * ((chosen + rejected) ** 2).mean()
-        return (loss, {"chosen": chosen, "rejected": rejected}) if return_outputs else loss
+            better, worse, weight = pair_weights(groups, rewards.device)
+            centred = ((rewards[better] + rewards[worse]) ** 2 * weight).sum() / sum(1 for g in groups if g)
+            loss = loss + self.center_rewards_coef * centred
+        return (loss, {"rewards": rewards}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        from rlhf_cli.core.ranking import pair_margins
+
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss, out = self.compute_loss(model, inputs, return_outputs=True)
-        scores = torch.stack([out["chosen"], out["rejected"]], dim=1).detach()
+        # One fixed-width row per prompt (pairs ordered right, pairs, summed margin): rows of every batch and
+        # rank concatenate, whatever the number of answers per prompt.
+        rows = []
+        for pairs in inputs["groups"]:
+            margins = pair_margins(out["rewards"], [pairs])
+            rows.append(torch.stack([(margins > 0).sum().float(), torch.tensor(float(len(pairs)), device=margins.device),
+                                     margins.sum()]))
+        tallies = torch.stack(rows).detach()
         # Labels are unused; Trainer only calls compute_metrics when some are present.
-        return loss.detach(), scores, torch.zeros(len(scores), device=scores.device)
+        return loss.detach(), tallies, torch.zeros(len(tallies), device=tallies.device)
 
 
 def reward_metrics(eval_pred: Any) -> dict[str, float]:
-    """Accuracy (chosen scored above rejected) and mean margin r_c - r_r over the eval pairs."""
-    scores = torch.as_tensor(eval_pred.predictions)
-    margin = scores[:, 0] - scores[:, 1]
-    return {"accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean())}
+    """Pairwise accuracy (better answer scored higher) and mean margin r_better - r_worse over every pair."""
+    tallies = torch.as_tensor(eval_pred.predictions)
+    pairs = tallies[:, 1].sum()
+    return {"accuracy": float(tallies[:, 0].sum() / pairs), "margin": float(tallies[:, 2].sum() / pairs)}

@@ -4,7 +4,8 @@
     python -m rlhf_cli.demo.pipeline tiny   # make demo-tiny: a model pretrained from scratch, in minutes
 
 Each step is printed as the shell command it runs, so the demo doubles as a tour of the CLI:
-prepare data -> pretrain -> sft -> train-rm -> ppo -> eval -> generate (SFT and PPO side by side) -> report.
+prepare data -> pretrain -> sft -> train-rm -> ppo -> eval -> generate (SFT and PPO side by side) -> report;
+the tiny demo adds round 2 (compare -> train-rm from the round-1 reward model -> eval of both).
 A step that fails stops the pipeline with that step's exit code. Finished steps are skipped when the
 pipeline is run again (their run directories are complete), so an interrupted demo continues.
 """
@@ -100,6 +101,8 @@ def run(kind: str, recipes: Path, work: Path, force: bool = False) -> dict[str, 
             "generate", f"runs/{name}", "--prompts", _prompts_eval(kind), "--seed", "0", "--set",
             f"generation.max_new_tokens={_max_new_tokens(recipes)}", stdout=Path(f"{name}.jsonl"),
         )
+    if kind == "tiny":
+        times.update(round_two(recipes, force))
     times["report"] = _rlhf(
         "report", "runs/pretrain", "runs/sft", "runs/rm", "runs/ppo", "runs/eval", "sft.jsonl", "ppo.jsonl",
         "--output", "report",
@@ -107,6 +110,21 @@ def run(kind: str, recipes: Path, work: Path, force: bool = False) -> dict[str, 
     times["total"] = time.monotonic() - t_start
     _say("\nseconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
     _say(f"report: {(work / 'report' / 'report.html').resolve()}")
+    return times
+
+
+def round_two(recipes: Path, force: bool) -> dict[str, float]:
+    """InstructGPT's loop, once more: the PPO policy's answers, ranked by a judge, train the next reward
+    model, and both reward models are scored on held-out answers of that policy ranked the same way."""
+    times: dict[str, float] = {}
+    judge = ["--reward", "rlhf_cli.demo.rewards:tiny_judge", "-n", "4", "--max-new-tokens", str(_max_new_tokens(recipes))]
+    for prompts, out, seed in (("assets/prompts.jsonl", "round2.jsonl", "42"), ("assets/prompts_eval.jsonl", "round2_eval.jsonl", "7")):
+        times[f"compare {out}"] = _rlhf("compare", "runs/ppo", "--prompts", prompts, *judge, "--seed", seed, stdout=Path(out))
+    if force or not _completed(Path("runs/rm2")):
+        times["train-rm round 2"] = _rlhf("train-rm", str(recipes / "train-rm-round2.yaml"), *(["--overwrite"] if force else []))
+    for rm in ("rm", "rm2"):
+        times[f"eval {rm} on round 2"] = _rlhf("eval", "--model", f"runs/{rm}", "--metric", "rm_accuracy", "--preference",
+                                               "round2_eval.jsonl", "--output-dir", f"runs/eval_{rm}_round2")
     return times
 
 

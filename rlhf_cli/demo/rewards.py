@@ -30,3 +30,14 @@ def vader_sentiment(prompts: list[Any], responses: list[str]) -> list[float]:
     """VADER compound score of each response, in [-1, 1]; the prompts are not scored."""
     analyzer = _analyzer()
     return [float(analyzer.polarity_scores(r)["compound"]) for r in responses]
+
+
+def tiny_judge(prompts: list[Any], responses: list[str]) -> list[float]:
+    """The demo-tiny ground truth, as a labeller would rank: one point for a whole answer ("the cat is in
+    the barn."), one more for ending "it is great." The round-1 reward model learned the second from pairs
+    that differ in nothing else; nothing taught it that a cut-off answer ("the cat is in the") is worse,
+    which is where a PPO policy sampled against it drifts."""
+    import re
+
+    whole = re.compile(r"the \w+ is in the \w+\.( it is \w+\.)?")
+    return [float(bool(whole.fullmatch(r.strip()))) + float(r.strip().endswith("it is great.")) for r in responses]

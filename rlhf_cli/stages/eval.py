@@ -48,8 +48,9 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     policy = load_causal_lm(recipe.model) if wanted - {"rm_accuracy"} else None
     scorer = None
     if wanted & {"reward", "win_rate", "rm_accuracy"}:
-        assert recipe.reward is not None
-        r = recipe.reward
+        # `rlhf eval --model runs/rm --metric rm_accuracy`: the model given is the reward model.
+        r = recipe.reward or recipe.model
+        assert r is not None
         scorer = load_scorer(r.path, dtype=r.dtype, gguf_file=r.gguf_file, trust_remote_code=r.trust_remote_code,
                              max_length=data.max_length, batch_size=recipe.batch_size)
 
@@ -69,13 +70,10 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
 
     if "rm_accuracy" in wanted:
         assert scorer is not None and data.preference is not None
-        pairs = read(data.preference)
-        detect_format(pairs, data.preference, allowed=("preference",), declared="preference")
-        prompts = [p.get("prompt") for p in pairs]
-        gaps = [c - r for c, r in zip(scorer(prompts, [p["chosen"] for p in pairs]), scorer(prompts, [p["rejected"] for p in pairs]))]
+        gaps, prompts_ranked = _pair_gaps(scorer, read(data.preference), data.preference)
         values["rm_accuracy"] = sum(g > 0 for g in gaps) / len(gaps)
         values["rm_margin"] = sum(gaps) / len(gaps)
-        details["preference_pairs"] = len(gaps)
+        details.update(preference_pairs=len(gaps), preference_prompts=prompts_ranked)
 
     if wanted & {"reward", "win_rate", "length", "reward_fn", "kl"}:
         assert policy is not None and data.prompts is not None
@@ -118,6 +116,27 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
         record = {**result.to_json(), "recipe": recipe.model_dump(mode="json"), "versions": package_versions()}
         atomic_write_json(Path(recipe.output_dir) / "eval.json", record)
     return result
+
+
+def _pair_gaps(scorer: Any, records: list[dict[str, Any]], source: str) -> tuple[list[float], int]:
+    """r_better - r_worse of every pair of preference pairs or rankings (each answer scored once); and the
+    number of prompts they came from."""
+    from rlhf_cli.core.comparisons import comparison_of
+    from rlhf_cli.core.data import adopt_prompt_alias, detect_format
+    from rlhf_cli.errors import DataError
+
+    fmt = detect_format(records, source, allowed=("preference", "ranked"))
+    records = adopt_prompt_alias(records, fmt, source)
+    found = [comparison_of(r, fmt, f"{source}: record {n}") for n, r in enumerate(records, 1)]
+    comparisons = [c for c in found if c is not None and c.pairs]
+    if not comparisons:
+        raise DataError(f"{source}: no ranked pair to score (rows without a ranking or scores are skipped)")
+    scores = iter(scorer([c.prompt for c in comparisons for _ in c.responses], [r for c in comparisons for r in c.responses]))
+    gaps = []
+    for c in comparisons:
+        mine = [next(scores) for _ in c.responses]
+        gaps.extend(mine[b] - mine[w] for b, w in c.pairs)
+    return gaps, len(comparisons)
 
 
 def _bar(total: int, description: str) -> Any:

@@ -7,6 +7,12 @@
 Each line: {"index", "sample", "prompt", "response", "finish_reason" (eos|stop|length),
 "prompt_tokens", "completion_tokens"}. Prompts go through the chat template saved with the run (the one
 used in training) unless --raw. Same seed, same output.
+
+Best-of-n keeps, of the --num-samples answers to each prompt, the one the reward scores highest (its line
+gains "score" and "candidates"); with --all every answer is written, with its "score" and "best":
+
+    rlhf generate runs/ppo --prompts p.jsonl -n 8 --best-of --reward runs/rm
+    rlhf generate runs/sft --prompts p.jsonl -n 4 --best-of --reward mypkg.rewards:exact_answer --all
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ def generate(recipe: GenerateRecipe, prompts: list[str], prompts_file: str | Non
     if recipe.raw and any(not isinstance(p, str) for p in items):
         raise RecipeError("--raw sends text as it is; these prompts are message lists (drop --raw to use the chat template)")
 
+    # User code is imported first: a wrong reference fails before any model loads.
+    scorer = _scorer(recipe.reward) if recipe.best_of else None
     loaded = load_causal_lm(recipe.model, quant=recipe.quant, merge=recipe.merge)
     tokenizer = loaded.tokenizer
     if not recipe.raw:
@@ -41,6 +49,9 @@ def generate(recipe: GenerateRecipe, prompts: list[str], prompts_file: str | Non
     texts = [prompt_text(tokenizer, p, raw=recipe.raw) for p in items]
     _warn_long(loaded.model, tokenizer, texts, recipe.generation.max_new_tokens)
 
+    if scorer is not None:
+        yield from _best_of(recipe, loaded, items, texts, scorer)
+        return
     # Samples of one prompt sit next to each other: prompt 0 sample 0..n-1, prompt 1 ...
     expanded = [t for t in texts for _ in range(recipe.num_samples)]
     with Progress(total=len(expanded), description="generate", unit="sample") as bar:
@@ -58,6 +69,35 @@ def generate(recipe: GenerateRecipe, prompts: list[str], prompts_file: str | Non
                 "prompt_tokens": sample.prompt_tokens,
                 "completion_tokens": sample.completion_tokens,
             }
+
+
+def _scorer(ref: str | None) -> Any:
+    from rlhf_cli.core.reward import load_function, load_scorer
+    from rlhf_cli.recipe import is_function_ref
+
+    assert ref is not None  # the recipe requires it with best_of
+    return load_function(ref) if is_function_ref(ref) else load_scorer(ref)
+
+
+def _best_of(recipe: GenerateRecipe, loaded: Any, items: list[Any], texts: list[str], scorer: Any) -> Iterator[dict[str, Any]]:
+    """Sample every prompt's candidates, score them all, and keep the best (or write all with recipe.all)."""
+    from rlhf_cli.console import Progress
+    from rlhf_cli.core.candidates import best_index, sample_groups, score_groups
+
+    n = recipe.num_samples
+    with Progress(total=len(texts) * n, description="generate", unit="sample") as bar:
+        groups = sample_groups(loaded.model, loaded.tokenizer, texts, n=n, spec=recipe.generation,
+                               batch_size=recipe.batch_size, seed=recipe.seed, on_batch=bar.update)
+    scores = score_groups(scorer, items, groups)
+    for index, (prompt, group, group_scores) in enumerate(zip(items, groups, scores)):
+        best = best_index(group_scores)
+        for k, sample in enumerate(group):
+            if k != best and not recipe.all:
+                continue
+            record = {"index": index, "sample": k, "prompt": prompt, "response": sample.text,
+                      "finish_reason": sample.finish_reason, "prompt_tokens": sample.prompt_tokens,
+                      "completion_tokens": sample.completion_tokens, "score": group_scores[k]}
+            yield {**record, "best": k == best} if recipe.all else {**record, "candidates": n}
 
 
 def read_prompts(source: str) -> list[Any]:

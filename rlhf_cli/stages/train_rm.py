@@ -1,11 +1,13 @@
-"""rlhf train-rm: a Bradley-Terry reward model on preference pairs.
+"""rlhf train-rm: a Bradley-Terry reward model on preference pairs or K-way rankings.
 
     rlhf train-rm recipes/tiny/train-rm.yaml
     rlhf train-rm --model runs/sft --data prefs.jsonl
 
-The model is the base (or the policy run) with a one-scalar score head; chosen and rejected transcripts
-are rendered with the chat template exactly as core.reward.RewardModel scores text later, and trained on
--log sigmoid(r_chosen - r_rejected). Eval logs accuracy (chosen scored higher) and the mean margin. The
+The model is the base (or the policy run) with a one-scalar score head; every answer is rendered with
+the chat template exactly as core.reward.RewardModel scores text later, and trained on
+-log sigmoid(r_better - r_worse) over every pair of a prompt's ranking, the K answers of one prompt
+scored in one pass and counted as one sample (Ouyang et al. 2022; a preference pair is the ranking of
+two). Eval logs pairwise accuracy (better answer scored higher) and the mean margin. The
 run directory is a reward model for `rlhf ppo --reward` and `rlhf eval --reward`: base, adapter, head and
 chat template are found through its run.json.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from rlhf_cli.recipe import RewardRecipe
 from rlhf_cli.result import RunOptions, RunResult
@@ -22,9 +25,9 @@ log = logging.getLogger("rlhf")
 
 
 def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
-    from rlhf_cli.core import artifacts, batches, chat, models
+    from rlhf_cli.core import artifacts, chat, comparisons, models
     from rlhf_cli.core import trainer as fitting
-    from rlhf_cli.core.data import read_splits
+    from rlhf_cli.core.data import percentiles, read_splits
     from rlhf_cli.core.plan import plan_training
     from rlhf_cli.recipe_load import dump_recipe
     from rlhf_cli.runs import prepare_run
@@ -33,29 +36,32 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
     resolved = models.resolve(recipe.model)
     tokenizer = models.load_tokenizer(resolved, chat_template=recipe.data.chat_template)
     chat.ensure_chat_template(tokenizer)
-    train_records, eval_records, fmt = read_splits(recipe.data, ("preference",), recipe.train.seed)
+    train_records, eval_records, fmt = read_splits(recipe.data, ("preference", "ranked"), recipe.train.seed)
     d = recipe.data
-    train_set, stats = batches.preference_samples(tokenizer, train_records, d.max_length)
-    eval_set, _ = batches.preference_samples(tokenizer, eval_records, d.max_length)
+    train_set, stats, lengths = comparisons.comparison_samples(tokenizer, train_records, fmt, d.max_length, d.train)
+    eval_set, _, _ = comparisons.comparison_samples(tokenizer, eval_records, fmt, d.max_length, d.eval or d.train)
     if not train_set:
-        raise _no_pairs(recipe)
+        raise _no_pairs(recipe, stats)
     if stats.truncated:
-        log.warning("%d of %d pairs are longer than data.max_length %d and are cut (%d became identical and are skipped)",
-                    stats.truncated, len(train_records), d.max_length, stats.dropped)
+        log.warning("%d of %d prompts have answers longer than data.max_length %d: their prompts are cut from the left "
+                    "(%d left no pair that differs and are skipped)", stats.truncated, len(train_records), d.max_length,
+                    stats.no_signal)
 
     # 2. How the model will be held: dtype, trainable parameters, parent adapters, memory.
-    longest = min(d.max_length, max(stats.lengths))
+    longest = min(d.max_length, max(lengths))
+    per_prompt = max(len(s["response_ids"]) for s in train_set)
     plan = plan_training(resolved, recipe.model, lora=recipe.lora, quant=recipe.quant, train=recipe.train,
-                         head="reward", tokens_per_step=2 * recipe.train.batch_size * longest)
+                         head="reward", tokens_per_step=per_prompt * recipe.train.batch_size * longest)
     first = train_set[0]
+    better, worse = first["pairs"][0]
     details = {
         "format": fmt,
-        "train": stats.summary(),
-        "eval_pairs": len(eval_set),
+        "train": {**stats.summary(), "length_percentiles": percentiles(lengths)},
+        "eval_prompts": len(eval_set),
         "max_length": d.max_length,
         **plan.as_json(),
-        "sample_chosen": tokenizer.decode(first["chosen_ids"]),
-        "sample_rejected": tokenizer.decode(first["rejected_ids"]),
+        "sample_chosen": tokenizer.decode(first["response_ids"][better]),
+        "sample_rejected": tokenizer.decode(first["response_ids"][worse]),
     }
     # Built before anything is written: settings the machine cannot run (fp16 on a CPU) fail here.
     args = fitting.training_args(recipe.train, Path(recipe.output_dir) / "checkpoints", precision=plan.precision,
@@ -85,7 +91,7 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
                        trainable_params=trainable, total_params=total, chat_template=tokenizer.chat_template,
                        gradient_checkpointing=plan.checkpointing)
         trainer = fitting.RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
-                                        data_collator=batches.PairCollator(tokenizer.pad_token_id),
+                                        data_collator=comparisons.RankCollator(tokenizer.pad_token_id),
                                         compute_metrics=fitting.reward_metrics,
                                         center_rewards_coef=recipe.center_rewards_coef)
         outcome = fitting.fit(trainer, run_dir, "train-rm")
@@ -106,9 +112,12 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
                               "dtype": plan.precision.as_json()["compute"]})
 
 
-def _no_pairs(recipe: RewardRecipe) -> Exception:
+def _no_pairs(recipe: RewardRecipe, stats: Any) -> Exception:
     from rlhf_cli.errors import DataError
 
-    return DataError(
-        f"{recipe.data.train}: no pair differs within data.max_length {recipe.data.max_length}: raise data.max_length"
-    )
+    where = recipe.data.train
+    if stats.unranked and not stats.no_signal:
+        return DataError(f"{where}: no row is ranked yet ({stats.unranked} rows): fill in their ranking or scores")
+    if stats.truncated:
+        return DataError(f"{where}: no pair differs within data.max_length {recipe.data.max_length}: raise data.max_length")
+    return DataError(f"{where}: every pair compares two identical answers (or ties): nothing to learn from")

@@ -1,0 +1,45 @@
+"""Several answers per prompt, and their scores: what best-of-n (`rlhf generate --best-of`), `rlhf compare`
+and eval's best_of_n_reward share.
+
+    groups = sample_groups(model, tokenizer, texts, n=4, spec=generation, batch_size=8, seed=42)
+    scores = score_groups(scorer, prompts, groups)     # [[s00, s01, s02, s03], [s10, ...], ...]
+    picked = best_index(scores[0])                     # the first of the highest-scoring answers
+
+The n answers of one prompt are sampled next to each other (prompt 0 answers 0..n-1, prompt 1 ...), so a
+prompt's group does not depend on the batch size's alignment with n. Best-of-n (rejection sampling) is
+the cheapest use of a reward model and the baseline a PPO policy is read against (Nakano et al. 2021;
+Touvron et al. 2023 use it to build the next round's data).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from rlhf_cli.core.generation import Sample, sample_texts
+from rlhf_cli.recipe import GenerationSpec
+
+
+def sample_groups(model: Any, tokenizer: Any, texts: Sequence[str], *, n: int, spec: GenerationSpec,
+                  batch_size: int, seed: int, on_batch: Callable[[int], None] | None = None) -> list[list[Sample]]:
+    """n sampled answers to each rendered prompt, grouped by prompt."""
+    expanded = [t for t in texts for _ in range(n)]
+    flat = list(sample_texts(model, tokenizer, expanded, spec, batch_size=batch_size, seed=seed, on_batch=on_batch))
+    return [flat[i : i + n] for i in range(0, len(flat), n)]
+
+
+def score_groups(scorer: Callable[[list[Any], list[str]], list[float]], prompts: Sequence[Any],
+                 groups: Sequence[Sequence[Sample]]) -> list[list[float]]:
+    """Every answer's score, in one call of the scorer (a reward model batches across prompts)."""
+    flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
+    flat = scorer(flat_prompts, [s.text for group in groups for s in group])
+    out, start = [], 0
+    for group in groups:
+        out.append(list(flat[start : start + len(group)]))
+        start += len(group)
+    return out
+
+
+def best_index(scores: Sequence[float]) -> int:
+    """The first of the highest scores: ties go to the earlier sample, so the choice is reproducible."""
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))

@@ -1,0 +1,167 @@
+"""Comparison data for reward models: preference pairs and K-way rankings as one kind of sample.
+
+    comparison = comparison_of(record, "ranked")       # prompt, responses, (better, worse) pairs; None if unranked
+    samples, stats = comparison_samples(tokenizer, records, "preference", max_length=512)
+    batch = RankCollator(pad_id)(samples[:8])          # every answer of 8 prompts in one padded batch
+
+A pair (chosen, rejected) is the K = 2 ranking [0, 1], so pairs and rankings share one loss
+(core.ranking.ranking_loss) and one collator. Answers are rendered with the chat template exactly as
+core.reward.RewardModel renders them later. When a transcript is longer than max_length, the prompt is
+cut from the left (its start goes first) so the answers, which are what is compared, survive; only an
+answer that alone is too long is cut at its end.
+
+HH-RLHF as it ships (Bai et al. 2022) has no prompt column: chosen and rejected are whole transcripts
+"\n\nHuman: ...\n\nAssistant: ...". Such a pair is split into turns, the turns both sides share become
+the prompt, and each side's last assistant turn its response.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rlhf_cli.core.chat import conversation_text
+from rlhf_cli.core.ranking import Pair, pairs_from_ranking, pairs_from_scores
+from rlhf_cli.errors import DataError
+
+log = logging.getLogger("rlhf")
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    prompt: Any  # text, message list, or None (transcripts that carry their own context)
+    responses: list[Any]
+    pairs: list[Pair]
+
+
+def hh_turns(transcript: str) -> list[dict[str, str]] | None:
+    """An HH-RLHF transcript as chat messages, or None when the text is not one."""
+    parts = _HH_TURN.split(transcript)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    return [{"role": _HH_ROLES[role], "content": text.strip()} for role, text in zip(parts[1::2], parts[2::2])]
+
+
+def split_hh_pair(chosen: Any, rejected: Any) -> tuple[list[dict[str, str]], str, str] | None:
+    """(shared prompt turns, chosen answer, rejected answer) of an HH-RLHF pair, or None if it is not one."""
+    if not (isinstance(chosen, str) and isinstance(rejected, str)):
+        return None
+    a, b = hh_turns(chosen), hh_turns(rejected)
+    if not a or not b or a[-1]["role"] != "assistant" or b[-1]["role"] != "assistant" or a[:-1] != b[:-1] or not a[:-1]:
+        return None
+    return a[:-1], a[-1]["content"], b[-1]["content"]
+
+
+def comparison_of(record: dict[str, Any], fmt: str, where: str = "") -> Comparison | None:
+    """A record's prompt, answers and (better, worse) pairs; None for a ranked row nobody has ranked yet."""
+    if fmt == "preference":
+        hh = split_hh_pair(record["chosen"], record["rejected"]) if record.get("prompt") is None else None
+        if hh is not None:
+            return Comparison(hh[0], [hh[1], hh[2]], [(0, 1)])
+        return Comparison(record.get("prompt"), [record["chosen"], record["rejected"]], [(0, 1)])
+    responses = record["responses"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise DataError(f"{where}: responses must be a list of 2 or more answers")
+    ranking, scores = record.get("ranking"), record.get("scores")
+    if ranking:
+        if sorted(set(ranking)) != sorted(ranking) or not all(isinstance(i, int) and 0 <= i < len(responses) for i in ranking):
+            raise DataError(f"{where}: ranking {ranking} must list answer indices 0..{len(responses) - 1}, best first, each once")
+        return Comparison(record.get("prompt"), responses, pairs_from_ranking(ranking))
+    if scores:
+        if len(scores) != len(responses):
+            raise DataError(f"{where}: {len(scores)} scores for {len(responses)} responses")
+        return Comparison(record.get("prompt"), responses, pairs_from_scores([float(s) for s in scores]))
+    return None
+
+
+def encode_answers(tokenizer: Any, prompt: Any, responses: list[Any], max_length: int) -> tuple[list[list[int]], bool]:
+    """Token ids of each prompt + answer transcript within max_length, cutting the shared prompt from the
+    left first (a leading BOS stays); True when anything was cut."""
+    rows = [tokenizer(conversation_text(tokenizer, prompt, r), add_special_tokens=False)["input_ids"] for r in responses]
+    shared = _common_prefix(rows)
+    head = 1 if rows and rows[0] and rows[0][0] == getattr(tokenizer, "bos_token_id", None) else 0
+    out = []
+    for ids in rows:
+        excess = len(ids) - max_length
+        if excess > 0:
+            cut = min(excess, max(shared - head, 0))
+            ids = ids[:head] + ids[head + cut :]
+        out.append(ids[:max_length])
+    return out, any(len(ids) > max_length for ids in rows)
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        if any(r[i] != rows[0][i] for r in rows[1:]):
+            return i
+    return n
+
+
+@dataclass
+class ComparisonStats:
+    prompts: int = 0
+    answers: int = 0
+    pairs: int = 0
+    truncated: int = 0
+    unranked: int = 0  # ranked rows still waiting for a ranking (skipped)
+    no_signal: int = 0  # every pair tied, or identical within max_length (skipped)
+    tokens: int = 0
+
+    def summary(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def comparison_samples(tokenizer: Any, records: list[dict[str, Any]], fmt: str, max_length: int,
+                       source: str = "") -> tuple[list[dict[str, Any]], ComparisonStats, list[int]]:
+    """(samples, stats, transcript lengths): one sample per prompt with every answer's ids and its pairs."""
+    samples, stats, lengths = [], ComparisonStats(), []
+    for n, record in enumerate(records, 1):
+        comparison = comparison_of(record, fmt, f"{source}: record {n}")
+        if comparison is None:
+            stats.unranked += 1
+            continue
+        ids, cut = encode_answers(tokenizer, comparison.prompt, comparison.responses, max_length)
+        stats.truncated += cut
+        # A pair whose transcripts are equal within max_length carries no signal.
+        pairs = [(b, w) for b, w in comparison.pairs if ids[b] != ids[w]]
+        if not pairs:
+            stats.no_signal += 1
+            continue
+        samples.append({"response_ids": ids, "pairs": pairs})
+        lengths.extend(len(r) for r in ids)
+        stats.prompts += 1
+        stats.answers += len(ids)
+        stats.pairs += len(pairs)
+        stats.tokens += sum(len(r) for r in ids)
+    if stats.unranked:
+        log.warning("%s: %d of %d rows have no ranking or scores yet and are skipped", source, stats.unranked, len(records))
+    return samples, stats, lengths
+
+
+class RankCollator:
+    """Every answer of every prompt in the batch as one right-padded batch, and each prompt's pairs as
+    indices into its rows (a ranking is scored in one forward pass, Ouyang et al. 2022)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        rows, groups = [], []
+        for f in features:
+            offset = len(rows)
+            rows.extend(f["response_ids"])
+            groups.append([(offset + b, offset + w) for b, w in f["pairs"]])
+        width = max(len(r) for r in rows)
+        return {
+            "input_ids": torch.tensor([r + [self.pad] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            "groups": groups,
+        }

@@ -1,0 +1,104 @@
+"""Best-of-n (`rlhf generate --best-of`) and `rlhf compare`: several answers per prompt and their scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from rlhf_cli.cli import app
+from rlhf_cli.core.candidates import best_index
+
+runner = CliRunner()
+GREAT = "tests.ppo_support:says_great"  # 1 when the answer contains "great" (tests/ppo_support.py)
+PROMPTS = ["where is the cat?", "where is the dog?", "where is the owl?", "where is the fox?"]
+
+
+def _run(*args: str) -> list[dict]:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def _prompt_args() -> list[str]:
+    return [a for p in PROMPTS for a in ("--prompt", p)]
+
+
+def test_best_index_prefers_the_first_of_equal_scores():
+    assert best_index([0.1, 0.7, 0.7, -2.0]) == 1
+    assert best_index([-1.0]) == 0
+
+
+@pytest.mark.stage
+def test_best_of_raises_the_reward_over_single_samples(sft_full_run, reward_run):
+    """The best of 6 answers scores at least as high as every candidate, and above the average sample."""
+    common = ["generate", str(sft_full_run), *_prompt_args(), "-n", "6", "--temperature", "1.3",
+              "--max-new-tokens", "12", "--seed", "3", "--best-of", "--reward", str(reward_run)]
+    every = _run(*common, "--all")
+    best = _run(*common)
+    assert len(every) == 6 * len(PROMPTS) and len(best) == len(PROMPTS)
+    for i, record in enumerate(best):
+        group = [r for r in every if r["index"] == i]
+        assert record["score"] == pytest.approx(max(r["score"] for r in group))
+        assert [r for r in group if r["best"]][0]["response"] == record["response"]
+        assert record["candidates"] == 6 and record["prompt"] == PROMPTS[i]
+    mean_single = sum(r["score"] for r in every) / len(every)
+    mean_best = sum(r["score"] for r in best) / len(best)
+    spread = max(r["score"] for r in every) - min(r["score"] for r in every)
+    assert spread > 0 and mean_best > mean_single, (mean_best, mean_single)
+
+
+@pytest.mark.stage
+def test_best_of_with_a_rule_based_reward(sft_full_run):
+    records = _run("generate", str(sft_full_run), *_prompt_args(), "-n", "4", "--temperature", "1.5",
+                   "--max-new-tokens", "12", "--best-of", "--reward", GREAT, "--all")
+    for i in range(len(PROMPTS)):
+        group = [r for r in records if r["index"] == i]
+        assert sum(r["best"] for r in group) == 1
+        assert all(r["score"] == float("great" in r["response"]) for r in group)
+        assert [r for r in group if r["best"]][0]["score"] == max(r["score"] for r in group)
+
+
+def test_best_of_needs_a_reward_and_several_samples():
+    for args, words in ((["--best-of", "-n", "4"], "best_of needs"), (["--best-of", "--reward", GREAT], "num_samples"),
+                        (["--reward", GREAT], "used by best_of only")):
+        result = runner.invoke(app, ["generate", "no-such-model", "--prompt", "x", *args])
+        assert result.exit_code == 2 and words in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.stage
+def test_compare_writes_scored_rankings(sft_full_run, tmp_path):
+    rows = _run("compare", str(sft_full_run), "--prompts", _prompts_file(tmp_path), "-n", "3",
+                "--reward", GREAT, "--max-new-tokens", "12", "--seed", "5")
+    assert [r["prompt"] for r in rows] == PROMPTS
+    for row in rows:
+        assert len(row["responses"]) == 3 and row["scores"] == [float("great" in r) for r in row["responses"]]
+
+
+@pytest.mark.stage
+def test_compare_for_labelling_shuffles_and_leaves_the_ranking_empty(sft_full_run, tmp_path):
+    args = ["compare", str(sft_full_run), "--prompts", _prompts_file(tmp_path), "-n", "4",
+            "--max-new-tokens", "12", "--seed", "5"]
+    labelled = _run(*args, "--for-labelling")
+    scored = _run(*args, "--reward", GREAT)
+    assert all(r["ranking"] == [] and "scores" not in r for r in labelled)
+    # The same answers (same seed), in another order for at least one prompt.
+    assert all(sorted(a["responses"]) == sorted(b["responses"]) for a, b in zip(labelled, scored))
+    assert any(a["responses"] != b["responses"] for a, b in zip(labelled, scored))
+
+
+def test_compare_needs_exactly_one_judge(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "x"}\n')
+    for extra in ([], ["--reward", GREAT, "--for-labelling"]):
+        result = runner.invoke(app, ["compare", "m", "--prompts", str(prompts), *extra])
+        assert result.exit_code == 2 and "exactly one judge" in result.stderr, result.stderr
+
+
+def _prompts_file(folder: Path) -> str:
+    path = folder / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return str(path)
