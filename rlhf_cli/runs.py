@@ -108,18 +108,49 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
         raise DataError(f"{path}:{e.lineno}: run.json is not valid JSON ({e.msg})") from None
 
 
+def mark_complete(folder: Path) -> None:
+    """Drop COMPLETE into a checkpoint once everything is saved: it lists the size of every file, so a file
+    cut short or lost afterwards (a full disk, an interrupted copy) is found before a resume reads it."""
+    folder = Path(folder)
+    sizes = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*"))
+             if f.is_file() and f.name != "COMPLETE"}
+    atomic_write_json(folder / "COMPLETE", {"files": sizes})
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """What makes a checkpoint unusable (no COMPLETE marker, a listed file missing or of another size), or
+    None when it is whole. Markers without a file list (older checkpoints) are trusted as they are."""
+    marker = Path(folder) / "COMPLETE"
+    if not marker.is_file():
+        return "no COMPLETE marker: its save was cut short"
+    try:
+        listed = json.loads(marker.read_text(encoding="utf-8")).get("files")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        listed = None
+    for name, size in (listed if isinstance(listed, dict) else {}).items():
+        path = Path(folder) / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} when it was saved"
+    return None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """Newest complete checkpoint (highest step) under run_dir/checkpoints."""
+    """Newest whole checkpoint (highest step) under run_dir/checkpoints; damaged newer ones are named and skipped."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return None
-    found = []
-    for child in root.iterdir():
-        m = _CHECKPOINT.match(child.name)
-        # A checkpoint is complete once its writer dropped the marker (a crash mid-save leaves none).
-        if m and child.is_dir() and (child / "COMPLETE").exists():
-            found.append((int(m.group(1)), child))
-    return max(found)[1] if found else None
+    found = sorted(((int(m.group(1)), child) for child in root.iterdir()
+                    if (m := _CHECKPOINT.match(child.name)) and child.is_dir()), reverse=True)
+    for _, child in found:
+        damage = checkpoint_damage(child)
+        if damage is None:
+            return child
+        # A crash mid-save leaves no marker: that one is skipped quietly, as it always was.
+        if (child / "COMPLETE").exists():
+            log.warning("%s is damaged (%s): resuming from an earlier checkpoint", child, damage)
+    return None
 
 
 def checkpoint_step(path: Path) -> int:
@@ -331,9 +362,11 @@ def _resume_point(path: Path, stage: str, old: dict[str, Any] | None, recipe_jso
         log.warning("%s: run.json says running but no process holds the run: it stopped without finishing "
                     "(killed?); it is treated as interrupted", path)
     if wanted is not None:
-        if not (wanted / "COMPLETE").exists():  # checked under the lock: its writer may be saving it right now
+        damage = checkpoint_damage(wanted)  # checked under the lock: its writer may be saving it right now
+        if damage is not None:
+            what = "incomplete checkpoint" if damage.startswith("no COMPLETE") else "damaged checkpoint"
             raise RecipeError(
-                f"--resume {resume}: incomplete checkpoint (no COMPLETE marker: its save was cut short): "
+                f"--resume {resume}: {what} ({damage}): "
                 "resume from another checkpoint, or --resume auto for the newest complete one"
             )
         point: Path | None = wanted

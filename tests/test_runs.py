@@ -632,3 +632,42 @@ def test_cli_overwrite_of_the_working_directory_deletes_nothing(tmp_path, monkey
         "error: . is not empty and holds no run (no run.json): choose a new or empty --output-dir"
     ]
     assert tree(tmp_path) == before
+
+
+# --------------------------------------------------------------------------- checkpoints damaged after their save
+
+
+def saved_checkpoint(run_dir: Path, step: int) -> Path:
+    """A checkpoint as a trainer leaves it: its files, then COMPLETE listing their sizes."""
+    path = checkpoint(run_dir, step, complete=False)
+    (path / "optimizer.pt").write_bytes(b"\x80" * 4096)
+    (path / "adapter").mkdir()
+    (path / "adapter" / "adapter_model.safetensors").write_bytes(b"w" * 1024)
+    runs.mark_complete(path)
+    return path
+
+
+def test_a_checkpoint_cut_short_after_its_save_is_skipped_by_auto_and_refused_by_path(tmp_path, caplog):
+    interrupted_run(tmp_path / "run")
+    good = saved_checkpoint(tmp_path / "run", 2)
+    bad = saved_checkpoint(tmp_path / "run", 4)
+    assert runs.checkpoint_damage(good) is None and latest_checkpoint(tmp_path / "run") == bad
+    (bad / "optimizer.pt").write_bytes(b"\x80" * 100)  # the disk filled up while it was copied back
+    with caplog.at_level("WARNING", logger="rlhf"):
+        assert latest_checkpoint(tmp_path / "run") == good
+    assert "checkpoint-4 is damaged (optimizer.pt has 100 bytes, 4096 when it was saved)" in caplog.text
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        start(tmp_path / "run", resume=str(bad))
+    assert e.value.message == (f"--resume {bad}: damaged checkpoint (optimizer.pt has 100 bytes, 4096 when it was saved): "
+                               "resume from another checkpoint, or --resume auto for the newest complete one")
+    assert tree(tmp_path) == before
+    (good / "adapter" / "adapter_model.safetensors").unlink()
+    assert runs.checkpoint_damage(good) == "adapter/adapter_model.safetensors is missing"
+    assert latest_checkpoint(tmp_path / "run") is None
+
+
+def test_markers_of_older_checkpoints_are_trusted(tmp_path):
+    old = checkpoint(tmp_path, 3)
+    (old / "COMPLETE").write_text("3\n")
+    assert runs.checkpoint_damage(old) is None and latest_checkpoint(tmp_path) == old

@@ -111,7 +111,8 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues_there(monkeypatch):
     assert "--resume auto" in out.stderr
     run = manifest("runs/tiny/sft")
     assert run["status"] == "interrupted"
-    assert (Path("runs/tiny/sft/checkpoints/checkpoint-3") / "COMPLETE").exists()
+    listed = json.loads((Path("runs/tiny/sft/checkpoints/checkpoint-3") / "COMPLETE").read_text())["files"]
+    assert {"optimizer.pt", "adapter_model.safetensors", "trainer_state.json"} <= set(listed)  # sizes, checked on resume
     assert [s for s, _ in train_losses("runs/tiny/sft")] == [1, 2, 3]
 
     monkeypatch.delenv("RLHF_TEST_INTERRUPT_AT_STEP")

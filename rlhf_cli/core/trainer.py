@@ -40,7 +40,7 @@ from rlhf_cli.core.device import Precision, peak_memory_bytes
 from rlhf_cli.core.memory import out_of_memory
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.recipe import TrainSpec
-from rlhf_cli.runs import RunDir, checkpoint_step, is_main_process
+from rlhf_cli.runs import RunDir, checkpoint_step, is_main_process, mark_complete
 
 log = logging.getLogger("rlhf")
 
@@ -215,7 +215,7 @@ class RunCallback(TrainerCallback):
         if is_main_process():
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                (folder / "COMPLETE").write_text(f"{state.global_step}\n")
+                mark_complete(folder)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -37,7 +37,7 @@ from rlhf_cli.ppo import algo
 from rlhf_cli.ppo.models import Models
 from rlhf_cli.ppo.rollout import Rollout, encode_prompts, eos_token_ids, generate, token_stats
 from rlhf_cli.recipe import PPORecipe
-from rlhf_cli.runs import RunDir, atomic_write_json, is_main_process
+from rlhf_cli.runs import RunDir, atomic_write_json, is_main_process, mark_complete
 
 log = logging.getLogger("rlhf")
 
@@ -393,7 +393,7 @@ def save_checkpoint(run: RunDir, actor: Any, optimizer: Any, kl_ctl: Any, shuffl
     atomic_write_json(path / f"rng-{acc.process_index}.json", _host_rng_state())
     acc.wait_for_everyone()
     if is_main_process():
-        (path / "COMPLETE").write_text("")
+        mark_complete(path)
         _prune(run.checkpoints, keep)
     return path
 
