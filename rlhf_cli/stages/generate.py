@@ -66,10 +66,21 @@ def read_prompts(source: str) -> list[Any]:
     from rlhf_cli.core.data import prompts_of, read_records
 
     if source == "-":
-        if sys.stdin.isatty():
-            raise RecipeError("--prompts - reads prompts from stdin, but stdin is a terminal: pipe them in (echo ... | rlhf generate ...)")
-        return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+        return _stdin_lines()
     return prompts_of(read_records(source), source)
+
+
+def _stdin_lines() -> list[str]:
+    """Non-blank stdin lines, read as bytes so that text in another encoding names its line."""
+    from rlhf_cli.core.data import decode_utf8
+
+    # Python sets sys.stdin to None when the process starts with file descriptor 0 closed (`<&-`).
+    if sys.stdin is None:
+        raise DataError("--prompts - reads prompts from stdin, but stdin is closed: pipe them in (echo ... | rlhf generate ...)")
+    if sys.stdin.isatty():
+        raise RecipeError("--prompts - reads prompts from stdin, but stdin is a terminal: pipe them in (echo ... | rlhf generate ...)")
+    text = decode_utf8(sys.stdin.buffer.read(), "stdin")
+    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
 
 
 def _warn_long(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int) -> None:
