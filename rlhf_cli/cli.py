@@ -9,6 +9,7 @@ Stage modules (which import torch inside run()) are imported only when their com
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -66,16 +67,40 @@ def _fail(message: str, details: list[str], code: int) -> None:
     raise typer.Exit(code)
 
 
+# Conditions of the machine rather than bugs: what to do about each (OSError.errno -> fix). Any other
+# OSError is unexpected and keeps its traceback.
+_OS_FIXES = {
+    errno.ENOSPC: "no space left on the device: free some, or write the run to another disk (--output-dir)",
+    errno.EDQUOT: "disk quota exceeded: free some space, or write the run elsewhere (--output-dir)",
+    errno.EROFS: "read-only file system: write the run to a writable directory (--output-dir)",
+    errno.EACCES: "permission denied: fix its permissions, or use a path you may write (--output-dir)",
+    errno.EPERM: "operation not permitted: fix its permissions, or use a path you may write (--output-dir)",
+    errno.EEXIST: "a file is in the way of a directory: move it, or choose another --output-dir",
+    errno.ENOTDIR: "a file is in the way of a directory: move it, or choose another --output-dir",
+    errno.EISDIR: "is a directory, and a file is needed here: choose a file path",
+}
+
+
 def _boundary(fn: Callable[[], Any]) -> Any:
     """Expected failures -> one line on stderr + their exit code. RLHF_DEBUG=1 adds the traceback."""
     try:
         return fn()
     except RlhfError as e:
-        if os.environ.get("RLHF_DEBUG"):
-            traceback.print_exc()
+        _debug_traceback()
         _fail(e.message, e.details, e.exit_code)
+    except OSError as e:
+        fix = _OS_FIXES.get(e.errno)
+        if fix is None:
+            raise
+        _debug_traceback()
+        _fail(f"{e.filename or 'a file'}: {fix}", [], 1)
     except KeyboardInterrupt:
         _fail("interrupted", [], 130)
+
+
+def _debug_traceback() -> None:
+    if os.environ.get("RLHF_DEBUG"):
+        traceback.print_exc()
 
 
 def _setup(verbose: bool) -> None:
@@ -135,7 +160,13 @@ def _run_stage(
     if not _launch_ok(stage, recipe):
         return None
     module = importlib.import_module(f"rlhf_cli.stages.{stage.replace('-', '_')}")
-    result = module.run(recipe, RunOptions(resume=resume, overwrite=overwrite, dry_run=dry_run))
+    try:
+        result = module.run(recipe, RunOptions(resume=resume, overwrite=overwrite, dry_run=dry_run))
+    except OSError as e:
+        # A write() on a full disk names no file; the run directory is where the stage was writing.
+        if e.filename is None:
+            e.filename = recipe.output_dir
+        raise
     _show_result(result, as_json)
     return result
 

@@ -23,16 +23,17 @@ log = logging.getLogger("rlhf")
 
 
 def generate(recipe: GenerateRecipe, prompts: list[str], prompts_file: str | None) -> Iterator[dict[str, Any]]:
-    from rlhf_cli.console import Progress
-    from rlhf_cli.core.chat import ensure_chat_template, prompt_text
-    from rlhf_cli.core.generation import sample_texts
-    from rlhf_cli.core.inference import load_causal_lm
-
+    # Prompts first: a problem with them answers before torch loads.
     items = list(prompts) + (read_prompts(prompts_file) if prompts_file is not None else [])
     if not items:
         raise DataError(f"{prompts_file}: no prompts" if prompts_file else "no prompts given")
     if recipe.raw and any(not isinstance(p, str) for p in items):
         raise RecipeError("--raw sends text as it is; these prompts are message lists (drop --raw to use the chat template)")
+
+    from rlhf_cli.console import Progress
+    from rlhf_cli.core.chat import ensure_chat_template, prompt_text
+    from rlhf_cli.core.generation import sample_texts
+    from rlhf_cli.core.inference import load_causal_lm
 
     loaded = load_causal_lm(recipe.model, quant=recipe.quant, merge=recipe.merge)
     tokenizer = loaded.tokenizer
