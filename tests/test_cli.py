@@ -357,6 +357,29 @@ def test_os_errors_while_writing_are_one_line_and_exit_1(sft_file, tmp_path, exp
     assert sft_file.read_bytes() == before
 
 
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        # safetensors saving an adapter onto a full disk (its message, verbatim)
+        (type("SafetensorError", (Exception,), {})("Error while serializing: I/O error: No space left on device (os error 28)"),
+         "runs/x: no space left on the device"),
+        # torch.save's zip writer on a full disk drops the errno
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), "runs/x: the disk failed to write"),
+        (OSError(errno.EISDIR, "Is a directory", "runs/.a.tmp", None, "runs/a"), "runs/a: is a directory"),
+        (OSError(errno.EROFS, "Read-only file system", "/ro/run.json"), "/ro/run.json: read-only file system"),
+        (OSError(errno.ENOENT, "No such file or directory", "x"), None),
+        (RuntimeError("shape mismatch"), None),
+        (ValueError("(os error 2) in a message of ours"), None),
+    ],
+    ids=["safetensors", "torch-save", "rename-onto-dir", "read-only", "enoent-is-a-bug", "bug", "unknown-errno"],
+)
+def test_machine_errors_are_recognised_also_when_a_library_wraps_them(error, line):
+    from rlhf_cli.cli import machine_error
+
+    found = machine_error(error, "runs/x")
+    assert (found is None) if line is None else found.startswith(line), found
+
+
 def test_other_os_errors_keep_their_traceback(fake_stage, sft_file):
     fake_stage("sft", _raise(OSError(errno.ENOENT, "No such file or directory", "somewhere")))
     result = rlhf("sft", str(sft_file))
