@@ -68,9 +68,6 @@ def bf16_steps_kept(base: Path, lr: float) -> float:
 
 
 def child(dtype: str, workdir: Path, repeats: int) -> None:
-    from rlhf_cli.console import choose_omp_wait_policy
-
-    choose_omp_wait_policy()  # as the rlhf CLI does, before torch loads
     import torch
 
     from rlhf_cli.core.chat import prompt_text

@@ -94,9 +94,6 @@ def prepare(workdir: Path) -> dict[str, Path]:
 
 def child(layout: str, workdir: Path, iterations: int, dtype: str) -> None:
     """One layout, in this process: run `rlhf ppo` through the stage and print its per-iteration figures."""
-    from rlhf_cli.console import choose_omp_wait_policy
-
-    choose_omp_wait_policy()  # as the rlhf CLI does, before torch loads
     import peft  # noqa: F401  (imported first so the baseline below counts the libraries)
     import torch  # noqa: F401
     import transformers  # noqa: F401
@@ -156,7 +153,6 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, torch threads default; median of iterations 2..{args.iterations} (best in brackets)")
     print(header("layout"))
     print("-" * len(header("layout")))
-    # Each child picks the OpenMP wait policy as the rlhf CLI does (console.choose_omp_wait_policy).
     env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", ".")}
     results = []
     for layout in args.layouts.split(","):
@@ -175,7 +171,7 @@ def main() -> None:
           f"{min((r['rss_at_start'] for r in results), default=0) / 1e9:.2f} GB of torch/transformers/peft once imported; "
           "CPU s = CPU seconds of the process per iteration (all threads; what the work costs, whatever else runs); "
           "load = 1-minute load average around the run (2 means both cores busy with this bench alone); "
-          "OMP = OpenMP wait policy the child chose (default: spin, then sleep; PASSIVE: other jobs were running)")
+          "OMP = OMP_WAIT_POLICY of the environment (default: spin, then sleep)")
 
 
 if __name__ == "__main__":

@@ -52,22 +52,12 @@ COLUMNS = (
     "          the first EOS / gen; train tok/s = 4 epochs x (prompt + response tokens, padding excluded) / train\n"
     "  copies = copies of the base weights: policy + reference (one base, LoRA), value model, reward model\n"
     "  peak GB = VmHWM of the dtype's process; CPU s = process CPU seconds per iteration (all threads);\n"
-    "  load = 1-minute load average around the run; OMP = OpenMP wait policy the child chose (as the rlhf CLI)"
+    "  load = 1-minute load average around the run; OMP = OMP_WAIT_POLICY of the environment"
 )
 
 
 def child(dtype: str, workdir: Path, iterations: int) -> None:
     """One dtype, in this process: train with trl's PPOTrainer and print the per-iteration figures as JSON."""
-    # The OpenMP wait policy is read once, when torch loads: choose it first, as the rlhf CLI does.
-    omp_note = None
-    sys.path.insert(0, str(REPO))
-    try:
-        from rlhf_cli.console import choose_omp_wait_policy
-
-        choose_omp_wait_policy()
-    except Exception as e:  # the side environment lacks something rlhf_cli.console needs
-        omp_note = f"rlhf_cli.console.choose_omp_wait_policy unavailable ({type(e).__name__}: {e})"
-
     import peft
     import torch
     import transformers
@@ -199,7 +189,7 @@ def child(dtype: str, workdir: Path, iterations: int) -> None:
     wall = time.perf_counter() - t0
     print(json.dumps({
         "dtype": dtype, "rows": rows, "wall_s": wall, "peak_rss": peak_rss(), "rss_at_start": rss_start,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "omp_note": omp_note,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "mixed_precision": trainer.accelerator.mixed_precision, "torch_threads": torch.get_num_threads(),
         "versions": {m.__name__: m.__version__ for m in (torch, transformers, trl, peft)},
     }))
@@ -242,8 +232,6 @@ def main() -> None:
             continue
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         print(row(f"trl 1.12.0 {dtype}", 3, out, max(load_before, os.getloadavg()[0])))
-        if out["omp_note"]:
-            print(f"  {dtype}: {out['omp_note']}")
         results.append(out)
     if results:
         versions = ", ".join(f"{k} {v}" for k, v in results[0]["versions"].items())

@@ -9,9 +9,11 @@ Stage modules (which import torch inside run()) are imported only when their com
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -66,16 +68,63 @@ def _fail(message: str, details: list[str], code: int) -> None:
     raise typer.Exit(code)
 
 
+# Conditions of the machine rather than bugs: what to do about each (errno -> fix). Any other error
+# is unexpected and keeps its traceback.
+_OS_FIXES = {
+    errno.ENOSPC: "no space left on the device: free some, or write the run to another disk (--output-dir)",
+    errno.EDQUOT: "disk quota exceeded: free some space, or write the run elsewhere (--output-dir)",
+    errno.EIO: "the disk failed to write: check its free space and health, or write the run elsewhere (--output-dir)",
+    errno.EROFS: "read-only file system: write the run to a writable directory (--output-dir)",
+    errno.EACCES: "permission denied: fix its permissions, or use a path you may write (--output-dir)",
+    errno.EPERM: "operation not permitted: fix its permissions, or use a path you may write (--output-dir)",
+    errno.EEXIST: "a file is in the way of a directory: move it, or choose another --output-dir",
+    errno.ENOTDIR: "a file is in the way of a directory: move it, or choose another --output-dir",
+    errno.EISDIR: "is a directory, and a file is needed here: choose a file path",
+}
+# How libraries report a failed write without raising OSError: Rust ones (safetensors, tokenizers) print
+# the io::Error as "(os error N)"; torch.save's zip writer raises RuntimeError and drops the errno.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_TORCH_WRITER = re.compile(r"inline_container\.cc.*(unexpected pos|PytorchStreamWriter)")
+
+
+def machine_error(e: BaseException, where: str | None = None) -> str | None:
+    """The one line for an error of the machine (disk full, read-only, no permission, a file in the way),
+    also when a library wraps it; None for anything else. `where` names the path when the error does not."""
+    if isinstance(e, OSError):
+        code, path = e.errno, e.filename2 or e.filename
+    elif match := _RUST_OS_ERROR.search(str(e)):
+        code, path = int(match.group(1)), None
+    elif isinstance(e, RuntimeError) and _TORCH_WRITER.search(str(e)):
+        code, path = errno.EIO, None
+    else:
+        return None
+    fix = _OS_FIXES.get(code)
+    if fix is None:
+        return None
+    path = path or where
+    return f"{path}: {fix}" if path else fix
+
+
 def _boundary(fn: Callable[[], Any]) -> Any:
     """Expected failures -> one line on stderr + their exit code. RLHF_DEBUG=1 adds the traceback."""
     try:
         return fn()
     except RlhfError as e:
-        if os.environ.get("RLHF_DEBUG"):
-            traceback.print_exc()
+        _debug_traceback()
         _fail(e.message, e.details, e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", [], 130)
+    except Exception as e:
+        line = machine_error(e)
+        if line is None:
+            raise
+        _debug_traceback()
+        _fail(line, [], 1)
+
+
+def _debug_traceback() -> None:
+    if os.environ.get("RLHF_DEBUG"):
+        traceback.print_exc()
 
 
 def _setup(verbose: bool) -> None:
@@ -135,7 +184,14 @@ def _run_stage(
     if not _launch_ok(stage, recipe):
         return None
     module = importlib.import_module(f"rlhf_cli.stages.{stage.replace('-', '_')}")
-    result = module.run(recipe, RunOptions(resume=resume, overwrite=overwrite, dry_run=dry_run))
+    try:
+        result = module.run(recipe, RunOptions(resume=resume, overwrite=overwrite, dry_run=dry_run))
+    except Exception as e:
+        # A write() on a full disk names no file; the run directory is where the stage was writing.
+        line = machine_error(e, recipe.output_dir)
+        if line is None:
+            raise
+        raise RlhfError(line) from e
     _show_result(result, as_json)
     return result
 

@@ -51,50 +51,9 @@ def setup_logging(verbose: bool = False) -> None:
     # The GGUF loader's per-tensor "de-quantizing" bar (plain tqdm) would otherwise flood logs.
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    choose_omp_wait_policy()
     if not verbose:
         # Deprecation notices of the libraries are for their callers' code (ours), not for users.
         warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-def busy_cpus(window: float = 0.1) -> float | None:
-    """CPUs kept busy by other processes over `window` seconds (this one sleeps meanwhile); None off Linux."""
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]) - idle, sum(fields[:8])
-
-    try:
-        busy0, total0 = sample()
-        time.sleep(window)
-        busy1, total1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    if total1 <= total0:
-        return None
-    return (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1)
-
-
-def choose_omp_wait_policy() -> str | None:
-    """Let OpenMP threads spin at barriers on idle CPUs, and sleep when other jobs share them.
-
-    Read once, when torch loads, so this runs before that. libgomp's default (spin a while, then sleep)
-    is the fast choice on idle cores: PASSIVE (sleep at once) made a bf16 LoRA PPO micro-step of
-    SmolLM2-135M on 2 idle cores take 1.81 s instead of 0.99 s. With one core taken by another process the
-    order flips (3.09 s spinning, 1.64 s sleeping): spinning threads wait for a partner that is not
-    running. So: PASSIVE when other processes keep half a CPU or more busy. An OMP_WAIT_POLICY already
-    set is left alone. Returns the policy chosen here (None: libgomp's default or the user's).
-    """
-    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
-        return None
-    busy = busy_cpus()
-    if busy is not None and busy >= 0.5:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        log.info("other processes keep %.1f of %d CPUs busy: OpenMP threads sleep at barriers (OMP_WAIT_POLICY=PASSIVE; "
-                 "set OMP_WAIT_POLICY=ACTIVE to override)", busy, os.cpu_count() or 1)
-        return "PASSIVE"
-    return None
 
 
 def _fmt(fields: dict[str, Any]) -> str:

@@ -43,6 +43,49 @@ def _key_lines(node: yaml.Node, prefix: Loc, out: dict[Loc, int]) -> None:
             _key_lines(item, loc, out)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error: PyYAML keeps
+    the last one silently, so `lr` written twice would train with whichever came later."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[tuple[str, str], int] = {}
+        for key_node, _ in node.value:
+            # Merge keys (<<) may be overridden by design; scalars are compared by tag and text.
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key_node.value!r} given twice (first on line {first[key]}); keep one",
+                    key_node.start_mark,
+                )
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
+    """(data, node tree) of one YAML document, parsed once with _RecipeLoader."""
+    loader = _RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+        return (loader.construct_document(node) if node is not None else None), node
+    finally:
+        loader.dispose()
+
+
+def _yaml_error(path: Path, text: str, e: yaml.YAMLError) -> RecipeError:
+    """One line naming the line of a YAML problem."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        return RecipeError(f"{where}: invalid YAML: {e.problem or e.context}")
+    if isinstance(e, yaml.reader.ReaderError):
+        # The reader stops at characters YAML forbids (control characters); it knows their offset only.
+        line = text.count("\n", 0, e.position) + 1
+        return RecipeError(f"{path}:{line}: invalid YAML: control character #x{e.character:02x} is not allowed; delete it")
+    return RecipeError(f"{path}: invalid YAML: {e}")
+
+
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[Loc, int]]:
     """Parse a recipe file safely; returns the mapping and the line of every key."""
     if not path.is_file():
@@ -52,12 +95,9 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[Loc, int]]:
     except UnicodeDecodeError as e:
         raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise RecipeError(f"{where}: invalid YAML: {e.problem or e.context}") from None
+        data, node = load_yaml(text)
+    except yaml.YAMLError as e:
+        raise _yaml_error(path, text, e) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -78,7 +118,7 @@ def parse_set(item: str) -> tuple[Loc, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise RecipeError(f"--set {item!r}: expected dotted.key=value, e.g. --set train.lr=2e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw)[0] if raw.strip() else None
     except yaml.YAMLError as e:
         raise RecipeError(f"--set {item!r}: value is not valid YAML ({getattr(e, 'problem', e)})") from None
     return tuple(key.split(".")), value

@@ -6,6 +6,7 @@ what the real stage modules do today.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -34,15 +35,16 @@ def rlhf(*args: str, env: dict[str, str] | None = None):
     return runner.invoke(app, list(args), env=env)
 
 
-def rlhf_process(*args: str, code: str = "") -> subprocess.CompletedProcess:
-    """The real `rlhf` process (exit codes as CI sees them); `code` runs first, e.g. to fake a stage."""
+def rlhf_process(*args: str, code: str = "", stdin_closed: bool = False) -> subprocess.CompletedProcess:
+    """The real `rlhf` process (exit codes as CI sees them); `code` runs first, e.g. to fake a stage.
+    stdin_closed starts it with file descriptor 0 closed, as `rlhf ... <&-` does."""
     script = f"{code}\nfrom rlhf_cli.cli import main\nmain()\n"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RLHF_DEBUG", None)
-    return subprocess.run(
-        [sys.executable, "-c", script, *args],
-        env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
-    )
+    command = [sys.executable, "-c", script, *args]
+    if stdin_closed:
+        command = ["sh", "-c", 'exec "$@" <&-', "sh", *command]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture(autouse=True)
@@ -319,6 +321,139 @@ def test_exit_codes_of_the_real_process(sft_file):
     proc = rlhf_process("sft", str(sft_file), "--set", "train.lr", code=fake)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: --set 'train.lr'")
+
+
+# --------------------------------------------------------------------------- the machine's errors and bad input, end to end
+
+
+def _fake_sft_raising(expr: str) -> str:
+    """Code for rlhf_process: an sft stage whose run() raises `expr`."""
+    return (
+        "import errno, sys, types\n"
+        "m = types.ModuleType('rlhf_cli.stages.sft')\n"
+        "def run(recipe, options):\n"
+        f"    raise {expr}\n"
+        "m.run = run\n"
+        "sys.modules['rlhf_cli.stages.sft'] = m\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("expr", "where", "fix"),
+    [
+        ("OSError(errno.ENOSPC, 'No space left on device')", "OUT", "no space left on the device"),
+        ("OSError(errno.EROFS, 'Read-only file system', 'OUT/run.json')", "OUT/run.json", "read-only file system"),
+        ("PermissionError(errno.EACCES, 'Permission denied', 'OUT/checkpoints')", "OUT/checkpoints", "permission denied"),
+    ],
+    ids=["disk-full", "read-only", "no-permission"],
+)
+def test_os_errors_while_writing_are_one_line_and_exit_1(sft_file, tmp_path, expr, where, fix):
+    out = str(tmp_path / "runs" / "sft")
+    before = sft_file.read_bytes()
+    proc = rlhf_process("sft", str(sft_file), code=_fake_sft_raising(expr.replace("OUT", out)))
+    assert proc.returncode == 1, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: {where.replace('OUT', out)}: {fix}") and "--output-dir" in line, line
+    assert sft_file.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        # safetensors saving an adapter onto a full disk (its message, verbatim)
+        (type("SafetensorError", (Exception,), {})("Error while serializing: I/O error: No space left on device (os error 28)"),
+         "runs/x: no space left on the device"),
+        # torch.save's zip writer on a full disk drops the errno
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"), "runs/x: the disk failed to write"),
+        (OSError(errno.EISDIR, "Is a directory", "runs/.a.tmp", None, "runs/a"), "runs/a: is a directory"),
+        (OSError(errno.EROFS, "Read-only file system", "/ro/run.json"), "/ro/run.json: read-only file system"),
+        (OSError(errno.ENOENT, "No such file or directory", "x"), None),
+        (RuntimeError("shape mismatch"), None),
+        (ValueError("(os error 2) in a message of ours"), None),
+    ],
+    ids=["safetensors", "torch-save", "rename-onto-dir", "read-only", "enoent-is-a-bug", "bug", "unknown-errno"],
+)
+def test_machine_errors_are_recognised_also_when_a_library_wraps_them(error, line):
+    from rlhf_cli.cli import machine_error
+
+    found = machine_error(error, "runs/x")
+    assert (found is None) if line is None else found.startswith(line), found
+
+
+def test_other_os_errors_keep_their_traceback(fake_stage, sft_file):
+    fake_stage("sft", _raise(OSError(errno.ENOENT, "No such file or directory", "somewhere")))
+    result = rlhf("sft", str(sft_file))
+    assert result.exit_code == 1
+    assert isinstance(result.exception, FileNotFoundError)
+
+
+def test_rlhf_debug_adds_the_traceback_of_an_os_error(fake_stage, sft_file):
+    fake_stage("sft", _raise(OSError(errno.ENOSPC, "No space left on device")))
+    result = rlhf("sft", str(sft_file), env={"RLHF_DEBUG": "1"})
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "no space left on the device" in result.stderr
+
+
+def test_disk_full_mid_run_marks_it_failed_and_keeps_its_checkpoints(fake_stage, sft_file, tmp_path):
+    from rlhf_cli.core.trainer import failure_marked
+    from rlhf_cli.runs import prepare_run
+
+    out = tmp_path / "runs" / "sft"
+
+    def run(recipe, options):
+        run_dir = prepare_run(recipe.output_dir, "sft", "stage: sft\n", {})
+        with failure_marked(run_dir):
+            (out / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+            (out / "checkpoints" / "checkpoint-2" / "COMPLETE").write_text("")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    fake_stage("sft", run)
+    result = rlhf("sft", str(sft_file))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [f"error: {out}: no space left on the device: free some, "
+                                                  "or write the run to another disk (--output-dir)"]
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert (out / "checkpoints" / "checkpoint-2" / "COMPLETE").exists()
+
+
+def test_output_dir_that_is_a_file_is_one_line_and_exit_1(fake_stage, sft_file, tmp_path):
+    from rlhf_cli.runs import prepare_run
+
+    fake_stage("sft", lambda recipe, options: prepare_run(recipe.output_dir, "sft", "stage: sft\n", {}))
+    taken = tmp_path / "notes.txt"
+    taken.write_bytes(b"my notes\n")
+    result = rlhf("sft", str(sft_file), "--output-dir", str(taken))
+    assert result.exit_code == 1, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {taken}: a file is in the way") and "--output-dir" in line, line
+    assert taken.read_bytes() == b"my notes\n"
+
+
+def test_prompts_that_are_not_utf8_are_one_line_and_exit_3(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    proc = rlhf_process("generate", "some/model", "--prompts", str(prompts))
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {prompts}:2: not UTF-8 text (byte 0xe9); convert the file, "
+                                                "e.g. iconv -f latin1 -t utf-8"]
+    assert prompts.read_bytes() == b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n'
+
+
+def test_generate_with_a_closed_stdin_is_one_line_and_exit_3():
+    proc = rlhf_process("generate", "some/model", "--prompts", "-", stdin_closed=True)
+    assert proc.returncode == 3, proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("error: --prompts - reads prompts from stdin, but stdin is closed"), line
+
+
+def test_duplicate_recipe_key_is_one_line_and_exit_2(tmp_path):
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text("stage: sft\nmodel: {path: m}\ndata: {train: d.jsonl}\ntrain:\n  lr: 1.0e-3\n  lr: 1.0e-1\n")
+    proc = rlhf_process("sft", str(recipe))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {recipe}:6:3: invalid YAML: key 'lr' given twice (first on line 5); keep one"
+    ]
 
 
 # --------------------------------------------------------------------------- validate, schema, init

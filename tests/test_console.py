@@ -1,7 +1,8 @@
-"""The OpenMP wait policy is chosen from how busy the CPUs are before torch loads."""
+"""Logging set-up does the same on an idle and on a busy machine (DESIGN: nothing depends on the instant)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import pytest
@@ -11,41 +12,22 @@ from rlhf_cli import console
 
 @pytest.fixture
 def fresh(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """A process that has not loaded torch yet, without OMP_WAIT_POLICY; the rlhf logger restored after."""
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.delitem(sys.modules, "torch", raising=False)  # as in a process that has not loaded torch yet
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    log = logging.getLogger("rlhf")
+    monkeypatch.setattr(log, "handlers", log.handlers[:])
+    monkeypatch.setattr(log, "propagate", log.propagate)
+    monkeypatch.setattr(log, "level", log.level)
     return monkeypatch
 
 
-def test_busy_cpus_reads_a_plausible_figure() -> None:
-    busy = console.busy_cpus(0.05)
-    if busy is None:
-        pytest.skip("no /proc/stat")
-    assert 0.0 <= busy <= (console.os.cpu_count() or 1) + 1e-6
+def test_setup_logging_neither_samples_the_machine_nor_sets_the_wait_policy(fresh):
+    # Sampling the load means reading /proc/stat twice with a sleep between; either would show here.
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("setup_logging looked at the machine's load")
 
-
-def test_idle_cpus_keep_the_spinning_default(fresh: pytest.MonkeyPatch) -> None:
-    fresh.setattr(console, "busy_cpus", lambda window=0.1: 0.1)
-    assert console.choose_omp_wait_policy() is None
-    assert "OMP_WAIT_POLICY" not in console.os.environ
-
-
-def test_busy_cpus_make_threads_sleep(fresh: pytest.MonkeyPatch) -> None:
-    fresh.setattr(console, "busy_cpus", lambda window=0.1: 1.2)
-    assert console.choose_omp_wait_policy() == "PASSIVE"
-    assert console.os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-
-
-def test_a_users_setting_is_left_alone(fresh: pytest.MonkeyPatch) -> None:
-    fresh.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    fresh.setattr(console, "busy_cpus", lambda window=0.1: 2.0)
-    assert console.choose_omp_wait_policy() is None
-    assert console.os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
-
-
-def test_too_late_once_torch_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch  # noqa: F401
-
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setattr(console, "busy_cpus", lambda window=0.1: 2.0)
-    assert console.choose_omp_wait_policy() is None
+    fresh.setattr(console.time, "sleep", no_sampling)
+    fresh.setattr(console, "open", no_sampling, raising=False)
+    console.setup_logging()
     assert "OMP_WAIT_POLICY" not in console.os.environ

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from rlhf_cli.core.data import check_columns, detect_format, read_records, read_splits, split_eval
-from rlhf_cli.errors import DataError
-from rlhf_cli.recipe import ChatData
+from rlhf_cli.core.data import check_columns, detect_format, prompts_of, read_records, read_splits, split_eval
+from rlhf_cli.errors import DataError, RecipeError
+from rlhf_cli.recipe import ChatData, PPORecipe, PreferenceData
+from rlhf_cli.stages import generate, ppo
 
 ROWS = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)]
 
@@ -94,3 +97,132 @@ def test_read_splits_checks_the_eval_file_too(tmp_path):
     spec = ChatData(train=str(train), eval_fraction=0.1, max_samples=10)
     tr, ev, fmt = read_splits(spec, ("messages", "prompt_completion"), seed=0)
     assert (len(tr), len(ev), fmt) == (9, 1, "prompt_completion")
+
+
+# --------------------------------------------------------------------------- data that cannot be decoded or has wrong types
+
+
+def _data_error(source: str) -> str:
+    with pytest.raises(DataError) as e:
+        read_records(source)
+    assert e.value.exit_code == 3
+    return e.value.message
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "line"),
+    [
+        ("d.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', 2),
+        ("d.csv", b"prompt,completion\nq,a\nq\xff,a\n", 3),
+        ("d.json", b'[{"text": "ok"},\n {"text": "\xe9"}]', 2),
+        ("d.txt", b"one\n\ntwo \x80\n", 3),
+    ],
+)
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path, name, content, line):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert _data_error(str(path)).startswith(f"{path}:{line}: not UTF-8 text")
+    assert path.read_bytes() == content
+
+
+def test_corrupt_parquet_is_a_data_error(tmp_path):
+    good = _write(tmp_path / "d.parquet", ROWS)
+    path = tmp_path / "corrupt.parquet"
+    path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert _data_error(str(path)).startswith(f"{path}: not a readable Parquet file")
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"messages": [{"role": "user", "content": 7}]}, "messages: message 1: content: expected a string, got 7"),
+        ({"prompt": "p", "chosen": 5, "rejected": "r"}, "chosen: expected a string or a list of {role, content} messages, got 5"),
+        ({"messages": "hello"}, "messages: expected a list of {role, content} messages, got a string"),
+        ({"messages": 5}, "messages: expected a list of {role, content} messages, got 5"),
+        ({"messages": []}, "messages: empty message list"),
+        ({"messages": ["hi"]}, "messages: message 1: expected a {role, content} object, got 'hi'"),
+        ({"text": ["a", "b"]}, "text: expected a string, got ['a', 'b']"),
+        ({"prompt": {"role": "user"}}, "prompt: expected a string or a list of {role, content} messages"),
+    ],
+    ids=["content-number", "chosen-number", "messages-string", "messages-number", "messages-empty",
+         "message-string", "text-list", "prompt-object"],
+)
+def test_wrong_types_name_file_line_and_column(tmp_path, record, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "ok"}], "prompt": "p", "chosen": "c",
+                                "rejected": "r", "text": "t"}) + "\n\n" + json.dumps(record) + "\n")
+    assert _data_error(str(path)).startswith(f"{path}:3: {message}")
+
+
+def test_wrong_types_in_json_and_parquet_name_the_record(tmp_path):
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 3}]
+    assert _data_error(str(_write(tmp_path / "d.json", rows))).startswith(f"{tmp_path / 'd.json'}: record 2: completion")
+    # Parquet columns have one type each: a whole column of numbers where text belongs.
+    path = _write(tmp_path / "d.parquet", [{"messages": [{"role": "user", "content": n}]} for n in (1, 2)])
+    assert _data_error(str(path)) == f"{path}: row 1: messages: message 1: content: expected a string, got 1"
+
+
+def test_csv_row_with_more_cells_than_the_header(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,completion\nq,a\nq,a,extra\n")
+    assert _data_error(str(path)) == f"{path}:3: more cells than the header has columns (2)"
+
+
+def test_renamed_columns_are_type_checked_under_their_new_name(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"instruction": "q", "output": ["not", "messages"]}])
+    with pytest.raises(DataError, match=r"d.jsonl:1: completion: message 1: expected a \{role, content\} object"):
+        read_records(str(path), fields={"instruction": "prompt", "output": "completion"})
+
+
+def test_ppo_prompts_whose_messages_is_a_string(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "hello"}\n')
+    recipe = PPORecipe.model_validate({"stage": "ppo", "policy": {"path": "p"}, "reward": {"path": "r"},
+                                       "data": {"train": str(path)}})
+    with pytest.raises(DataError, match=rf"^{path}:2: messages: expected a list"):
+        ppo.read_prompts(recipe)
+
+
+class _Stdin:
+    def __init__(self, data: bytes):
+        self.buffer = io.BytesIO(data)
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_stdin_prompts_closed_or_not_utf8(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(DataError, match="stdin is closed"):
+        generate.read_prompts("-")
+    monkeypatch.setattr(sys, "stdin", _Stdin(b"where is the cat?\r\n\nwo ist die Katze\xdf\n"))
+    with pytest.raises(DataError, match=r"^stdin:3: not UTF-8 text \(byte 0xdf\)"):
+        generate.read_prompts("-")
+    monkeypatch.setattr(sys, "stdin", _Stdin("where is the cat?\r\n\nwo ist die Straße?\n".encode()))
+    assert generate.read_prompts("-") == ["where is the cat?", "wo ist die Straße?"]
+
+
+def test_stdin_that_is_a_terminal_is_a_usage_error(monkeypatch):
+    stdin = _Stdin(b"")
+    stdin.isatty = lambda: True
+    monkeypatch.setattr(sys, "stdin", stdin)
+    with pytest.raises(RecipeError, match="stdin is a terminal"):
+        generate.read_prompts("-")
+
+
+def test_empty_prompts_are_counted_in_a_warning(caplog):
+    records = [{"prompt": "q"}, {"prompt": " "}, {"messages": [{"role": "user", "content": ""}]}]
+    with caplog.at_level("WARNING", logger="rlhf"):
+        assert prompts_of(records, "p.jsonl")[0] == "q"
+    assert "p.jsonl: 2 of 3 prompts are empty (first: record 2)" in caplog.text
+
+
+def test_preference_pairs_that_are_all_identical_say_so(tmp_path, caplog):
+    same = [{"prompt": f"q{i}", "chosen": "a", "rejected": "a"} for i in range(4)]
+    spec = PreferenceData(train=str(_write(tmp_path / "p.jsonl", same)), eval_fraction=0)
+    with pytest.raises(DataError, match=r"chosen and rejected are identical in all 4 pairs"):
+        read_splits(spec, ("preference",), seed=0)
+    spec = PreferenceData(train=str(_write(tmp_path / "p.jsonl", [*same[:1], {"chosen": "a", "rejected": "b"}])), eval_fraction=0)
+    with caplog.at_level("WARNING", logger="rlhf"):
+        read_splits(spec, ("preference",), seed=0)
+    assert "1 of 2 pairs have identical chosen and rejected answers" in caplog.text

@@ -169,6 +169,37 @@ def test_file_that_is_not_a_recipe_exits_2(tmp_path, content, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("content", "line", "message"),
+    [
+        (SFT + "train:\n  lr: 1.0e-3\n  lr: 1.0e-1\n", 8, "key 'lr' given twice (first on line 7)"),
+        (SFT + "output_dir: runs/sft\noutput_dir: runs/other\n", 7, "key 'output_dir' given twice (first on line 6)"),
+        (SFT + "output_dir: runs/\x01sft\n", 6, "control character #x01"),
+        (SFT + "\x1b\n", 6, "control character #x1b"),
+    ],
+    ids=["duplicate-nested", "duplicate-top", "control-in-value", "control-alone"],
+)
+def test_duplicate_key_or_control_character_exits_2_naming_the_line(tmp_path, content, line, message):
+    path = write(tmp_path, content)
+    before = path.read_bytes()
+    result = rlhf("validate", str(path))
+    assert result.exit_code == 2, result.output
+    [error] = result.stderr.strip().splitlines()
+    assert error.startswith(f"error: {path}:{line}") and message in error, error
+    assert path.read_bytes() == before
+
+
+def test_duplicate_key_in_a_set_value_exits_2(tmp_path):
+    with pytest.raises(RecipeError, match="given twice"):
+        load_recipe("sft", write(tmp_path, SFT), sets=["lora={r: 4, r: 8}"])
+
+
+def test_merge_keys_still_override_as_in_safe_load(tmp_path):
+    path = write(tmp_path, "stage: sft\nmodel:\n  <<: {path: a, dtype: bf16}\n  path: b\ndata: {train: d.jsonl}\n")
+    recipe = load_recipe("sft", path)
+    assert (recipe.model.path, recipe.model.dtype) == ("b", "bf16")
+
+
 def test_missing_recipe_file_exits_3(tmp_path):
     result = rlhf("sft", str(tmp_path / "nope.yaml"))
     assert result.exit_code == 3

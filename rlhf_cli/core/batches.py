@@ -121,7 +121,7 @@ def preference_samples(
         stats.truncated += cut
         chosen, rejected = (ids[:max_length] for ids in pair)
         if chosen == rejected:
-            # Both answers differ only past max_length: the pair carries no signal.
+            # The answers are the same, or differ only past max_length: the pair carries no signal.
             stats.dropped += 1
             continue
         samples.append({"chosen_ids": chosen, "rejected_ids": rejected})

@@ -4,16 +4,18 @@
     fmt = detect_format(records, "data/chat.jsonl", allowed=("messages", "prompt_completion"))
     train, held_out = split_eval(records, eval_records=None, fraction=0.05, seed=42)
 
-Records are plain dicts; a malformed line or a missing column is a DataError (exit 3) naming the file,
-the line and the columns.
+Records are plain dicts; bytes that are not UTF-8, a malformed line, a value of the wrong type or a
+missing column is a DataError (exit 3) naming the file, the line and the columns.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import random
+import reprlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,23 +44,29 @@ def read_records(
     split: str = "train",
     max_samples: int | None = None,
 ) -> list[dict[str, Any]]:
+    """Records of a file, a folder of files or a hub dataset, renamed by `fields`; each one's text columns
+    are checked here, where its line is still known."""
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES)
         if not files:
             raise DataError(f"{source}: folder holds no {'/'.join(SUFFIXES)} files")
-        records = [r for f in files for r in _read_file(f)]
+        located = [r for f in files for r in _read_file(f)]
     elif path.is_file():
-        records = _read_file(path)
+        located = _read_file(path)
     elif path.suffix in SUFFIXES or source.startswith((".", "/", "~")):
         raise DataError(f"{source}: data file not found")
     else:
-        records = _read_hub(source, split)
-    if not records:
+        located = _read_hub(source, split)
+    if not located:
         raise DataError(f"{source}: no records")
-    if fields:
-        records = [rename(r, fields, source) for r in records]
-    return records[:max_samples] if max_samples else records
+    records = []
+    for where, record in located[:max_samples] if max_samples else located:
+        if fields:
+            record = rename(record, fields, source)
+        check_types(record, where)
+        records.append(record)
+    return records
 
 
 def rename(record: dict[str, Any], fields: dict[str, str], source: str) -> dict[str, Any]:
@@ -70,55 +78,97 @@ def rename(record: dict[str, Any], fields: dict[str, str], source: str) -> dict[
     return {fields.get(k, k): v for k, v in record.items()}
 
 
-def _read_file(path: Path) -> list[dict[str, Any]]:
+def decode_utf8(data: bytes, source: str) -> str:
+    """Bytes as text; anything but UTF-8 (a BOM is allowed) is a DataError naming the line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(
+            f"{source}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); convert the file, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+Located = list[tuple[str, dict[str, Any]]]  # (where: "file:line" or "file: record N", record)
+
+
+def _read_file(path: Path) -> Located:
     suffix = path.suffix
-    if suffix == ".jsonl":
-        out = []
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
-                out.append(obj)
-        return out
-    if suffix == ".json":
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
-            obj = obj["data"]
-        if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
-            raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
-        return obj
-    if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            return [dict(row) for row in csv.DictReader(f)]
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        return _read_parquet(path)
+    if suffix not in SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(SUFFIXES)})")
+    text = decode_utf8(path.read_bytes(), str(path))
+    if suffix == ".csv":
+        return _read_csv(path, text)
+    # Universal newlines, as open() reads text (csv above needs the file's own, for quoted cells).
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if suffix == ".jsonl":
+        return _read_jsonl(path, text)
+    if suffix == ".json":
+        return _read_json(path, text)
+    # .txt: blank lines separate documents; a file without blank lines is one document per line.
+    docs = [d.strip() for d in text.split("\n\n")] if "\n\n" in text else text.splitlines()
+    return [(f"{path}: document {i}", {"text": d}) for i, d in enumerate((d for d in docs if d.strip()), 1)]
 
-        return pq.read_table(path).to_pylist()
-    if suffix == ".txt":
-        # Blank lines separate documents; a file without blank lines is one document per line.
-        text = path.read_text(encoding="utf-8")
-        docs = [d.strip() for d in text.split("\n\n")] if "\n\n" in text else text.splitlines()
-        return [{"text": d} for d in docs if d.strip()]
-    raise DataError(f"{path}: unsupported file type {suffix!r} (use {', '.join(SUFFIXES)})")
+
+def _read_jsonl(path: Path, text: str) -> Located:
+    out = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+        out.append((f"{path}:{lineno}", obj))
+    return out
 
 
-def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
+def _read_json(path: Path, text: str) -> Located:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list) or not all(isinstance(o, dict) for o in obj):
+        raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+    return [(f"{path}: record {i}", o) for i, o in enumerate(obj, 1)]
+
+
+def _read_csv(path: Path, text: str) -> Located:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    out = []
+    for row in reader:
+        # DictReader files surplus cells under the key None, which no column name can match.
+        if None in row:
+            raise DataError(f"{path}:{reader.line_num}: more cells than the header has columns ({len(reader.fieldnames or [])})")
+        out.append((f"{path}:{reader.line_num}", dict(row)))
+    return out
+
+
+def _read_parquet(path: Path) -> Located:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e}); rewrite it, or convert it to JSONL") from None
+    return [(f"{path}: row {i}", r) for i, r in enumerate(rows, 1)]
+
+
+def _read_hub(name: str, split: str) -> Located:
     try:
         import datasets
 
         ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # datasets raises many types for "not found / offline"
         raise DataError(f"{name}: not a local file, and loading it as a hub dataset failed ({type(e).__name__})") from None
-    return [dict(r) for r in ds]
+    return [(f"{name}: record {i}", dict(r)) for i, r in enumerate(ds, 1)]
 
 
 def detect_format(records: list[dict[str, Any]], source: str, allowed: Iterable[str], declared: str = "auto") -> str:
@@ -185,6 +235,65 @@ def check_columns(records: list[dict[str, Any]], fmt: str, source: str) -> None:
             raise DataError(f"{source}: record {i + 1} lacks {', '.join(missing)} (has: {', '.join(sorted(r))})")
 
 
+# Columns the stages read as text: `text` a string, `messages` a message list, the others either.
+TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected")
+
+
+def check_types(record: dict[str, Any], where: str) -> None:
+    """The text columns of a record hold what the stages read; `where` is "file:line" or "file: record N".
+
+    Checked while reading, where the line is known: a number where text belongs would otherwise fail deep
+    in a chat template, and `messages` given as a string would become one user turn and silently train
+    nothing.
+    """
+    for column in ("text", "messages", *TEXT_COLUMNS):
+        value = record.get(column)
+        if value is None:
+            continue  # a missing value is check_columns' business, once the format is known
+        problem = _text_problem(value, column)
+        if problem:
+            raise DataError(f"{where}: {column}: {problem}")
+    responses = record.get("responses")
+    if responses is not None:
+        if not isinstance(responses, list):
+            raise DataError(f"{where}: responses: expected a list of answers, got {reprlib.repr(responses)}")
+        for n, answer in enumerate(responses):
+            problem = _text_problem(answer, "responses")
+            if problem:
+                raise DataError(f"{where}: responses[{n}]: {problem}")
+
+
+def _text_problem(value: Any, column: str) -> str | None:
+    if isinstance(value, str):
+        return "expected a list of {role, content} messages, got a string" if column == "messages" else None
+    if column == "text":
+        return f"expected a string, got {reprlib.repr(value)}"
+    if not isinstance(value, list):
+        wanted = "a list of {role, content} messages" if column == "messages" else "a string or a list of {role, content} messages"
+        return f"expected {wanted}, got {reprlib.repr(value)}"
+    if not value:
+        return "empty message list"
+    for n, message in enumerate(value, 1):
+        if not isinstance(message, dict):
+            return f"message {n}: expected a {{role, content}} object, got {reprlib.repr(message)}"
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                return f"message {n}: {key}: expected a string, got {reprlib.repr(message.get(key))}"
+    return None
+
+
+def check_pairs(records: list[dict[str, Any]], source: str) -> None:
+    """Preference pairs whose two answers are the same teach nothing: all of them is an error, some a warning."""
+    same = sum(r["chosen"] == r["rejected"] for r in records)
+    if same == len(records):
+        raise DataError(
+            f"{source}: chosen and rejected are identical in all {same} pairs; a preference needs two different "
+            "answers (check which columns hold them, and data.fields)"
+        )
+    if same:
+        log.warning("%s: %d of %d pairs have identical chosen and rejected answers and are skipped", source, same, len(records))
+
+
 def split_eval(
     records: list[dict[str, Any]],
     eval_records: list[dict[str, Any]] | None,
@@ -230,7 +339,22 @@ def prompts_of(records: list[dict[str, Any]], source: str) -> list[Any]:
             out.append(record["text"])
         else:
             raise DataError(f"{source}: record {n} needs a prompt, messages or text column (has: {', '.join(sorted(record))})")
+    warn_empty_prompts(out, source)
     return out
+
+
+def warn_empty_prompts(prompts: list[Any], source: str) -> None:
+    """Blank prompts are answered from nothing but the chat template: say how many, so a wrong column shows."""
+    empty = [n for n, p in enumerate(prompts, 1) if not _has_text(p)]
+    if empty:
+        log.warning("%s: %d of %d prompts are empty (first: record %d); they are answered from nothing",
+                    source, len(empty), len(prompts), empty[0])
+
+
+def _has_text(prompt: Any) -> bool:
+    if isinstance(prompt, str):
+        return bool(prompt.strip())
+    return any(isinstance(m, dict) and str(m.get("content", "")).strip() for m in prompt)
 
 
 def percentiles(lengths: list[int], qs: Iterable[int] = (50, 90, 99, 100)) -> dict[str, int]:
@@ -245,13 +369,19 @@ def read_splits(spec: Any, allowed: Iterable[str], seed: int) -> tuple[list[dict
     records = read_records(spec.train, fields=spec.fields, split=spec.split, max_samples=spec.max_samples)
     fmt = detect_format(records, spec.train, allowed, spec.format)
     records = adopt_prompt_alias(records, fmt, spec.train)
-    check_columns(records, fmt, spec.train)
+    _check(records, fmt, spec.train)
     warn_unused_columns(records, fmt, spec.train)
     eval_records = None
     if spec.eval:
         eval_records = read_records(spec.eval, fields=spec.fields, split=spec.split)
         detect_format(eval_records, spec.eval, (fmt,), fmt)
         eval_records = adopt_prompt_alias(eval_records, fmt, spec.eval)
-        check_columns(eval_records, fmt, spec.eval)
+        _check(eval_records, fmt, spec.eval)
     train, held = split_eval(records, eval_records, spec.eval_fraction, seed)
     return train, held, fmt
+
+
+def _check(records: list[dict[str, Any]], fmt: str, source: str) -> None:
+    check_columns(records, fmt, source)
+    if fmt == "preference":
+        check_pairs(records, source)

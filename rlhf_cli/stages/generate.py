@@ -29,16 +29,17 @@ log = logging.getLogger("rlhf")
 
 
 def generate(recipe: GenerateRecipe, prompts: list[str], prompts_file: str | None) -> Iterator[dict[str, Any]]:
-    from rlhf_cli.console import Progress
-    from rlhf_cli.core.chat import ensure_chat_template, prompt_text
-    from rlhf_cli.core.generation import sample_texts
-    from rlhf_cli.core.inference import load_causal_lm
-
+    # Prompts first: a problem with them answers before torch loads.
     items = list(prompts) + (read_prompts(prompts_file) if prompts_file is not None else [])
     if not items:
         raise DataError(f"{prompts_file}: no prompts" if prompts_file else "no prompts given")
     if recipe.raw and any(not isinstance(p, str) for p in items):
         raise RecipeError("--raw sends text as it is; these prompts are message lists (drop --raw to use the chat template)")
+
+    from rlhf_cli.console import Progress
+    from rlhf_cli.core.chat import ensure_chat_template, prompt_text
+    from rlhf_cli.core.generation import sample_texts
+    from rlhf_cli.core.inference import load_causal_lm
 
     # User code is imported first: a wrong reference fails before any model loads.
     scorer = _scorer(recipe.reward) if recipe.best_of else None
@@ -106,10 +107,21 @@ def read_prompts(source: str) -> list[Any]:
     from rlhf_cli.core.data import prompts_of, read_records
 
     if source == "-":
-        if sys.stdin.isatty():
-            raise RecipeError("--prompts - reads prompts from stdin, but stdin is a terminal: pipe them in (echo ... | rlhf generate ...)")
-        return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+        return _stdin_lines()
     return prompts_of(read_records(source), source)
+
+
+def _stdin_lines() -> list[str]:
+    """Non-blank stdin lines, read as bytes so that text in another encoding names its line."""
+    from rlhf_cli.core.data import decode_utf8
+
+    # Python sets sys.stdin to None when the process starts with file descriptor 0 closed (`<&-`).
+    if sys.stdin is None:
+        raise DataError("--prompts - reads prompts from stdin, but stdin is closed: pipe them in (echo ... | rlhf generate ...)")
+    if sys.stdin.isatty():
+        raise RecipeError("--prompts - reads prompts from stdin, but stdin is a terminal: pipe them in (echo ... | rlhf generate ...)")
+    text = decode_utf8(sys.stdin.buffer.read(), "stdin")
+    return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
 
 
 def _warn_long(model: Any, tokenizer: Any, texts: list[str], max_new_tokens: int) -> None:

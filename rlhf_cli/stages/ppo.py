@@ -107,20 +107,22 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
 
 def read_prompts(recipe: PPORecipe) -> list[Any]:
     """Prompts as strings or message lists (a trailing assistant turn is dropped: PPO writes that one)."""
-    from rlhf_cli.core.data import check_columns, detect_format, read_records
+    from rlhf_cli.core.data import check_columns, detect_format, read_records, warn_empty_prompts
 
     data = recipe.data
     records = read_records(data.train, fields=data.fields, split=data.split, max_samples=data.max_samples)
     fmt = detect_format(records, data.train, allowed=("prompt", "messages"), declared=data.format)
     check_columns(records, fmt, data.train)
     if fmt == "prompt":
-        return [r["prompt"] for r in records]
-    out = []
-    for r in records:
-        messages = list(r["messages"])
-        if messages and messages[-1].get("role") == "assistant":
-            messages = messages[:-1]
-        out.append(messages)
+        out = [r["prompt"] for r in records]
+    else:
+        out = []
+        for r in records:
+            messages = list(r["messages"])
+            if messages and messages[-1].get("role") == "assistant":
+                messages = messages[:-1]
+            out.append(messages)
+    warn_empty_prompts(out, data.train)
     return out
 
 
