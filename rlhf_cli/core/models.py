@@ -143,6 +143,8 @@ def load_model(
     if not qconf and device_map is None and torch.cuda.is_available():
         model = model.to(_default_device())
     if head == "reward" and model.config.pad_token_id is None:
+        # transformers refuses batches of a head without a pad id; the id does not decide where scores
+        # are read (core.reward.sequence_scores pools by the attention mask).
         model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
     if head == "causal":
         contiguous_head_input(model)

@@ -44,6 +44,46 @@ def load_function(ref: str) -> RewardFn:
     return call
 
 
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last real token: the position of its attention mask's last 1 (left or right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.to(positions.dtype)).argmax(-1)
+
+
+def pool_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """values[b, last real token of row b] for [B, T, ...] values."""
+    rows = torch.arange(values.shape[0], device=values.device)
+    return values[rows, last_token_index(attention_mask).to(values.device)]
+
+
+def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A *ForSequenceClassification model's first output at each row's last real token, as fp32 [B].
+
+    Every reward score (train-rm's loss, eval, PPO's reward) is pooled here, by the attention mask.
+    transformers pools at the rightmost token that is not config.pad_token_id
+    (GenericForSequenceClassification.forward in 5.23), which lands on padding when the tokenizer pads
+    with another id (Qwen2.5: pad <|endoftext|>, eos <|im_end|>, config pad unset) and skips a real last
+    token that equals that id. Its head runs on every position anyway, so its per-position output is read
+    from a forward hook and the pooled one is ignored; the model is still called as a whole, so peft's
+    modules_to_save wrapper and a DistributedDataParallel wrapper see a normal forward.
+    """
+    captured: list[torch.Tensor] = []
+    hook = score_head(model).register_forward_hook(lambda _m, _args, out: captured.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        hook.remove()
+    return pool_last(captured[-1], attention_mask)[:, 0].float()
+
+
+def score_head(model: Any) -> torch.nn.Module:
+    """The outermost module named `score` (the head itself, or peft's wrapper of it)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "score":
+            return module
+    raise TypeError(f"{type(model).__name__} has no `score` head")
+
+
 class RewardModel:
     """A sequence-classification model with one output, applied to chat transcripts."""
 
@@ -66,8 +106,7 @@ class RewardModel:
                 max_length=self.max_length,
                 add_special_tokens=False,
             ).to(device)
-            logits = self.model(**batch).logits
-            out.extend(logits[:, 0].float().tolist())
+            out.extend(sequence_scores(self.model, batch["input_ids"], batch["attention_mask"]).tolist())
         return out
 
     def __call__(self, prompts: list[Any], responses: list[str]) -> list[float]:
@@ -113,8 +152,6 @@ def load_reward_model(path: str, *, dtype: str = "auto", gguf_file: str | None =
     for module in model.modules():
         if type(module).__name__ == "Linear" and module.out_features == 1:
             fp32_trainable_modules(module, all_params=True)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
     return RewardModel(model, tokenizer, max_length=max_length, batch_size=batch_size)
 
 

@@ -410,8 +410,9 @@ class RewardTrainer(Trainer):
         self.center_rewards_coef = center_rewards_coef
 
     def _rewards(self, model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, 0].float()
-        return rewards.chunk(2)
+        from rlhf_cli.core.reward import sequence_scores
+
+        return sequence_scores(model, inputs["input_ids"], inputs["attention_mask"]).chunk(2)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         chosen, rejected = self._rewards(model, inputs)
