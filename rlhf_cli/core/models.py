@@ -211,6 +211,29 @@ def merge_adapters(model: Any, adapters: tuple[str, ...] | list[str]) -> Any:
     return model
 
 
+def apply_adapters(model: Any, adapters: tuple[str, ...] | list[str]) -> Any:
+    """Wrap the model with saved adapters, live and frozen, their updates adding up in order.
+
+    A reward adapter's score head (modules_to_save) comes with it. Each LoRA layer then computes as in
+    training (fast_lora_layers).
+    """
+    if not adapters:
+        return model
+    from peft import PeftModel
+
+    for path in adapters:
+        if not Path(path).is_dir():
+            raise DataError(f"{path}: adapter directory not found (was the run moved?)")
+    names = [f"adapter{i}" for i in range(len(adapters))] if len(adapters) > 1 else ["default"]
+    model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+    for name, path in zip(names[1:], adapters[1:]):
+        model.load_adapter(path, adapter_name=name)
+    if len(names) > 1:
+        model.base_model.set_adapter(names, inference_mode=True)
+    fast_lora_layers(model)
+    return model
+
+
 def start_from_adapter(model: Any, path: str, *, task: Literal["CAUSAL_LM", "SEQ_CLS"], load_weights: bool = True) -> Any:
     """Wrap the model with a parent run's adapter, trainable, as the starting point of this run.
 

@@ -119,23 +119,16 @@ def load_reward_model(path: str, *, dtype: str = "auto", gguf_file: str | None =
                       max_length: int = 1024, batch_size: int = 8) -> RewardModel:
     """A reward run (or any sequence-classification model), held the way it was trained.
 
-    The run's own adapter stays live and the score head computes in fp32, as in training: folding a
-    LoRA update into bf16 weights, or scoring with a bf16 head, rounds away the small score differences
-    that rank two similar answers. A QLoRA reward run loads on its 4-bit base.
+    Its adapters stay live (core.inference.live_adapters) and the score head computes in fp32, as in
+    training: folding a LoRA update into bf16 weights, or scoring with a bf16 head, rounds away the small
+    score differences that rank two similar answers. A QLoRA reward run loads on its 4-bit base.
     """
     from dataclasses import replace
 
-    from peft import PeftModel
-
     from rlhf_cli.core.chat import ensure_chat_template
     from rlhf_cli.core.device import resolve_dtype
-    from rlhf_cli.core.inference import run_quant
-    from rlhf_cli.core.models import (
-        fast_lora_layers,
-        fp32_trainable_modules,
-        load_model,
-        load_tokenizer,
-    )
+    from rlhf_cli.core.inference import live_adapters, run_quant
+    from rlhf_cli.core.models import apply_adapters, fp32_trainable_modules, load_model, load_tokenizer
     from rlhf_cli.runs import resolve_model
 
     resolved = resolve_model(path, gguf_file, trust_remote_code)
@@ -143,12 +136,10 @@ def load_reward_model(path: str, *, dtype: str = "auto", gguf_file: str | None =
         raise RecipeError(f"{path} is a {resolved.kind} run, not a reward model: pass a train-rm run directory")
     tokenizer = load_tokenizer(resolved, padding_side="right")
     ensure_chat_template(tokenizer)
-    live = resolved.adapters[-1] if resolved.adapters else None
-    base = replace(resolved, adapters=resolved.adapters[:-1]) if live else resolved
-    model = load_model(base, dtype=resolve_dtype(dtype), quant=run_quant(resolved), head="reward")
-    if live:
-        model = PeftModel.from_pretrained(model, live)
-        fast_lora_layers(model)  # computes as in training
+    quant = run_quant(resolved)
+    live = live_adapters(resolved, quant, merge=False)
+    base = replace(resolved, adapters=resolved.adapters[: len(resolved.adapters) - len(live)])
+    model = apply_adapters(load_model(base, dtype=resolve_dtype(dtype), quant=quant, head="reward"), live)
     for module in model.modules():
         if type(module).__name__ == "Linear" and module.out_features == 1:
             fp32_trainable_modules(module, all_params=True)
