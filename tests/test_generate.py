@@ -95,3 +95,35 @@ def test_qlora_run_loads_on_4bit_base(qlora_run):
 def test_usage_errors(sft_full_run, args, code, message):
     result = runner.invoke(app, ["generate", str(sft_full_run), *args])
     assert result.exit_code == code and message in result.stderr and result.stdout == ""
+
+
+def test_qlora_chain_keeps_every_adapter_live_on_the_4bit_base(qlora_run, tmp_path):
+    """A QLoRA PPO run keeps its SFT adapter live on the 4-bit base while it trains; loading the run must
+    not fold that adapter into the 4-bit weights (which rounds it) but stack both, as PPO did."""
+    from dataclasses import replace
+
+    import bitsandbytes as bnb
+    import torch
+    from fixtures_runs import random_lora
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.core.inference import load_causal_lm
+    from rlhf_cli.core.models import load_model
+    from rlhf_cli.recipe import ModelSpec, QuantSpec
+    from rlhf_cli.runs import resolve_model
+
+    run = random_lora(qlora_run, tmp_path / "ppo", seed=5, quant_bits=4, scale=0.1)
+    loaded = load_causal_lm(ModelSpec(path=str(run), dtype="fp32"))
+    assert loaded.quant.bits == 4 and any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
+    resolved = resolve_model(str(run))
+    # As PPO holds it: the 4-bit base, the SFT adapter and the PPO adapter applied live, in that order.
+    base = load_model(replace(resolved, adapters=()), dtype=torch.float32, quant=QuantSpec(bits=4))
+    trained = PeftModel.from_pretrained(base, resolved.adapters[0], adapter_name="sft")
+    trained.load_adapter(resolved.adapters[1], adapter_name="ppo")
+    trained.base_model.set_adapter(["sft", "ppo"])
+    tok = AutoTokenizer.from_pretrained(resolved.tokenizer_path)
+    enc = tok(["<|user|>where is the cat?<|end|><|assistant|>the cat"], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        expected, got = trained(**enc).logits, loaded.model(**enc).logits
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
