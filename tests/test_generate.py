@@ -90,6 +90,8 @@ def test_qlora_run_loads_on_4bit_base(qlora_run):
         (["--greedy"], 2, "no prompts"),
         (["--prompts", "missing.jsonl"], 3, "missing.jsonl: data file not found"),
         (["--prompt", "hi", "--stop", ""], 2, "empty stop string"),
+        # No loader would pass it on, and a run records its base by path alone.
+        (["--prompt", "hi", "--set", "model.revision=main"], 2, "revision is not supported"),
     ],
 )
 def test_usage_errors(sft_full_run, args, code, message):
