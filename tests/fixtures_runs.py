@@ -61,12 +61,19 @@ def _batches(texts: list[str], tokenizer: Any, batch_size: int, steps: int, seed
 
 
 @one_thread()
-def train_sft_full(tiny: dict[str, Path], out: Path, steps: int = 30, seed: int = 0) -> Path:
-    """Full fine-tune on the chat transcripts (all tokens), saved as a `full` sft run."""
+def train_sft_full(tiny: dict[str, Path], out: Path, steps: int = 30, seed: int = 0, tokenizer: Path | None = None) -> Path:
+    """Full fine-tune on the chat transcripts (all tokens), saved as a `full` sft run.
+
+    tokenizer: another tokenizer directory of the same vocabulary; without a chat template it gets
+    rlhf's fallback, as the sft stage would give it.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlhf_cli.core.chat import ensure_chat_template
+
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    tok = AutoTokenizer.from_pretrained(tokenizer or tiny["tokenizer"])
+    ensure_chat_template(tok)
     model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
     texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in _jsonl(tiny["chat"])]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
