@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import random
 
+import fixtures_runs
 import pytest
-from fixtures_runs import random_lora
+from fixtures_runs import of_family, random_lora
 from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
 
 runner = CliRunner()
+# Stage tests run on each tokenizer family (fixtures_runs.FAMILY_FIXTURES).
+family, tiny_chatml = fixtures_runs.family, fixtures_runs.tiny_chatml
+chatml_sft_run, chatml_reward_run = fixtures_runs.chatml_sft_run, fixtures_runs.chatml_reward_run
 
 
 def _shuffled(sentence: str, rng: random.Random) -> str:
@@ -72,7 +76,8 @@ def test_perplexity_lower_on_fixture_than_shuffled(sft_full_run, tiny):
 
 
 @pytest.mark.stage
-def test_all_metrics_against_itself_and_gates_that_hold(sft_full_run, reward_run, tiny, few_prompts, great_fn, tmp_path):
+def test_all_metrics_against_itself_and_gates_that_hold(family, request, tiny, few_prompts, great_fn, tmp_path):
+    sft_full_run, reward_run = of_family(request, family, "sft"), of_family(request, family, "reward")
     out = tmp_path / "eval"
     metrics = ["perplexity", "reward", "win_rate", "kl", "rm_accuracy", "length", "reward_fn"]
     result, stderr = _eval([

@@ -8,11 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fixtures_runs
 import pytest
+from fixtures_runs import of_family
 from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
 
+# Stage tests run on each tokenizer family (fixtures_runs.FAMILY_FIXTURES).
+family, tiny_chatml, chatml_sft_run = fixtures_runs.family, fixtures_runs.tiny_chatml, fixtures_runs.chatml_sft_run
 pytestmark = pytest.mark.stage
 runner = CliRunner()
 KEYS = {"index", "sample", "prompt", "response", "finish_reason", "prompt_tokens", "completion_tokens"}
@@ -51,7 +55,8 @@ def test_stdin_same_seed_byte_identical(sft_full_run):
     assert [r["response"] for r in other] != [r["response"] for r in records]
 
 
-def test_chat_template_from_run_and_raw(sft_full_run, tiny, tmp_path):
+def test_chat_template_from_run_and_raw(family, request, tmp_path):
+    tiny, sft_full_run = of_family(request, family, "assets"), of_family(request, family, "sft")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(tiny["chat_eval"].read_text().splitlines()[0] + "\n" + json.dumps({"prompt": "where is the fox?"}) + "\n")
     chat = _invoke([str(sft_full_run), "--prompts", str(prompts), "--greedy", "--max-new-tokens", "20"])
