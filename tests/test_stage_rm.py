@@ -9,6 +9,7 @@ import statistics
 import fixtures_runs
 import pytest
 from fixtures_runs import of_family
+from safetensors import safe_open
 from stagekit import manifest, rlhf, train_losses, workdir  # noqa: F401
 
 # Stage tests run on each tokenizer family (fixtures_runs.FAMILY_FIXTURES).
@@ -32,7 +33,13 @@ def test_reward_model_learns_and_reloads_with_the_same_scores(tiny, family, requ
 
     run = manifest("runs/tiny/rm")
     assert run["model"]["kind"] == "reward-adapter"
-    assert run["precision"]["weights"] in ("bf16", "fp32")
+    # The frozen base is held in the compute dtype; what trained (LoRA and the score head) is saved fp32.
+    from rlhf_cli.core.device import dtype_name, resolve_dtype
+
+    assert run["precision"]["weights"] == dtype_name(resolve_dtype("auto"))
+    with safe_open("runs/tiny/rm/adapter/adapter_model.safetensors", "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert any(".score." in k for k in dtypes) and set(dtypes.values()) == {"F32"}, dtypes
 
     from rlhf_cli.core.reward import load_reward_model
 
