@@ -8,7 +8,7 @@ This module imports no torch: `rlhf validate` must answer instantly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -65,12 +65,22 @@ class ModelSpec(Strict):
         description="auto picks bf16 where the hardware multiplies it fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else fp32.",
     )
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless you trust it.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     tokenizer: str | None = Field(None, description="Tokenizer location when it differs from `path`.")
     init: Literal["pretrained", "from_config"] = Field(
         "pretrained", description="pretrained loads weights; from_config builds a new model (pretrain only)."
     )
     config: ScratchConfig | None = Field(None, description="Model shape for `init: from_config`.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_revision(cls, data: Any) -> Any:
+        # A run records its base by path alone, so a later stage would load another revision than this one.
+        if isinstance(data, dict) and "revision" in data:
+            raise ValueError(
+                "revision is not supported: every stage must load the same weights, so download that revision "
+                "(hf download ID --revision REV --local-dir DIR) and set path: DIR"
+            )
+        return data
 
     @model_validator(mode="after")
     def _scratch_needs_config(self) -> ModelSpec:

@@ -8,6 +8,9 @@ runs.resolve_model), so generate / eval / merge read them like the output of a r
     lora_chain_run     a second adapter over lora_run (adapters applied in order)
     qlora_run          adapter whose recipe says quant.bits: 4 (a QLoRA run)
     reward_run         Bradley-Terry reward model: LoRA + score head over sft_full_run (kind "reward-adapter")
+
+The same two runs exist for the "chatml" family (rlhf_cli/demo/tiny.py: a tokenizer and config that
+behave like real models'); a test asks for `family` and reads the runs of each through of_family().
 """
 
 from __future__ import annotations
@@ -61,12 +64,19 @@ def _batches(texts: list[str], tokenizer: Any, batch_size: int, steps: int, seed
 
 
 @one_thread()
-def train_sft_full(tiny: dict[str, Path], out: Path, steps: int = 30, seed: int = 0) -> Path:
-    """Full fine-tune on the chat transcripts (all tokens), saved as a `full` sft run."""
+def train_sft_full(tiny: dict[str, Path], out: Path, steps: int = 30, seed: int = 0, tokenizer: Path | None = None) -> Path:
+    """Full fine-tune on the chat transcripts (all tokens), saved as a `full` sft run.
+
+    tokenizer: another tokenizer directory of the same vocabulary; without a chat template it gets
+    rlhf's fallback, as the sft stage would give it.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rlhf_cli.core.chat import ensure_chat_template
+
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    tok = AutoTokenizer.from_pretrained(tokenizer or tiny["tokenizer"])
+    ensure_chat_template(tok)
     model = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
     texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in _jsonl(tiny["chat"])]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -159,6 +169,40 @@ def _fresh_rlhf_logging():
     import logging
 
     logging.getLogger("rlhf").handlers.clear()
+
+
+FAMILY_FIXTURES = {
+    "tiny": {"assets": "tiny", "sft": "sft_full_run", "reward": "reward_run"},
+    "chatml": {"assets": "tiny_chatml", "sft": "chatml_sft_run", "reward": "chatml_reward_run"},
+}
+
+
+@pytest.fixture(scope="session", params=list(FAMILY_FIXTURES))
+def family(request) -> str:
+    """Each tokenizer/config family of rlhf_cli/demo/tiny.py in turn."""
+    return request.param
+
+
+def of_family(request: Any, family: str, what: str) -> Any:
+    """The assets ("assets"), sft run ("sft") or reward run ("reward") of a family, built on first use."""
+    return request.getfixturevalue(FAMILY_FIXTURES[family][what])
+
+
+@pytest.fixture(scope="session")
+def tiny_chatml(tmp_path_factory) -> dict[str, Path]:
+    from rlhf_cli.demo.tiny import build_all
+
+    return build_all(tmp_path_factory.mktemp("chatml"), family="chatml")
+
+
+@pytest.fixture(scope="session")
+def chatml_sft_run(tiny_chatml, tmp_path_factory) -> Path:
+    return train_sft_full(tiny_chatml, tmp_path_factory.mktemp("runs") / "sft")
+
+
+@pytest.fixture(scope="session")
+def chatml_reward_run(tiny_chatml, chatml_sft_run, tmp_path_factory) -> Path:
+    return train_reward(tiny_chatml, chatml_sft_run, tmp_path_factory.mktemp("runs") / "rm")
 
 
 @pytest.fixture(scope="session")

@@ -423,3 +423,43 @@ def test_varlen_call_matches_per_sample_attention(monkeypatch, n_heads, n_kv, st
                                          position_ids=torch.tensor([[*range(5), *range(7), *range(3)]]))
     assert got.shape == want.shape == (1, 15, n_heads, 8)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_reward_scores_do_not_depend_on_padding(tiny, side):
+    """pad, eos and the config's pad are three ids (Qwen2.5-style): training, eval and PPO's shared
+    reward all read the score at each row's last real token, whichever side the batch is padded on."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_cli.core.chat import conversation_text
+    from rlhf_cli.core.reward import RewardModel
+    from rlhf_cli.core.trainer import RewardTrainer
+    from rlhf_cli.ppo.models import SharedReward
+
+    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=1)
+    rm.config.pad_token_id = tok.bos_token_id
+    assert len({tok.pad_token_id, tok.eos_token_id, rm.config.pad_token_id}) == 3
+    rm = get_peft_model(rm, LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS",
+                                       modules_to_save=["score"], init_lora_weights=False)).eval()
+    prompts, answers = ["where is the cat?", "hi"], ["the cat is in the garden. it is great.", "no."]
+    alone = [RewardModel(rm, tok, batch_size=1)([p], [a])[0] for p, a in zip(prompts, answers)]
+    tok.padding_side = side
+    assert RewardModel(rm, tok, batch_size=2)(prompts, answers) == pytest.approx(alone, abs=1e-5)
+
+    texts = [conversation_text(tok, p, a) for p, a in zip(prompts, answers)]
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        # train-rm's loss reads its rewards the same way (the pair as the ranking of two).
+        _, out = RewardTrainer.compute_loss(SimpleNamespace(center_rewards_coef=None), rm,
+                                            {**enc, "groups": [[(0, 1)]]}, return_outputs=True)
+        trained = out["rewards"]
+    assert trained.tolist() == pytest.approx(alone, abs=1e-5)
+
+    actor = SimpleNamespace(peft=rm, parents=[], use=lambda adapters: None)
+    head = rm.get_base_model().score.modules_to_save["default"]
+    assert SharedReward(actor, ["default"], head, tok, batch_size=2)(prompts, answers) == pytest.approx(alone, abs=1e-5)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import random
 
+import fixtures_runs
 import pytest
+from fixtures_runs import of_family, random_lora
 from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
 
 runner = CliRunner()
+# Stage tests run on each tokenizer family (fixtures_runs.FAMILY_FIXTURES).
+family, tiny_chatml = fixtures_runs.family, fixtures_runs.tiny_chatml
+chatml_sft_run, chatml_reward_run = fixtures_runs.chatml_sft_run, fixtures_runs.chatml_reward_run
 
 
 def _shuffled(sentence: str, rng: random.Random) -> str:
@@ -24,6 +29,13 @@ def few_prompts(tiny, tmp_path_factory):
     path = tmp_path_factory.mktemp("eval") / "prompts.jsonl"
     path.write_text("".join(tiny["prompts_eval"].read_text().splitlines(keepends=True)[:12]))
     return path
+
+
+@pytest.fixture(scope="module")
+def small_update_run(sft_full_run, tmp_path_factory):
+    """An adapter over the SFT run whose update is mostly below bf16 rounding of the weights it adds to
+    (a short PPO run's): folded in, a quarter of 12 greedy answers to the eval prompts changed."""
+    return random_lora(sft_full_run, tmp_path_factory.mktemp("runs") / "small", seed=4, scale=0.003)
 
 
 @pytest.fixture
@@ -64,7 +76,8 @@ def test_perplexity_lower_on_fixture_than_shuffled(sft_full_run, tiny):
 
 
 @pytest.mark.stage
-def test_all_metrics_against_itself_and_gates_that_hold(sft_full_run, reward_run, tiny, few_prompts, great_fn, tmp_path):
+def test_all_metrics_against_itself_and_gates_that_hold(family, request, tiny, few_prompts, great_fn, tmp_path):
+    sft_full_run, reward_run = of_family(request, family, "sft"), of_family(request, family, "reward")
     out = tmp_path / "eval"
     metrics = ["perplexity", "reward", "win_rate", "kl", "rm_accuracy", "length", "reward_fn"]
     result, stderr = _eval([
@@ -114,6 +127,26 @@ def test_same_seed_same_metrics_and_kl_to_another_model(sft_full_run, tiny, few_
     kl, _ = _eval(["--model", str(sft_full_run), "--reference", str(tiny["model"]), "--prompts", str(few_prompts),
                    "--metric", "kl", "--set", "generation.max_new_tokens=12", "--fail-under", "kl=5"])
     assert kl["metrics"]["kl"] > 5
+
+
+@pytest.mark.stage
+def test_eval_scores_the_model_that_was_trained_with_its_adapter_live(small_update_run, reward_run, few_prompts):
+    """A bf16 base and an update mostly below its rounding (a short PPO run's): eval's reward is the reward
+    model's score of the answers `rlhf generate` gives with the adapter live, not of a merged model's."""
+    same = ["--set", "model.dtype=bf16", "--set", "batch_size=12"]
+    result, _ = _eval(["--model", str(small_update_run), "--reward", str(reward_run), "--prompts", str(few_prompts),
+                       "--metric", "reward", "--set", "generation.temperature=0", "--set", "generation.max_new_tokens=12",
+                       "--set", "data.max_length=64", *same])
+    generated = runner.invoke(app, ["generate", str(small_update_run), "--prompts", str(few_prompts), "--greedy",
+                                    "--max-new-tokens", "12", *same])
+    assert generated.exit_code == 0, generated.stderr
+    answers = [json.loads(line) for line in generated.stdout.splitlines()]
+
+    from rlhf_cli.core.reward import load_reward_model
+
+    scorer = load_reward_model(str(reward_run), max_length=64, batch_size=12)
+    scores = scorer([a["prompt"] for a in answers], [a["response"] for a in answers])
+    assert result["metrics"]["reward"] == pytest.approx(sum(scores) / len(scores), abs=1e-6)
 
 
 @pytest.mark.parametrize(

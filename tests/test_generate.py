@@ -8,11 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fixtures_runs
 import pytest
+from fixtures_runs import of_family
 from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
 
+# Stage tests run on each tokenizer family (fixtures_runs.FAMILY_FIXTURES).
+family, tiny_chatml, chatml_sft_run = fixtures_runs.family, fixtures_runs.tiny_chatml, fixtures_runs.chatml_sft_run
 pytestmark = pytest.mark.stage
 runner = CliRunner()
 KEYS = {"index", "sample", "prompt", "response", "finish_reason", "prompt_tokens", "completion_tokens"}
@@ -51,7 +55,8 @@ def test_stdin_same_seed_byte_identical(sft_full_run):
     assert [r["response"] for r in other] != [r["response"] for r in records]
 
 
-def test_chat_template_from_run_and_raw(sft_full_run, tiny, tmp_path):
+def test_chat_template_from_run_and_raw(family, request, tmp_path):
+    tiny, sft_full_run = of_family(request, family, "assets"), of_family(request, family, "sft")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(tiny["chat_eval"].read_text().splitlines()[0] + "\n" + json.dumps({"prompt": "where is the fox?"}) + "\n")
     chat = _invoke([str(sft_full_run), "--prompts", str(prompts), "--greedy", "--max-new-tokens", "20"])
@@ -76,12 +81,16 @@ def test_qlora_run_loads_on_4bit_base(qlora_run):
 
     from rlhf_cli.core.inference import load_causal_lm
     from rlhf_cli.recipe import ModelSpec
+    from rlhf_cli.runs import resolve_model
 
     loaded = load_causal_lm(ModelSpec(path=str(qlora_run)), merge=False)
     assert isinstance(loaded.model, PeftModel) and loaded.quant.bits == 4
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
-    out = _invoke([str(qlora_run), "-p", "where is the cat?", "--greedy", "--max-new-tokens", "4"])
-    assert out[0]["completion_tokens"] >= 1
+    args = ["-p", "where is the cat?", "--greedy", "--max-new-tokens", "8"]
+    out = _invoke([str(qlora_run), *args])
+    # The adapter answers: the same 4-bit base without it says something else.
+    base = _invoke([resolve_model(str(qlora_run)).base, *args, "--set", "quant.bits=4"])
+    assert out[0]["response"] != base[0]["response"]
 
 
 @pytest.mark.parametrize(
@@ -90,8 +99,42 @@ def test_qlora_run_loads_on_4bit_base(qlora_run):
         (["--greedy"], 2, "no prompts"),
         (["--prompts", "missing.jsonl"], 3, "missing.jsonl: data file not found"),
         (["--prompt", "hi", "--stop", ""], 2, "empty stop string"),
+        # No loader would pass it on, and a run records its base by path alone.
+        (["--prompt", "hi", "--set", "model.revision=main"], 2, "revision is not supported"),
     ],
 )
 def test_usage_errors(sft_full_run, args, code, message):
     result = runner.invoke(app, ["generate", str(sft_full_run), *args])
     assert result.exit_code == code and message in result.stderr and result.stdout == ""
+
+
+def test_qlora_chain_keeps_every_adapter_live_on_the_4bit_base(qlora_run, tmp_path):
+    """A QLoRA PPO run keeps its SFT adapter live on the 4-bit base while it trains; loading the run must
+    not fold that adapter into the 4-bit weights (which rounds it) but stack both, as PPO did."""
+    from dataclasses import replace
+
+    import bitsandbytes as bnb
+    import torch
+    from fixtures_runs import random_lora
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.core.inference import load_causal_lm
+    from rlhf_cli.core.models import load_model
+    from rlhf_cli.recipe import ModelSpec, QuantSpec
+    from rlhf_cli.runs import resolve_model
+
+    run = random_lora(qlora_run, tmp_path / "ppo", seed=5, quant_bits=4, scale=0.1)
+    loaded = load_causal_lm(ModelSpec(path=str(run), dtype="fp32"))
+    assert loaded.quant.bits == 4 and any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.modules())
+    resolved = resolve_model(str(run))
+    # As PPO holds it: the 4-bit base, the SFT adapter and the PPO adapter applied live, in that order.
+    base = load_model(replace(resolved, adapters=()), dtype=torch.float32, quant=QuantSpec(bits=4))
+    trained = PeftModel.from_pretrained(base, resolved.adapters[0], adapter_name="sft")
+    trained.load_adapter(resolved.adapters[1], adapter_name="ppo")
+    trained.base_model.set_adapter(["sft", "ppo"])
+    tok = AutoTokenizer.from_pretrained(resolved.tokenizer_path)
+    enc = tok(["<|user|>where is the cat?<|end|><|assistant|>the cat"], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        expected, got = trained(**enc).logits, loaded.model(**enc).logits
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()

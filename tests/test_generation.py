@@ -36,6 +36,30 @@ def test_left_padded_batch_matches_prompts_alone(sft):
 
 
 @pytest.mark.stage
+def test_a_tokenizer_without_a_chat_template_learns_to_stop(tiny, tmp_path):
+    """The fallback template ends turns with a token the model can emit and the sampler stops at (EOS);
+    ChatML's <|im_end|>, not a token of this vocabulary (nor of Gemma-3's), left every answer running."""
+    import json
+
+    from fixtures_runs import train_sft_full
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from rlhf_cli.cli import app
+
+    bare = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    bare.chat_template = None
+    bare.save_pretrained(tmp_path / "bare")
+    run = train_sft_full(tiny, tmp_path / "sft", steps=80, tokenizer=tmp_path / "bare")
+    result = CliRunner().invoke(app, ["generate", str(run), "-p", "where is the cat?", "-p", "where is the owl?",
+                                      "--greedy", "--max-new-tokens", "24"])
+    assert result.exit_code == 0, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["finish_reason"] for a in answers] == ["eos", "eos"], answers
+    assert all(a["response"].startswith("the ") for a in answers), answers
+
+
+@pytest.mark.stage
 def test_finish_reasons_masks_and_token_counts(sft):
     loaded, prompts = sft
     tok = loaded.tokenizer

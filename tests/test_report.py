@@ -1,9 +1,14 @@
-"""rlhf report on fake run directories: numbers, plots, side-by-side answers, escaping, exit codes."""
+"""rlhf report: numbers, plots, side-by-side answers, escaping, exit codes.
+
+Training runs are written by hand (their curves need many steps); the eval directory is real
+`rlhf eval` output on the tiny runs of tests/fixtures_runs.py, so the report reads what eval writes.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
@@ -38,9 +43,25 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def real_eval(lora_run, sft_full_run, reward_run, tiny, tmp_path_factory) -> Path:
+    """`rlhf eval --output-dir` of a LoRA run against its SFT parent: every metric the report shows."""
+    out = tmp_path_factory.mktemp("eval") / "eval"
+    prompts = tmp_path_factory.mktemp("eval") / "prompts.jsonl"
+    prompts.write_text("".join(tiny["prompts_eval"].read_text().splitlines(keepends=True)[:6]))
+    metrics = ["reward", "win_rate", "rm_accuracy", "reward_fn", "length"]
+    result = CliRunner().invoke(app, [
+        "eval", "--model", str(lora_run), "--reference", str(sft_full_run), "--reward", str(reward_run),
+        "--reward-fn", "tests.ppo_support:says_great", "--prompts", str(prompts),
+        "--preference", str(tiny["preference_eval"]), *[a for m in metrics for a in ("--metric", m)],
+        "--set", "generation.max_new_tokens=12", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
 @pytest.fixture()
-def pipeline(tmp_path) -> dict[str, Path]:
-    """A finished demo pipeline as the stages would leave it, without training anything."""
+def pipeline(tmp_path, real_eval) -> dict[str, Path]:
+    """A finished pipeline: hand-written training runs, a real eval directory and samples files."""
     sft = []
     for step in range(1, 21):
         sft.append({"step": step, "epoch": step / 20, "loss": 2.5 * math.exp(-step / 10) + 0.8,
@@ -72,17 +93,12 @@ def pipeline(tmp_path) -> dict[str, Path]:
     (tmp_path / "samples").mkdir()
     runs["sft_samples"] = _jsonl(tmp_path / "samples/sft.jsonl", sft_rows)
     runs["ppo_samples"] = _jsonl(tmp_path / "samples/ppo.jsonl", ppo_rows)
-    evaldir = tmp_path / "runs/eval"
-    evaldir.mkdir()
-    (evaldir / "eval.json").write_text(json.dumps({
-        "model": str(runs["ppo"]), "reference": str(runs["sft"]),
-        "metrics": {"reward": 0.91, "reference_reward": 0.35, "win_rate": 0.6875, "kl": 0.042,
-                    "reward_fn": 0.5432, "rm_accuracy": 0.7333, "length": {"mean": 41.5, "max": 64}},
-        "samples": [{"prompt": "How are you?", "response": "I am great.", "reference_response": "Fine.",
-                     "score": 1.5, "reference_score": 0.2}],
-    }))
-    runs["eval"] = evaldir
+    runs["eval"] = Path(shutil.copytree(real_eval, tmp_path / "runs/eval"))
     return runs
+
+
+def _eval_json(p: dict[str, Path]) -> dict:
+    return json.loads((p["eval"] / "eval.json").read_text())
 
 
 class _Tables(HTMLParser):
@@ -133,18 +149,26 @@ def test_report_shows_the_pipeline_numbers_plots_and_answers(pipeline, tmp_path)
     page = (out / "report.html").read_text()
     parsed = _parse(page)
     summary = {row[0]: row[1] for row in parsed.tables[0]["rows"][1:]}
+    evaluated = _eval_json(pipeline)["metrics"]
+    shown = {
+        "Reward model accuracy on held-out preference pairs (eval)": "rm_accuracy",
+        "Mean reward of the evaluated policy (held-out prompts)": "reward",
+        "Mean reward of the reference policy (held-out prompts)": "reference_reward",
+        "Win rate against the reference (reward model as judge)": "win_rate",
+        "Independent rule-based check (reward_fn, e.g. VADER sentiment)": "reward_fn",
+        "Rule-based check of the reference policy": "reference_reward_fn",
+        "Mean response length (tokens)": "length",
+    }
+    assert {label: summary[label] for label in shown} == {label: f"{evaluated[k]:.4g}" for label, k in shown.items()}
     # run.json final metrics win over the last logged value (accuracy 0.85 at step 15).
-    assert summary["Reward model accuracy on held-out preference pairs (eval)"] == "0.7333"
     assert summary["Reward model accuracy on its eval split, last evaluation"] == "0.8125"
     assert summary["PPO rollout score, last iteration"] == "1.234"
-    assert summary["Win rate against the reference (reward model as judge)"] == "0.6875"
-    assert summary["Mean reward of the reference policy (held-out prompts)"] == "0.35"
-    assert summary["Independent rule-based check (reward_fn, e.g. VADER sentiment)"] == "0.5432"
     assert summary["SFT held-out loss, last evaluation"] == "1.37"
-    assert summary["length.mean"] == "41.5"  # nested eval metrics are flattened
-    assert result.metrics["rm_accuracy"] == 0.7333 and result.metrics["ppo_score"] == 1.234
+    assert summary["eos_rate"] == f"{evaluated['eos_rate']:.4g}"  # eval metrics without a label of their own
+    assert result.metrics["rm_accuracy"] == evaluated["rm_accuracy"] and result.metrics["ppo_score"] == 1.234
     saved = json.loads((out / "summary.json").read_text())
-    assert {r["key"]: r["value"] for r in saved["summary"]}["win_rate"] == 0.6875
+    assert {r["key"]: r["value"] for r in saved["summary"]}["win_rate"] == evaluated["win_rate"]
+    assert saved["evals"][0]["model"] == _eval_json(pipeline)["recipe"]["model"]["path"]
 
     # sft: loss, optimizer; train-rm: loss, accuracy; ppo: loss, score/kl/entropy, PPO diagnostics, rollouts.
     assert len(parsed.images) == result.details["plots"] == 8
@@ -186,8 +210,13 @@ def test_side_by_side_rows_are_the_shared_prompts_and_text_is_escaped(pipeline, 
         ["Tell me about cats.", "sft answer 2finish_reason stop · completion_tokens 3",
          "ppo answer 2finish_reason stop · completion_tokens 3"],
     ]
-    assert evaluated["rows"][0] == ["Prompt", "ppo (evaluated)", "sft (reference)"]
-    assert evaluated["rows"][1] == ["How are you?", "I am great.score 1.5", "Fine.score 0.2"]
+    # The eval's own answers, each with the reward model's score, against the reference's.
+    first = _eval_json(pipeline)["samples"][0]
+    assert evaluated["rows"][0] == ["Prompt", "lora (evaluated)", "sft (reference)"]
+    prompt, answer, reference = evaluated["rows"][1]
+    assert prompt == first["prompt"]
+    assert answer.startswith(first["response"]) and f"score {first['score']:.4g}" in answer
+    assert reference == f"{first['reference_response']}score {first['reference_score']:.4g}"
     assert "<script>" not in page
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
 
@@ -198,7 +227,7 @@ def test_cli_json_and_exit_codes(pipeline, tmp_path):
     ok = runner.invoke(app, ["report", *map(str, _inputs(pipeline)), "--output", str(out), "--json"])
     assert ok.exit_code == 0, ok.output
     result = json.loads(ok.stdout)
-    assert result["stage"] == "report" and result["metrics"]["win_rate"] == 0.6875
+    assert result["stage"] == "report" and result["metrics"]["win_rate"] == _eval_json(pipeline)["metrics"]["win_rate"]
     assert result["details"]["report"] == str(out / "report.html")
 
     not_a_run = tmp_path / "notes"

@@ -6,9 +6,14 @@ from __future__ import annotations
 import json
 import statistics
 
+import fixtures_runs
 import pytest
+from fixtures_runs import of_family
+from safetensors import safe_open
 from stagekit import manifest, rlhf, train_losses, workdir  # noqa: F401
 
+# Stage tests run on each tokenizer family (fixtures_runs.FAMILY_FIXTURES).
+family, tiny_chatml = fixtures_runs.family, fixtures_runs.tiny_chatml
 pytestmark = [pytest.mark.stage, pytest.mark.usefixtures("workdir")]
 
 
@@ -16,8 +21,9 @@ def _eval_pairs(tiny) -> list[dict]:
     return [json.loads(line) for line in open(tiny["preference_eval"])]
 
 
-def test_reward_model_learns_and_reloads_with_the_same_scores(tiny):
-    out = rlhf("train-rm", "train-rm.yaml", "--set", "train.max_steps=25")
+def test_reward_model_learns_and_reloads_with_the_same_scores(tiny, family, request):
+    model = of_family(request, family, "assets")["model"]
+    out = rlhf("train-rm", "train-rm.yaml", "--model", str(model), "--set", "train.max_steps=25")
     assert out.code == 0, out
     m = out.json["metrics"]
     assert m["eval_accuracy"] >= 0.9 and m["eval_margin"] > 1.0, m
@@ -27,7 +33,13 @@ def test_reward_model_learns_and_reloads_with_the_same_scores(tiny):
 
     run = manifest("runs/tiny/rm")
     assert run["model"]["kind"] == "reward-adapter"
-    assert run["precision"]["weights"] in ("bf16", "fp32")
+    # The frozen base is held in the compute dtype; what trained (LoRA and the score head) is saved fp32.
+    from rlhf_cli.core.device import dtype_name, resolve_dtype
+
+    assert run["precision"]["weights"] == dtype_name(resolve_dtype("auto"))
+    with safe_open("runs/tiny/rm/adapter/adapter_model.safetensors", "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert any(".score." in k for k in dtypes) and set(dtypes.values()) == {"F32"}, dtypes
 
     from rlhf_cli.core.reward import load_reward_model
 

@@ -15,19 +15,26 @@ from rlhf_cli.errors import DataError
 
 log = logging.getLogger("rlhf")
 
-# ChatML, used only when a tokenizer has no template of its own (e.g. a model pretrained from scratch).
+# Used only when a tokenizer has no template of its own (a model pretrained from scratch, a GGUF file
+# without one). ChatML's role markers as plain text, but every turn ends with the tokenizer's EOS: a
+# string that is no token of the vocabulary (ChatML's <|im_end|> in Gemma's) is one the model cannot
+# emit as a unit and no sampler stops at, so answers ran on to max_new_tokens.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + eos_token }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 
 def ensure_chat_template(tokenizer: Any) -> None:
-    if not getattr(tokenizer, "chat_template", None):
-        log.warning("tokenizer has no chat template; using ChatML (set data.chat_template to choose another)")
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    if getattr(tokenizer, "chat_template", None):
+        return
+    if tokenizer.eos_token is None:
+        raise DataError("tokenizer has no chat template and no EOS token to end turns with: set data.chat_template")
+    log.warning("tokenizer has no chat template; using ChatML role markers with turns ended by its EOS %r "
+                "(set data.chat_template to choose another)", tokenizer.eos_token)
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
 
 
 def record_messages(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:

@@ -1,6 +1,6 @@
 """Load a model to sample from or score with: a run directory, a local model or a hub id.
 
-    loaded = load_causal_lm(recipe.model, merge=False)   # LoRA run: its own adapter stays live
+    loaded = load_causal_lm(recipe.model)   # a LoRA run's adapters stay live, as trained
     loaded.model, loaded.tokenizer (left padding, the run's chat template), loaded.describe
 
 A run's tokenizer/ carries the chat template used in training, so inference renders prompts the way
@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from rlhf_cli.core.device import resolve_dtype
-from rlhf_cli.core.models import load_model, load_tokenizer, resolve
+from rlhf_cli.core.models import apply_adapters, load_model, load_tokenizer, resolve
 from rlhf_cli.recipe import ModelSpec, QuantSpec
 from rlhf_cli.runs import ResolvedModel, read_manifest
 
@@ -31,57 +31,69 @@ def run_quant(resolved: ResolvedModel) -> QuantSpec:
     return QuantSpec(**quant) if quant.get("bits") else QuantSpec()
 
 
+def live_adapters(resolved: ResolvedModel, quant: QuantSpec, merge: bool) -> tuple[str, ...]:
+    """The adapters peft applies live, in order; the others are merged into the base first.
+
+    The run is held as it was trained: its own adapter live (folding a small update into bf16 weights
+    rounds it away, so eval would score another model than PPO trained), its parents merged as sft and
+    PPO merge them, except on a quantized base, where training kept them live (folding a LoRA into 4/8-bit
+    weights rounds it) and so does a PPO run that stacked them. merge=True folds everything.
+    """
+    if merge or not resolved.adapters:
+        return ()
+    if quant.bits is not None or _parents_stacked(resolved):
+        return resolved.adapters
+    return resolved.adapters[-1:]
+
+
+def _parents_stacked(resolved: ResolvedModel) -> bool:
+    """A PPO run that kept its policy's adapters frozen under its own (run.json layout.parent_adapters)."""
+    if not resolved.run_dir:
+        return False
+    manifest = read_manifest(resolved.run_dir) or {}
+    return (manifest.get("layout") or {}).get("parent_adapters") == "stacked"
+
+
 @dataclass
 class Loaded:
     model: Any
     tokenizer: Any
     resolved: ResolvedModel
     quant: QuantSpec
-    live_adapter: str | None
+    live: tuple[str, ...]
 
     @property
     def describe(self) -> str:
         parts = [self.resolved.run_dir or self.resolved.base]
-        merged = len(self.resolved.adapters) - (1 if self.live_adapter else 0)
+        merged = len(self.resolved.adapters) - len(self.live)
         if merged:
             parts.append(f"{merged} adapter(s) merged")
-        if self.live_adapter:
-            parts.append("adapter live (peft)")
+        if self.live:
+            parts.append(f"{len(self.live)} adapter(s) live (peft)")
         if self.quant.bits:
             parts.append(f"{self.quant.bits}-bit base")
         return "; ".join(parts)
 
 
 def load_causal_lm(
-    spec: ModelSpec, *, quant: QuantSpec | None = None, merge: bool | None = None, padding_side: str = "left"
+    spec: ModelSpec, *, quant: QuantSpec | None = None, merge: bool = False, padding_side: str = "left"
 ) -> Loaded:
-    """Model in eval mode and its tokenizer.
+    """Model in eval mode and its tokenizer, its adapters live as in training (see live_adapters).
 
-    merge=False keeps a run's last adapter as a live peft adapter (what it was trained as); earlier
-    adapters (its parents') are merged into the base either way. merge=None merges unless the base is
-    quantized: folding an update into 4/8-bit weights rounds part of it away. quant=None follows the run.
+    merge=True folds every adapter into the base (faster sampling, another model on a bf16 or quantized
+    base). quant=None follows the run.
     """
     resolved = resolve(spec)
     if quant is None or quant.bits is None:
         quant = run_quant(resolved)
-    if merge is None:
-        merge = quant.bits is None
-    elif merge and quant.bits is not None and resolved.adapters:
+    if merge and quant.bits is not None and resolved.adapters:
         log.warning("merging the adapter into a %d-bit base rounds part of the update away; "
                     "answers can differ from the trained model (leave out --merge to keep it live)", quant.bits)
     tokenizer = load_tokenizer(resolved, padding_side=padding_side)
-    dtype = resolve_dtype(spec.dtype)
-    live = resolved.adapters[-1] if (resolved.adapters and not merge) else None
-    base = replace(resolved, adapters=resolved.adapters[:-1]) if live else resolved
-    model = load_model(base, dtype=dtype, quant=quant)
-    if live:
-        from peft import PeftModel
-
-        from rlhf_cli.core.models import fast_lora_layers
-
-        model = PeftModel.from_pretrained(model, live)
-        fast_lora_layers(model)  # computes as in training
+    live = live_adapters(resolved, quant, merge)
+    base = replace(resolved, adapters=resolved.adapters[: len(resolved.adapters) - len(live)])
+    model = apply_adapters(load_model(base, dtype=resolve_dtype(spec.dtype), quant=quant), live)
     model.eval()
-    loaded = Loaded(model=model, tokenizer=tokenizer, resolved=resolved, quant=quant, live_adapter=live)
+    loaded = Loaded(model=model, tokenizer=tokenizer, resolved=resolved, quant=quant, live=live)
     log.info("loaded %s", loaded.describe)
     return loaded

@@ -143,6 +143,8 @@ def load_model(
     if not qconf and device_map is None and torch.cuda.is_available():
         model = model.to(_default_device())
     if head == "reward" and model.config.pad_token_id is None:
+        # transformers refuses batches of a head without a pad id; the id does not decide where scores
+        # are read (core.reward.sequence_scores pools by the attention mask).
         model.config.pad_token_id = model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0
     if head == "causal":
         contiguous_head_input(model)
@@ -206,6 +208,29 @@ def merge_adapters(model: Any, adapters: tuple[str, ...] | list[str]) -> Any:
             config.modules_to_save = None
         model = PeftModel.from_pretrained(model, path, config=config).merge_and_unload()
     log.info("merged %d parent adapter(s) into the base", len(adapters))
+    return model
+
+
+def apply_adapters(model: Any, adapters: tuple[str, ...] | list[str]) -> Any:
+    """Wrap the model with saved adapters, live and frozen, their updates adding up in order.
+
+    A reward adapter's score head (modules_to_save) comes with it. Each LoRA layer then computes as in
+    training (fast_lora_layers).
+    """
+    if not adapters:
+        return model
+    from peft import PeftModel
+
+    for path in adapters:
+        if not Path(path).is_dir():
+            raise DataError(f"{path}: adapter directory not found (was the run moved?)")
+    names = [f"adapter{i}" for i in range(len(adapters))] if len(adapters) > 1 else ["default"]
+    model = PeftModel.from_pretrained(model, adapters[0], adapter_name=names[0])
+    for name, path in zip(names[1:], adapters[1:]):
+        model.load_adapter(path, adapter_name=name)
+    if len(names) > 1:
+        model.base_model.set_adapter(names, inference_mode=True)
+    fast_lora_layers(model)
     return model
 
 

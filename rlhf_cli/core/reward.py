@@ -44,6 +44,46 @@ def load_function(ref: str) -> RewardFn:
     return call
 
 
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's last real token: the position of its attention mask's last 1 (left or right padding)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.to(positions.dtype)).argmax(-1)
+
+
+def pool_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """values[b, last real token of row b] for [B, T, ...] values."""
+    rows = torch.arange(values.shape[0], device=values.device)
+    return values[rows, last_token_index(attention_mask).to(values.device)]
+
+
+def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A *ForSequenceClassification model's first output at each row's last real token, as fp32 [B].
+
+    Every reward score (train-rm's loss, eval, PPO's reward) is pooled here, by the attention mask.
+    transformers pools at the rightmost token that is not config.pad_token_id
+    (GenericForSequenceClassification.forward in 5.23), which lands on padding when the tokenizer pads
+    with another id (Qwen2.5: pad <|endoftext|>, eos <|im_end|>, config pad unset) and skips a real last
+    token that equals that id. Its head runs on every position anyway, so its per-position output is read
+    from a forward hook and the pooled one is ignored; the model is still called as a whole, so peft's
+    modules_to_save wrapper and a DistributedDataParallel wrapper see a normal forward.
+    """
+    captured: list[torch.Tensor] = []
+    hook = score_head(model).register_forward_hook(lambda _m, _args, out: captured.append(out))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        hook.remove()
+    return pool_last(captured[-1], attention_mask)[:, 0].float()
+
+
+def score_head(model: Any) -> torch.nn.Module:
+    """The outermost module named `score` (the head itself, or peft's wrapper of it)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "score":
+            return module
+    raise TypeError(f"{type(model).__name__} has no `score` head")
+
+
 class RewardModel:
     """A sequence-classification model with one output, applied to chat transcripts."""
 
@@ -66,8 +106,7 @@ class RewardModel:
                 max_length=self.max_length,
                 add_special_tokens=False,
             ).to(device)
-            logits = self.model(**batch).logits
-            out.extend(logits[:, 0].float().tolist())
+            out.extend(sequence_scores(self.model, batch["input_ids"], batch["attention_mask"]).tolist())
         return out
 
     def __call__(self, prompts: list[Any], responses: list[str]) -> list[float]:
@@ -80,23 +119,16 @@ def load_reward_model(path: str, *, dtype: str = "auto", gguf_file: str | None =
                       max_length: int = 1024, batch_size: int = 8) -> RewardModel:
     """A reward run (or any sequence-classification model), held the way it was trained.
 
-    The run's own adapter stays live and the score head computes in fp32, as in training: folding a
-    LoRA update into bf16 weights, or scoring with a bf16 head, rounds away the small score differences
-    that rank two similar answers. A QLoRA reward run loads on its 4-bit base.
+    Its adapters stay live (core.inference.live_adapters) and the score head computes in fp32, as in
+    training: folding a LoRA update into bf16 weights, or scoring with a bf16 head, rounds away the small
+    score differences that rank two similar answers. A QLoRA reward run loads on its 4-bit base.
     """
     from dataclasses import replace
 
-    from peft import PeftModel
-
     from rlhf_cli.core.chat import ensure_chat_template
     from rlhf_cli.core.device import resolve_dtype
-    from rlhf_cli.core.inference import run_quant
-    from rlhf_cli.core.models import (
-        fast_lora_layers,
-        fp32_trainable_modules,
-        load_model,
-        load_tokenizer,
-    )
+    from rlhf_cli.core.inference import live_adapters, run_quant
+    from rlhf_cli.core.models import apply_adapters, fp32_trainable_modules, load_model, load_tokenizer
     from rlhf_cli.runs import resolve_model
 
     resolved = resolve_model(path, gguf_file, trust_remote_code)
@@ -104,17 +136,13 @@ def load_reward_model(path: str, *, dtype: str = "auto", gguf_file: str | None =
         raise RecipeError(f"{path} is a {resolved.kind} run, not a reward model: pass a train-rm run directory")
     tokenizer = load_tokenizer(resolved, padding_side="right")
     ensure_chat_template(tokenizer)
-    live = resolved.adapters[-1] if resolved.adapters else None
-    base = replace(resolved, adapters=resolved.adapters[:-1]) if live else resolved
-    model = load_model(base, dtype=resolve_dtype(dtype), quant=run_quant(resolved), head="reward")
-    if live:
-        model = PeftModel.from_pretrained(model, live)
-        fast_lora_layers(model)  # computes as in training
+    quant = run_quant(resolved)
+    live = live_adapters(resolved, quant, merge=False)
+    base = replace(resolved, adapters=resolved.adapters[: len(resolved.adapters) - len(live)])
+    model = apply_adapters(load_model(base, dtype=resolve_dtype(dtype), quant=quant, head="reward"), live)
     for module in model.modules():
         if type(module).__name__ == "Linear" and module.out_features == 1:
             fp32_trainable_modules(module, all_params=True)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
     return RewardModel(model, tokenizer, max_length=max_length, batch_size=batch_size)
 
 

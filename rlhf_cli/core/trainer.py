@@ -435,8 +435,9 @@ class RewardTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from rlhf_cli.core.ranking import pair_weights, ranking_loss
+        from rlhf_cli.core.reward import sequence_scores
 
-        rewards = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, 0].float()
+        rewards = sequence_scores(model, inputs["input_ids"], inputs["attention_mask"])
         groups = inputs["groups"]
         loss = ranking_loss(rewards, groups)
         if self.center_rewards_coef:

@@ -1,6 +1,7 @@
 """Tiny, fully local assets: a BPE tokenizer, a 2-layer Llama and learnable fixture data.
 
-    python -m rlhf_cli.demo.tiny OUT_DIR
+    python -m rlhf_cli.demo.tiny OUT_DIR            # family "tiny"
+    build_all(out, family="chatml")                  # the same data, a tokenizer/config like real models'
 
 Tests and `make demo-tiny` build everything from code here, so no file comes from a model hub and the
 provenance of every fixture is visible. The data carries signals a tiny model can learn in seconds:
@@ -29,6 +30,20 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 SPECIAL = ["<pad>", "<s>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<unk>"]
+
+# The "chatml" family behaves like the models users train (Qwen2.5, Llama-3): pad, eos and the config's
+# pad are three different tokens, the config names two eos ids, the template opens with BOS and a
+# default system turn and ends turns with "<|im_end|>\n", encoding with special tokens adds BOS, and
+# the tokenizer pads on the left unless told otherwise. The "tiny" family agrees on all of these.
+CHATML_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nbe brief.<|im_end|>\n' }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_SPECIAL = ["<|endoftext|>", "<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 
 
 def _sentence(rng: random.Random) -> str:
@@ -86,24 +101,30 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 384) -> Path:
-    """Byte-level BPE trained on the fixture corpus, saved as a transformers fast tokenizer."""
+def _bpe(special: list[str], vocab_size: int, extra: list[str]) -> object:
+    """Byte-level BPE trained on the fixture corpus (plus `extra` lines)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(0)
     corpus = [_sentence(rng) for _ in range(2000)]
     corpus += [_answer(a, p, w) for a in ANIMALS for p in PLACES for w in [None, *GOOD, "bad"]]
-    corpus += [f"where is the {a}?" for a in ANIMALS]
+    corpus += [f"where is the {a}?" for a in ANIMALS] + extra
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator(corpus, trainer)
+    return tok
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 384) -> Path:
+    """Byte-level BPE trained on the fixture corpus, saved as a transformers fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+        tokenizer_object=_bpe(SPECIAL, vocab_size, []),
         bos_token="<s>",
         eos_token="<|end|>",
         pad_token="<pad>",
@@ -111,6 +132,29 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 384) -> Path:
         additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>"],
     )
     fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_chatml_tokenizer(out_dir: Path, vocab_size: int = 384) -> Path:
+    """The "chatml" family's tokenizer (see CHATML_TEMPLATE): same corpus, real-model conventions."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _bpe(CHATML_SPECIAL, vocab_size, ["system", "user", "assistant", "be brief."])
+    bos = tok.token_to_id("<|bos|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B",
+                                                       special_tokens=[("<|bos|>", bos)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+        padding_side="left",
+    )
+    fast.chat_template = CHATML_TEMPLATE
     fast.save_pretrained(out_dir)
     return out_dir
 
@@ -131,9 +175,7 @@ def build_model(out_dir: Path, tokenizer_dir: Path, hidden: int = 64, layers: in
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        **_special_ids(tok),
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -141,10 +183,21 @@ def build_model(out_dir: Path, tokenizer_dir: Path, hidden: int = 64, layers: in
     return out_dir
 
 
-def build_all(out: Path, n: int = 400) -> dict[str, Path]:
-    """Everything the tests and demo-tiny use, under `out`."""
+def _special_ids(tok: object) -> dict[str, object]:
+    """The config's bos/eos/pad: the tokenizer's own, or for the chatml family what real configs hold
+    (eos also <|endoftext|>, pad <|endoftext|>: neither the tokenizer's pad nor its eos)."""
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    end_of_text = tok.convert_tokens_to_ids("<|endoftext|>")
+    if tok.eos_token == "<|im_end|>" and end_of_text != tok.unk_token_id:
+        ids.update(eos_token_id=[tok.eos_token_id, end_of_text], pad_token_id=end_of_text)
+    return ids
+
+
+def build_all(out: Path, n: int = 400, family: str = "tiny") -> dict[str, Path]:
+    """Everything the tests and demo-tiny use, under `out`; family "chatml" swaps in a tokenizer and
+    config that behave like real models' (see CHATML_TEMPLATE)."""
     out = Path(out)
-    tok = build_tokenizer(out / "tokenizer")
+    tok = {"tiny": build_tokenizer, "chatml": build_chatml_tokenizer}[family](out / "tokenizer")
     paths = {
         "tokenizer": tok,
         "model": build_model(out / "model", tok),

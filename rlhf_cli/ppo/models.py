@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from rlhf_cli.core.chat import conversation_text, ensure_chat_template
 from rlhf_cli.core.device import resolve_dtype
 from rlhf_cli.core.models import attach_lora, fast_lora_layers, load_model, load_tokenizer
-from rlhf_cli.core.reward import RewardFn, load_function, load_reward_model
+from rlhf_cli.core.reward import RewardFn, load_function, load_reward_model, pool_last
 from rlhf_cli.errors import DataError, RecipeError
 from rlhf_cli.recipe import PPORecipe
 from rlhf_cli.runs import ResolvedModel, resolve_model
@@ -277,10 +277,8 @@ def add_frozen_adapter(peft_model: Any, name: str, folder: Path) -> dict[str, Te
 class SharedReward:
     """A reward run's LoRA adapter(s) and score head, loaded onto the shared base."""
 
-    def __init__(self, actor: SharedActor, adapters: list[str], head: nn.Linear, tokenizer: Any,
-                 pad_token_id: int | None, batch_size: int = 8):
+    def __init__(self, actor: SharedActor, adapters: list[str], head: nn.Linear, tokenizer: Any, batch_size: int = 8):
         self.actor, self.adapters, self.head, self.tokenizer = actor, adapters, head, tokenizer
-        self.pad_token_id = pad_token_id
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -295,13 +293,7 @@ class SharedReward:
                 enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
                 ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
                 hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                # Pool where *ForSequenceClassification pools (the rightmost non-pad token), as in training.
-                if self.pad_token_id is None:
-                    last = mask.sum(1) - 1
-                else:
-                    idx = torch.arange(ids.shape[1], device=device)
-                    last = (idx * (ids != self.pad_token_id)).argmax(-1)
-                pooled = hidden[torch.arange(len(ids), device=device), last]
+                pooled = pool_last(hidden, mask)  # where train-rm pooled (core.reward.sequence_scores)
                 out.extend(self.head(pooled.to(self.head.weight.dtype))[:, 0].float().tolist())
         finally:
             self.actor.use(self.actor.parents + [POLICY])
@@ -369,16 +361,6 @@ def _same_path(a: str, b: str) -> bool:
     if pa.exists() and pb.exists():
         return pa.resolve() == pb.resolve()
     return a == b
-
-
-def _reward_pad_id(resolved: ResolvedModel, tokenizer: Any) -> int | None:
-    """The pad id the reward model pooled with in training (its config's, else the tokenizer's)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(resolved.base, trust_remote_code=resolved.trust_remote_code,
-                                        **({"gguf_file": resolved.gguf_file} if resolved.gguf_file else {}))
-    pad = getattr(config, "pad_token_id", None)
-    return pad if isinstance(pad, int) else tokenizer.pad_token_id
 
 
 def _reward_tokenizer(resolved: ResolvedModel, policy_tokenizer: Any) -> Any:
@@ -516,7 +498,7 @@ def build_models(recipe: PPORecipe, policy_res: ResolvedModel, plan: LayoutPlan)
         head = nn.Linear(head_state["weight"].shape[1], 1, bias="bias" in head_state, device=device, dtype=torch.float32)
         head.load_state_dict({k: v.float() for k, v in head_state.items()})
         head.requires_grad_(False)
-        scorer = SharedReward(actor, stack, head, plan.reward_tokenizer, _reward_pad_id(rm, plan.reward_tokenizer))
+        scorer = SharedReward(actor, stack, head, plan.reward_tokenizer)
         roles["reward"] = f"LoRA adapter 'reward' + score head of {rm.run_dir} on the shared base"
     else:
         assert plan.reward_resolved is not None and recipe.reward.path is not None

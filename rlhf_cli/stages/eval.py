@@ -15,6 +15,10 @@ Metric -> output keys (METRIC_KEYS in recipe.py):
     length       length, eos_rate  mean answer tokens; share of answers that end (EOS / stop string) before max_new_tokens
     reward_fn    reward_fn, reward_fn_std   a user `package.module:function(prompts, responses) -> floats`;
                  reference_reward_fn: its mean over the reference's answers (with win_rate)
+
+With --output-dir, eval.json holds the result, the recipe (model.path, reference.path, ...) and
+`samples`: every answer judged, {prompt, response, finish_reason, completion_tokens, score?, reward_fn?,
+reference_response?, reference_score?}, which `rlhf report` shows side by side.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     data = recipe.data
     values: dict[str, float] = {}
     details: dict[str, Any] = {}
+    samples: list[dict[str, Any]] = []  # what was judged, for eval.json (and `rlhf report`'s side by side)
     read = lambda source: read_records(source, fields=data.fields, max_samples=data.max_samples)  # noqa: E731
 
     # User code is imported first: a wrong reference fails before any model loads.
@@ -84,6 +89,8 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
         if wanted & {"reward", "win_rate", "length", "reward_fn"}:
             answers = _answer(policy, prompts, recipe.generation, recipe, seed=recipe.seed, what="answers")
             texts = [a.text for a in answers]
+            samples = [{"prompt": p, "response": a.text, "finish_reason": a.finish_reason,
+                        "completion_tokens": a.completion_tokens} for p, a in zip(prompts, answers)]
             if "length" in wanted:
                 values["length"] = sum(a.completion_tokens for a in answers) / len(answers)
                 values["eos_rate"] = sum(a.finish_reason != "length" for a in answers) / len(answers)
@@ -91,14 +98,19 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
                 assert scorer is not None
                 scores = scorer(prompts, texts)
                 values["reward"], values["reward_std"] = mean_std(scores)
+                _add(samples, "score", scores)
             if reward_fn is not None:
-                values["reward_fn"], values["reward_fn_std"] = mean_std(reward_fn(prompts, texts))
+                fn_scores = reward_fn(prompts, texts)
+                values["reward_fn"], values["reward_fn_std"] = mean_std(fn_scores)
+                _add(samples, "reward_fn", fn_scores)
             if "win_rate" in wanted:
                 assert reference is not None and scorer is not None
                 # Another seed: the reference's answers are independent draws, not the same random stream.
                 ref_texts = [a.text for a in _answer(reference, prompts, recipe.generation, recipe, seed=recipe.seed + 1,
                                                      what="reference answers")]
                 ref_scores = scorer(prompts, ref_texts)
+                _add(samples, "reference_response", ref_texts)
+                _add(samples, "reference_score", ref_scores)
                 verdict = compare(scores, ref_scores, texts, ref_texts)
                 values["win_rate"], values["tie_rate"] = verdict.win_rate, verdict.tie_rate
                 values["reference_reward"] = mean_std(ref_scores)[0]
@@ -113,7 +125,8 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     details["failed_gates"] = check_gates(metrics, recipe.fail_under, recipe.fail_over)
     result = RunResult("eval", "completed", recipe.output_dir, metrics=metrics, details=details)
     if recipe.output_dir:
-        record = {**result.to_json(), "recipe": recipe.model_dump(mode="json"), "versions": package_versions()}
+        record = {**result.to_json(), "samples": samples, "recipe": recipe.model_dump(mode="json"),
+                  "versions": package_versions()}
         atomic_write_json(Path(recipe.output_dir) / "eval.json", record)
     return result
 
@@ -137,6 +150,11 @@ def _pair_gaps(scorer: Any, records: list[dict[str, Any]], source: str) -> tuple
         mine = [next(scores) for _ in c.responses]
         gaps.extend(mine[b] - mine[w] for b, w in c.pairs)
     return gaps, len(comparisons)
+
+
+def _add(samples: list[dict[str, Any]], key: str, values: list[Any]) -> None:
+    for sample, value in zip(samples, values, strict=True):
+        sample[key] = value
 
 
 def _bar(total: int, description: str) -> Any:

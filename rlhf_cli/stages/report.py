@@ -39,20 +39,14 @@ SUMMARY_KEYS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     "rm_accuracy": ("Reward model accuracy on held-out preference pairs (eval)", (("eval", "rm_accuracy"),)),
     "rm_eval_accuracy": ("Reward model accuracy on its eval split, last evaluation", (("train-rm", "eval_accuracy"),)),
     "rm_train_accuracy": ("Reward model accuracy on training pairs (last logged)", (("train-rm", "accuracy"),)),
-    "reward": ("Mean reward of the evaluated policy (held-out prompts)", (("eval", "reward"), ("eval", "reward_mean"))),
-    "reference_reward": (
-        "Mean reward of the reference policy (held-out prompts)",
-        (("eval", "reference_reward"), ("eval", "ref_reward"), ("eval", "reward_reference")),
-    ),
+    "reward": ("Mean reward of the evaluated policy (held-out prompts)", (("eval", "reward"),)),
+    "reference_reward": ("Mean reward of the reference policy (held-out prompts)", (("eval", "reference_reward"),)),
     "win_rate": ("Win rate against the reference (reward model as judge)", (("eval", "win_rate"),)),
     "kl": ("KL(policy || reference) on held-out prompts", (("eval", "kl"),)),
     "reward_fn": ("Independent rule-based check (reward_fn, e.g. VADER sentiment)", (("eval", "reward_fn"),)),
-    "reference_reward_fn": (
-        "Rule-based check of the reference policy",
-        (("eval", "reference_reward_fn"), ("eval", "ref_reward_fn")),
-    ),
+    "reference_reward_fn": ("Rule-based check of the reference policy", (("eval", "reference_reward_fn"),)),
     "perplexity": ("Perplexity", (("eval", "perplexity"),)),
-    "length": ("Mean response length (tokens)", (("eval", "length"), ("eval", "response_length"))),
+    "length": ("Mean response length (tokens)", (("eval", "length"),)),
     "ppo_score": ("PPO rollout score, last iteration", (("ppo", "score_mean"), ("ppo", "score"), ("ppo", "reward"))),
     "ppo_kl": ("PPO KL to the reference, last iteration", (("ppo", "kl"),)),
     "ppo_entropy": ("PPO policy entropy, last iteration", (("ppo", "entropy"),)),
@@ -122,6 +116,11 @@ class EvalResult:
     def metrics(self) -> dict[str, Any]:
         return _flatten(self.data.get("metrics") if isinstance(self.data.get("metrics"), dict) else {})
 
+    def model_path(self, role: str) -> str | None:
+        """recipe.model.path / recipe.reference.path of the eval (see stages/eval.py)."""
+        spec = (self.data.get("recipe") or {}).get(role)
+        return spec.get("path") if isinstance(spec, dict) else None
+
 
 @dataclass
 class Column:
@@ -160,8 +159,8 @@ def report(runs: list[Path], output: Path) -> RunResult:
                        "samples": [str(p) for p in sample_files]},
             "summary": rows,
             "runs": [_run_overview(r) for r in found_runs],
-            "evals": [{"name": e.name, "path": str(e.path), "model": e.data.get("model"),
-                       "reference": e.data.get("reference"), "metrics": e.metrics} for e in evals],
+            "evals": [{"name": e.name, "path": str(e.path), "model": e.model_path("model"),
+                       "reference": e.model_path("reference"), "metrics": e.metrics} for e in evals],
             "side_by_side": tables,
             "plots": [name for p in plots.values() for name, _ in p],
         }
@@ -505,8 +504,8 @@ def _side_by_side_tables(sample_files: list[Path], evals: list[EvalResult]) -> l
         samples = [s for s in e.data.get("samples") or [] if isinstance(s, dict) and "prompt" in s]
         if not samples:
             continue
-        model = Column(f"{Path(str(e.data.get('model') or 'model')).name} (evaluated)")
-        reference = Column(f"{Path(str(e.data.get('reference') or 'reference')).name} (reference)")
+        model = Column(f"{Path(e.model_path('model') or 'model').name} (evaluated)")
+        reference = Column(f"{Path(e.model_path('reference') or 'reference').name} (reference)")
         for s in samples:
             prompt = _prompt_text(s["prompt"])
             if isinstance(s.get("response"), str):
@@ -623,7 +622,7 @@ def _html(summary: dict[str, Any], runs: list[Run], evals: list[EvalResult],
         out.append("</table>")
 
     for e in evals:
-        meta = ", ".join(f"{k}: {_e(e.data[k])}" for k in ("model", "reference") if e.data.get(k))
+        meta = ", ".join(f"{k}: {_e(e.model_path(k))}" for k in ("model", "reference") if e.model_path(k))
         out.append(f"<h2>Eval: {_e(e.name)}</h2><p class='muted'>{meta}</p>")
         out.append(_metrics_table(e.metrics))
 

@@ -80,7 +80,8 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
         quantized = recipe.quant.bits is not None
         model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant, head="reward",
                                   merge_parent=not kept)
-        # Padded rows are skipped when the head picks each row's last token; the ids must agree.
+        # Saved with a full model, for tools that pool with transformers' own rule (rightmost non-pad
+        # token); rlhf itself pools by the attention mask (core.reward.sequence_scores).
         model.config.pad_token_id = tokenizer.pad_token_id
         model = models.make_trainable(model, lora=recipe.lora, task="SEQ_CLS", quantized=quantized,
                                       checkpointing=plan.checkpointing,
