@@ -209,9 +209,19 @@ def test_recipe_errors_exit_2_before_anything_is_written(sets, message):
     assert not Path("runs").exists()
 
 
-def test_robust_loss_with_label_smoothing_trains(lora_run):
-    out = rlhf("dpo", "dpo.yaml", "--model", str(lora_run), "--set", "dpo.loss=robust",
-               "--set", "dpo.label_smoothing=0.1", "--set", "dpo.precompute_ref=true", "--set", "train.max_steps=2")
+@pytest.mark.parametrize(
+    ("sets", "first_loss"),
+    [
+        # At step 1 policy == reference, so each loss sits at its value for a zero margin:
+        (["dpo.loss=hinge"], 1.0),  # relu(1 - 0)
+        (["dpo.loss=ipo"], 25.0),  # (0 - 1 / (2 beta))^2 with beta 0.1 (Azar et al. 2023, eq. 17)
+        (["dpo.loss=robust", "dpo.label_smoothing=0.1", "dpo.precompute_ref=true"], math.log(2)),
+    ],
+)
+def test_each_loss_reaches_trl_and_starts_at_its_zero_margin_value(lora_run, sets, first_loss):
+    out = rlhf("dpo", "dpo.yaml", "--model", str(lora_run), "--set", "train.max_steps=2", "--set", "train.logging_steps=1",
+               *[arg for s in sets for arg in ("--set", s)])
     assert out.code == 0, out
-    assert manifest("runs/tiny/dpo")["reference"] == "precomputed"
-    assert math.isfinite(out.json["metrics"]["train_loss"])
+    assert train_losses("runs/tiny/dpo")[0] == (1, pytest.approx(first_loss, rel=1e-4))
+    precomputed = "dpo.precompute_ref=true" in sets
+    assert (manifest("runs/tiny/dpo")["reference"] == "precomputed") == precomputed
