@@ -271,6 +271,27 @@ def train_rm(
     )
 
 
+@app.command(help="Direct Preference Optimization of a policy (usually an sft run) on preference pairs.")
+def dpo(
+    recipe: RecipeArg = None,
+    model: ModelOpt = None,
+    data: DataOpt = None,
+    set_: SetOpt = None,
+    output_dir: OutputDirOpt = None,
+    resume: ResumeOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False,
+    dry_run: DryRunOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    _boundary(
+        lambda: _run_stage(
+            "dpo", recipe, {"model.path": model, "data.train": data}, set_,
+            output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
+        )
+    )
+
+
 @app.command(help="PPO against a reward model or a rule-based reward function.")
 def ppo(
     recipe: RecipeArg = None,

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
-STAGES = ("pretrain", "sft", "train-rm", "ppo", "eval", "generate", "compare")
+STAGES = ("pretrain", "sft", "train-rm", "dpo", "ppo", "eval", "generate", "compare")
 
 
 def is_function_ref(ref: str) -> bool:
@@ -271,6 +271,53 @@ class RewardRecipe(Strict):
         return self
 
 
+class DPOSpec(Strict):
+    beta: float = Field(
+        0.1, gt=0, description="Strength of the pull towards the reference: the implicit reward is beta x log-ratio (Rafailov et al. 2023)."
+    )
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO; ipo: squared loss on the length-normalised margin (Azar et al. 2023); "
+        "hinge: SLiC (Zhao et al. 2023); robust: DPO for noisy labels (Chowdhury et al. 2024), with label_smoothing.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="robust only: the assumed probability that a preference label is flipped (e.g. 0.1)."
+    )
+    precompute_ref: bool = Field(
+        False, description="Score the data with the reference once before training: no reference pass or copy while training."
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_is_robust(self) -> DPOSpec:
+        if self.label_smoothing and self.loss != "robust":
+            raise ValueError(
+                f"dpo.label_smoothing is {self.label_smoothing} but dpo.loss is {self.loss}: label smoothing is the "
+                "robust loss's flip probability; set dpo.loss: robust, or dpo.label_smoothing: 0"
+            )
+        return self
+
+
+class DPORecipe(Strict):
+    """Direct Preference Optimization on preference pairs: no reward model, no sampling."""
+
+    stage: Literal["dpo"] = "dpo"
+    model: ModelSpec = Field(..., description="Starting policy, usually an sft run; it is also the reference.")
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    lora: LoraSpec | None = Field(default_factory=LoraSpec, description="Adapter settings; null = full fine-tune.")
+    data: PreferenceData
+    # DPO moves far on a small learning rate; trl's default is 1e-6 for full fine-tunes, LoRA takes more.
+    train: TrainSpec = Field(default_factory=lambda: TrainSpec(lr=5e-6))
+    dpo: DPOSpec = Field(default_factory=DPOSpec)
+    output_dir: str = Field("runs/dpo", min_length=1, description="Run directory this stage writes.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> DPORecipe:
+        _adapter_rules(self.quant, self.lora)
+        if self.data.format not in ("auto", "preference"):
+            raise ValueError(f"dpo trains on preference pairs, not {self.data.format}: set data.format: preference or auto")
+        return self
+
+
 class RewardSource(Strict):
     path: str | None = Field(None, description="Reward model: a train-rm run, or any sequence-classification model.")
     function: str | None = Field(
@@ -486,7 +533,7 @@ class CompareRecipe(Strict):
 
 
 Recipe = Annotated[
-    Union[PretrainRecipe, SFTRecipe, RewardRecipe, PPORecipe, EvalRecipe, GenerateRecipe, CompareRecipe],
+    Union[PretrainRecipe, SFTRecipe, RewardRecipe, DPORecipe, PPORecipe, EvalRecipe, GenerateRecipe, CompareRecipe],
     Field(discriminator="stage"),
 ]
 
@@ -494,6 +541,7 @@ RECIPE_CLASSES: dict[str, type[Strict]] = {
     "pretrain": PretrainRecipe,
     "sft": SFTRecipe,
     "train-rm": RewardRecipe,
+    "dpo": DPORecipe,
     "ppo": PPORecipe,
     "eval": EvalRecipe,
     "generate": GenerateRecipe,

@@ -16,6 +16,7 @@ _PLACEHOLDERS: dict[str, dict[str, Any]] = {
     "pretrain": {"model": {"path": "HuggingFaceTB/SmolLM2-135M"}, "data": {"train": "data/corpus.jsonl"}},
     "sft": {"model": {"path": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "data": {"train": "data/chat.jsonl"}},
     "train-rm": {"model": {"path": "runs/sft"}, "data": {"train": "data/preferences.jsonl"}},
+    "dpo": {"model": {"path": "runs/sft"}, "data": {"train": "data/preferences.jsonl"}},
     "ppo": {"policy": {"path": "runs/sft"}, "reward": {"path": "runs/rm"}, "data": {"train": "data/prompts.jsonl"}},
     "eval": {
         "model": {"path": "runs/ppo"},

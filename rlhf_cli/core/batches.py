@@ -1,4 +1,4 @@
-"""Training samples and batches: tokenized chats, packed text blocks, preference pairs.
+"""Training samples and batches: tokenized chats and packed text blocks (comparisons: core.comparisons).
 
     samples, stats = chat_samples(tokenizer, records, "messages", max_length=1024)
     collate = FlatCollator()      # a batch of different lengths becomes one row: no padding FLOPs
@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rlhf_cli.core.chat import conversation_text, record_messages, render_conversation
+from rlhf_cli.core.chat import record_messages, render_conversation
 from rlhf_cli.core.data import percentiles
 from rlhf_cli.errors import DataError
 
@@ -34,7 +34,7 @@ class Stats:
     tokens: int = 0  # tokens kept (after truncation / packing)
     loss_tokens: int = 0  # tokens the loss is computed on
     truncated: int = 0  # samples longer than max_length (cut, and counted)
-    dropped: int = 0  # samples left without anything to learn (no loss tokens / identical pair)
+    dropped: int = 0  # samples left without anything to learn (no loss tokens)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -105,31 +105,6 @@ def text_blocks(
     return samples, stats
 
 
-def preference_samples(
-    tokenizer: Any, records: list[dict[str, Any]], max_length: int
-) -> tuple[list[dict[str, list[int]]], Stats]:
-    """Chosen and rejected transcripts, tokenized exactly as core.reward.RewardModel scores text later."""
-    samples, stats = [], Stats()
-    for record in records:
-        pair = []
-        for key in ("chosen", "rejected"):
-            text = conversation_text(tokenizer, record.get("prompt"), record[key])
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            stats.lengths.append(len(ids))
-            pair.append(ids)
-        cut = any(len(ids) > max_length for ids in pair)
-        stats.truncated += cut
-        chosen, rejected = (ids[:max_length] for ids in pair)
-        if chosen == rejected:
-            # The answers are the same, or differ only past max_length: the pair carries no signal.
-            stats.dropped += 1
-            continue
-        samples.append({"chosen_ids": chosen, "rejected_ids": rejected})
-        stats.samples += 1
-        stats.tokens += len(chosen) + len(rejected)
-    return samples, stats
-
-
 class FlatCollator:
     """Padding-free batches for causal-LM training.
 
@@ -177,21 +152,6 @@ class PadCollator:
             out["labels"].append(f["labels"] + [IGNORE] * gap)
             out["attention_mask"].append([1] * len(f["input_ids"]) + [0] * gap)
         return {k: torch.tensor(v) for k, v in out.items()}
-
-
-class PairCollator:
-    """Chosen transcripts then rejected ones, right-padded into one batch of 2 x B rows."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad = pad_token_id
-
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        rows = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
-        width = max(len(r) for r in rows)
-        return {
-            "input_ids": torch.tensor([r + [self.pad] * (width - len(r)) for r in rows]),
-            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
-        }
 
 
 def show_loss_mask(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:

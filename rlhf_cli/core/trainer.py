@@ -64,8 +64,13 @@ def training_args(
     gradient_checkpointing: bool = False,
     count_tokens: str = "all",
     prediction_loss_only: bool = True,
+    args_class: type[TrainingArguments] = TrainingArguments,
+    **extra: Any,
 ) -> TrainingArguments:
-    """Our small `train:` section mapped onto TrainingArguments, once for every stage."""
+    """Our small `train:` section mapped onto TrainingArguments, once for every stage.
+
+    args_class and extra: a trainer's own subclass of TrainingArguments (trl's DPOConfig) and its fields.
+    """
     report_to = _trackers(train.report_to, output_dir)
     if has_eval:
         eval_strategy = "steps" if train.eval_steps else ("epoch" if train.max_steps is None else "no")
@@ -74,7 +79,7 @@ def training_args(
     cuda = torch.cuda.is_available()
     if precision.autocast == torch.float16 and not cuda:
         raise RecipeError("dtype fp16 trains with loss scaling, which needs CUDA: use dtype bf16 or fp32 on the CPU")
-    return TrainingArguments(
+    return args_class(
         output_dir=str(output_dir),
         num_train_epochs=train.epochs or 1,
         max_steps=train.max_steps or -1,
@@ -112,6 +117,7 @@ def training_args(
         remove_unused_columns=False,
         dataloader_num_workers=0,
         dataloader_pin_memory=cuda,
+        **extra,
     )
 
 

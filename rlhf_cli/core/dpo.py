@@ -1,0 +1,161 @@
+"""DPO pairs and trl's DPOTrainer: the one module that touches trl's DPO API (trl 1.10-1.16).
+
+    pairs, stats = pair_samples(tokenizer, records, max_length=1024)     # {prompt_ids, chosen_ids, rejected_ids}
+    args = dpo_args(recipe.train, recipe.dpo, run / "checkpoints", precision=plan.precision, ...)
+    trainer = dpo_trainer(model, args, tokenizer, pairs, held_out, ref_model=None)
+    fit(trainer, run, "dpo")                                              # core.trainer: resume, metrics.jsonl, signals
+    policy = trained_policy(trainer)                                      # what the run directory saves
+
+What trl does here: the losses (sigmoid, ipo, hinge, robust), the reference pass or its precomputation,
+the fused LM head (log-probs without materialising the logits), and the per-step metrics rewards/chosen,
+rewards/rejected (beta x log-ratio), rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
+What it does not: tokenization (pairs are rendered and truncated here, exactly as train-rm renders them,
+so --dry-run counts what trains), and padding-free batches (trl 1.16 turns padding_free off; batches are
+right-padded).
+
+The reference is the starting policy, never the raw base. trl finds it three ways, and we pick which:
+- an adapter over a frozen base (LoRA, and a parent run's adapter merged into the base first): trl copies
+  the adapter as it is before training into a frozen "ref" adapter, so the reference is exactly what the
+  policy was at step 0, including a parent's adapter that keeps training on a quantized base;
+- a full fine-tune: an explicit ref_model, loaded like the policy (trl would otherwise reload
+  config._name_or_path, the raw base, and drop a merged parent adapter);
+- precompute_ref: the policy itself scores the data before the first step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from trl import DPOConfig, DPOTrainer
+
+from rlhf_cli.core import trainer as fitting
+from rlhf_cli.core.batches import Stats
+from rlhf_cli.core.chat import conversation_text, prompt_text
+from rlhf_cli.core.device import Precision
+from rlhf_cli.core.models import fast_lora_layers
+from rlhf_cli.recipe import DPOSpec, TrainSpec
+
+REF_ADAPTER = "ref"  # the name trl gives its frozen copy of the starting adapter
+
+
+# --------------------------------------------------------------------------- pairs
+
+
+def _common_prefix(a: list[Any], b: list[Any]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def split_pair(tokenizer: Any, record: dict[str, Any]) -> tuple[list[int], list[int], int]:
+    """(chosen ids, rejected ids, prompt length): full transcripts as train-rm renders them, and where the
+    answers start.
+
+    An explicit prompt ends after the chat template's generation prompt. Without one, what both answers
+    share is the prompt: the common leading messages of message lists, else the common leading tokens.
+    """
+    prompt, chosen, rejected = record.get("prompt"), record["chosen"], record["rejected"]
+    if prompt in (None, "") and isinstance(chosen, list) and isinstance(rejected, list):
+        n = _common_prefix(chosen, rejected)
+        prompt, chosen, rejected = chosen[:n] or None, chosen[n:], rejected[n:]
+    ids = [tokenizer(conversation_text(tokenizer, prompt, r), add_special_tokens=False)["input_ids"] for r in (chosen, rejected)]
+    shared = _common_prefix(ids[0], ids[1])
+    if prompt in (None, "", []):
+        return ids[0], ids[1], min(shared, len(ids[0]) - 1, len(ids[1]) - 1)
+    prompt_ids = tokenizer(prompt_text(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    # A template may render the prompt alone slightly differently from inside the transcript: the answer
+    # starts where they part (trl's rule too).
+    return ids[0], ids[1], min(_common_prefix(prompt_ids, ids[0]), _common_prefix(prompt_ids, ids[1]))
+
+
+def pair_samples(tokenizer: Any, records: list[dict[str, Any]], max_length: int) -> tuple[list[dict[str, list[int]]], Stats]:
+    """Tokenized pairs in trl's layout. Transcripts longer than max_length keep their start (the prompt) and
+    are counted; a pair left without an answer token, or with identical answers, is dropped and counted."""
+    samples, stats = [], Stats()
+    for record in records:
+        chosen, rejected, cut = split_pair(tokenizer, record)
+        stats.lengths += [len(chosen), len(rejected)]
+        stats.truncated += max(len(chosen), len(rejected)) > max_length
+        chosen, rejected = chosen[:max_length], rejected[:max_length]
+        if cut >= min(len(chosen), len(rejected)) or chosen == rejected:
+            stats.dropped += 1
+            continue
+        samples.append({"prompt_ids": chosen[:cut], "chosen_ids": chosen[cut:], "rejected_ids": rejected[cut:]})
+        stats.samples += 1
+        stats.tokens += len(chosen) + len(rejected)
+        stats.loss_tokens += len(chosen) + len(rejected) - 2 * cut
+    return samples, stats
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def dpo_args(train: TrainSpec, dpo: DPOSpec, output_dir: Any, *, precision: Precision, has_eval: bool,
+             checkpointing: bool, max_length: int) -> DPOConfig:
+    """Our train: and dpo: sections as trl's DPOConfig (core.trainer.training_args maps the train: part)."""
+    return fitting.training_args(
+        train, output_dir, precision=precision, has_eval=has_eval, gradient_checkpointing=checkpointing,
+        count_tokens="non_padding", args_class=DPOConfig,
+        beta=dpo.beta, loss_type=[dpo.loss], label_smoothing=dpo.label_smoothing,
+        precompute_ref_log_probs=dpo.precompute_ref, max_length=max_length,
+        # No dropout in policy or reference: the log-ratios at step 0 are exactly zero (trl's default, kept explicit).
+        disable_dropout=True,
+    )
+
+
+class _DPOTrainer(DPOTrainer):
+    def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        # Pairs arrive tokenized by pair_samples; trl's own pass would render strings without the chat template.
+        return dataset
+
+    def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> Any:
+        # Also what precompute_ref runs, inside trl's __init__: before dpo_trainer can prepare the "ref" layers.
+        _fast_ref_layers(self.model)
+        return super().compute_ref_log_probs(model, inputs)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        # trl writes a hub README into every checkpoint; run.json describes the run.
+        return None
+
+
+def dpo_trainer(model: Any, args: DPOConfig, tokenizer: Any, train: list[dict[str, Any]], held_out: list[dict[str, Any]],
+                *, ref_model: Any = None) -> DPOTrainer:
+    from datasets import Dataset
+
+    trainer = _DPOTrainer(model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
+                          train_dataset=Dataset.from_list(train),
+                          eval_dataset=Dataset.from_list(held_out) if held_out else None)
+    # trl casts a quantized model's trainable adapter to bf16 (QLoRA's recipe); ours stay fp32 so AdamW's
+    # small steps are not rounded away (core.models.make_trainable). The optimizer does not exist yet.
+    for p in trainer.model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    _fast_ref_layers(trainer.model)
+    return trainer
+
+
+def _fast_ref_layers(model: Any) -> None:
+    """trl's "ref" adapter is added after make_trainable: its layers take the policy's activation-dtype path
+    too (peft's input cast is off for the whole layer, so a plain fp32 "ref" matrix would meet bf16 inputs)."""
+    if REF_ADAPTER in getattr(model, "peft_config", {}) and not getattr(model, "_ref_layers_fast", False):
+        fast_lora_layers(model)
+        model._ref_layers_fast = True
+
+
+def trained_policy(trainer: DPOTrainer) -> Any:
+    """The policy to save: without trl's frozen copy of the starting adapter."""
+    model = trainer.model
+    if REF_ADAPTER in getattr(model, "peft_config", {}):
+        model.delete_adapter(REF_ADAPTER)
+    return model
+
+
+def reference_log_probs(trainer: DPOTrainer, pairs: list[dict[str, list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed answer log-probs of chosen and rejected under the reference trl trains against."""
+    batch = trainer._prepare_inputs(trainer.data_collator(pairs))
+    model = trainer.ref_model if trainer.ref_model is not None else trainer.model
+    return trainer.compute_ref_log_probs(model, batch)

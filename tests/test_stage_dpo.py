@@ -1,0 +1,240 @@
+"""rlhf dpo on the tiny local Llama: held-out implicit-reward accuracy rises, the reference is the SFT
+model (LoRA, QLoRA with the parent adapter kept, full fine-tune), resume continues at the saved step,
+and recipe and data errors exit before anything is written."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from stagekit import manifest, metrics, rlhf, runner, train_losses, workdir  # noqa: F401
+
+from rlhf_cli.cli import app
+
+pytestmark = [pytest.mark.stage, pytest.mark.usefixtures("workdir")]
+
+
+def _pairs(path, n: int | None = None) -> list[dict]:
+    return [json.loads(line) for line in open(path)][:n]
+
+
+def test_dpo_raises_held_out_preference_accuracy_and_feeds_generate(tiny):
+    assert rlhf("sft", "sft.yaml", "--set", "train.max_steps=20").code == 0
+    out = rlhf("dpo", "dpo.yaml", "--set", "train.max_steps=20", "--set", "train.logging_steps=1")
+    assert out.code == 0, out
+    steps = [m for m in metrics("runs/tiny/dpo") if "loss" in m]
+    # Step 1 is scored before any update: policy == reference, every implicit reward 0, loss log 2.
+    first = steps[0]
+    assert first["step"] == 1 and first["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert first["rewards/margins"] == 0 and first["rewards/accuracies"] == 0
+    for key in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert all(key in m for m in steps), key
+    assert steps[-1]["loss"] < first["loss"] - 0.1
+    m = out.json["metrics"]
+    assert m["eval_accuracy"] >= 0.9 and m["eval_margin"] > 0, m  # chance is 0.5, the start 0 (all ties)
+    assert m["eval_rewards/chosen"] > m["eval_rewards/rejected"]
+
+    run = manifest("runs/tiny/dpo")
+    assert run["status"] == "completed" and run["model"]["kind"] == "adapter"
+    assert run["parent_adapters"] == "merged" and run["parent_run"].endswith("runs/tiny/sft")
+    assert "<|assistant|>" in run["chat_template"]
+    assert not Path("runs/tiny/dpo/adapter/ref").exists()  # trl's frozen reference copy is not saved
+
+    from rlhf_cli.runs import resolve_model
+
+    assert [a.split("/")[-2] for a in resolve_model("runs/tiny/dpo").adapters] == ["sft", "dpo"]
+    result = runner.invoke(app, ["generate", "runs/tiny/dpo", "--prompt", "where is the cat?", "--greedy",
+                                 "--max-new-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.splitlines()[0])["prompt"] == "where is the cat?"
+
+
+def _answer_log_probs(model, pairs: list[dict]) -> torch.Tensor:
+    """Summed log-probs of the chosen and rejected answers, computed directly (no trl)."""
+    out = []
+    for key in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            ids = torch.tensor([p["prompt_ids"] + p[key]])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits.float()[0, :-1]
+            logps = logits.log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
+            out.append(logps[len(p["prompt_ids"]) - 1 :].sum())
+    return torch.stack(out)
+
+
+def _load(base: str, adapter: str | None, bits: int | None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cli.core.models import bnb_config
+    from rlhf_cli.recipe import QuantSpec
+
+    kwargs = {"dtype": torch.float32}
+    if bits:
+        # The 4-bit base as the run quantized it (NF4, double quantization): the SFT model at that precision.
+        kwargs.update(quantization_config=bnb_config(QuantSpec(bits=bits), torch.float32), device_map={"": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    return (PeftModel.from_pretrained(model, adapter) if adapter else model).eval()
+
+
+@pytest.mark.parametrize(
+    ("parent", "sets", "reference"),
+    [
+        ("lora_run", [], "frozen copy of the starting adapter"),  # SFT adapter merged, a new LoRA on top
+        ("qlora_run", ["quant.bits=4"], "frozen copy of the starting adapter"),  # SFT adapter kept on a 4-bit base
+        ("lora_run", ["lora=null", "train.lr=1e-3"], "frozen copy of the model"),  # full fine-tune
+    ],
+)
+def test_reference_is_the_sft_model_not_its_base(tiny, monkeypatch, request, parent, sets, reference):
+    from rlhf_cli.core import dpo as dpo_trl
+    from rlhf_cli.core.models import load_tokenizer
+    from rlhf_cli.runs import resolve_model
+
+    sft = request.getfixturevalue(parent)
+    resolved = resolve_model(str(sft))
+    pairs, _ = dpo_trl.pair_samples(load_tokenizer(resolved), _pairs(tiny["preference_eval"], 4), 64)
+    # The reference log-probs trl trains against, read once training is over (before trl's copy is dropped).
+    seen = {}
+    finish = dpo_trl.trained_policy
+
+    def read_reference(trainer):
+        seen["ref"] = torch.cat(dpo_trl.reference_log_probs(trainer, pairs)).float()
+        seen["policy"] = trainer.model
+        return finish(trainer)
+
+    monkeypatch.setattr(dpo_trl, "trained_policy", read_reference)
+    out = rlhf("dpo", "dpo.yaml", "--model", str(sft), "--set", "model.dtype=fp32", "--set", "train.max_steps=3",
+               *[arg for s in sets for arg in ("--set", s)])
+    assert out.code == 0, out
+    assert manifest("runs/tiny/dpo")["reference"] == reference
+
+    ref = seen["ref"]
+    bits = 4 if "quant.bits=4" in sets else None
+    (adapter,) = resolved.adapters
+    sft_own = _answer_log_probs(_load(resolved.base, adapter, bits), pairs)
+    base_own = _answer_log_probs(_load(resolved.base, None, bits), pairs)
+    assert torch.allclose(ref, sft_own, atol=2e-3), (ref, sft_own)
+    assert (ref - base_own).abs().max() > 0.1  # the raw base would be told apart
+    # After training the policy has moved away from the reference it trained against.
+    policy = _answer_log_probs(seen["policy"].eval(), pairs)
+    assert (policy - sft_own).abs().max() > 1e-3
+
+
+def test_interrupt_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(lora_run, monkeypatch):
+    common = ["--model", str(lora_run), "--set", "train.max_steps=6", "--set", "train.logging_steps=1",
+              "--set", "train.save_steps=100"]
+    # The new adapter's random A matrices come from torch's global generator: start both runs alike, as
+    # two fresh processes would.
+    torch.manual_seed(0)
+    assert rlhf("dpo", "dpo.yaml", *common, "-o", "runs/straight").code == 0
+    monkeypatch.setenv("RLHF_TEST_INTERRUPT_AT_STEP", "3")
+    torch.manual_seed(0)
+    out = rlhf("dpo", "dpo.yaml", *common)
+    assert out.code == 130, out
+    assert "--resume auto" in out.stderr
+    assert manifest("runs/tiny/dpo")["status"] == "interrupted"
+    assert (Path("runs/tiny/dpo/checkpoints/checkpoint-3") / "COMPLETE").exists()
+
+    monkeypatch.delenv("RLHF_TEST_INTERRUPT_AT_STEP")
+    out = rlhf("dpo", "dpo.yaml", *common)
+    assert out.code == 0, out
+    run = manifest("runs/tiny/dpo")
+    assert run["status"] == "completed" and run["resumed_from_step"] == 3
+    resumed, straight = train_losses("runs/tiny/dpo"), train_losses("runs/straight")
+    assert [s for s, _ in resumed] == list(range(1, 7))
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in straight], rel=1e-4)
+    state = json.loads((Path("runs/tiny/dpo/checkpoints/checkpoint-6") / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+
+
+def test_dry_run_reads_message_lists_with_an_implicit_prompt_and_counts_truncation(tmp_path):
+    def pair(question: str) -> dict:
+        user = {"role": "user", "content": question}
+        return {"chosen": [user, {"role": "assistant", "content": "the cat is in the barn. it is great."}],
+                "rejected": [user, {"role": "assistant", "content": "the cat is in the barn."}]}
+
+    # The long prompts fill data.max_length alone: cut, counted, and dropped (no answer token is left).
+    rows = [pair("where is the cat? " * 8)] * 3 + [pair("where is the cat?")] * 5
+    path = tmp_path / "msgs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = rlhf("dpo", "dpo.yaml", "--model", ".assets/tiny/model", "--data", str(path), "--set", "data.eval=null",
+               "--set", "data.eval_fraction=0", "--set", "data.max_length=40", "--dry-run")
+    assert out.code == 0, out
+    d = out.json["details"]
+    assert out.json["status"] == "dry-run" and not Path("runs").exists()
+    assert d["format"] == "preference" and d["train"]["samples"] == 5
+    assert d["train"]["truncated"] == 3 and d["train"]["dropped"] == 3
+    assert d["train"]["length_percentiles"]["p100"] > 40
+    # What both message lists share is the prompt; the answers start after the generation prompt.
+    assert d["sample_prompt"] == "<|user|>where is the cat?<|end|><|assistant|>"
+    assert d["sample_chosen"] == "the cat is in the barn. it is great.<|end|>"
+    assert 0 < d["trainable_params"] < d["total_params"] and d["memory_estimate"]["total_gib"] > 0
+
+    full = rlhf("dpo", "dpo.yaml", "--model", ".assets/tiny/model", "--set", "lora=null", "--dry-run")
+    assert full.code == 0, full
+    assert "reference_weights" in full.json["details"]["memory_estimate"]["parts_gib"]
+    assert "reference_weights" not in d["memory_estimate"]["parts_gib"]  # LoRA: the reference is the adapter's copy
+
+
+def test_renamed_string_prompts_are_rendered_with_the_chat_template(tmp_path):
+    rows = [{"question": "where is the dog?", "chosen": "the dog is in the park. it is great.",
+             "rejected": "the dog is in the park. it is bad."}] * 4
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = rlhf("dpo", "dpo.yaml", "--model", ".assets/tiny/model", "--data", str(path), "--set", "data.eval=null",
+               "--set", "data.eval_fraction=0", "--set", "data.fields={question: prompt}", "--dry-run")
+    assert out.code == 0, out
+    d = out.json["details"]
+    assert d["sample_prompt"] == "<|user|>where is the dog?<|end|><|assistant|>"
+    assert d["sample_chosen"] == "the dog is in the park. it is great.<|end|>"
+    assert d["train"]["truncated"] == 0 and d["train"]["dropped"] == 0
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["dpo.betta=0.2"], "dpo.betta: unknown key; did you mean dpo.beta?"),
+        (["dpo.loss=kto"], "dpo.loss"),
+        (["dpo.label_smoothing=0.1"], "set dpo.loss: robust, or dpo.label_smoothing: 0"),
+        (["lora=null", "quant.bits=4"], "add a lora block or set quant.bits: null"),
+    ],
+)
+def test_recipe_errors_exit_2_before_anything_is_written(sets, message):
+    out = rlhf("dpo", "dpo.yaml", *[arg for s in sets for arg in ("--set", s)])
+    assert out.code == 2, out
+    assert message in out.stderr
+    assert not Path("runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("sets", "first_loss"),
+    [
+        # At step 1 policy == reference, so each loss sits at its value for a zero margin:
+        (["dpo.loss=hinge"], 1.0),  # relu(1 - 0)
+        (["dpo.loss=ipo"], 25.0),  # (0 - 1 / (2 beta))^2 with beta 0.1 (Azar et al. 2023, eq. 17)
+        (["dpo.loss=robust", "dpo.label_smoothing=0.1", "dpo.precompute_ref=true"], math.log(2)),
+    ],
+)
+def test_each_loss_reaches_trl_and_starts_at_its_zero_margin_value(lora_run, sets, first_loss):
+    out = rlhf("dpo", "dpo.yaml", "--model", str(lora_run), "--set", "train.max_steps=2", "--set", "train.logging_steps=1",
+               *[arg for s in sets for arg in ("--set", s)])
+    assert out.code == 0, out
+    assert train_losses("runs/tiny/dpo")[0] == (1, pytest.approx(first_loss, rel=1e-4))
+    precomputed = "dpo.precompute_ref=true" in sets
+    assert (manifest("runs/tiny/dpo")["reference"] == "precomputed") == precomputed
+
+
+def test_greedy_answers_beat_the_sft_model_under_the_reward_model(tiny, sft_full_run, reward_run):
+    """The issue's end-to-end claim: greedy answers of the DPO run win against the SFT run's, judged by a
+    Bradley-Terry reward model trained on the same kind of pairs (held-out prompts)."""
+    out = rlhf("dpo", "dpo.yaml", "--model", str(sft_full_run), "--set", "train.max_steps=30")
+    assert out.code == 0, out
+    result = rlhf("eval", None, "--model", "runs/tiny/dpo", "--reference", str(sft_full_run), "--reward", str(reward_run),
+                  "--metric", "win_rate", "--metric", "reward", "--prompts", str(tiny["prompts_eval"]),
+                  "--set", "generation={max_new_tokens: 16, temperature: 0.0}")
+    assert result.code == 0, result
+    m = result.json["metrics"]
+    assert m["win_rate"] >= 0.8 and m["reward"] > m["reference_reward"], m  # 0.5 would be no better than SFT
