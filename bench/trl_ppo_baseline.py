@@ -138,7 +138,10 @@ def child(dtype: str, args: argparse.Namespace) -> None:
         learning_rate=1e-5,
         # trl's default is True, but its PPO train() never enables it; bench's PPO runs without it too.
         gradient_checkpointing=False,
-        bf16=dtype == "bf16",  # trl's flag; PPOTrainer's own Accelerator takes no mixed precision from it
+        # trl's flag; PPOTrainer's own Accelerator takes no mixed precision from it. On a 4-bit policy the flag
+        # makes trl cast the norms to fp32 (peft_module_casting_to_bf16), whose fp32 output then meets the bf16
+        # lm_head and stops generation with a dtype error; left off there, every layer stays in the loaded dtype.
+        bf16=dtype == "bf16" and args.bits is None,
         use_cpu=args.device == "cpu",
         num_sample_generations=0,
         save_strategy="no",
