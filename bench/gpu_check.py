@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from rlhf_cli.console import choose_omp_wait_policy
 from rlhf_cli.demo import tiny
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,7 +246,9 @@ def sft_rows(runner: Runner, py: str, work: Path, size: dict, variant: str, trl_
     argv = [py, str(REPO / "bench" / "trl_sft.py"), str(work / "model"), str(work / "chat.jsonl"),
             str(work / "runs" / f"trl-{name}"), "--steps", str(size["sft_steps"]), "--batch-size", str(size["batch"]),
             "--max-length", str(size["max_length"]), "--lr", str(SFT_LR), "--lora-r", str(LORA["r"]),
-            "--lora-alpha", str(LORA["alpha"]), "--lora-dropout", str(LORA["dropout"])]
+            "--lora-alpha", str(LORA["alpha"]), "--lora-dropout", str(LORA["dropout"]),
+            # the model's own dtype, which rlhf's dtype auto also holds the frozen base in on a bf16 device
+            "--dtype", "bfloat16"]
     out = runner.run(theirs, argv + (["--bits", "4"] if variant == "QLoRA" else []), box)
     if out is not None:
         trl = last_json(out)
@@ -357,6 +360,9 @@ def run_all(work: Path, small: bool, out: Path | None, budget_s: float) -> int:
     py = sys.executable
     log = (out or work) / "steps.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    # One OpenMP wait policy for every row, chosen as the rlhf CLI chooses it (spinning threads on CPUs that
+    # other jobs share made trl's small SFT run 25x slower here): the rows then differ in training only.
+    choose_omp_wait_policy()
     env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO))}
     runner = Runner(budget_s, log, env)
     started = datetime.now(timezone.utc)
@@ -386,7 +392,8 @@ def run_all(work: Path, small: bool, out: Path | None, budget_s: float) -> int:
         rows.append(grpo_row(runner, py, work, size))
 
     head = (f"rlhf gpu_check ({'small' if small else 'full'} sizes), {started:%Y-%m-%d %H:%M} UTC, "
-            f"{facts.get('device', 'unknown device')}; " + ", ".join(f"{k} {facts[k]}" for k in VERSIONS if k in facts))
+            f"{facts.get('device', 'unknown device')}; " + ", ".join(f"{k} {facts[k]}" for k in VERSIONS if k in facts)
+            + f"; OMP_WAIT_POLICY {env.get('OMP_WAIT_POLICY', 'default')}")
     sizes = (f"SFT: {size['sft_steps']} steps of {size['batch']} x {size['max_length']} tokens, LoRA r{LORA['r']} "
              f"alpha {LORA['alpha']} dropout {LORA['dropout']} all-linear, lr {SFT_LR}. PPO: iteration 2 of "
              f"{size['iterations']}, {size['rollout']} prompts x {size['new_tokens']} new tokens at temperature "
