@@ -174,14 +174,15 @@ class Runner:
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
-    def run(self, row: Row, argv: list[str], box_s: float, env: dict[str, str] | None = None) -> str | None:
-        """The step's stdout, or None with row.status saying why there is none."""
+    def run(self, row: Row, argv: list[str], box_s: float, env: dict[str, str] | None = None) -> str:
+        """The step's stdout; row.status says when the step failed, timed out or did not start."""
         box = min(box_s, self.left())
         if box < 10:
             row.status = "failed (no time left in the budget)"
-            return None
+            return ""
         t0 = time.monotonic()
         with self.log.open("a") as log:
+            start = log.tell()
             log.write(f"\n== {row.step}: {' '.join(argv)}\n")
             log.flush()
             # A session of its own, so a timeout ends the step's children too (trl's baseline runs one).
@@ -199,10 +200,12 @@ class Runner:
             log.write(f"== {row.step}: exit {proc.returncode} after {row.wall_s:.1f} s\n")
         if timed_out:
             row.status = f"failed (timed out after {box:.0f} s)"
-            return None
-        if proc.returncode != 0:
+        elif proc.returncode != 0:
             row.status = f"failed (exit {proc.returncode}; see the log)"
-            return None
+        if row.failed:
+            # The end of what it said, where the console shows it (the whole of it is in the log).
+            tail = self.log.read_bytes()[start:].decode(errors="replace").splitlines()[-15:]
+            print(f"{row.step}: {row.status}\n  " + "\n  ".join(tail), file=sys.stderr, flush=True)
         return stdout
 
 
@@ -222,12 +225,11 @@ def iteration_split(r: dict) -> str:
 def tests_row(runner: Runner, py: str, box: float) -> Row:
     row = Row("gpu tests (pytest -m gpu)")
     out = runner.run(row, [py, "-m", "pytest", "-q", "-m", "gpu", "tests/", "-p", "no:cacheprovider", "-rs"], box)
-    if out is None:
-        # The failing tests' names are in the log; the count goes in the table.
-        return row
-    counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", out.splitlines()[-1]))
+    # The counts go in the table, failed or not; the failing tests' names are in the log.
+    summary = out.strip().splitlines()[-1] if out.strip() else ""
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", summary)}
     row.notes = ", ".join(f"{n} {k}" for k, n in counts.items())
-    if not counts.get("passed"):
+    if not row.failed and not counts.get("passed"):
         row.status = "skipped (no CUDA)" if counts.get("skipped") else "failed (no test ran)"
     return row
 
@@ -236,7 +238,8 @@ def sft_rows(runner: Runner, py: str, work: Path, size: dict, variant: str, trl_
     box = size["box"]["sft"]
     ours = Row(f"sft {variant} · rlhf")
     name = f"sft-{variant.lower()}"
-    if runner.run(ours, [py, "-m", "rlhf_cli", "sft", str(work / f"{name}.yaml"), "--json", "--overwrite"], box) is not None:
+    runner.run(ours, [py, "-m", "rlhf_cli", "sft", str(work / f"{name}.yaml"), "--json", "--overwrite"], box)
+    if not ours.failed:
         run = json.loads((work / "runs" / name / "run.json").read_text())
         ours.tokens_per_s = run["metrics"]["train_tokens_per_s"]
         ours.peak_gib = run["peak_memory_gb"]
@@ -250,7 +253,7 @@ def sft_rows(runner: Runner, py: str, work: Path, size: dict, variant: str, trl_
             # the model's own dtype, which rlhf's dtype auto also holds the frozen base in on a bf16 device
             "--dtype", "bfloat16"]
     out = runner.run(theirs, argv + (["--bits", "4"] if variant == "QLoRA" else []), box)
-    if out is not None:
+    if not theirs.failed:
         trl = last_json(out)
         theirs.tokens_per_s = trl["tokens_per_s"]
         theirs.peak_gib = trl["peak_memory"] / 2**30
@@ -265,7 +268,8 @@ def ppo_rows(runner: Runner, py: str, work: Path, size: dict, variant: str, trl_
     box = size["box"]["ppo"]
     ours = Row(f"ppo {variant} · rlhf")
     name = f"ppo-{variant.lower()}"
-    if runner.run(ours, [py, "-m", "rlhf_cli", "ppo", str(work / f"{name}.yaml"), "--json", "--overwrite"], box) is not None:
+    runner.run(ours, [py, "-m", "rlhf_cli", "ppo", str(work / f"{name}.yaml"), "--json", "--overwrite"], box)
+    if not ours.failed:
         run_dir = work / "runs" / name
         run, last = json.loads((run_dir / "run.json").read_text()), metric_rows(run_dir)[-1]
         ours.iteration = iteration_split(last)
@@ -286,7 +290,8 @@ def ppo_rows(runner: Runner, py: str, work: Path, size: dict, variant: str, trl_
             "--new-tokens", str(size["new_tokens"]), "--max-prompt", str(MAX_PROMPT), "--temperature", str(TEMPERATURE),
             "--json", str(out_json)] + (["--bits", "4"] if variant == "QLoRA" else [])
     env = {**runner.env, "PYTHONPATH": f"{trl_old}{os.pathsep}{runner.env['PYTHONPATH']}"}
-    if runner.run(theirs, argv, box, env) is not None:
+    runner.run(theirs, argv, box, env)
+    if not theirs.failed:
         trl = json.loads(out_json.read_text())[0]
         last = trl["rows"][-1]
         theirs.iteration = iteration_split(last)
@@ -316,7 +321,8 @@ def grpo_row(runner: Runner, py: str, work: Path, size: dict) -> Row:
     name = "grpo-lora"
     argv = [py, "-m", "rlhf_cli", "grpo", "--policy", str(work / "model"), "--reward", str(work / "reward-run"),
             "--prompts", str(work / "prompts.jsonl"), "--output-dir", str(work / "runs" / name), "--overwrite", "--json"]
-    if runner.run(row, argv + [a for s in sets for a in ("--set", s)], size["box"]["ppo"]) is None:
+    runner.run(row, argv + [a for s in sets for a in ("--set", s)], size["box"]["ppo"])
+    if row.failed:
         return row
     run_dir = work / "runs" / name
     run, last = json.loads((run_dir / "run.json").read_text()), metric_rows(run_dir)[-1]
@@ -369,15 +375,15 @@ def run_all(work: Path, small: bool, out: Path | None, budget_s: float) -> int:
 
     machine = Row("machine")
     probe = runner.run(machine, [py, "-c", MACHINE], 60)
-    facts = last_json(probe) if probe else {}
+    facts = {} if machine.failed else last_json(probe)
     device = "cuda" if facts.get("cuda") else "cpu"
     site = os.environ.get("TRL_OLD_SITE")
     trl_old = Path(site) if site and (Path(site) / "trl" / "__init__.py").exists() else None
 
     rows = ([machine] if machine.failed else []) + [tests_row(runner, py, size["box"]["tests"])]
     build = Row(f"build {'2-layer' if small else '~1B'} Llama, reward models, data")
-    if (done := runner.run(build, [py, __file__, "prepare", str(work)] + (["--small"] if small else []),
-                           size["box"]["build"])) is not None:
+    done = runner.run(build, [py, __file__, "prepare", str(work)] + (["--small"] if small else []), size["box"]["build"])
+    if not build.failed:
         params = last_json(done)["params"]
         build.notes = f"{params / 1e9:.2f} B parameters, bf16" if params > 1e8 else f"{params / 1e6:.2f} M parameters, bf16"
     rows.append(build)
