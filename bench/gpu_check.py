@@ -48,11 +48,11 @@ FULL = {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
 SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
          "intermediate_size": 128, "vocab_size": 1024, "max_position_embeddings": 1024}
 # Sizes and time boxes (seconds). Full sizes on one H200, estimated: build 30 s; each SFT run ~25 s (20 steps
-# of 8 x 512 tokens after ~15 s of start-up and loading); each PPO run ~40 s (2 iterations of 32 prompts x 128
-# new tokens, generation ~4 s an iteration, 4-bit slower). With the tests (~40 s) and the shell's wheel
+# of 8 samples of 320-500 tokens, max_length 512, after ~15 s of start-up and loading); each PPO run ~40 s (2
+# iterations of 32 prompts x 128 new tokens, generation ~4 s an iteration, 4-bit slower). With the tests (~40 s) and the shell's wheel
 # install and import check (~30 s): ~6 minutes, ~7 with grpo; the boxes leave headroom within --budget-s.
 SIZES = {
-    "full": {"shape": FULL, "chats": 400, "sentences": (20, 40), "max_length": 512, "sft_steps": 20, "batch": 8,
+    "full": {"shape": FULL, "chats": 400, "sentences": (30, 48), "max_length": 512, "sft_steps": 20, "batch": 8,
              "rollout": 32, "mini_batch": 8, "ppo_epochs": 2, "new_tokens": 128, "iterations": 2,
              "box": {"tests": 90, "build": 90, "sft": 75, "ppo": 90}},
     "small": {"shape": SMALL, "chats": 64, "sentences": (2, 4), "max_length": 128, "sft_steps": 4, "batch": 4,
