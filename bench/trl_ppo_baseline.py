@@ -11,8 +11,13 @@ project's trl, so it runs from a virtual environment of its own (.venv-trl112, i
     PYTHONPATH=. python bench/ppo_step.py --layouts shared-base     # builds the models under .bench/ppo_step once
     .venv-trl112/bin/python bench/trl_ppo_baseline.py            # fp32 and bf16, 6 iterations each
     .venv-trl112/bin/python bench/trl_ppo_baseline.py --dtypes fp32 --iterations 2
-    python bench/trl_ppo_baseline.py --model M --reward-model R --prompts P --device cuda --bits 4 \
-        --rollout 32 --mini-batch 8 --epochs 2 --new-tokens 128 --temperature 1.0 --json out.json   # gpu_check
+
+or, with trl 1.12.0 put in a folder of its own (pip install --no-deps --target DIR trl==1.12.0) and the
+project's packages otherwise, as bench/gpu_check.sh runs it:
+
+    PYTHONPATH=DIR:. python bench/trl_ppo_baseline.py --model M --reward-model R --prompts P --device cuda \
+        --bits 4 --dtypes bf16 --iterations 2 --rollout 32 --mini-batch 8 --epochs 2 --new-tokens 128 \
+        --temperature 1.0 --json out.json
 
 Default configuration (bench/ppo_step.py's): SmolLM2-135M-Instruct, prompts rendered with its chat template and
 generation prompt (at most 64 tokens), a LoRA policy (r 16, alpha 32, dropout 0, all-linear) passed to trl as
