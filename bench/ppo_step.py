@@ -31,8 +31,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from ppo_table import header, peak_rss, row  # bench/ppo_table.py (this script's folder is on sys.path)
+# bench/ppo_table.py (this script's folder is on sys.path)
+from ppo_table import header, peak_memory, peak_rss, row
 
 PROMPTS = [
     "What is the capital of France?", "Give me a tip for staying focused.", "Why is the sky blue?",
@@ -56,10 +58,7 @@ def gguf_source() -> tuple[Path, str]:
 def prepare(workdir: Path) -> dict[str, Path]:
     """Base model folder, reward run (LoRA adapter with a random head) and reward model folder, built once."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    from rlhf_cli.runs import prepare_run
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base, reward_run, reward_model = workdir / "smollm2-135m", workdir / "reward-run", workdir / "reward-model"
     prompts = workdir / "prompts.jsonl"
@@ -76,20 +75,33 @@ def prepare(workdir: Path) -> dict[str, Path]:
         model.save_pretrained(base, safe_serialization=True)
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(base)
     if not (reward_run / "run.json").exists():
-        torch.manual_seed(0)
-        rm = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
-        rm.config.pad_token_id = AutoTokenizer.from_pretrained(base).pad_token_id
-        torch.nn.init.normal_(rm.score.weight, std=1 / (rm.config.hidden_size + 1) ** 0.5)
-        rm.save_pretrained(reward_model, safe_serialization=True)
-        AutoTokenizer.from_pretrained(base).save_pretrained(reward_model)
-        run = prepare_run(reward_run, "train-rm", "", {}, resume="never", overwrite=True,
-                          base_model={"path": str(base.resolve())})
-        peft = get_peft_model(rm, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="SEQ_CLS",
-                                             modules_to_save=["score"]))
-        peft.save_pretrained(reward_run / "adapter", safe_serialization=True)
-        AutoTokenizer.from_pretrained(base).save_pretrained(reward_run / "tokenizer")
-        run.finish("completed", model={"kind": "reward-adapter", "adapters": ["adapter"], "tokenizer": "tokenizer"})
+        save_reward_models(base, reward_run, reward_model, torch.float32)
     return {"base": base, "reward_run": reward_run, "reward_model": reward_model, "prompts": prompts}
+
+
+def save_reward_models(base: Path, reward_run: Path, reward_model: Path, dtype: Any, device: str = "cpu") -> None:
+    """The base with a randomly initialised score head, twice: as a train-rm style LoRA reward run (which can
+    share the policy's base) and as a plain sequence-classification model (which trl loads as its own copy)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_cli.runs import prepare_run
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rm = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=dtype, device_map={"": device})
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    torch.nn.init.normal_(rm.score.weight, std=1 / (rm.config.hidden_size + 1) ** 0.5)
+    rm.save_pretrained(reward_model, safe_serialization=True)
+    tokenizer.save_pretrained(reward_model)
+    run = prepare_run(reward_run, "train-rm", "", {}, resume="never", overwrite=True,
+                      base_model={"path": str(base.resolve())})
+    peft = get_peft_model(rm, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="SEQ_CLS",
+                                         modules_to_save=["score"]))
+    peft.save_pretrained(reward_run / "adapter", safe_serialization=True)
+    tokenizer.save_pretrained(reward_run / "tokenizer")
+    run.finish("completed", model={"kind": "reward-adapter", "adapters": ["adapter"], "tokenizer": "tokenizer"})
 
 
 def child(layout: str, workdir: Path, iterations: int, dtype: str) -> None:
@@ -124,7 +136,7 @@ def child(layout: str, workdir: Path, iterations: int, dtype: str) -> None:
     manifest = json.loads((Path(result.output_dir) / "run.json").read_text())
     print(json.dumps({
         "layout": layout, "rows": rows, "wall_s": wall, "base_copies": manifest["layout"]["base_copies"],
-        "peak_rss": peak_rss(), "rss_at_start": rss_start, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "peak_memory": peak_memory(), "rss_at_start": rss_start, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
     }))
 
 

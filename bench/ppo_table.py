@@ -15,6 +15,17 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def peak_memory() -> int:
+    """Peak memory of this process where its tensors lived: the CUDA allocator's peak when CUDA was used (as
+    rlhf's run.json records it), otherwise the peak resident memory."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        return int(torch.cuda.max_memory_allocated())
+    return peak_rss()
+
+
 def header(first: str) -> str:
     return (f"{first:28} {'copies':>6} {'s/iter':>13} {'gen':>6} {'score':>6} {'train':>6} "
             f"{'gen tok/s':>9} {'train tok/s':>11} {'peak GB':>8} {'CPU s':>6} {'load':>5} {'OMP':>7}")
@@ -32,4 +43,4 @@ def row(name: str, copies: int, out: dict[str, Any], load: float) -> str:
     return (f"{name:28} {copies:>6} {total[len(total) // 2]:>6.2f} ({total[0]:>4.1f}) "
             f"{med('time_generation'):>6.2f} {med('time_scoring'):>6.2f} {med('time_training'):>6.2f} "
             f"{med('tokens_per_s_generation'):>9.0f} {med('tokens_per_s_training'):>11.0f} "
-            f"{out['peak_rss'] / 1e9:>8.2f} {med('cpu_seconds'):>6.1f} {load:>5.1f} {out['omp_wait_policy']:>7}")
+            f"{out['peak_memory'] / 1e9:>8.2f} {med('cpu_seconds'):>6.1f} {load:>5.1f} {out['omp_wait_policy']:>7}")

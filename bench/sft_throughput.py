@@ -13,7 +13,7 @@ Each run is its own subprocess, one after the other, so its peak RSS is its own 
 counts real (non-padding) tokens over Trainer's train_runtime. Compared:
   - rlhf sft with its defaults (padding-free batches, bf16 frozen base where the CPU multiplies bf16
     fast, activation checkpointing only when the memory estimate asks for it);
-  - trl SFTTrainer with its defaults (bf16 autocast over fp32 weights, gradient checkpointing, padded
+  - trl SFTTrainer with its defaults (bench/trl_sft.py: bf16 autocast over fp32 weights, gradient checkpointing, padded
     batches);
   - trl SFTTrainer with padding_free=True (its fastest documented setting for this data).
 The machine is shared: other processes on the same cores change the absolute figures between runs;
@@ -34,38 +34,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-TRL_SCRIPT = r'''
-import json, sys, time
-import torch
-from datasets import Dataset
-from peft import LoraConfig
-from transformers import AutoTokenizer
-from trl import SFTConfig, SFTTrainer
-
-model_dir, data_file, out_dir, steps, padding_free = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "1"
-rows = [json.loads(line) for line in open(data_file)]
-config = SFTConfig(
-    # trl refuses max_length with padding_free and no packing; no pair here is longer than 256 tokens.
-    output_dir=out_dir, max_steps=steps, per_device_train_batch_size=8, max_length=None if padding_free else 256,
-    learning_rate=2e-4,
-    logging_steps=5, save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
-    include_num_input_tokens_seen="non_padding", padding_free=padding_free, seed=42,
-)
-trainer = SFTTrainer(
-    model=model_dir, args=config, train_dataset=Dataset.from_list(rows),
-    processing_class=AutoTokenizer.from_pretrained(model_dir),
-    peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"),
-)
-cpu0 = time.process_time()
-result = trainer.train()
-cpu_s = time.process_time() - cpu0
-runtime = result.metrics["train_runtime"]
-tokens = trainer.state.num_input_tokens_seen
-print(json.dumps({"tokens": tokens, "runtime_s": runtime, "tokens_per_s": tokens / runtime, "tokens_per_cpu_s": tokens / cpu_s,
-                  "steps": trainer.state.global_step,
-                  "weights": str(next(trainer.model.parameters()).dtype), "checkpointing": bool(config.gradient_checkpointing)}))
-'''
 
 RECIPE = """\
 stage: sft
@@ -189,17 +157,18 @@ def main() -> None:
         sys.exit("some pairs are longer than 256 tokens: trl's padding_free run would not truncate them")
     print(f"{too_long} pairs longer than 256 tokens left out", file=sys.stderr)
     (work / "results.json").write_text(json.dumps(results, indent=2))
-    script = work / "trl_sft.py"
-    script.write_text(TRL_SCRIPT)
-    variants = [("trl SFTTrainer (defaults)", "0")] + ([] if args.skip_trl_padding_free else [("trl SFTTrainer (padding_free)", "1")])
-    for name, padding_free in variants:
+    variants = [("trl SFTTrainer (defaults)", [])] + (
+        [] if args.skip_trl_padding_free else [("trl SFTTrainer (padding_free)", ["--padding-free"])])
+    for name, flags in variants:
         print(f"{name} ...", file=sys.stderr, flush=True)
-        out, _, rss, wall = run_child([sys.executable, str(script), str(model), str(data), str(work / "trl"),
-                                       str(args.steps), padding_free], env)
+        # no pair is longer than 256 tokens (see fitting()), so padding_free, which cannot truncate, sees the same data
+        out, _, rss, wall = run_child([sys.executable, str(REPO / "bench" / "trl_sft.py"), str(model), str(data),
+                                       str(work / "trl"), "--steps", str(args.steps), "--batch-size", "8",
+                                       "--max-length", "256", *flags], env)
         trl = json.loads(out.strip().splitlines()[-1])
         results[name] = {"tokens_per_s": trl["tokens_per_s"], "peak_rss": rss, "wall_s": wall,
                          "tokens_per_cpu_s": trl["tokens_per_cpu_s"],
-                         "setup": f"weights {trl['weights'].removeprefix('torch.')}, checkpointing {trl['checkpointing']}"}
+                         "setup": f"weights {trl['weights']}, checkpointing {trl['checkpointing']}"}
         (work / "results.json").write_text(json.dumps(results, indent=2))
 
     import torch
