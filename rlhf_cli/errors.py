@@ -22,10 +22,6 @@ class TrainingError(RlhfError):
     exit_code = 1
 
 
-class NotImplementedStage(RlhfError):
-    exit_code = 1
-
-
 class RecipeError(RlhfError):
     """The recipe or the command line is wrong; nothing was written."""
 

@@ -22,7 +22,7 @@ import typer
 from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
-from rlhf_cli.errors import DataError, NotImplementedStage
+from rlhf_cli.errors import DataError
 from rlhf_cli.recipe import STAGES, PPORecipe, SFTRecipe
 from rlhf_cli.result import RunOptions, RunResult
 
@@ -288,13 +288,6 @@ def test_rlhf_debug_adds_the_traceback(fake_stage, sft_file):
     assert result.exit_code == 3
     assert "Traceback" in result.stderr
     assert "error: data/chat.jsonl:7: not valid JSON" in result.stderr
-
-
-def test_unimplemented_stage_exits_1(fake_stage, sft_file):
-    fake_stage("sft", _raise(NotImplementedStage("rlhf sft is not implemented yet")))
-    result = rlhf("sft", str(sft_file))
-    assert result.exit_code == 1
-    assert "not implemented yet" in result.stderr
 
 
 def test_unexpected_exception_is_not_swallowed(fake_stage, sft_file):

@@ -44,7 +44,14 @@ def test_lora_sft_learns_and_leaves_the_base_alone(tiny, trained_models):
 
     run = manifest("runs/tiny/sft")
     assert run["status"] == "completed" and run["model"]["kind"] == "adapter"
-    assert run["precision"]["weights"] in ("bf16", "fp32")
+    # dtype auto: a bf16 frozen base where the CPU multiplies bf16 fast (AMX here), fp32 elsewhere; adapters fp32.
+    from rlhf_cli.core.device import resolve_dtype
+
+    assert run["precision"]["weights"] == ("bf16" if resolve_dtype("auto") == torch.bfloat16 else "fp32")
+    from safetensors.torch import load_file
+
+    saved = load_file(Path("runs/tiny/sft/adapter") / "adapter_model.safetensors")
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
     assert 0 < run["trainable_params"] < run["total_params"]
     assert run["data"]["samples"] == 400 and run["data"]["truncated"] == 0
     assert run["metrics"]["train_tokens_per_s"] > 0
