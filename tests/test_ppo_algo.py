@@ -413,3 +413,18 @@ def test_make_kl_controller():
     adaptive = make_kl_controller(0.2, kl_target=6.0, horizon=500)
     assert isinstance(adaptive, AdaptiveKLController)
     assert (adaptive.value, adaptive.target, adaptive.horizon) == (0.2, 6.0, 500)
+
+
+def test_tempered_logprobs_and_entropy_of_bf16_logits_equal_the_fp32_computation():
+    # Sampling divides fp32 logits by the temperature; dividing the bf16 logits first rounds each quotient
+    # to 8 mantissa bits (up to ~0.03 on logits near 8), which the log-probs then carry.
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 4, 64) * 6).bfloat16()
+    labels = torch.randint(64, (3, 4))
+    T = 0.7
+    exact = torch.log_softmax(logits.float() / T, -1)
+    close(logprobs_from_logits(logits, labels, T), exact.gather(-1, labels.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    close(entropy_from_logits(logits, T), -(exact.exp() * exact).sum(-1), atol=1e-5)
+    close(logprobs_from_logits(logits.float(), labels, T), exact.gather(-1, labels.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        logprobs_from_logits(logits, labels, 0.0)

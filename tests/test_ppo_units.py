@@ -48,3 +48,30 @@ def test_unstable_numbers_are_warned_about(caplog):
         log.removeHandler(caplog.handler)
     text = caplog.text
     assert "KL to the reference is negative" in text and "ratio exploded" in text and "clip fraction above 0.3" in text
+
+
+def test_scoring_tempers_bf16_logits_after_the_fp32_upcast():
+    """token_stats of bf16 logits: the log-probs and entropy of softmax(logits.float() / T), as sampled."""
+    import torch
+
+    from rlhf_cli.ppo.rollout import Rollout, token_stats
+
+    torch.manual_seed(0)
+    B, R, V, T = 2, 3, 50, 0.7
+    logits = (torch.randn(B, R, V) * 6).bfloat16()
+    ref = (torch.randn(B, R, V) * 6).bfloat16()
+    labels = torch.randint(V, (B, R))
+    ids = torch.cat([torch.ones(B, 2, dtype=torch.long), labels], 1)
+    ones = torch.ones_like(ids)
+    rollout = Rollout(ids, ones, ones.cumsum(1) - 1, labels, torch.ones(B, R, dtype=torch.bool),
+                      torch.ones(B, dtype=torch.bool), ["", ""], 0.0)
+
+    def actor(i, m, p, n):
+        return logits, torch.zeros(B, R, dtype=torch.bfloat16)
+
+    logp, ref_logp, _, entropy = token_stats(actor, lambda i, m, p, n: ref, rollout, T, chunk=B)
+    exact = torch.log_softmax(logits.float() / T, -1)
+    torch.testing.assert_close(logp, exact.gather(-1, labels[..., None])[..., 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ref_logp, torch.log_softmax(ref.float() / T, -1).gather(-1, labels[..., None])[..., 0],
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, -(exact.exp() * exact).sum(-1), atol=1e-5, rtol=0)

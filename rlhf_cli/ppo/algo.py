@@ -451,20 +451,23 @@ def value_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """Log-probability of each label: ``log_softmax(logits)[..., label]``, differentiable.
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of each label under ``softmax(logits / temperature)``, differentiable.
 
     Computed as ``logits[label] - logsumexp(logits)`` so the full ``[batch, T, vocab]`` log-softmax is
     never materialised. Half-precision logits are upcast to float32 one row at a time, which keeps the
     log-probs accurate (bf16 log-softmax alone is off by ~1e-2) without a float32 copy of all the logits.
 
-    Alignment is the caller's job: for a causal LM, ``logits[:, :-1]`` score ``labels = ids[:, 1:]``. The
-    logits must already be divided by the sampling temperature, or the log-probs will not match the
-    distribution the tokens were drawn from (Huang et al. 2024).
+    ``temperature`` is the sampling temperature, so the log-probs are those of the distribution the
+    tokens were drawn from (Huang et al. 2024). It divides after the upcast, as transformers' sampling
+    does: a bf16 quotient would round every tempered logit to 8 mantissa bits.
+
+    Alignment is the caller's job: for a causal LM, ``logits[:, :-1]`` score ``labels = ids[:, 1:]``.
 
     Args:
-        logits: ``[..., vocab]``.
+        logits: ``[..., vocab]``, untempered.
         labels: integer ids, shape ``logits.shape[:-1]``.
+        temperature: the sampling temperature (> 0).
 
     Returns:
         Log-probs with ``labels``' shape, float32 or wider.
@@ -472,29 +475,37 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)}")
     if logits.dtype in (torch.float32, torch.float64):
+        logits = _tempered(logits, temperature)
         picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(logits, dim=-1)
     if logits.dim() < 2 or logits.shape[0] == 0:
-        return logprobs_from_logits(logits.float(), labels)
+        return logprobs_from_logits(logits.float(), labels, temperature)
     return torch.stack(
-        [logprobs_from_logits(row.float(), lab) for row, lab in zip(logits, labels, strict=True)]
+        [logprobs_from_logits(row.float(), lab, temperature) for row, lab in zip(logits, labels, strict=True)]
     )
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the softmax distribution over the last dimension, in nats.
+def _tempered(logits: Tensor, temperature: float) -> Tensor:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of ``softmax(logits / temperature)`` over the last dimension, in nats.
 
     ``H = -sum p * log p`` with ``log p = logits - logsumexp(logits)``. Entries with ``p == 0`` (e.g.
     logits masked to -inf) contribute 0 instead of ``0 * -inf = NaN``. Half-precision logits are
-    upcast to float32 one row at a time, as in ``logprobs_from_logits``.
+    upcast to float32 one row at a time and tempered after the upcast, as in ``logprobs_from_logits``.
 
     Returns:
         ``logits.shape[:-1]``, float32 or wider.
     """
     if logits.dtype not in (torch.float32, torch.float64):
         if logits.dim() < 2 or logits.shape[0] == 0:
-            return entropy_from_logits(logits.float())
-        return torch.stack([entropy_from_logits(row.float()) for row in logits])
+            return entropy_from_logits(logits.float(), temperature)
+        return torch.stack([entropy_from_logits(row.float(), temperature) for row in logits])
+    logits = _tempered(logits, temperature)
     logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
     p = logp.exp()
     return -torch.where(p > 0, p * logp, 0).sum(-1)

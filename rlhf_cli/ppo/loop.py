@@ -244,7 +244,7 @@ def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollo
     sums: dict[str, list[float]] = defaultdict(list)
 
     def policy_terms(logits: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logp = algo.logprobs_from_logits(logits / recipe.generation.temperature, rollout.response_ids[idx])
+        logp = algo.logprobs_from_logits(logits, rollout.response_ids[idx], recipe.generation.temperature)
         return algo.policy_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], rollout.mask[idx], ppo.clip_range)
 
     def value_terms(values: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
