@@ -128,9 +128,19 @@ def test_masked_whiten_with_global_statistics():
 
 def test_whiten_and_clip_scores():
     scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    close(whiten_scores(scores), [-1.1618950, -0.3872983, 0.3872983, 1.1618950])
+    close(whiten_scores(scores, shift_mean=True), [-1.1618950, -0.3872983, 0.3872983, 1.1618950])
     close(clip_scores(torch.tensor([-7.0, 0.5, 9.0]), 5.0), [-5.0, 0.5, 5.0])
     assert clip_scores(scores, None) is scores
+
+
+def test_reward_whitening_scales_to_unit_variance_and_keeps_the_mean():
+    # As trl whitens rewards (shift_mean=False): mean 2.5 kept, std sqrt(5/3) -> 1, so
+    # 2.5 + (x - 2.5) / 1.2909944.
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = whiten_scores(scores)
+    close(out, [1.3381050, 2.1127017, 2.8872983, 3.6618950])
+    close(out.mean(), 2.5)
+    close(out.var(), 1.0)
 
 
 # ------------------------------------------------------------------------------------------------

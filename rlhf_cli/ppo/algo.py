@@ -130,7 +130,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce: Redu
         x: values, any shape (typically ``[batch, T]`` advantages).
         mask: same shape as ``x``.
         shift_mean: if False, only scale: the mean is added back, so the sign of the data is kept. This is
-            what reward whitening wants, where shifting would change which tokens are rewarded.
+            what reward whitening wants (``whiten_scores``), where shifting would change which tokens are rewarded.
         reduce: optional sum all-reduce over ranks (see ``Reduce``), so that every rank whitens with the
             statistics of the whole global batch; pass ``accelerator.reduce``. None = local statistics.
 
@@ -145,11 +145,15 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce: Redu
     return torch.where(_as_bool(mask, x), out, 0)
 
 
-def whiten_scores(scores: Tensor, shift_mean: bool = True, reduce: Reduce | None = None) -> Tensor:
-    """Whiten sequence-level reward-model scores ``[batch]`` across the rollout (all entries count).
+def whiten_scores(scores: Tensor, shift_mean: bool = False, reduce: Reduce | None = None) -> Tensor:
+    """Scale sequence-level reward-model scores ``[batch]`` to unit variance across the rollout (all
+    entries count), keeping their mean by default.
 
-    Optional reward normalisation; Ziegler et al. instead fix a gain and bias once so that scores on the
-    initial policy have mean 0 and std 1. ``reduce`` works as in ``masked_whiten``.
+    The mean stays because a score is a terminal reward beside the per-token KL penalty: a constant
+    shift c reaches token t of a T-token response as ``c * (gamma * lam) ** (T - t)`` in GAE, so moving the
+    mean changes which tokens are rewarded and what length pays, batch by batch. trl's PPO whitens its
+    rewards with ``shift_mean=False`` too. Ziegler et al. instead fix a gain and bias once, so that scores
+    on the initial policy have mean 0 and std 1. ``reduce`` works as in ``masked_whiten``.
     """
     return masked_whiten(
         scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=shift_mean, reduce=reduce
