@@ -135,7 +135,7 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
             generated += len(picked)
 
             # 1. rollout: sample from the current policy, computed exactly as it is scored and trained
-            with exact_lora():
+            with exact_lora(), actor.compute():
                 rollout = generate(actor.generator(), tokenizer,
                                    encode_prompts(tokenizer, [prompts.texts[i] for i in picked], device), gen, eos_ids)
             # 2. score: log-probs (policy, reference), values, and the reward model's score

@@ -36,6 +36,7 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
         context_length,
         plan_layout,
         policy_tokenizer,
+        ppo_precision,
     )
     from rlhf_cli.recipe_load import dump_recipe
     from rlhf_cli.runs import is_main_process, prepare_run
@@ -61,6 +62,7 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
         "reward": recipe.reward.function or plan.why,
         "samples_per_iteration": recipe.ppo.rollout_batch_size,
         "optimizer_steps_per_iteration": recipe.ppo.ppo_epochs * recipe.ppo.rollout_batch_size // recipe.ppo.mini_batch_size,
+        "precision": ppo_precision(recipe).as_json(),
     }
     if options.dry_run:
         details["layout"] = "separate copies" if recipe.lora is None else (
