@@ -282,13 +282,23 @@ class RewardSource(Strict):
         return v
 
 
+# Default PPO learning rates by what trains. Full: the 1e-5 order of the full-model PPO of Ziegler et al.
+# 2019 and Ouyang et al. 2022. LoRA: about 10x the full fine-tuning rate, in RL as in SFT (Schulman et al.
+# 2025, "LoRA Without Regret"; Hu et al. 2021 and Dettmers et al. 2023 train LoRA at 1e-4 to 2e-4).
+PPO_LR_FULL = 1e-5
+PPO_LR_LORA = 1e-4
+
+
 class PPOSpec(Strict):
     iterations: int = Field(100, ge=1, description="Rollout + optimisation rounds.")
     rollout_batch_size: int = Field(64, ge=1, description="Prompts per rollout.")
     mini_batch_size: int = Field(8, ge=1, description="Samples per optimiser step within a PPO epoch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per mini-batch (memory).")
     ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout.")
-    lr: float = Field(1e-5, gt=0, description="Learning rate of policy and value adapters.")
+    lr: float | None = Field(
+        None, gt=0, description=f"Learning rate of the policy and value; null = derived from what trains: {PPO_LR_LORA:g} for "
+        f"LoRA adapters, {PPO_LR_FULL:g} for full fine-tuning (`rlhf ppo --dry-run` says which)."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
     value_clip_range: float = Field(0.2, gt=0, description="Value-prediction clip around the rollout values.")
@@ -345,6 +355,14 @@ class PPORecipe(Strict):
         if self.generation.temperature == 0:
             raise ValueError("generation.temperature is 0: PPO must sample its rollouts; use e.g. 0.7")
         return self
+
+    def learning_rate(self) -> tuple[float, str]:
+        """ppo.lr, or the default for what trains (LoRA adapters take about 10x full fine-tuning's), and why."""
+        if self.ppo.lr is not None:
+            return self.ppo.lr, "ppo.lr"
+        if self.lora is None:
+            return PPO_LR_FULL, "ppo.lr unset: full fine-tuning default"
+        return PPO_LR_LORA, "ppo.lr unset: LoRA default (about 10x full fine-tuning's)"
 
 
 Metric = Literal["perplexity", "reward", "win_rate", "kl", "rm_accuracy", "length", "reward_fn"]

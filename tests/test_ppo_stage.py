@@ -364,14 +364,25 @@ def test_full_fine_tune_in_bf16_trains_fp32_weights_at_the_full_default_learning
     from safetensors.torch import load_file
 
     out = runs["root"] / "ppo-full-bf16"
-    sets = {**{k: v for k, v in FAST.items() if not k.startswith(("lora.", "ppo.lr"))}, "ppo.lr": 1e-5}
+    sets = {k: v for k, v in FAST.items() if not k.startswith(("lora.", "ppo.lr"))}
     args = ["ppo", "--policy", str(runs["sft"]), "--reward", "tests.ppo_support:says_great", "--prompts",
             str(tiny["prompts"]), "--output-dir", str(out), "--json", "--set", "lora=null", "--set", "policy.dtype=bf16",
             "--set", "ppo.iterations=3", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "run.json").read_text())
+    assert manifest["learning_rate"] == {"value": 1e-5, "why": "ppo.lr unset: full fine-tuning default"}
     assert manifest["layout"]["precision"]["weights"] == "fp32"
     assert {t.dtype for f in (out / "model").glob("*.safetensors") for t in load_file(f).values()} == {torch.float32}
     # Measured: 0.58 of the weights changed after these 3 iterations with fp32 weights, 0.07 with bf16 ones.
     assert _share_changed(runs["sft"] / "model", out / "model") > 0.4
+
+
+def test_dry_run_says_which_learning_rate_and_precision(tiny, runs):
+    base = ["ppo", "--policy", str(runs["sft"]), "--reward", "tests.ppo_support:says_great", "--prompts",
+            str(tiny["prompts"]), "--dry-run", "--json"]
+    lora = json.loads(CliRunner().invoke(app, base).stdout)["details"]
+    full = json.loads(CliRunner().invoke(app, [*base, "--set", "lora=null", "--set", "policy.dtype=bf16"]).stdout)["details"]
+    assert lora["learning_rate"] == {"value": 1e-4, "why": "ppo.lr unset: LoRA default (about 10x full fine-tuning's)"}
+    assert full["learning_rate"] == {"value": 1e-5, "why": "ppo.lr unset: full fine-tuning default"}
+    assert full["precision"]["weights"] == "fp32"

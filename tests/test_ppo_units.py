@@ -75,3 +75,16 @@ def test_scoring_tempers_bf16_logits_after_the_fp32_upcast():
     torch.testing.assert_close(ref_logp, torch.log_softmax(ref.float() / T, -1).gather(-1, labels[..., None])[..., 0],
                                atol=1e-5, rtol=0)
     torch.testing.assert_close(entropy, -(exact.exp() * exact).sum(-1), atol=1e-5, rtol=0)
+
+
+def test_learning_rate_is_derived_from_what_trains():
+    from rlhf_cli.recipe import PPORecipe
+
+    def recipe(**kw):
+        return PPORecipe(policy={"path": "m"}, reward={"function": "a.b:c"}, data={"train": "p.jsonl"}, **kw)
+
+    assert recipe().ppo.lr is None
+    assert recipe().learning_rate() == (1e-4, "ppo.lr unset: LoRA default (about 10x full fine-tuning's)")
+    assert recipe(lora=None).learning_rate() == (1e-5, "ppo.lr unset: full fine-tuning default")
+    assert recipe(ppo={"lr": 3e-5}).learning_rate() == (3e-5, "ppo.lr")
+    assert recipe(lora=None, ppo={"lr": 3e-5}).learning_rate() == (3e-5, "ppo.lr")

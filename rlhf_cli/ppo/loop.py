@@ -108,7 +108,7 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
     actor = models.actor
     params = [p for p in actor.parameters() if p.requires_grad]
     # eps 1e-5 as in the lm-human-preferences / OpenAI baselines PPO (Huang et al. 2024).
-    optimizer = adamw(params, lr=ppo.lr, eps=1e-5, weight_decay=0.0)
+    optimizer = adamw(params, lr=recipe.learning_rate()[0], eps=1e-5, weight_decay=0.0)
     model, optimizer = acc.prepare(actor, optimizer)
     kl_ctl = algo.make_kl_controller(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
     shuffle = torch.Generator().manual_seed(ppo.seed)
