@@ -282,6 +282,8 @@ class RewardSource(Strict):
         return v
 
 
+KLEstimator = Literal["k1", "k2", "k3", "abs"]
+
 # Default PPO learning rates by what trains. Full: the 1e-5 order of the full-model PPO of Ziegler et al.
 # 2019 and Ouyang et al. 2022. LoRA: about 10x the full fine-tuning rate, in RL as in SFT (Schulman et al.
 # 2025, "LoRA Without Regret"; Hu et al. 2021 and Dettmers et al. 2023 train LoRA at 1e-4 to 2e-4).
@@ -306,6 +308,11 @@ class PPOSpec(Strict):
     kl_coef: float = Field(0.05, ge=0, description="beta of the per-token KL penalty to the reference policy.")
     kl_target: float | None = Field(None, gt=0, description="Adaptive KL: aim for this KL per sequence; null = fixed beta.")
     kl_horizon: int = Field(10000, ge=1, description="Adaptive KL horizon in samples (Ziegler et al. 2019).")
+    kl_estimator: KLEstimator = Field(
+        "k1", description="Per-token KL estimate in the reward, the reported `kl` and the adaptive controller: k1 = "
+        "log-ratio (unbiased, Ziegler et al. 2019), k3 = (r - 1) - log r (unbiased, never negative), k2 = half the "
+        "squared log-ratio and abs = its absolute value (biased, low variance); see joschu.net/blog/kl-approx.html."
+    )
     gamma: float = Field(1.0, ge=0, le=1, description="Discount; 1.0 is the RLHF default (Ouyang et al. 2022).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     whiten_rewards: bool = Field(False, description="Whiten scores over the rollout before adding the KL penalty.")

@@ -386,3 +386,21 @@ def test_dry_run_says_which_learning_rate_and_precision(tiny, runs):
     assert lora["learning_rate"] == {"value": 1e-4, "why": "ppo.lr unset: LoRA default (about 10x full fine-tuning's)"}
     assert full["learning_rate"] == {"value": 1e-5, "why": "ppo.lr unset: full fine-tuning default"}
     assert full["precision"]["weights"] == "fp32"
+
+
+def test_kl_estimator_shapes_the_reward_and_the_reported_kl(tiny, runs, monkeypatch):
+    from rlhf_cli.ppo import algo
+
+    kinds = []
+    original = algo.per_token_rewards
+
+    def spy(*args, **kwargs):
+        kinds.append(args[5] if len(args) > 5 else kwargs.get("kind", "k1"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(algo, "per_token_rewards", spy)
+    out = runs["root"] / "ppo-k3"
+    result = ppo(tiny, runs, out, "tests.ppo_support:says_great", iterations=2, extra={"ppo.kl_estimator": "k3"})
+    assert result.exit_code == 0, result.output
+    assert kinds == ["k3", "k3"]
+    assert all(r["kl"] >= 0 for r in metrics(out))  # k3 is never negative, per token

@@ -88,3 +88,24 @@ def test_learning_rate_is_derived_from_what_trains():
     assert recipe(lora=None).learning_rate() == (1e-5, "ppo.lr unset: full fine-tuning default")
     assert recipe(ppo={"lr": 3e-5}).learning_rate() == (3e-5, "ppo.lr")
     assert recipe(lora=None, ppo={"lr": 3e-5}).learning_rate() == (3e-5, "ppo.lr")
+
+
+def test_kl_estimator_is_a_recipe_choice_of_the_estimators_algo_has():
+    import pytest
+    import torch
+    from pydantic import ValidationError
+
+    from rlhf_cli.ppo.algo import kl_penalty
+    from rlhf_cli.recipe import PPORecipe
+
+    def recipe(kind):
+        return PPORecipe(policy={"path": "m"}, reward={"function": "a.b:c"}, data={"train": "p.jsonl"},
+                         ppo={"kl_estimator": kind})
+
+    assert PPORecipe(policy={"path": "m"}, reward={"function": "a.b:c"}, data={"train": "p.jsonl"}).ppo.kl_estimator == "k1"
+    d = torch.tensor([0.5])
+    for kind in ("k1", "k2", "k3", "abs"):
+        assert recipe(kind).ppo.kl_estimator == kind
+        kl_penalty(d, torch.zeros(1), recipe(kind).ppo.kl_estimator)  # every choice is one algo computes
+    with pytest.raises(ValidationError, match="kl_estimator"):
+        recipe("k4")

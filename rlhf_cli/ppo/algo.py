@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-KLKind = Literal["k1", "k2", "k3", "abs"]
+from rlhf_cli.recipe import KLEstimator as KLKind
+
 # A sum all-reduce over ranks that returns the reduced tensor, e.g. ``accelerator.reduce`` (its default
 # reduction is "sum"). Note that ``torch.distributed.all_reduce`` works in place and returns None, so wrap
 # it: ``def reduce(t): dist.all_reduce(t); return t``.
@@ -562,8 +563,8 @@ class AdaptiveKLController:
     After each rollout: ``e = clip(current_kl / target - 1, -0.2, 0.2)`` and
     ``value *= 1 + e * n_steps / horizon``. The clip bounds how fast beta moves on a noisy KL estimate.
 
-    ``target`` is in nats per *sequence*: pass ``current_kl = kl.sum(1).mean()`` with ``kl`` the k1
-    per-token estimate from ``per_token_rewards``, and ``n_steps`` = number of sequences in the rollout
+    ``target`` is in nats per *sequence*: pass ``current_kl = kl.sum(1).mean()`` with ``kl`` the per-token
+    estimate from ``per_token_rewards`` (k1 in the papers; k3 estimates the same KL), and ``n_steps`` = number of sequences in the rollout
     batch (the lm-human-preferences code; their horizon is 10000 episodes).
     """
 

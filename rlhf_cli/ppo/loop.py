@@ -158,7 +158,7 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
             if ppo.whiten_rewards:
                 scores = algo.whiten_scores(scores, reduce=whiten_reduce)
             mask = rollout.mask
-            rewards, kl = algo.per_token_rewards(scores, logp, ref_logp, mask, kl_ctl.value)
+            rewards, kl = algo.per_token_rewards(scores, logp, ref_logp, mask, kl_ctl.value, ppo.kl_estimator)
             advantages, returns = algo.gae(rewards, values, mask, ppo.gamma, ppo.lam)
             advantages = algo.masked_whiten(advantages, mask, reduce=whiten_reduce)
 
