@@ -315,7 +315,9 @@ class PPOSpec(Strict):
     )
     gamma: float = Field(1.0, ge=0, le=1, description="Discount; 1.0 is the RLHF default (Ouyang et al. 2022).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    whiten_rewards: bool = Field(False, description="Whiten scores over the rollout before adding the KL penalty.")
+    whiten_rewards: bool = Field(
+        False, description="Scale scores to unit variance over the rollout (mean kept, as in trl) before adding the KL penalty."
+    )
     reward_clip: float | None = Field(None, gt=0, description="Clip scores to [-x, x]; null = off.")
     missing_eos_penalty: float | None = Field(
         None, ge=0, description="Subtract this from the score of responses that never emit EOS; null = off."
