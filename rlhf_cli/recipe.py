@@ -320,7 +320,8 @@ class PPOSpec(Strict):
     )
     reward_clip: float | None = Field(None, gt=0, description="Clip scores to [-x, x]; null = off.")
     missing_eos_penalty: float | None = Field(
-        None, ge=0, description="Subtract this from the score of responses that never emit EOS; null = off."
+        None, ge=0, description="Subtract this from the score of responses that never emit EOS; null = off, and a "
+        "response cut at generation.max_new_tokens is scored as a finished turn (metrics: truncated_fraction)."
     )
     seed: int = Field(42, description="Seed for prompt order and sampling.")
     save_steps: int = Field(10, ge=1, description="Checkpoint every N iterations.")

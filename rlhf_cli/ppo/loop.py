@@ -185,6 +185,8 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
                 **stats,
                 "response_length": _mean(acc, mask.sum(1).float()),
                 "eos_fraction": _mean(acc, rollout.ended.float()),
+                # Cut at max_new_tokens and, unless ppo.missing_eos_penalty is set, scored as finished turns.
+                "truncated_fraction": _mean(acc, (~rollout.ended).float()),
                 "time_generation": rollout.seconds,
                 "time_scoring": t_score,
                 "time_training": t_train,
