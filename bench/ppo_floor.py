@@ -124,7 +124,7 @@ def child(dtype: str, workdir: Path, repeats: int) -> None:
         return run
 
     def policy_loss(logits: torch.Tensor) -> torch.Tensor:  # the log-probs of the sampled tokens, as PPO takes them
-        return -logprobs_from_logits(logits / 0.7, labels).mean()
+        return -logprobs_from_logits(logits, labels, 0.7).mean()
 
     every = slice(0, ROLLOUT)
     steps = EPOCHS * MINI_BATCHES

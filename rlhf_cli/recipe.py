@@ -341,13 +341,25 @@ class RewardSource(Strict):
         return v
 
 
+KLEstimator = Literal["k1", "k2", "k3", "abs"]
+
+# Default PPO learning rates by what trains. Full: the 1e-5 order of the full-model PPO of Ziegler et al.
+# 2019 and Ouyang et al. 2022. LoRA: about 10x the full fine-tuning rate, in RL as in SFT (Schulman et al.
+# 2025, "LoRA Without Regret"; Hu et al. 2021 and Dettmers et al. 2023 train LoRA at 1e-4 to 2e-4).
+PPO_LR_FULL = 1e-5
+PPO_LR_LORA = 1e-4
+
+
 class PPOSpec(Strict):
     iterations: int = Field(100, ge=1, description="Rollout + optimisation rounds.")
     rollout_batch_size: int = Field(64, ge=1, description="Prompts per rollout.")
     mini_batch_size: int = Field(8, ge=1, description="Samples per optimiser step within a PPO epoch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per mini-batch (memory).")
     ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout.")
-    lr: float = Field(1e-5, gt=0, description="Learning rate of policy and value adapters.")
+    lr: float | None = Field(
+        None, gt=0, description=f"Learning rate of the policy and value; null = derived from what trains: {PPO_LR_LORA:g} for "
+        f"LoRA adapters, {PPO_LR_FULL:g} for full fine-tuning (`rlhf ppo --dry-run` says which)."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
     value_clip_range: float = Field(0.2, gt=0, description="Value-prediction clip around the rollout values.")
@@ -355,12 +367,20 @@ class PPOSpec(Strict):
     kl_coef: float = Field(0.05, ge=0, description="beta of the per-token KL penalty to the reference policy.")
     kl_target: float | None = Field(None, gt=0, description="Adaptive KL: aim for this KL per sequence; null = fixed beta.")
     kl_horizon: int = Field(10000, ge=1, description="Adaptive KL horizon in samples (Ziegler et al. 2019).")
+    kl_estimator: KLEstimator = Field(
+        "k1", description="Per-token KL estimate in the reward, the reported `kl` and the adaptive controller: k1 = "
+        "log-ratio (unbiased, Ziegler et al. 2019), k3 = (r - 1) - log r (unbiased, never negative), k2 = half the "
+        "squared log-ratio and abs = its absolute value (biased, low variance); see joschu.net/blog/kl-approx.html."
+    )
     gamma: float = Field(1.0, ge=0, le=1, description="Discount; 1.0 is the RLHF default (Ouyang et al. 2022).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    whiten_rewards: bool = Field(False, description="Whiten scores over the rollout before adding the KL penalty.")
+    whiten_rewards: bool = Field(
+        False, description="Scale scores to unit variance over the rollout (mean kept, as in trl) before adding the KL penalty."
+    )
     reward_clip: float | None = Field(None, gt=0, description="Clip scores to [-x, x]; null = off.")
     missing_eos_penalty: float | None = Field(
-        None, ge=0, description="Subtract this from the score of responses that never emit EOS; null = off."
+        None, ge=0, description="Subtract this from the score of responses that never emit EOS; null = off, and a "
+        "response cut at generation.max_new_tokens is scored as a finished turn (metrics: truncated_fraction)."
     )
     seed: int = Field(42, description="Seed for prompt order and sampling.")
     save_steps: int = Field(10, ge=1, description="Checkpoint every N iterations.")
@@ -404,6 +424,14 @@ class PPORecipe(Strict):
         if self.generation.temperature == 0:
             raise ValueError("generation.temperature is 0: PPO must sample its rollouts; use e.g. 0.7")
         return self
+
+    def learning_rate(self) -> tuple[float, str]:
+        """ppo.lr, or the default for what trains (LoRA adapters take about 10x full fine-tuning's), and why."""
+        if self.ppo.lr is not None:
+            return self.ppo.lr, "ppo.lr"
+        if self.lora is None:
+            return PPO_LR_FULL, "ppo.lr unset: full fine-tuning default"
+        return PPO_LR_LORA, "ppo.lr unset: LoRA default (about 10x full fine-tuning's)"
 
 
 Metric = Literal["perplexity", "reward", "win_rate", "kl", "rm_accuracy", "length", "reward_fn"]

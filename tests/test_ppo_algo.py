@@ -128,9 +128,19 @@ def test_masked_whiten_with_global_statistics():
 
 def test_whiten_and_clip_scores():
     scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    close(whiten_scores(scores), [-1.1618950, -0.3872983, 0.3872983, 1.1618950])
+    close(whiten_scores(scores, shift_mean=True), [-1.1618950, -0.3872983, 0.3872983, 1.1618950])
     close(clip_scores(torch.tensor([-7.0, 0.5, 9.0]), 5.0), [-5.0, 0.5, 5.0])
     assert clip_scores(scores, None) is scores
+
+
+def test_reward_whitening_scales_to_unit_variance_and_keeps_the_mean():
+    # As trl whitens rewards (shift_mean=False): mean 2.5 kept, std sqrt(5/3) -> 1, so
+    # 2.5 + (x - 2.5) / 1.2909944.
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = whiten_scores(scores)
+    close(out, [1.3381050, 2.1127017, 2.8872983, 3.6618950])
+    close(out.mean(), 2.5)
+    close(out.var(), 1.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -413,3 +423,18 @@ def test_make_kl_controller():
     adaptive = make_kl_controller(0.2, kl_target=6.0, horizon=500)
     assert isinstance(adaptive, AdaptiveKLController)
     assert (adaptive.value, adaptive.target, adaptive.horizon) == (0.2, 6.0, 500)
+
+
+def test_tempered_logprobs_and_entropy_of_bf16_logits_equal_the_fp32_computation():
+    # Sampling divides fp32 logits by the temperature; dividing the bf16 logits first rounds each quotient
+    # to 8 mantissa bits (up to ~0.03 on logits near 8), which the log-probs then carry.
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 4, 64) * 6).bfloat16()
+    labels = torch.randint(64, (3, 4))
+    T = 0.7
+    exact = torch.log_softmax(logits.float() / T, -1)
+    close(logprobs_from_logits(logits, labels, T), exact.gather(-1, labels.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    close(entropy_from_logits(logits, T), -(exact.exp() * exact).sum(-1), atol=1e-5)
+    close(logprobs_from_logits(logits.float(), labels, T), exact.gather(-1, labels.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        logprobs_from_logits(logits, labels, 0.0)

@@ -112,9 +112,25 @@ def test_reward_model_score_rises_with_bounded_kl(tiny, runs):
     # answer (seed 42); the largest single iteration 2.5-5.3 for seeds 1-3 and 13.6 for seed 42, as its
     # policy settled on the rewarded answer.
     assert mean_kl(rows) < 8 and max(r["kl"] for r in rows) < 25, [r["kl"] for r in rows]
-    for key in ("entropy", "policy_loss", "value_loss", "clipfrac", "approx_kl", "ratio_mean", "response_length",
-                "eos_fraction", "tokens_per_s_generation", "tokens_per_s_training"):
-        assert key in rows[-1]
+    assert_sane_metrics(rows, max_new_tokens=FAST["generation.max_new_tokens"], min_kl=0.05)
+
+
+def assert_sane_metrics(rows: list[dict], max_new_tokens: int, min_kl: float) -> None:
+    """Every logged number is finite and in its range, and KL starts at 0 (iteration 1 samples the reference:
+    the policy adapter starts at zero) before the policy moves away from it."""
+    import math
+
+    for r in rows:
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, (int, float))), r
+        assert r["entropy"] > 0 and 0 <= r["clipfrac"] <= 1 and r["approx_kl"] >= 0 and 0.5 < r["ratio_mean"] < 2, r
+        assert r["value_loss"] >= 0, r
+        assert 1 <= r["response_length"] <= max_new_tokens, r
+        assert r["eos_fraction"] + r["truncated_fraction"] == pytest.approx(1.0), r
+        assert r["tokens_per_s_generation"] > 0 and r["tokens_per_s_training"] > 0, r
+    assert abs(rows[0]["kl"]) < 1e-4, rows[0]["kl"]
+    assert mean_kl(rows) > min_kl, [r["kl"] for r in rows]
+    # The value head starts at 0 and learns the returns: its predictions move toward the scores' scale.
+    assert abs(rows[-1]["value_mean"]) > abs(rows[0]["value_mean"]), [r["value_mean"] for r in rows]
 
 
 def test_large_kl_coef_keeps_policy_near_reference(tiny, runs):
@@ -184,7 +200,55 @@ def test_policy_adapter_loads_with_plain_peft_and_through_the_run(runs, fn_run):
     before = base(ids).logits
     tuned = PeftModel.from_pretrained(base, resolved.adapters[0])
     assert not torch.allclose(before, tuned(ids).logits)
-    assert (out / "value" / "value_head.safetensors").exists() and (out / "value" / "adapter_config.json").exists()
+
+
+def _plain_peft_values(base_dir: Path, value_dir: Path, ids, mask, pos, n_response: int):
+    """V(s_t) from a saved value model read with peft and safetensors alone: adapter, trunk, head."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cli.ppo.models import VALUE_HEAD_FILE, trunk
+
+    value = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), value_dir).eval()
+    head = load_file(str(value_dir / VALUE_HEAD_FILE))
+    with torch.no_grad():
+        hidden = trunk(value.get_base_model())(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        return (hidden[:, -(n_response + 1) : -1] @ head["weight"].T + head["bias"]).squeeze(-1)
+
+
+def test_saved_value_model_loads_with_plain_peft_and_scores_as_in_memory(tiny, runs, fn_run, tmp_path):
+    """value/ is a plain peft adapter plus a scalar head: read with peft alone it gives the values the actor
+    computed in memory before saving, and the trained run's head has moved from the zero it started at."""
+    import torch
+
+    from rlhf_cli.core.models import resolve
+    from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer
+    from rlhf_cli.recipe import PPORecipe
+
+    ids = torch.tensor([[1, 5, 9, 12, 30, 41, 7]])
+    mask, pos = torch.ones_like(ids), torch.arange(7)[None]
+    # fp32 on both sides, so the comparison is of the files, not of two roundings.
+    recipe = PPORecipe(policy={"path": str(runs["sft"]), "dtype": "fp32"}, reward={"function": "tests.ppo_support:says_great"},
+                       lora={"r": FAST["lora.r"], "alpha": FAST["lora.alpha"]}, data={"train": str(tiny["prompts"])})
+    policy = resolve(recipe.policy)
+    actor = build_models(recipe, policy, plan_layout(recipe, policy, policy_tokenizer(recipe, policy))).actor
+    with torch.no_grad():
+        for n, p in actor.peft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)  # policy and value adapters that differ from each other
+        actor.value_head.weight.normal_()
+        in_memory = actor.values(ids, mask, pos, 3)
+    actor.save(tmp_path / "policy", tmp_path / "value")
+    torch.testing.assert_close(_plain_peft_values(runs["sft"] / "model", tmp_path / "value", ids, mask, pos, 3), in_memory,
+                               atol=1e-5, rtol=1e-4)
+
+    trained = _plain_peft_values(runs["sft"] / "model", fn_run / "value", ids, mask, pos, 3)
+    assert trained.abs().max() > 1e-3
+    actor.load(fn_run / "adapter", fn_run / "value")
+    with torch.no_grad():
+        torch.testing.assert_close(actor.values(ids, mask, pos, 3), trained, atol=1e-5, rtol=1e-4)
 
 
 def test_4bit_shared_base_with_the_sft_adapter_kept_frozen(tiny, runs):
@@ -203,15 +267,50 @@ def test_4bit_shared_base_with_the_sft_adapter_kept_frozen(tiny, runs):
     assert mean_kl(metrics(out)) > 0.05
 
 
-def _base_storages(modules) -> dict[int, int]:
-    """data_ptr -> bytes of every base weight (LoRA and heads excluded) reachable from the given modules."""
+def _storages_used(run_role) -> dict[int, int]:
+    """untyped-storage pointer -> bytes of every parameter and buffer of every module that runs in
+    `run_role()`: a role computing on a second copy of the base shows up as storages of its own.
+
+    A running module's leaf children count too: a LoRA layer calls its base weight functionally."""
+    import torch
+
     seen: dict[int, int] = {}
-    for module in modules:
-        for name, p in module.named_parameters():
-            if "lora_" in name or name.endswith(("value_head.weight", "value_head.bias", "score.weight")):
-                continue
-            seen[p.data_ptr()] = p.numel() * p.element_size()
+
+    def record(module, _args):
+        leaves = [c for c in module.children() if next(c.children(), None) is None]
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False),
+                  *(t for c in leaves for t in [*c.parameters(), *c.buffers()])]:
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        with torch.no_grad():
+            run_role()
+    finally:
+        handle.remove()
     return seen
+
+
+def _roles_storages(models) -> dict[str, dict[int, int]]:
+    """The storages each role's pass reads: policy, value, reference and reward."""
+    import torch
+
+    actor = models.actor
+    ids = torch.tensor([[5, 9, 12, 30, 41, 7]])
+    mask, pos = torch.ones_like(ids), torch.arange(6)[None]
+    return {
+        "policy": _storages_used(lambda: actor.policy_logits(ids, mask, pos, 3)),
+        "value": _storages_used(lambda: actor.values(ids, mask, pos, 3)),
+        "reference": _storages_used(lambda: actor.reference_logits(ids, mask, pos, 3)),
+        "reward": _storages_used(lambda: models.scorer(["where is the cat?"], ["the cat is in the barn."])),
+    }
+
+
+def _weight_bytes(module) -> dict[int, int]:
+    """storage pointer -> bytes of the module's base weights and buffers (LoRA adapters left out)."""
+    named = [*module.named_parameters(), *module.named_buffers()]
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for n, t in named if "lora_" not in n}
 
 
 def test_shared_base_holds_one_copy_of_the_base_weights(tiny, runs):
@@ -228,19 +327,25 @@ def test_shared_base_holds_one_copy_of_the_base_weights(tiny, runs):
         return build_models(recipe, policy, plan)
 
     shared = build({"r": 8})
-    actor = shared.actor
-    roles = [actor.peft, trunk(actor.peft.get_base_model()), shared.scorer.actor.peft]
-    with actor.peft.disable_adapter():  # the reference: same module, adapters off
-        roles.append(actor.peft)
-    shared_bytes = sum(_base_storages(roles).values())
-    base_bytes = sum(_base_storages([actor.peft.get_base_model()]).values())
-    assert shared_bytes == base_bytes
+    base = shared.actor.peft.get_base_model()
+    base_weights = _weight_bytes(base)
+    body_bytes = sum(_weight_bytes(trunk(base)).values())
+    roles = _roles_storages(shared)
+    # Every role runs the transformer body (value and reward skip the output head) ...
+    assert all(sum(role.values()) >= body_bytes for role in roles.values()), {k: sum(r.values()) for k, r in roles.items()}
+    # ... on the one base: besides its storages, only the shared model's adapters and heads are read.
+    used = {ptr for role in roles.values() for ptr in role}
+    adapters_and_heads = {t.untyped_storage().data_ptr() for t in [*shared.actor.parameters(), *shared.scorer.head.parameters()]}
+    assert used <= set(base_weights) | adapters_and_heads
+    assert set(base_weights) <= used
 
     separate = build(None)
-    sep = separate.actor
-    sep_bytes = sum(_base_storages([sep.policy, sep.value_model, sep.reference[0], separate.scorer.model]).values())
+    roles = _roles_storages(separate)
     assert separate.layout["base_copies"] == 4
-    assert sep_bytes > 3.5 * base_bytes
+    # Four roles, four copies: no storage is read by two of them.
+    assert all(sum(role.values()) >= body_bytes for role in roles.values())
+    assert sum({ptr: n for role in roles.values() for ptr, n in role.items()}.values()) >= 4 * body_bytes
+    assert not set(roles["policy"]) & set(roles["reference"])
 
     # The reward adapter on the shared base scores like the reward model loaded on its own.
     prompts = ["where is the cat?", "where is the owl?"]
@@ -281,6 +386,7 @@ def test_prompts_too_long_for_the_context_are_a_data_error(tiny, runs):
 def test_adapter_switching_matches_peft_and_trains_only_policy_and_value(tiny, runs):
     import torch
 
+    from rlhf_cli.core.chat import conversation_text
     from rlhf_cli.core.models import resolve
     from rlhf_cli.ppo.models import (
         build_models,
@@ -317,11 +423,19 @@ def test_adapter_switching_matches_peft_and_trains_only_policy_and_value(tiny, r
         expected_values = token_values(trunk(actor.peft.get_base_model()), actor.value_head, ids, mask, pos, 3)
         with actor.peft.disable_adapter():
             expected_ref = response_logits(actor.peft, ids, mask, pos, 3)
+        # The reward adapter and score head applied with peft's own switching, pooled at the last token
+        # (one unpadded sequence).
+        rm_tok = models.scorer.tokenizer
+        enc = rm_tok([conversation_text(rm_tok, "where is the cat?", "the cat is in the barn.")], return_tensors="pt",
+                     add_special_tokens=False)
+        actor.peft.set_adapter("reward")
+        hidden = trunk(actor.peft.get_base_model())(**enc).last_hidden_state
+        expected_score = models.scorer.head(hidden[:, -1].float())[:, 0].tolist()
     torch.testing.assert_close(logits, expected_logits)
     torch.testing.assert_close(values, expected_values)
     torch.testing.assert_close(ref, expected_ref)
     assert not torch.allclose(logits, ref)
-    assert scores == pytest.approx(models.scorer(["where is the cat?"], ["the cat is in the barn."]))
+    assert scores == pytest.approx(expected_score, abs=1e-5)
 
 
 def test_a_reward_model_whose_input_format_is_unknown_is_a_usage_error(tiny, runs, tmp_path):
@@ -429,7 +543,7 @@ def test_the_math_refusing_a_diverged_policy_is_one_line_and_other_errors_stay_t
     recipe = PPORecipe(policy={"path": "runs/sft"}, reward={"function": "tests.ppo_support:says_great"},
                        data={"train": "p.jsonl"})
     with pytest.raises(TrainingError, match=r"^iteration 5: current_kl must be finite, got nan: the policy diverged; "
-                                            r"lower ppo.lr \(now 1e-05\) or ppo.ppo_epochs$"):
+                                            r"lower ppo.lr \(now 0.0001\) or ppo.ppo_epochs$"):
         with failures_explained(State(iteration=4), recipe):
             algo.make_kl_controller(0.05, 6.0, 10000).update(float("nan"), 8)
     with pytest.raises(TrainingError, match=r"^iteration 1: probability tensor contains"):
@@ -438,3 +552,63 @@ def test_the_math_refusing_a_diverged_policy_is_one_line_and_other_errors_stay_t
     with pytest.raises(ValueError, match="not the math"):
         with failures_explained(State(), recipe):
             raise ValueError("not the math")
+
+
+def _share_changed(before: Path, after: Path) -> float:
+    """Share of weights that differ between two saved full models, compared in bf16 as a bf16 run holds them."""
+    from safetensors.torch import load_file
+
+    old = {k: v for f in sorted(before.glob("*.safetensors")) for k, v in load_file(f).items()}
+    new = {k: v for f in sorted(after.glob("*.safetensors")) for k, v in load_file(f).items()}
+    changed = sum(int((new[k].bfloat16() != old[k].bfloat16()).sum()) for k in new)
+    return changed / sum(v.numel() for v in new.values())
+
+
+def test_full_fine_tune_in_bf16_trains_fp32_weights_at_the_full_default_learning_rate(tiny, runs):
+    """lora: null with dtype bf16 plans precision as SFT does: fp32 weights (bf16 autocast on a GPU), so
+    AdamW's 1e-5 steps are not rounded away (in bf16 weights, 6 iterations left 93% of them as they were)."""
+    import torch
+    from safetensors.torch import load_file
+
+    out = runs["root"] / "ppo-full-bf16"
+    sets = {k: v for k, v in FAST.items() if not k.startswith(("lora.", "ppo.lr"))}
+    args = ["ppo", "--policy", str(runs["sft"]), "--reward", "tests.ppo_support:says_great", "--prompts",
+            str(tiny["prompts"]), "--output-dir", str(out), "--json", "--set", "lora=null", "--set", "policy.dtype=bf16",
+            "--set", "ppo.iterations=3", *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["learning_rate"] == {"value": 1e-5, "why": "ppo.lr unset: full fine-tuning default"}
+    assert manifest["layout"]["precision"]["weights"] == "fp32"
+    assert {t.dtype for f in (out / "model").glob("*.safetensors") for t in load_file(f).values()} == {torch.float32}
+    # Measured: 0.58 of the weights changed after these 3 iterations with fp32 weights, 0.07 with bf16 ones.
+    assert _share_changed(runs["sft"] / "model", out / "model") > 0.4
+    assert_sane_metrics(metrics(out), max_new_tokens=FAST["generation.max_new_tokens"], min_kl=1e-3)
+
+
+def test_dry_run_says_which_learning_rate_and_precision(tiny, runs):
+    base = ["ppo", "--policy", str(runs["sft"]), "--reward", "tests.ppo_support:says_great", "--prompts",
+            str(tiny["prompts"]), "--dry-run", "--json"]
+    lora = json.loads(CliRunner().invoke(app, base).stdout)["details"]
+    full = json.loads(CliRunner().invoke(app, [*base, "--set", "lora=null", "--set", "policy.dtype=bf16"]).stdout)["details"]
+    assert lora["learning_rate"] == {"value": 1e-4, "why": "ppo.lr unset: LoRA default (about 10x full fine-tuning's)"}
+    assert full["learning_rate"] == {"value": 1e-5, "why": "ppo.lr unset: full fine-tuning default"}
+    assert full["precision"]["weights"] == "fp32"
+
+
+def test_kl_estimator_shapes_the_reward_and_the_reported_kl(tiny, runs, monkeypatch):
+    from rlhf_cli.ppo import algo
+
+    kinds = []
+    original = algo.per_token_rewards
+
+    def spy(*args, **kwargs):
+        kinds.append(args[5] if len(args) > 5 else kwargs.get("kind", "k1"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(algo, "per_token_rewards", spy)
+    out = runs["root"] / "ppo-k3"
+    result = ppo(tiny, runs, out, "tests.ppo_support:says_great", iterations=2, extra={"ppo.kl_estimator": "k3"})
+    assert result.exit_code == 0, result.output
+    assert kinds == ["k3", "k3"]
+    assert all(r["kl"] >= 0 for r in metrics(out))  # k3 is never negative, per token

@@ -48,3 +48,64 @@ def test_unstable_numbers_are_warned_about(caplog):
         log.removeHandler(caplog.handler)
     text = caplog.text
     assert "KL to the reference is negative" in text and "ratio exploded" in text and "clip fraction above 0.3" in text
+
+
+def test_scoring_tempers_bf16_logits_after_the_fp32_upcast():
+    """token_stats of bf16 logits: the log-probs and entropy of softmax(logits.float() / T), as sampled."""
+    import torch
+
+    from rlhf_cli.ppo.rollout import Rollout, token_stats
+
+    torch.manual_seed(0)
+    B, R, V, T = 2, 3, 50, 0.7
+    logits = (torch.randn(B, R, V) * 6).bfloat16()
+    ref = (torch.randn(B, R, V) * 6).bfloat16()
+    labels = torch.randint(V, (B, R))
+    ids = torch.cat([torch.ones(B, 2, dtype=torch.long), labels], 1)
+    ones = torch.ones_like(ids)
+    rollout = Rollout(ids, ones, ones.cumsum(1) - 1, labels, torch.ones(B, R, dtype=torch.bool),
+                      torch.ones(B, dtype=torch.bool), ["", ""], 0.0)
+
+    def actor(i, m, p, n):
+        return logits, torch.zeros(B, R, dtype=torch.bfloat16)
+
+    logp, ref_logp, _, entropy = token_stats(actor, lambda i, m, p, n: ref, rollout, T, chunk=B)
+    exact = torch.log_softmax(logits.float() / T, -1)
+    torch.testing.assert_close(logp, exact.gather(-1, labels[..., None])[..., 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ref_logp, torch.log_softmax(ref.float() / T, -1).gather(-1, labels[..., None])[..., 0],
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, -(exact.exp() * exact).sum(-1), atol=1e-5, rtol=0)
+
+
+def test_learning_rate_is_derived_from_what_trains():
+    from rlhf_cli.recipe import PPORecipe
+
+    def recipe(**kw):
+        return PPORecipe(policy={"path": "m"}, reward={"function": "a.b:c"}, data={"train": "p.jsonl"}, **kw)
+
+    assert recipe().ppo.lr is None
+    assert recipe().learning_rate() == (1e-4, "ppo.lr unset: LoRA default (about 10x full fine-tuning's)")
+    assert recipe(lora=None).learning_rate() == (1e-5, "ppo.lr unset: full fine-tuning default")
+    assert recipe(ppo={"lr": 3e-5}).learning_rate() == (3e-5, "ppo.lr")
+    assert recipe(lora=None, ppo={"lr": 3e-5}).learning_rate() == (3e-5, "ppo.lr")
+
+
+def test_kl_estimator_is_a_recipe_choice_of_the_estimators_algo_has():
+    import pytest
+    import torch
+    from pydantic import ValidationError
+
+    from rlhf_cli.ppo.algo import kl_penalty
+    from rlhf_cli.recipe import PPORecipe
+
+    def recipe(kind):
+        return PPORecipe(policy={"path": "m"}, reward={"function": "a.b:c"}, data={"train": "p.jsonl"},
+                         ppo={"kl_estimator": kind})
+
+    assert PPORecipe(policy={"path": "m"}, reward={"function": "a.b:c"}, data={"train": "p.jsonl"}).ppo.kl_estimator == "k1"
+    d = torch.tensor([0.5])
+    for kind in ("k1", "k2", "k3", "abs"):
+        assert recipe(kind).ppo.kl_estimator == kind
+        kl_penalty(d, torch.zeros(1), recipe(kind).ppo.kl_estimator)  # every choice is one algo computes
+    with pytest.raises(ValidationError, match="kl_estimator"):
+        recipe("k4")

@@ -234,6 +234,6 @@ def response_logprobs(model: Any, batch: GeneratedBatch, temperature: float = 1.
     # Logits at position i predict token i + 1: the answer's tokens are predicted from P - 1 to the end - 1.
     logits = logits[:, p - 1 : -1]
     if temperature != 1.0:
-        logits = logits / temperature
+        logits = logits.float() / temperature  # after the upcast, as sampling tempers them
     logp = token_logprobs(logits, seq[:, p:])
     return logp * batch.response_mask.to(device)

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-KLKind = Literal["k1", "k2", "k3", "abs"]
+from rlhf_cli.recipe import KLEstimator as KLKind
+
 # A sum all-reduce over ranks that returns the reduced tensor, e.g. ``accelerator.reduce`` (its default
 # reduction is "sum"). Note that ``torch.distributed.all_reduce`` works in place and returns None, so wrap
 # it: ``def reduce(t): dist.all_reduce(t); return t``.
@@ -130,7 +131,7 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce: Redu
         x: values, any shape (typically ``[batch, T]`` advantages).
         mask: same shape as ``x``.
         shift_mean: if False, only scale: the mean is added back, so the sign of the data is kept. This is
-            what reward whitening wants, where shifting would change which tokens are rewarded.
+            what reward whitening wants (``whiten_scores``), where shifting would change which tokens are rewarded.
         reduce: optional sum all-reduce over ranks (see ``Reduce``), so that every rank whitens with the
             statistics of the whole global batch; pass ``accelerator.reduce``. None = local statistics.
 
@@ -145,11 +146,15 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce: Redu
     return torch.where(_as_bool(mask, x), out, 0)
 
 
-def whiten_scores(scores: Tensor, shift_mean: bool = True, reduce: Reduce | None = None) -> Tensor:
-    """Whiten sequence-level reward-model scores ``[batch]`` across the rollout (all entries count).
+def whiten_scores(scores: Tensor, shift_mean: bool = False, reduce: Reduce | None = None) -> Tensor:
+    """Scale sequence-level reward-model scores ``[batch]`` to unit variance across the rollout (all
+    entries count), keeping their mean by default.
 
-    Optional reward normalisation; Ziegler et al. instead fix a gain and bias once so that scores on the
-    initial policy have mean 0 and std 1. ``reduce`` works as in ``masked_whiten``.
+    The mean stays because a score is a terminal reward beside the per-token KL penalty: a constant
+    shift c reaches token t of a T-token response as ``c * (gamma * lam) ** (T - t)`` in GAE, so moving the
+    mean changes which tokens are rewarded and what length pays, batch by batch. trl's PPO whitens its
+    rewards with ``shift_mean=False`` too. Ziegler et al. instead fix a gain and bias once, so that scores
+    on the initial policy have mean 0 and std 1. ``reduce`` works as in ``masked_whiten``.
     """
     return masked_whiten(
         scores, torch.ones_like(scores, dtype=torch.bool), shift_mean=shift_mean, reduce=reduce
@@ -451,20 +456,23 @@ def value_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """Log-probability of each label: ``log_softmax(logits)[..., label]``, differentiable.
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of each label under ``softmax(logits / temperature)``, differentiable.
 
     Computed as ``logits[label] - logsumexp(logits)`` so the full ``[batch, T, vocab]`` log-softmax is
     never materialised. Half-precision logits are upcast to float32 one row at a time, which keeps the
     log-probs accurate (bf16 log-softmax alone is off by ~1e-2) without a float32 copy of all the logits.
 
-    Alignment is the caller's job: for a causal LM, ``logits[:, :-1]`` score ``labels = ids[:, 1:]``. The
-    logits must already be divided by the sampling temperature, or the log-probs will not match the
-    distribution the tokens were drawn from (Huang et al. 2024).
+    ``temperature`` is the sampling temperature, so the log-probs are those of the distribution the
+    tokens were drawn from (Huang et al. 2024). It divides after the upcast, as transformers' sampling
+    does: a bf16 quotient would round every tempered logit to 8 mantissa bits.
+
+    Alignment is the caller's job: for a causal LM, ``logits[:, :-1]`` score ``labels = ids[:, 1:]``.
 
     Args:
-        logits: ``[..., vocab]``.
+        logits: ``[..., vocab]``, untempered.
         labels: integer ids, shape ``logits.shape[:-1]``.
+        temperature: the sampling temperature (> 0).
 
     Returns:
         Log-probs with ``labels``' shape, float32 or wider.
@@ -472,29 +480,37 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)}")
     if logits.dtype in (torch.float32, torch.float64):
+        logits = _tempered(logits, temperature)
         picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(logits, dim=-1)
     if logits.dim() < 2 or logits.shape[0] == 0:
-        return logprobs_from_logits(logits.float(), labels)
+        return logprobs_from_logits(logits.float(), labels, temperature)
     return torch.stack(
-        [logprobs_from_logits(row.float(), lab) for row, lab in zip(logits, labels, strict=True)]
+        [logprobs_from_logits(row.float(), lab, temperature) for row, lab in zip(logits, labels, strict=True)]
     )
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the softmax distribution over the last dimension, in nats.
+def _tempered(logits: Tensor, temperature: float) -> Tensor:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of ``softmax(logits / temperature)`` over the last dimension, in nats.
 
     ``H = -sum p * log p`` with ``log p = logits - logsumexp(logits)``. Entries with ``p == 0`` (e.g.
     logits masked to -inf) contribute 0 instead of ``0 * -inf = NaN``. Half-precision logits are
-    upcast to float32 one row at a time, as in ``logprobs_from_logits``.
+    upcast to float32 one row at a time and tempered after the upcast, as in ``logprobs_from_logits``.
 
     Returns:
         ``logits.shape[:-1]``, float32 or wider.
     """
     if logits.dtype not in (torch.float32, torch.float64):
         if logits.dim() < 2 or logits.shape[0] == 0:
-            return entropy_from_logits(logits.float())
-        return torch.stack([entropy_from_logits(row.float()) for row in logits])
+            return entropy_from_logits(logits.float(), temperature)
+        return torch.stack([entropy_from_logits(row.float(), temperature) for row in logits])
+    logits = _tempered(logits, temperature)
     logp = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
     p = logp.exp()
     return -torch.where(p > 0, p * logp, 0).sum(-1)
@@ -547,8 +563,8 @@ class AdaptiveKLController:
     After each rollout: ``e = clip(current_kl / target - 1, -0.2, 0.2)`` and
     ``value *= 1 + e * n_steps / horizon``. The clip bounds how fast beta moves on a noisy KL estimate.
 
-    ``target`` is in nats per *sequence*: pass ``current_kl = kl.sum(1).mean()`` with ``kl`` the k1
-    per-token estimate from ``per_token_rewards``, and ``n_steps`` = number of sequences in the rollout
+    ``target`` is in nats per *sequence*: pass ``current_kl = kl.sum(1).mean()`` with ``kl`` the per-token
+    estimate from ``per_token_rewards`` (k1 in the papers; k3 estimates the same KL), and ``n_steps`` = number of sequences in the rollout
     batch (the lm-human-preferences code; their horizon is 10000 episodes).
     """
 

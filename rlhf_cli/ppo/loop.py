@@ -114,7 +114,7 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
     actor = models.actor
     params = [p for p in actor.parameters() if p.requires_grad]
     # eps 1e-5 as in the lm-human-preferences / OpenAI baselines PPO (Huang et al. 2024).
-    optimizer = adamw(params, lr=ppo.lr, eps=1e-5, weight_decay=0.0)
+    optimizer = adamw(params, lr=recipe.learning_rate()[0], eps=1e-5, weight_decay=0.0)
     model, optimizer = acc.prepare(actor, optimizer)
     kl_ctl = algo.make_kl_controller(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
     shuffle = torch.Generator().manual_seed(ppo.seed)
@@ -142,7 +142,7 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
             generated += len(picked)
 
             # 1. rollout: sample from the current policy, computed exactly as it is scored and trained
-            with exact_lora():
+            with exact_lora(), actor.compute():
                 rollout = generate(actor.generator(), tokenizer,
                                    encode_prompts(tokenizer, [prompts.texts[i] for i in picked], device), gen, eos_ids)
             # 2. score: log-probs (policy, reference), values, and the reward model's score
@@ -167,7 +167,7 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
             if ppo.whiten_rewards:
                 scores = algo.whiten_scores(scores, reduce=whiten_reduce)
             mask = rollout.mask
-            rewards, kl = algo.per_token_rewards(scores, logp, ref_logp, mask, kl_ctl.value)
+            rewards, kl = algo.per_token_rewards(scores, logp, ref_logp, mask, kl_ctl.value, ppo.kl_estimator)
             advantages, returns = algo.gae(rewards, values, mask, ppo.gamma, ppo.lam)
             advantages = algo.masked_whiten(advantages, mask, reduce=whiten_reduce)
 
@@ -180,7 +180,7 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
             # The last optimizer step of an iteration meets no loss check before the checkpoint is written.
             if not distributed.all_finite(params):
                 raise TrainingError(f"iteration {it}: the policy or value weights are not finite after the update: "
-                                    f"lower ppo.lr (now {ppo.lr:g}) or set ppo.reward_clip")
+                                    f"lower ppo.lr (now {recipe.learning_rate()[0]:g}) or set ppo.reward_clip")
 
             # 5. KL controller, metrics, warnings
             seq_kl = kl.sum(1)
@@ -198,6 +198,8 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
                 **stats,
                 "response_length": _mean(acc, mask.sum(1).float()),
                 "eos_fraction": _mean(acc, rollout.ended.float()),
+                # Cut at max_new_tokens and, unless ppo.missing_eos_penalty is set, scored as finished turns.
+                "truncated_fraction": _mean(acc, (~rollout.ended).float()),
                 "time_generation": rollout.seconds,
                 "time_scoring": t_score,
                 "time_training": t_train,
@@ -240,7 +242,7 @@ def failures_explained(state: State, recipe: PPORecipe) -> Iterator[None]:
                                 f"generation.max_new_tokens or data.max_prompt_length{quant}") from None
         if _refused_by_the_math(e):
             raise TrainingError(f"iteration {it}: {str(e).splitlines()[0]}: the policy diverged; "
-                                f"lower ppo.lr (now {recipe.ppo.lr:g}) or ppo.ppo_epochs") from None
+                                f"lower ppo.lr (now {recipe.learning_rate()[0]:g}) or ppo.ppo_epochs") from None
         raise
 
 
@@ -283,7 +285,7 @@ def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollo
     sums: dict[str, list[float]] = defaultdict(list)
 
     def policy_terms(logits: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logp = algo.logprobs_from_logits(logits / recipe.generation.temperature, rollout.response_ids[idx])
+        logp = algo.logprobs_from_logits(logits, rollout.response_ids[idx], recipe.generation.temperature)
         return algo.policy_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], rollout.mask[idx], ppo.clip_range)
 
     def value_terms(values: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -294,7 +296,7 @@ def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollo
         # Decided by every rank before backward, whose gradient all-reduce a rank that raised alone would miss.
         if distributed.any_rank(not bool(torch.isfinite(loss))):
             raise TrainingError(f"{what} loss is not finite at iteration {it}, epoch {epoch + 1}: "
-                                f"lower ppo.lr (now {ppo.lr:g}) or set ppo.reward_clip")
+                                f"lower ppo.lr (now {recipe.learning_rate()[0]:g}) or set ppo.reward_clip")
         return loss
 
     for epoch in range(ppo.ppo_epochs):

@@ -17,7 +17,9 @@ Layouts (recorded in run.json):
   `quant.bits: 4` the shared base is 4-bit.
 - shared-base+separate-reward: as above, with a reward model on another base (or in another dtype, or
   a full model) loaded on its own.
-- separate (full fine-tuning, `lora: null`): policy, reference and value are full copies.
+- separate (full fine-tuning, `lora: null`): policy, reference and value are full copies, planned as SFT
+  plans a full fine-tune (core.device.plan_precision): fp32 weights, so AdamW's small steps are not
+  rounded to bf16, computing under bf16 autocast on a GPU and in fp32 on a CPU.
 
 Switching roles only changes which adapters the LoRA layers apply, so one forward + one backward trains
 policy and value together (what DDP under `accelerate launch` expects). Activation checkpointing is off
@@ -26,9 +28,11 @@ here: it would recompute a pass in backward under whichever adapters were active
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_cli.core.chat import conversation_text, ensure_chat_template
-from rlhf_cli.core.device import resolve_dtype
+from rlhf_cli.core.device import Precision, device_type, plan_precision, resolve_dtype
 from rlhf_cli.core.models import attach_lora, fast_lora_layers, load_model, load_tokenizer
 from rlhf_cli.core.reward import RewardFn, load_function, load_reward_model, pool_last
 from rlhf_cli.errors import DataError, RecipeError
@@ -157,6 +161,10 @@ class SharedActor(nn.Module):
         self.use(self.parents + [POLICY])
         return self.peft
 
+    def compute(self) -> contextlib.AbstractContextManager[None]:
+        """The frozen base already computes in its loaded dtype; peft runs the fp32 adapters on it."""
+        return contextlib.nullcontext()
+
     def save(self, policy_dir: Path, value_dir: Path) -> None:
         save_adapter(self.peft, POLICY, policy_dir)
         save_adapter(self.peft, VALUE, value_dir)
@@ -173,24 +181,37 @@ class SeparateActor(nn.Module):
 
     layout = "separate"
 
-    def __init__(self, policy: Any, value_model: Any, reference: Any):
+    def __init__(self, policy: Any, value_model: Any, reference: Any, autocast: torch.dtype | None = None):
         super().__init__()
         self.policy = policy
         self.value_model = value_model  # *ForSequenceClassification: its body + `score` as the value head
         self.reference = [reference]  # a list keeps it out of parameters(), state_dict() and DDP
+        self.autocast = autocast  # the plan's compute dtype over fp32 weights; None = compute as loaded
+
+    @contextlib.contextmanager
+    def compute(self) -> Iterator[None]:
+        """Mixed precision for every pass (sampling too): fp32 master weights, matmuls in the plan's dtype."""
+        if self.autocast is None:
+            yield
+            return
+        with torch.autocast(device_type(), dtype=self.autocast):
+            yield
 
     def forward(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> tuple[Tensor, Tensor]:
         return self.policy_logits(ids, mask, pos, n_response), self.values(ids, mask, pos, n_response)
 
     def policy_logits(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> Tensor:
-        return response_logits(self.policy, ids, mask, pos, n_response)
+        with self.compute():
+            return response_logits(self.policy, ids, mask, pos, n_response)
 
     def values(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> Tensor:
-        return token_values(trunk(self.value_model), self.value_model.score, ids, mask, pos, n_response)
+        with self.compute():
+            return token_values(trunk(self.value_model), self.value_model.score, ids, mask, pos, n_response)
 
     @torch.no_grad()
     def reference_logits(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> Tensor:
-        return response_logits(self.reference[0], ids, mask, pos, n_response)
+        with self.compute():
+            return response_logits(self.reference[0], ids, mask, pos, n_response)
 
     def generator(self) -> Any:
         return self.policy
@@ -441,9 +462,15 @@ class Models:
     layout: dict[str, Any] = field(default_factory=dict)
 
 
+def ppo_precision(recipe: PPORecipe) -> Precision:
+    """The dtype plan of the trained roles, decided as for SFT and reward training (core.device)."""
+    return plan_precision(recipe.policy.dtype, adapters=recipe.lora is not None, quantized=recipe.quant.bits is not None)
+
+
 def build_models(recipe: PPORecipe, policy_res: ResolvedModel, plan: LayoutPlan) -> Models:
     """Load every role, sharing one base where the plan says so."""
-    dtype = resolve_dtype(recipe.policy.dtype)
+    precision = ppo_precision(recipe)
+    dtype = precision.load
     base = load_model(policy_res, dtype=dtype, quant=recipe.quant, merge_parent=plan.parents != "stacked")
     device = next(base.parameters()).device
     base.eval()  # no dropout anywhere in PPO: it would make rollout and training log-probs disagree (Huang et al. 2024)
@@ -466,10 +493,12 @@ def build_models(recipe: PPORecipe, policy_res: ResolvedModel, plan: LayoutPlan)
                  "reference": "the shared base" + (" with the policy run's frozen adapters" if names else ", no adapters")}
         copies = 1
     else:
+        # The reference in the policy's dtype too: at the first iteration the policy is the reference, and
+        # a bf16 copy would put its rounding into the KL penalty.
         reference = load_model(policy_res, dtype=dtype).eval().requires_grad_(False)
         value_model = load_model(policy_res, dtype=dtype, head="reward").eval()
         nn.init.zeros_(value_model.score.weight)  # V = 0 at the start, as for the value adapter's head
-        actor = SeparateActor(base, value_model, reference)
+        actor = SeparateActor(base, value_model, reference, autocast=precision.autocast)
         roles = {"policy": "full model", "reference": "frozen full copy", "value": "full copy + scalar head"}
         copies = 3
 
@@ -517,7 +546,7 @@ def build_models(recipe: PPORecipe, policy_res: ResolvedModel, plan: LayoutPlan)
         actor.freeze_all_but_trainable()
     name = "shared-base+separate-reward" if recipe.lora is not None and plan.reward == "separate" else actor.layout
     layout: dict[str, Any] = {"name": name, "base_copies": copies, "quantized_bits": recipe.quant.bits,
-                              "parent_adapters": plan.parents, "roles": roles}
+                              "parent_adapters": plan.parents, "roles": roles, "precision": precision.as_json()}
     if plan.reward != "function":
         layout["reward_placement"] = plan.why
     log.info("PPO layout %s: %d base cop%s in memory", name, copies, "y" if copies == 1 else "ies")

@@ -113,8 +113,8 @@ def token_stats(
     """Per-token log-probs under the policy and the reference, values, and policy entropy ([B, R] each).
 
     `actor(ids, mask, pos, R)` gives (policy logits, values) and `reference(ids, mask, pos, R)` the
-    reference logits. Logits are divided by the sampling temperature so the log-probs are those of the
-    distribution the tokens were drawn from (Huang et al. 2024).
+    reference logits. The log-probs and entropy are those of the tempered distribution the tokens were
+    drawn from (Huang et al. 2024), tempered after the fp32 upcast (algo.logprobs_from_logits).
     """
     logps, ref_logps, values, entropies = [], [], [], []
     labels_all = rollout.response_ids
@@ -123,10 +123,8 @@ def token_stats(
         idx = torch.arange(i, min(i + chunk, labels_all.shape[0]), device=labels_all.device)
         ids, mask, pos = rollout.rows(idx)
         logits, v = actor(ids, mask, pos, R)
-        logits = logits / temperature
-        logps.append(logprobs_from_logits(logits, labels_all[idx]))
-        entropies.append(entropy_from_logits(logits))
+        logps.append(logprobs_from_logits(logits, labels_all[idx], temperature))
+        entropies.append(entropy_from_logits(logits, temperature))
         values.append(v.float())
-        ref = reference(ids, mask, pos, R) / temperature
-        ref_logps.append(logprobs_from_logits(ref, labels_all[idx]))
+        ref_logps.append(logprobs_from_logits(reference(ids, mask, pos, R), labels_all[idx], temperature))
     return torch.cat(logps), torch.cat(ref_logps), torch.cat(values), torch.cat(entropies)

@@ -36,6 +36,7 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
         context_length,
         plan_layout,
         policy_tokenizer,
+        ppo_precision,
     )
     from rlhf_cli.recipe_load import dump_recipe
     from rlhf_cli.runs import is_main_process, prepare_run
@@ -55,12 +56,15 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
         assert plan.reward_resolved is not None
         reward_lengths = [len(ids) for ids in rm_tok([conversation_text(rm_tok, p, "") for p in raw], add_special_tokens=False)["input_ids"]]
         check_lengths(reward_lengths, recipe, context_length(plan.reward_resolved), "the reward model's", max_prompt=False)
+    lr, lr_why = recipe.learning_rate()
     details: dict[str, Any] = {
         "prompts": len(raw),
         "prompt_tokens": percentiles(lengths),
         "reward": recipe.reward.function or plan.why,
         "samples_per_iteration": recipe.ppo.rollout_batch_size,
         "optimizer_steps_per_iteration": recipe.ppo.ppo_epochs * recipe.ppo.rollout_batch_size // recipe.ppo.mini_batch_size,
+        "learning_rate": {"value": lr, "why": lr_why},
+        "precision": ppo_precision(recipe).as_json(),
     }
     if options.dry_run:
         details["layout"] = "separate copies" if recipe.lora is None else (
@@ -80,7 +84,7 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
         models = build_models(recipe, policy, plan)
         trainable, total = count_parameters(models.actor)
         log.info("trainable parameters: %d of %d (policy + value)", trainable, total)
-        run_dir.update(layout=models.layout, trainable_parameters=trainable)
+        run_dir.update(layout=models.layout, trainable_parameters=trainable, learning_rate=details["learning_rate"])
 
         # 3. Train (resumes from run_dir.resume_from when set).
         metrics = train(recipe, models, tokenizer, Prompts(raw, texts), run_dir, accelerator)
