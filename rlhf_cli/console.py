@@ -77,7 +77,7 @@ class Progress:
             bar.update(step, loss=1.23)
     """
 
-    def __init__(self, total: int, description: str, start: int = 0, unit: str = "step"):
+    def __init__(self, total: int, description: str, start: int = 0, unit: str = "step", enabled: bool = True):
         self.total = max(int(total), 1)
         self.description = description
         self.unit = unit
@@ -88,7 +88,7 @@ class Progress:
         self._every = max(1, self.total // 20)
         self._bar = None
         self._task = None
-        self._enabled = _rank() == 0
+        self._enabled = enabled and _rank() == 0
 
     def __enter__(self) -> Progress:
         if self._enabled and stderr_is_terminal():

@@ -454,7 +454,11 @@ class EvalData(Strict):
     preference: str | None = Field(None, description="Preference pairs or rankings for rm_accuracy (pairwise accuracy).")
     fields: dict[str, str] = Field(default_factory=dict, description="Column renames.")
     max_samples: int | None = Field(None, ge=1, description="Evaluate on the first N samples only.")
-    max_length: int = Field(1024, ge=8, description="Longest tokenized sample for perplexity / rm_accuracy.")
+    max_length: int | None = Field(
+        None, ge=8,
+        description="Longest tokenized sample for perplexity and reward scoring; null = what the run trained with "
+        "(its recipe's data.max_length), else 1024.",
+    )
 
 
 class EvalRecipe(Strict):

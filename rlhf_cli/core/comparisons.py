@@ -82,19 +82,31 @@ def comparison_of(record: dict[str, Any], fmt: str, where: str = "") -> Comparis
 
 
 def encode_answers(tokenizer: Any, prompt: Any, responses: list[Any], max_length: int) -> tuple[list[list[int]], bool]:
-    """Token ids of each prompt + answer transcript within max_length, cutting the shared prompt from the
-    left first (a leading BOS stays); True when anything was cut."""
-    rows = [tokenizer(conversation_text(tokenizer, prompt, r), add_special_tokens=False)["input_ids"] for r in responses]
-    shared = _common_prefix(rows)
+    """Token ids of each prompt + answer transcript within max_length; True when anything was cut.
+
+    Too long a transcript loses the start of its prompt first (a leading BOS stays), then, if the answer
+    alone is too long, the answer's end. The prompt ends where the transcript parts from the same prompt
+    with an empty answer, so each answer is encoded the same whatever its siblings: train-rm, eval and
+    every other scorer cut alike (encode_for_scoring).
+    """
+    encode = lambda r: tokenizer(conversation_text(tokenizer, prompt, r), add_special_tokens=False)["input_ids"]  # noqa: E731
+    rows = [encode(r) for r in responses]
+    empty = encode("")
     head = 1 if rows and rows[0] and rows[0][0] == getattr(tokenizer, "bos_token_id", None) else 0
     out = []
     for ids in rows:
         excess = len(ids) - max_length
         if excess > 0:
+            shared = _common_prefix([ids, empty])
             cut = min(excess, max(shared - head, 0))
             ids = ids[:head] + ids[head + cut :]
         out.append(ids[:max_length])
     return out, any(len(ids) > max_length for ids in rows)
+
+
+def encode_for_scoring(tokenizer: Any, prompt: Any, response: Any, max_length: int) -> list[int]:
+    """One answer's ids as train-rm trained on them."""
+    return encode_answers(tokenizer, prompt, [response], max_length)[0][0]
 
 
 def _common_prefix(rows: list[list[int]]) -> int:

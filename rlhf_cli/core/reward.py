@@ -85,39 +85,65 @@ def score_head(model: Any) -> torch.nn.Module:
 
 
 class RewardModel:
-    """A sequence-classification model with one output, applied to chat transcripts."""
+    """A sequence-classification model with one output, applied to (prompt, answer) pairs.
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int = 1024, batch_size: int = 8):
+    Each pair is encoded as train-rm encoded it (core.comparisons.encode_for_scoring: chat template, the
+    prompt cut from the left past max_length) and pooled as it pooled (sequence_scores). Pairs are scored
+    in batches of similar length, so short answers are not padded to the longest one; `progress` names a
+    progress line for long scoring (eval), None keeps it quiet (PPO scores every iteration).
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = 1024, batch_size: int = 8,
+                 progress: str | None = None, max_length_from: str = "given"):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.max_length_from = max_length_from  # where max_length came from, for the record
         self.batch_size = batch_size
+        self.progress = progress
 
     @torch.no_grad()
-    def score_texts(self, texts: list[str]) -> list[float]:
+    def score_ids(self, rows: list[list[int]]) -> list[float]:
+        from rlhf_cli.console import Progress
+
         device = next(self.model.parameters()).device
-        out: list[float] = []
-        for i in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(
-                texts[i : i + self.batch_size],
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                add_special_tokens=False,
-            ).to(device)
-            out.extend(sequence_scores(self.model, batch["input_ids"], batch["attention_mask"]).tolist())
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        out = [0.0] * len(rows)
+        with Progress(total=len(rows), description=self.progress or "", unit="answer", enabled=bool(self.progress)) as bar:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                width = max(len(rows[i]) for i in chunk)
+                ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in chunk], device=device)
+                mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in chunk], device=device)
+                for i, score in zip(chunk, sequence_scores(self.model, ids, mask).tolist()):
+                    out[i] = score
+                bar.update(min(start + self.batch_size, len(rows)))
         return out
 
     def __call__(self, prompts: list[Any], responses: list[str]) -> list[float]:
-        from rlhf_cli.core.chat import conversation_text
+        from rlhf_cli.core.comparisons import encode_for_scoring
 
-        return self.score_texts([conversation_text(self.tokenizer, p, r) for p, r in zip(prompts, responses)])
+        return self.score_ids([encode_for_scoring(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)])
+
+
+def trained_max_length(resolved: Any) -> int | None:
+    """data.max_length of the run that trained this model (its recipe in run.json), if it is a run."""
+    from rlhf_cli.runs import read_manifest
+
+    if not resolved.run_dir:
+        return None
+    data = ((read_manifest(resolved.run_dir) or {}).get("recipe") or {}).get("data") or {}
+    value = data.get("max_length")
+    return int(value) if isinstance(value, int) else None
 
 
 def load_reward_model(path: str, *, dtype: str = "auto", gguf_file: str | None = None, trust_remote_code: bool = False,
-                      max_length: int = 1024, batch_size: int = 8) -> RewardModel:
+                      max_length: int | None = None, batch_size: int = 8) -> RewardModel:
     """A reward run (or any sequence-classification model), held the way it was trained.
+
+    max_length None scores at the length the run trained with (its recipe's data.max_length; 1024 for a
+    model that is not a run), so a reward model is judged on inputs of the shape it learned.
 
     Its adapters stay live (core.inference.live_adapters) and the score head computes in fp32, as in
     training: folding a LoRA update into bf16 weights, or scoring with a bf16 head, rounds away the small
@@ -143,7 +169,12 @@ def load_reward_model(path: str, *, dtype: str = "auto", gguf_file: str | None =
     for module in model.modules():
         if type(module).__name__ == "Linear" and module.out_features == 1:
             fp32_trainable_modules(module, all_params=True)
-    return RewardModel(model, tokenizer, max_length=max_length, batch_size=batch_size)
+    trained = trained_max_length(resolved)
+    if max_length:
+        length, source = max_length, "given"
+    else:
+        length, source = (trained, f"data.max_length of {path}'s recipe") if trained else (1024, "default")
+    return RewardModel(model, tokenizer, max_length=length, batch_size=batch_size, max_length_from=source)
 
 
 def load_scorer(ref: str, **kwargs: Any) -> RewardFn:

@@ -38,7 +38,7 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     from rlhf_cli.core.data import detect_format, prompts_of, read_records
     from rlhf_cli.core.inference import load_causal_lm
     from rlhf_cli.core.metrics import check_gates, compare, mean_std, perplexity
-    from rlhf_cli.core.reward import load_function, load_scorer
+    from rlhf_cli.core.reward import RewardModel, load_function, load_scorer, trained_max_length
     from rlhf_cli.runs import atomic_write_json, package_versions
 
     wanted = set(recipe.metrics)
@@ -56,8 +56,11 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
         # `rlhf eval --model runs/rm --metric rm_accuracy`: the model given is the reward model.
         r = recipe.reward or recipe.model
         assert r is not None
+        # max_length None: the reward run's own (trained_max_length), so it is judged on inputs shaped as in training.
         scorer = load_scorer(r.path, dtype=r.dtype, gguf_file=r.gguf_file, trust_remote_code=r.trust_remote_code,
                              max_length=data.max_length, batch_size=recipe.batch_size)
+        if isinstance(scorer, RewardModel):
+            details["reward_inputs"] = {"max_length": scorer.max_length, "from": scorer.max_length_from}
 
     if "perplexity" in wanted:
         assert policy is not None and data.text is not None
@@ -67,14 +70,17 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
             from rlhf_cli.core.chat import ensure_chat_template
 
             ensure_chat_template(policy.tokenizer)
+        length = data.max_length or trained_max_length(policy.resolved) or 1024
+        details["perplexity_max_length"] = length
         with _bar(len(records), "eval perplexity") as bar:
             ppl = perplexity(policy.model, policy.tokenizer, records, fmt,
-                             max_length=data.max_length, batch_size=recipe.batch_size, on_batch=bar.update)
+                             max_length=length, batch_size=recipe.batch_size, on_batch=bar.update)
         values["perplexity"] = ppl.perplexity
         details.update(perplexity_tokens=ppl.tokens, perplexity_samples=ppl.samples, truncated=ppl.truncated)
 
     if "rm_accuracy" in wanted:
         assert scorer is not None and data.preference is not None
+        _name_progress(scorer, "eval rm_accuracy")
         gaps, prompts_ranked = _pair_gaps(scorer, read(data.preference), data.preference)
         values["rm_accuracy"] = sum(g > 0 for g in gaps) / len(gaps)
         values["rm_margin"] = sum(gaps) / len(gaps)
@@ -96,6 +102,7 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
                 values["eos_rate"] = sum(a.finish_reason != "length" for a in answers) / len(answers)
             if wanted & {"reward", "win_rate"}:
                 assert scorer is not None
+                _name_progress(scorer, "eval reward")
                 scores = scorer(prompts, texts)
                 values["reward"], values["reward_std"] = mean_std(scores)
                 _add(samples, "score", scores)
@@ -108,6 +115,7 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
                 # Another seed: the reference's answers are independent draws, not the same random stream.
                 ref_texts = [a.text for a in _answer(reference, prompts, recipe.generation, recipe, seed=recipe.seed + 1,
                                                      what="reference answers")]
+                _name_progress(scorer, "eval reward (reference)")
                 ref_scores = scorer(prompts, ref_texts)
                 _add(samples, "reference_response", ref_texts)
                 _add(samples, "reference_score", ref_scores)
@@ -155,6 +163,12 @@ def _pair_gaps(scorer: Any, records: list[dict[str, Any]], source: str) -> tuple
 def _add(samples: list[dict[str, Any]], key: str, values: list[Any]) -> None:
     for sample, value in zip(samples, values, strict=True):
         sample[key] = value
+
+
+def _name_progress(scorer: Any, description: str) -> None:
+    """A reward model's scoring pass shows progress under this name (a rule-based function is instant)."""
+    if hasattr(scorer, "progress"):
+        scorer.progress = description
 
 
 def _bar(total: int, description: str) -> Any:
