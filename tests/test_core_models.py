@@ -462,4 +462,4 @@ def test_reward_scores_do_not_depend_on_padding(tiny, side):
 
     actor = SimpleNamespace(peft=rm, parents=[], use=lambda adapters: None)
     head = rm.get_base_model().score.modules_to_save["default"]
-    assert SharedReward(actor, ["default"], head, tok, batch_size=2)(prompts, answers) == pytest.approx(alone, abs=1e-5)
+    assert SharedReward(actor, ["default"], head, tok, max_length=1024, batch_size=2)(prompts, answers) == pytest.approx(alone, abs=1e-5)

@@ -612,3 +612,28 @@ def test_kl_estimator_shapes_the_reward_and_the_reported_kl(tiny, runs, monkeypa
     assert result.exit_code == 0, result.output
     assert kinds == ["k3", "k3"]
     assert all(r["kl"] >= 0 for r in metrics(out))  # k3 is never negative, per token
+
+
+def test_ppo_scores_with_the_reward_runs_trained_length(tiny, runs, monkeypatch):
+    """The shared reward reads answers as train-rm read them: within the reward run's data.max_length (64 in
+    recipes/tiny/train-rm.yaml), not the whole context; a shorter one is named before the run starts."""
+    from rlhf_cli.ppo import models
+
+    seen = []
+    original = models.SharedReward.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(self.max_length)
+
+    monkeypatch.setattr(models.SharedReward, "__init__", spy)
+    base = ["ppo", "--policy", str(runs["sft"]), "--reward", str(runs["rm"]), "--prompts", str(tiny["prompts"]), "--json"]
+    dry = CliRunner().invoke(app, [*base, "--dry-run", "--set", "generation.max_new_tokens=60"])
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.stdout)["details"]["reward_max_length"] == 64
+    assert "trained on transcripts of up to 64 tokens" in dry.stderr
+    out = runs["root"] / "ppo-reward-length"
+    result = CliRunner().invoke(app, [*base, "--output-dir", str(out), "--set", "ppo.iterations=1",
+                                      *[a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]])
+    assert result.exit_code == 0, result.output
+    assert seen == [64]

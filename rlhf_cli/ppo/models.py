@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from rlhf_cli.core.chat import conversation_text, ensure_chat_template
 from rlhf_cli.core.device import Precision, device_type, plan_precision, resolve_dtype
 from rlhf_cli.core.models import attach_lora, fast_lora_layers, load_model, load_tokenizer
-from rlhf_cli.core.reward import RewardFn, load_function, load_reward_model, pool_last
+from rlhf_cli.core.reward import RewardFn, load_function, load_reward_model, pool_last, trained_max_length
 from rlhf_cli.errors import DataError, RecipeError
 from rlhf_cli.recipe import PPORecipe
 from rlhf_cli.runs import ResolvedModel, resolve_model
@@ -296,23 +296,33 @@ def add_frozen_adapter(peft_model: Any, name: str, folder: Path) -> dict[str, Te
 
 
 class SharedReward:
-    """A reward run's LoRA adapter(s) and score head, loaded onto the shared base."""
+    """A reward run's LoRA adapter(s) and score head, loaded onto the shared base.
 
-    def __init__(self, actor: SharedActor, adapters: list[str], head: nn.Linear, tokenizer: Any, batch_size: int = 8):
+    Answers are encoded and pooled as train-rm trained on them (core.comparisons.encode_for_scoring within
+    the run's data.max_length; core.reward.pool_last), like every other scorer.
+    """
+
+    def __init__(self, actor: SharedActor, adapters: list[str], head: nn.Linear, tokenizer: Any, max_length: int,
+                 batch_size: int = 8):
         self.actor, self.adapters, self.head, self.tokenizer = actor, adapters, head, tokenizer
-        self.batch_size = batch_size
+        self.max_length, self.batch_size = max_length, batch_size
 
     @torch.no_grad()
     def __call__(self, prompts: list[Any], responses: list[str]) -> list[float]:
-        texts = [conversation_text(self.tokenizer, p, r) for p, r in zip(prompts, responses)]
+        from rlhf_cli.core.comparisons import encode_for_scoring
+
+        rows = [encode_for_scoring(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)]
         body = trunk(self.actor.peft.get_base_model())
         device = self.head.weight.device
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         out: list[float] = []
         self.actor.use(self.adapters)
         try:
-            for i in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-                ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            for i in range(0, len(rows), self.batch_size):
+                chunk = rows[i : i + self.batch_size]
+                width = max(len(r) for r in chunk)
+                ids = torch.tensor([r + [pad] * (width - len(r)) for r in chunk], device=device)
+                mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk], device=device)
                 hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 pooled = pool_last(hidden, mask)  # where train-rm pooled (core.reward.sequence_scores)
                 out.extend(self.head(pooled.to(self.head.weight.dtype))[:, 0].float().tolist())
@@ -527,14 +537,13 @@ def build_models(recipe: PPORecipe, policy_res: ResolvedModel, plan: LayoutPlan)
         head = nn.Linear(head_state["weight"].shape[1], 1, bias="bias" in head_state, device=device, dtype=torch.float32)
         head.load_state_dict({k: v.float() for k, v in head_state.items()})
         head.requires_grad_(False)
-        scorer = SharedReward(actor, stack, head, plan.reward_tokenizer)
+        scorer = SharedReward(actor, stack, head, plan.reward_tokenizer, max_length=trained_max_length(rm) or 1024)
         roles["reward"] = f"LoRA adapter 'reward' + score head of {rm.run_dir} on the shared base"
     else:
         assert plan.reward_resolved is not None and recipe.reward.path is not None
         rm_model = load_reward_model(recipe.reward.path, dtype=recipe.reward.dtype, gguf_file=recipe.reward.gguf_file,
                                      trust_remote_code=recipe.reward.trust_remote_code)
         rm_model.tokenizer = plan.reward_tokenizer
-        rm_model.max_length = context_length(plan.reward_resolved) or rm_model.max_length
         scorer = rm_model
         roles["reward"] = f"separate model {recipe.reward.path}"
         copies += 1

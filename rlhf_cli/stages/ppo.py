@@ -29,6 +29,7 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
     from rlhf_cli.core.data import percentiles
     from rlhf_cli.core.device import peak_memory_bytes
     from rlhf_cli.core.models import count_parameters, resolve
+    from rlhf_cli.core.reward import trained_max_length
     from rlhf_cli.ppo.loop import Prompts, train
     from rlhf_cli.ppo.models import (
         build_models,
@@ -56,6 +57,11 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
         assert plan.reward_resolved is not None
         reward_lengths = [len(ids) for ids in rm_tok([conversation_text(rm_tok, p, "") for p in raw], add_special_tokens=False)["input_ids"]]
         check_lengths(reward_lengths, recipe, context_length(plan.reward_resolved), "the reward model's", max_prompt=False)
+        reward_max_length = trained_max_length(plan.reward_resolved) or 1024
+        if max(reward_lengths) + recipe.generation.max_new_tokens > reward_max_length:
+            log.warning("the reward model was trained on transcripts of up to %d tokens (its data.max_length); longer "
+                        "prompt + answer transcripts are scored with the prompt cut from the left, as in its training",
+                        reward_max_length)
     lr, lr_why = recipe.learning_rate()
     details: dict[str, Any] = {
         "prompts": len(raw),
@@ -64,6 +70,7 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
         "samples_per_iteration": recipe.ppo.rollout_batch_size,
         "optimizer_steps_per_iteration": recipe.ppo.ppo_epochs * recipe.ppo.rollout_batch_size // recipe.ppo.mini_batch_size,
         "learning_rate": {"value": lr, "why": lr_why},
+        **({"reward_max_length": reward_max_length} if plan.reward_tokenizer is not None else {}),
         "precision": ppo_precision(recipe).as_json(),
     }
     if options.dry_run:
