@@ -6,10 +6,10 @@ Builds a randomly initialised Llama reward model on the tiny fixture tokenizer (
 scores of a random model are as costly as a trained one's) and pairs of mixed length: the fixture's
 preference pairs, most of them behind a preamble of 0 to 60 sentences, so lengths spread from ~20
 tokens to past max_length as in real preference data. Then it times, one after the other in one process:
-  - train-rm's evaluation: Trainer.evaluate with the RewardTrainer and RankCollator (batch_size pairs, i.e.
-    2 x batch_size rows per forward pass, in data order);
-  - eval's scorer: RewardModel on the same answers (2 x batch_size rows per pass, sorted by length),
-and prints seconds, answers per second and both accuracies (they must agree: one encoding, one pooling).
+  - train-rm's evaluation: Trainer.evaluate with the RewardTrainer (its evaluation_loop);
+  - eval's scorer: RewardModel on the same answers (2 x batch_size rows per pass),
+and prints seconds, answers per second and both accuracies: both go through core.reward.score_rows, so
+they must agree, and cost the same.
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ def main() -> None:
         samples, stats, lengths = comparison_samples(tok, records, "preference", args.max_length)
         precision = plan_precision("auto", adapters=False, quantized=False)
         train_args = fitting.training_args(TrainSpec(batch_size=args.batch_size, max_steps=1), Path(tmp) / "ckpt",
-                                           precision=precision, has_eval=True, prediction_loss_only=False)
+                                           precision=precision, has_eval=True)
         trainer = fitting.RewardTrainer(model=model, args=train_args, eval_dataset=samples,
-                                        data_collator=RankCollator(tok.pad_token_id), compute_metrics=fitting.reward_metrics)
+                                        data_collator=RankCollator(tok.pad_token_id))
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         for cb in (PrinterCallback, ProgressCallback):

@@ -455,8 +455,9 @@ def test_reward_scores_do_not_depend_on_padding(tiny, side):
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.no_grad():
         # train-rm's loss reads its rewards the same way (the pair as the ranking of two).
-        _, out = RewardTrainer.compute_loss(SimpleNamespace(center_rewards_coef=None), rm,
-                                            {**enc, "groups": [[(0, 1)]]}, return_outputs=True)
+        stub = SimpleNamespace(center_rewards_coef=None)
+        stub.reward_loss = lambda rewards, groups: RewardTrainer.reward_loss(stub, rewards, groups)
+        _, out = RewardTrainer.compute_loss(stub, rm, {**enc, "groups": [[(0, 1)]]}, return_outputs=True)
         trained = out["rewards"]
     assert trained.tolist() == pytest.approx(alone, abs=1e-5)
 

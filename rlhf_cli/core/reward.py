@@ -102,29 +102,38 @@ class RewardModel:
         self.batch_size = batch_size
         self.progress = progress
 
-    @torch.no_grad()
     def score_ids(self, rows: list[list[int]]) -> list[float]:
         from rlhf_cli.console import Progress
 
-        device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        out = [0.0] * len(rows)
         with Progress(total=len(rows), description=self.progress or "", unit="answer", enabled=bool(self.progress)) as bar:
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start : start + self.batch_size]
-                width = max(len(rows[i]) for i in chunk)
-                ids = torch.tensor([rows[i] + [pad] * (width - len(rows[i])) for i in chunk], device=device)
-                mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in chunk], device=device)
-                for i, score in zip(chunk, sequence_scores(self.model, ids, mask).tolist()):
-                    out[i] = score
-                bar.update(min(start + self.batch_size, len(rows)))
-        return out
+            return score_rows(self.model, rows, pad, self.batch_size, on_batch=bar.update)
 
     def __call__(self, prompts: list[Any], responses: list[str]) -> list[float]:
         from rlhf_cli.core.comparisons import encode_for_scoring
 
         return self.score_ids([encode_for_scoring(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)])
+
+
+@torch.no_grad()
+def score_rows(model: Any, rows: list[list[int]], pad_id: int, batch_size: int,
+               on_batch: Callable[[int], None] | None = None) -> list[float]:
+    """The score of each row of token ids, in the rows' order: scored in batches of similar length (longest
+    first, right-padded), so short answers are not padded to the longest one. train-rm's evaluation and
+    every scorer of answers go through here."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    out = [0.0] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(rows[i]) for i in chunk)
+        ids = torch.tensor([rows[i] + [pad_id] * (width - len(rows[i])) for i in chunk], device=device)
+        mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in chunk], device=device)
+        for i, score in zip(chunk, sequence_scores(model, ids, mask).tolist()):
+            out[i] = score
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(rows)))
+    return out
 
 
 def trained_max_length(resolved: Any) -> int | None:

@@ -63,7 +63,6 @@ def training_args(
     has_eval: bool,
     gradient_checkpointing: bool = False,
     count_tokens: str = "all",
-    prediction_loss_only: bool = True,
     args_class: type[TrainingArguments] = TrainingArguments,
     **extra: Any,
 ) -> TrainingArguments:
@@ -102,7 +101,7 @@ def training_args(
         include_num_input_tokens_seen=count_tokens,
         eval_strategy=eval_strategy,
         eval_steps=train.eval_steps,
-        prediction_loss_only=prediction_loss_only,
+        prediction_loss_only=True,
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
@@ -440,38 +439,44 @@ class RewardTrainer(Trainer):
         self.center_rewards_coef = center_rewards_coef
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from rlhf_cli.core.ranking import pair_weights, ranking_loss
         from rlhf_cli.core.reward import sequence_scores
 
         rewards = sequence_scores(model, inputs["input_ids"], inputs["attention_mask"])
-        groups = inputs["groups"]
+        loss = self.reward_loss(rewards, inputs["groups"])
+        return (loss, {"rewards": rewards}) if return_outputs else loss
+
+    def reward_loss(self, rewards: torch.Tensor, groups: list[list[tuple[int, int]]]) -> torch.Tensor:
+        from rlhf_cli.core.ranking import pair_weights, ranking_loss
+
         loss = ranking_loss(rewards, groups)
         if self.center_rewards_coef:
             better, worse, weight = pair_weights(groups, rewards.device)
             centred = ((rewards[better] + rewards[worse]) ** 2 * weight).sum() / sum(1 for g in groups if g)
             loss = loss + self.center_rewards_coef * centred
-        return (loss, {"rewards": rewards}) if return_outputs else loss
+        return loss
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Held-out comparisons scored by the scorer `rlhf eval` uses (core.reward.score_rows: the same ids,
+        batches of similar length, the same pooling), so eval_accuracy here and eval's rm_accuracy are one
+        computation. Every rank scores the whole set (sharded weights then take part in every forward)."""
+        from transformers.trainer_utils import EvalLoopOutput
+
         from rlhf_cli.core.ranking import pair_margins
+        from rlhf_cli.core.reward import score_rows
 
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss, out = self.compute_loss(model, inputs, return_outputs=True)
-        # One fixed-width row per prompt (pairs ordered right, pairs, summed margin): rows of every batch and
-        # rank concatenate, whatever the number of answers per prompt.
-        rows = []
-        for pairs in inputs["groups"]:
-            margins = pair_margins(out["rewards"], [pairs])
-            rows.append(torch.stack([(margins > 0).sum().float(), torch.tensor(float(len(pairs)), device=margins.device),
-                                     margins.sum()]))
-        tallies = torch.stack(rows).detach()
-        # Labels are unused; Trainer only calls compute_metrics when some are present.
-        return loss.detach(), tallies, torch.zeros(len(tallies), device=tallies.device)
-
-
-def reward_metrics(eval_pred: Any) -> dict[str, float]:
-    """Pairwise accuracy (better answer scored higher) and mean margin r_better - r_worse over every pair."""
-    tallies = torch.as_tensor(eval_pred.predictions)
-    pairs = tallies[:, 1].sum()
-    return {"accuracy": float(tallies[:, 0].sum() / pairs), "margin": float(tallies[:, 2].sum() / pairs)}
+        samples = dataloader.dataset
+        rows, groups = [], []
+        for sample in samples:
+            offset = len(rows)
+            rows.extend(sample["response_ids"])
+            groups.append([(offset + b, offset + w) for b, w in sample["pairs"]])
+        model = self.model_wrapped
+        model.eval()
+        with self.compute_loss_context_manager():
+            rewards = torch.tensor(score_rows(model, rows, self.data_collator.pad, 2 * self.args.per_device_eval_batch_size))
+        margins = pair_margins(rewards, groups)
+        metrics = {"loss": float(self.reward_loss(rewards, groups)), "accuracy": float((margins > 0).float().mean()),
+                   "margin": float(margins.mean())}
+        return EvalLoopOutput(predictions=None, label_ids=None, num_samples=len(samples),
+                              metrics={f"{metric_key_prefix}_{k}": v for k, v in metrics.items()})

@@ -66,7 +66,7 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
     # Built before anything is written: settings the machine cannot run (fp16 on a CPU) fail here.
     args = fitting.training_args(recipe.train, Path(recipe.output_dir) / "checkpoints", precision=plan.precision,
                                  has_eval=bool(eval_set), gradient_checkpointing=plan.checkpointing,
-                                 count_tokens="non_padding", prediction_loss_only=False)
+                                 count_tokens="non_padding")
     if options.dry_run:
         return RunResult(stage="train-rm", status="dry-run", output_dir=None, details=details)
 
@@ -93,7 +93,6 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
                        gradient_checkpointing=plan.checkpointing)
         trainer = fitting.RewardTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
                                         data_collator=comparisons.RankCollator(tokenizer.pad_token_id),
-                                        compute_metrics=fitting.reward_metrics,
                                         center_rewards_coef=recipe.center_rewards_coef)
         outcome = fitting.fit(trainer, run_dir, "train-rm")
         eval_metrics = fitting.evaluate(trainer, outcome) if eval_set else {}
