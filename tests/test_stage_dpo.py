@@ -156,7 +156,7 @@ def test_dry_run_reads_message_lists_with_an_implicit_prompt_and_counts_truncati
         return {"chosen": [user, {"role": "assistant", "content": "the cat is in the barn. it is great."}],
                 "rejected": [user, {"role": "assistant", "content": "the cat is in the barn."}]}
 
-    # The long prompts fill data.max_length alone: cut, counted, and dropped (no answer token is left).
+    # The long prompts would fill data.max_length alone: their start is cut, counted, and the answers kept whole.
     rows = [pair("where is the cat? " * 8)] * 3 + [pair("where is the cat?")] * 5
     path = tmp_path / "msgs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -165,11 +165,12 @@ def test_dry_run_reads_message_lists_with_an_implicit_prompt_and_counts_truncati
     assert out.code == 0, out
     d = out.json["details"]
     assert out.json["status"] == "dry-run" and not Path("runs").exists()
-    assert d["format"] == "preference" and d["train"]["samples"] == 5
-    assert d["train"]["truncated"] == 3 and d["train"]["dropped"] == 3
+    assert d["format"] == "preference" and d["train"]["samples"] == 8
+    assert d["train"]["truncated"] == 3 and d["train"]["dropped"] == 0
     assert d["train"]["length_percentiles"]["p100"] > 40
     # What both message lists share is the prompt; the answers start after the generation prompt.
-    assert d["sample_prompt"] == "<|user|>where is the cat?<|end|><|assistant|>"
+    # (the first sample is a long one: its prompt keeps its end)
+    assert d["sample_prompt"].endswith("where is the cat? <|end|><|assistant|>") and "<|user|>" not in d["sample_prompt"]
     assert d["sample_chosen"] == "the cat is in the barn. it is great.<|end|>"
     assert 0 < d["trainable_params"] < d["total_params"] and d["memory_estimate"]["total_gib"] > 0
 
@@ -238,3 +239,36 @@ def test_greedy_answers_beat_the_sft_model_under_the_reward_model(tiny, sft_full
     assert result.code == 0, result
     m = result.json["metrics"]
     assert m["win_rate"] >= 0.8 and m["reward"] > m["reference_reward"], m  # 0.5 would be no better than SFT
+
+
+def test_long_pairs_lose_the_start_of_their_prompt_not_their_answers(tiny):
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.core.chat import ensure_chat_template
+    from rlhf_cli.core.dpo import pair_samples
+
+    tok = AutoTokenizer.from_pretrained(tiny["model"])
+    ensure_chat_template(tok)
+    record = {"prompt": "the red cat sees the dog in the park. " * 6 + "where is the cat?",
+              "chosen": "the cat is in the barn. it is great.", "rejected": "the cat is in the barn."}
+    (whole,), _ = pair_samples(tok, [record], max_length=10_000)
+    (cut,), stats = pair_samples(tok, [record], max_length=40)
+    assert stats.truncated == 1 and stats.dropped == 0
+    assert cut["chosen_ids"] == whole["chosen_ids"] and cut["rejected_ids"] == whole["rejected_ids"]
+    assert cut["prompt_ids"] == whole["prompt_ids"][-len(cut["prompt_ids"]):]  # the prompt's end: the question
+    assert len(cut["prompt_ids"]) + len(cut["chosen_ids"]) == 40
+
+
+def test_hh_transcripts_become_prompt_turns_and_last_answers(tiny):
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.core.chat import ensure_chat_template
+    from rlhf_cli.core.dpo import pair_samples
+
+    tok = AutoTokenizer.from_pretrained(tiny["model"])
+    ensure_chat_template(tok)
+    record = {"chosen": "\n\nHuman: where is the cat?\n\nAssistant: it is great.",
+              "rejected": "\n\nHuman: where is the cat?\n\nAssistant: no."}
+    (pair,), _ = pair_samples(tok, [record], max_length=200)
+    assert tok.decode(pair["prompt_ids"]) == "<|user|>where is the cat?<|end|><|assistant|>"
+    assert tok.decode(pair["chosen_ids"]).startswith("it is great.")

@@ -32,6 +32,7 @@ from trl import DPOConfig, DPOTrainer
 from rlhf_cli.core import trainer as fitting
 from rlhf_cli.core.batches import Stats
 from rlhf_cli.core.chat import conversation_text, prompt_text
+from rlhf_cli.core.comparisons import split_hh_pair
 from rlhf_cli.core.device import Precision
 from rlhf_cli.core.models import fast_lora_layers
 from rlhf_cli.recipe import DPOSpec, TrainSpec
@@ -59,6 +60,9 @@ def split_pair(tokenizer: Any, record: dict[str, Any]) -> tuple[list[int], list[
     share is the prompt: the common leading messages of message lists, else the common leading tokens.
     """
     prompt, chosen, rejected = record.get("prompt"), record["chosen"], record["rejected"]
+    hh = split_hh_pair(chosen, rejected) if prompt in (None, "") else None
+    if hh is not None:  # HH-RLHF transcripts: the shared turns are the prompt (core.comparisons)
+        prompt, chosen, rejected = hh
     if prompt in (None, "") and isinstance(chosen, list) and isinstance(rejected, list):
         n = _common_prefix(chosen, rejected)
         prompt, chosen, rejected = chosen[:n] or None, chosen[n:], rejected[n:]
@@ -73,21 +77,29 @@ def split_pair(tokenizer: Any, record: dict[str, Any]) -> tuple[list[int], list[
 
 
 def pair_samples(tokenizer: Any, records: list[dict[str, Any]], max_length: int) -> tuple[list[dict[str, list[int]]], Stats]:
-    """Tokenized pairs in trl's layout. Transcripts longer than max_length keep their start (the prompt) and
-    are counted; a pair left without an answer token, or with identical answers, is dropped and counted."""
+    """Tokenized pairs in trl's layout. A pair longer than max_length loses the start of its prompt first (a
+    leading BOS stays), then the ends of its answers: what is compared survives, as in train-rm. It is
+    counted; a pair left without an answer token, or with identical answers, is dropped and counted."""
+    bos = getattr(tokenizer, "bos_token_id", None)
     samples, stats = [], Stats()
     for record in records:
         chosen, rejected, cut = split_pair(tokenizer, record)
         stats.lengths += [len(chosen), len(rejected)]
         stats.truncated += max(len(chosen), len(rejected)) > max_length
-        chosen, rejected = chosen[:max_length], rejected[:max_length]
-        if cut >= min(len(chosen), len(rejected)) or chosen == rejected:
+        prompt, answers = chosen[:cut], [chosen[cut:], rejected[cut:]]
+        room = max_length - max(len(a) for a in answers)
+        if len(prompt) > room:
+            head = 1 if prompt and prompt[0] == bos else 0
+            keep = max(room - head, 0)
+            prompt = prompt[:head] + (prompt[len(prompt) - keep :] if keep else [])
+        answers = [a[: max_length - len(prompt)] for a in answers]
+        if not all(answers) or answers[0] == answers[1]:
             stats.dropped += 1
             continue
-        samples.append({"prompt_ids": chosen[:cut], "chosen_ids": chosen[cut:], "rejected_ids": rejected[cut:]})
+        samples.append({"prompt_ids": prompt, "chosen_ids": answers[0], "rejected_ids": answers[1]})
         stats.samples += 1
-        stats.tokens += len(chosen) + len(rejected)
-        stats.loss_tokens += len(chosen) + len(rejected) - 2 * cut
+        stats.tokens += 2 * len(prompt) + len(answers[0]) + len(answers[1])
+        stats.loss_tokens += len(answers[0]) + len(answers[1])
     return samples, stats
 
 
