@@ -151,12 +151,15 @@ def test_dry_run_counts_truncation_of_prompt_completion_data(tmp_path):
     rows += [{"prompt": "where is the dog?", "completion": "the dog is in the park."}] * 5
     path = tmp_path / "pc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = rlhf("sft", "sft.yaml", "--data", str(path), "--set", "data.eval=null", "--set", "data.max_length=24", "--dry-run")
+    out = rlhf("sft", "sft.yaml", "--data", str(path), "--set", "data.eval=null", "--set", "data.eval_fraction=0",
+               "--set", "data.max_length=24", "--dry-run")
     assert out.code == 0, out
     d = out.json["details"]
     assert d["format"] == "prompt_completion"
-    # The long prompts leave no answer token within 24 tokens: cut, counted, dropped.
-    assert d["train"]["truncated"] >= 3 and d["train"]["dropped"] >= 1
+    # The long prompts would leave no answer token within 24 tokens: their start is cut instead, counted,
+    # and every answer is trained on whole.
+    assert d["train"]["truncated"] == 3 and d["train"]["dropped"] == 0 and d["train"]["samples"] == 8
+    assert d["sample"].endswith("[the cat is in the barn.<|end|>]") and "where is the cat?" in d["sample"]
     assert d["train"]["length_percentiles"]["p100"] > 24
 
 

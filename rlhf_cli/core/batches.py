@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rlhf_cli.core.chat import record_messages, render_conversation
+from rlhf_cli.core.chat import keep_answer, record_messages, render_conversation
 from rlhf_cli.core.data import percentiles
 from rlhf_cli.errors import DataError
 
@@ -57,10 +57,10 @@ def chat_samples(
         full = render_conversation(tokenizer, record_messages(record, fmt), 1 << 30, completion_only)
         stats.lengths.append(len(full.input_ids))
         stats.truncated += len(full.input_ids) > max_length
-        ids, labels = full.input_ids[:max_length], full.labels[:max_length]
+        ids, labels = keep_answer(tokenizer, full.input_ids, full.labels, max_length)
         n_loss = sum(label != IGNORE for label in labels[1:])
         if n_loss == 0:
-            # Truncation cut the whole answer away (or there is none): the sample teaches nothing.
+            # No answer token (none in the record, or an answer alone longer than max_length cut to nothing).
             stats.dropped += 1
             continue
         samples.append({"input_ids": ids, "labels": labels})

@@ -56,7 +56,8 @@ class Rendered:
 def render_conversation(
     tokenizer: Any, messages: list[dict[str, str]], max_length: int, completion_only: bool = True
 ) -> Rendered:
-    """Tokenize a conversation; labels cover assistant turns only when completion_only.
+    """Tokenize a conversation; labels cover assistant turns only when completion_only. Past max_length
+    the conversation loses its start before any trained token, so the answer survives.
 
     Assistant spans are found by rendering each prefix of the conversation: the text added by an
     assistant message (its content and the template's end-of-turn tokens) is what the model learns to
@@ -82,7 +83,20 @@ def render_conversation(
         inside = any(s <= start < e or (start == end and s < end <= e) for s, e in spans)
         labels.append(tok_id if (inside or not completion_only) else -100)
     truncated = len(ids) > max_length
-    return Rendered(ids[:max_length], labels[:max_length], truncated)
+    ids, labels = keep_answer(tokenizer, ids, labels, max_length)
+    return Rendered(ids, labels, truncated)
+
+
+def keep_answer(tokenizer: Any, ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """ids and labels within max_length, keeping what is learned: the conversation's start goes first (a
+    leading BOS stays), up to its first trained token; only then its end."""
+    if len(ids) <= max_length:
+        return ids, labels
+    first = next((i for i, label in enumerate(labels) if label != -100), 0)
+    head = 1 if ids and ids[0] == getattr(tokenizer, "bos_token_id", None) else 0
+    cut = min(len(ids) - max_length, max(first - head, 0))
+    ids, labels = ids[:head] + ids[head + cut :], labels[:head] + labels[head + cut :]
+    return ids[:max_length], labels[:max_length]
 
 
 def prompt_text(tokenizer: Any, prompt: Any, raw: bool = False) -> str:
