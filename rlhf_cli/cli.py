@@ -349,6 +349,8 @@ Metrics (--metric) and the keys they report (the names gates use):
   rm_accuracy  rm_accuracy, rm_margin: reward model on --preference pairs
   length       length, eos_rate: answer tokens; share ending before max_new_tokens
   reward_fn    reward_fn, reward_fn_std: --reward-fn package.module:function(prompts, responses)
+  best_of_n    best_of_n_reward, sample_reward: reward of the best of --set best_of_n=N sampled answers; of one
+  dpo_accuracy dpo_accuracy, dpo_margin: a DPO run's implicit reward against its starting model on --preference
 
 A table goes to stderr and the result as JSON to stdout; eval.json is written into --output-dir when given.
 Exit 0 when every gate holds, 4 naming the metric, its value and the gate otherwise."""

@@ -195,6 +195,18 @@ class GenerationSpec(Strict):
         return v
 
 
+class GreedyGenerationSpec(GenerationSpec):
+    """Generation for eval: greedy unless the recipe says otherwise, also when other generation keys are set."""
+
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 = greedy (eval's default: reproducible answers).")
+
+
+class DiverseGenerationSpec(GenerationSpec):
+    """Generation for compare: answers to compare must differ, so sampling at temperature 1 by default."""
+
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature; 1 by default, since answers to compare must differ.")
+
+
 def _adapter_rules(quant: QuantSpec, lora: LoraSpec | None) -> None:
     if quant.bits is not None and lora is None:
         raise ValueError(
@@ -434,7 +446,7 @@ class PPORecipe(Strict):
         return PPO_LR_LORA, "ppo.lr unset: LoRA default (about 10x full fine-tuning's)"
 
 
-Metric = Literal["perplexity", "reward", "win_rate", "kl", "rm_accuracy", "length", "reward_fn"]
+Metric = Literal["perplexity", "reward", "win_rate", "kl", "rm_accuracy", "length", "reward_fn", "best_of_n", "dpo_accuracy"]
 
 # The keys each metric puts into eval's output; gates (--fail-under / --fail-over) name these.
 METRIC_KEYS: dict[str, tuple[str, ...]] = {
@@ -445,6 +457,8 @@ METRIC_KEYS: dict[str, tuple[str, ...]] = {
     "rm_accuracy": ("rm_accuracy", "rm_margin"),
     "length": ("length", "eos_rate"),
     "reward_fn": ("reward_fn", "reward_fn_std", "reference_reward_fn"),
+    "best_of_n": ("best_of_n_reward", "sample_reward"),
+    "dpo_accuracy": ("dpo_accuracy", "dpo_margin"),
 }
 
 
@@ -471,10 +485,16 @@ class EvalRecipe(Strict):
     reward_fn: str | None = Field(None, description="package.module:function(prompts, responses) -> list[float].")
     metrics: list[Metric] = Field(..., min_length=1, description="Metrics to compute.")
     data: EvalData = Field(default_factory=EvalData)
-    generation: GenerationSpec = Field(default_factory=lambda: GenerationSpec(temperature=0.0))
+    generation: GreedyGenerationSpec = Field(default_factory=GreedyGenerationSpec)
     fail_under: dict[str, float] = Field(default_factory=dict, description="Gates: exit 4 when metric < value.")
     fail_over: dict[str, float] = Field(default_factory=dict, description="Gates: exit 4 when metric > value.")
     num_samples: int = Field(1, ge=1, description="Responses per prompt for reward, win_rate, kl, length and reward_fn.")
+    best_of_n: int = Field(
+        4, ge=2, description="Answers sampled per prompt for best_of_n (at generation.temperature, or 1 when greedy).",
+    )
+    beta: float | None = Field(
+        None, gt=0, description="DPO beta for dpo_margin; null = the DPO run's own dpo.beta (accuracy does not depend on it).",
+    )
     batch_size: int = Field(8, ge=1, description="Samples per forward pass.")
     seed: int = Field(42, description="Seed for sampling.")
     output_dir: str | None = Field(None, description="Write eval.json here when set.")
@@ -484,20 +504,20 @@ class EvalRecipe(Strict):
         m = set(self.metrics)
         if m - {"rm_accuracy"} and self.model is None:
             raise ValueError("model is missing: name the model to evaluate (--model RUN)")
-        if m & {"reward", "win_rate"} and self.reward is None:
-            raise ValueError("reward and win_rate need a reward model: set reward.path (--reward RUN)")
+        if m & {"reward", "win_rate", "best_of_n"} and self.reward is None:
+            raise ValueError("reward, win_rate and best_of_n need a reward model: set reward.path (--reward RUN)")
         if "rm_accuracy" in m and self.reward is None and self.model is None:
             raise ValueError("rm_accuracy needs a reward model: set reward.path (--reward RUN), or --model RUN of a train-rm run")
         if m & {"win_rate", "kl"} and self.reference is None:
             raise ValueError("win_rate and kl compare against a reference: set reference.path (--reference RUN)")
         if "reward_fn" in m and self.reward_fn is None:
             raise ValueError("metric reward_fn needs reward_fn: package.module:function")
-        if m & {"reward", "win_rate", "kl", "length", "reward_fn"} and self.data.prompts is None:
+        if m & {"reward", "win_rate", "kl", "length", "reward_fn", "best_of_n"} and self.data.prompts is None:
             raise ValueError("generation metrics need prompts: set data.prompts (--prompts FILE)")
         if "perplexity" in m and self.data.text is None:
             raise ValueError("perplexity needs data.text (--text FILE)")
-        if "rm_accuracy" in m and self.data.preference is None:
-            raise ValueError("rm_accuracy needs data.preference (--preference FILE)")
+        if m & {"rm_accuracy", "dpo_accuracy"} and self.data.preference is None:
+            raise ValueError("rm_accuracy and dpo_accuracy need data.preference (--preference FILE)")
         available = [k for metric in self.metrics for k in METRIC_KEYS[metric]]
         for key, gates in (("fail_under", self.fail_under), ("fail_over", self.fail_over)):
             unknown = [name for name in gates if name not in available]
@@ -545,10 +565,7 @@ class CompareRecipe(Strict):
     model: ModelSpec
     prompts: str = Field(..., min_length=1, description="Prompt file (JSONL/JSON/TXT): what the answers respond to.")
     quant: QuantSpec = Field(default_factory=QuantSpec)
-    generation: GenerationSpec = Field(
-        default_factory=lambda: GenerationSpec(temperature=1.0),
-        description="Sampling settings; temperature 1 by default, since answers to compare must differ.",
-    )
+    generation: DiverseGenerationSpec = Field(default_factory=DiverseGenerationSpec, description="Sampling settings.")
     num_samples: int = Field(4, ge=2, description="Answers per prompt (K); every pair of a ranking is trained on.")
     reward: str | None = Field(None, description="Score the answers: a reward model (train-rm run) or package.module:function.")
     for_labelling: bool = Field(

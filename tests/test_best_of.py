@@ -102,3 +102,17 @@ def _prompts_file(folder: Path) -> str:
     path = folder / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     return str(path)
+
+
+@pytest.mark.stage
+def test_eval_reports_best_of_n_beside_a_single_sample(sft_full_run, reward_run, tmp_path):
+    prompts = _prompts_file(tmp_path)
+    result = runner.invoke(app, ["eval", "--model", str(sft_full_run), "--reward", str(reward_run), "--prompts", prompts,
+                                 "--metric", "reward", "--metric", "best_of_n", "--set", "best_of_n=6",
+                                 "--set", "generation.max_new_tokens=12", "--fail-under", "best_of_n_reward=-100"])
+    assert result.exit_code == 0, result.stderr
+    out = json.loads(result.stdout)
+    m, d = out["metrics"], out["details"]
+    assert d["best_of_n"] == 6 and d["best_of_n_temperature"] == 1.0  # eval's greedy default: sampled at 1
+    assert m["best_of_n_reward"] > m["sample_reward"], m
+    assert "eval best-of-6 answers" in result.stderr

@@ -334,3 +334,12 @@ def test_missing_required_key_names_the_flag():
     with pytest.raises(RecipeError) as info:
         load_recipe("ppo", None, flags={"reward.path": "runs/rm", "data.train": "p.jsonl"})
     assert "pass --policy RUN" in info.value.message
+
+
+def test_setting_one_generation_key_keeps_the_stage_default_temperature():
+    """eval answers greedily and compare samples at 1 by default, also when another generation key is set."""
+    flags = {"model.path": "m", "metrics": ["length"], "data.prompts": "p.jsonl"}
+    assert load_recipe("eval", None, flags=flags, sets=["generation.max_new_tokens=12"]).generation.temperature == 0.0
+    compare = load_recipe("compare", None, flags={"model.path": "m", "prompts": "p", "for_labelling": True},
+                          sets=["generation.max_new_tokens=12"])
+    assert compare.generation.temperature == 1.0

@@ -51,6 +51,15 @@ def test_dpo_raises_held_out_preference_accuracy_and_feeds_generate(tiny):
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.splitlines()[0])["prompt"] == "where is the cat?"
 
+    # rlhf eval computes the same held-out implicit-reward accuracy, against the SFT run it started from.
+    result = runner.invoke(app, ["eval", "--model", "runs/tiny/dpo", "--metric", "dpo_accuracy",
+                                 "--preference", ".assets/tiny/preference_eval.jsonl", "--fail-under", "dpo_accuracy=0.9"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert got["metrics"]["dpo_accuracy"] == pytest.approx(m["eval_accuracy"], abs=0.02)
+    assert got["metrics"]["dpo_margin"] == pytest.approx(m["eval_margin"], rel=0.05)
+    assert got["details"]["dpo_reference"].endswith("runs/tiny/sft") and got["details"]["dpo_pairs"] == 50
+
 
 def _answer_log_probs(model, pairs: list[dict]) -> torch.Tensor:
     """Summed log-probs of the chosen and rejected answers, computed directly (no trl)."""

@@ -138,3 +138,29 @@ def check_gates(metrics: dict[str, float], fail_under: dict[str, float], fail_ov
         if not value <= limit:
             failed.append(f"{name} = {value:.4g} is over the gate {limit:g} (--fail-over {name}={limit:g})")
     return failed
+
+
+@torch.no_grad()
+def answer_logprobs(model: Any, rows: Sequence[tuple[list[int], list[int]]], batch_size: int,
+                    on_batch: Callable[[int], None] | None = None) -> list[float]:
+    """Summed log-probability of each answer given its prompt, for (prompt ids, answer ids) rows."""
+    from rlhf_cli.core.generation import token_logprobs
+
+    device = next(model.parameters()).device
+    # An answer with no prompt before it: its first token is the context (nothing predicts it).
+    rows = [(p, a) if p else (a[:1], a[1:]) for p, a in rows]
+    out: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        seqs = [list(p) + list(a) for p, a in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        logp = token_logprobs(model(input_ids=ids, attention_mask=mask).logits[:, :-1], ids[:, 1:])
+        for row, (prompt, answer) in enumerate(chunk):
+            # Position t predicts token t + 1: the answer's tokens are predicted from len(prompt) - 1 on.
+            first = len(prompt) - 1
+            out.append(float(logp[row, first : first + len(answer)].sum()))
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(rows)))
+    return out

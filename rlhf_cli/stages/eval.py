@@ -86,9 +86,16 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
         values["rm_margin"] = sum(gaps) / len(gaps)
         details.update(preference_pairs=len(gaps), preference_prompts=prompts_ranked)
 
-    if wanted & {"reward", "win_rate", "length", "reward_fn", "kl"}:
+    if "dpo_accuracy" in wanted:
+        assert policy is not None and data.preference is not None
+        accuracy, margin, n = _dpo_accuracy(policy, recipe, read(data.preference), data.preference, details)
+        values["dpo_accuracy"], values["dpo_margin"] = accuracy, margin
+        details["dpo_pairs"] = n
+
+    if wanted & {"reward", "win_rate", "length", "reward_fn", "kl", "best_of_n"}:
         assert policy is not None and data.prompts is not None
-        prompts = [p for p in prompts_of(read(data.prompts), data.prompts) for _ in range(recipe.num_samples)]
+        asked = prompts_of(read(data.prompts), data.prompts)
+        prompts = [p for p in asked for _ in range(recipe.num_samples)]
         details["answers"] = len(prompts)
         reference = load_causal_lm(recipe.reference) if wanted & {"win_rate", "kl"} else None
 
@@ -125,6 +132,9 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
                 if reward_fn is not None:
                     values["reference_reward_fn"] = mean_std(reward_fn(prompts, ref_texts))[0]
                 details.update(wins=verdict.wins, ties=verdict.ties, losses=verdict.losses)
+        if "best_of_n" in wanted:
+            assert scorer is not None
+            values["best_of_n_reward"], values["sample_reward"] = _best_of_n(policy, scorer, asked, recipe, details)
         if "kl" in wanted:
             assert reference is not None
             values["kl"] = _kl(policy, reference, prompts, recipe)
@@ -190,6 +200,66 @@ def _answer(loaded: Any, prompts: list[Any], spec: GenerationSpec, recipe: EvalR
     with _bar(len(prompts), f"eval {what}") as bar:
         return list(sample_texts(loaded.model, loaded.tokenizer, _texts(loaded, prompts), spec,
                                  batch_size=recipe.batch_size, seed=seed, on_batch=bar.update))
+
+
+def _best_of_n(policy: Any, scorer: Any, prompts: list[Any], recipe: EvalRecipe, details: dict[str, Any]) -> tuple[float, float]:
+    """(mean over prompts of the best of n sampled answers' rewards, mean reward of a single sampled answer):
+    best-of-n is the cheapest use of a reward model and the baseline a PPO policy is read against."""
+    from rlhf_cli.core.candidates import sample_groups, score_groups
+
+    spec = recipe.generation
+    if spec.temperature == 0:  # n greedy answers would be one answer n times
+        spec = spec.model_copy(update={"temperature": 1.0})
+    n = recipe.best_of_n
+    with _bar(len(prompts) * n, f"eval best-of-{n} answers") as bar:
+        groups = sample_groups(policy.model, policy.tokenizer, _texts(policy, prompts), n=n, spec=spec,
+                               batch_size=recipe.batch_size, seed=recipe.seed + 3, on_batch=bar.update)
+    _name_progress(scorer, f"eval reward (best-of-{n})")
+    scores = score_groups(scorer, prompts, groups)
+    details.update(best_of_n=n, best_of_n_temperature=spec.temperature)
+    return sum(max(g) for g in scores) / len(scores), sum(map(sum, scores)) / sum(map(len, scores))
+
+
+def _dpo_accuracy(policy: Any, recipe: EvalRecipe, records: list[dict[str, Any]], source: str,
+                  details: dict[str, Any]) -> tuple[float, float, int]:
+    """Implicit-reward accuracy of a DPO policy on held-out pairs (Rafailov et al. 2023): the share of pairs
+    where beta * (log pi(y|x) - log pi_ref(y|x)) is higher for the chosen answer, and the mean margin of
+    those rewards. The pairs are tokenized as dpo trained on them; the reference is --reference, or the
+    model the DPO run started from (its parent run, else its base)."""
+    from rlhf_cli.core.data import adopt_prompt_alias, detect_format
+    from rlhf_cli.core.dpo import pair_samples
+    from rlhf_cli.core.inference import load_causal_lm
+    from rlhf_cli.core.metrics import answer_logprobs
+    from rlhf_cli.errors import DataError
+    from rlhf_cli.recipe import ModelSpec
+    from rlhf_cli.runs import read_manifest
+
+    fmt = detect_format(records, source, allowed=("preference",))
+    records = adopt_prompt_alias(records, fmt, source)
+    manifest = read_manifest(policy.resolved.run_dir) if policy.resolved.run_dir else None
+    dpo_run = manifest if manifest and manifest.get("stage") == "dpo" else None
+    reference_spec = recipe.reference
+    if reference_spec is None:
+        if dpo_run is None:
+            raise RecipeError("dpo_accuracy compares against the model the DPO run started from: give --reference, "
+                              "or --model a dpo run directory")
+        base = dpo_run.get("base_model") or {}
+        start = dpo_run.get("parent_run") or (base.get("path") if isinstance(base, dict) else base)
+        reference_spec = ModelSpec(path=start, gguf_file=base.get("gguf_file") if isinstance(base, dict) else None)
+    beta = recipe.beta or float(((dpo_run or {}).get("recipe") or {}).get("dpo", {}).get("beta", 0.1))
+    length = recipe.data.max_length or ((dpo_run or {}).get("recipe") or {}).get("data", {}).get("max_length") or 1024
+    pairs, _ = pair_samples(policy.tokenizer, records, int(length))
+    if not pairs:
+        raise DataError(f"{source}: no pair with two different answers to score")
+    reference = load_causal_lm(reference_spec)
+    rows = [(p["prompt_ids"], p[k]) for p in pairs for k in ("chosen_ids", "rejected_ids")]
+    with _bar(2 * len(rows), "eval dpo_accuracy") as bar:
+        mine = answer_logprobs(policy.model, rows, recipe.batch_size, on_batch=bar.update)
+        theirs = answer_logprobs(reference.model, rows, recipe.batch_size, on_batch=lambda n: bar.update(len(rows) + n))
+    rewards = [beta * (a - b) for a, b in zip(mine, theirs)]
+    margins = [rewards[i] - rewards[i + 1] for i in range(0, len(rewards), 2)]
+    details.update(dpo_reference=reference_spec.path, dpo_beta=beta)
+    return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins), len(margins)
 
 
 def _kl(policy: Any, reference: Any, prompts: list[Any], recipe: EvalRecipe) -> float:
