@@ -63,7 +63,7 @@ def test_lora_freezes_the_base_and_counts_add_up(tiny):
     base = AutoModelForCausalLM.from_pretrained(tiny["model"])
     n_base = sum(p.numel() for p in base.parameters())
     model = make_trainable(base, lora=LoraSpec(r=4, target_modules=["q_proj", "v_proj"]), task="CAUSAL_LM",
-                           quantized=False, checkpointing=False)
+                           quantized=False, checkpointing=False, seed=0)
     trainable, total = count_parameters(model)
     cfg = base.config
     kv = cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
@@ -75,7 +75,7 @@ def test_lora_freezes_the_base_and_counts_add_up(tiny):
 
     # The reward head is new: it trains in full, in fp32, whatever the base dtype.
     rm = AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=1, dtype=torch.bfloat16)
-    rm = make_trainable(rm, lora=LoraSpec(r=4), task="SEQ_CLS", quantized=False, checkpointing=False)
+    rm = make_trainable(rm, lora=LoraSpec(r=4), task="SEQ_CLS", quantized=False, checkpointing=False, seed=0)
     trained = {n: p for n, p in rm.named_parameters() if p.requires_grad}
     assert any("score" in n for n in trained)
     assert all(p.dtype == torch.float32 for p in trained.values())
@@ -222,7 +222,7 @@ def test_lora_computes_in_the_activation_dtype_with_fp32_weights(tiny):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.bfloat16)
     model = make_trainable(base, lora=LoraSpec(r=4, dropout=0.0), task="CAUSAL_LM", quantized=False,
-                           checkpointing=False)
+                           checkpointing=False, seed=0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.05)  # a non-zero update, so the adapters change the logits
@@ -287,7 +287,7 @@ def test_exact_lora_matches_peft_and_sees_updates_below_bf16_rounding(tiny):
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.bfloat16)
     model = make_trainable(base, lora=LoraSpec(r=4, dropout=0.0), task="CAUSAL_LM", quantized=False,
-                           checkpointing=False).eval()
+                           checkpointing=False, seed=0).eval()
     lora = [p for n, p in model.named_parameters() if "lora_" in n]
     with torch.no_grad():
         for p in lora:  # values bf16 can hold exactly, so a small enough change rounds back to them
@@ -325,7 +325,7 @@ def test_fused_lora_update_matches_peft(tiny, case):
     dtype = torch.float32 if case == "fp32" else torch.bfloat16
     base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=dtype)
     model = make_trainable(base, lora=LoraSpec(r=4, alpha=5.0, dropout=0.3 if case == "dropout" else 0.0),
-                           task="CAUSAL_LM", quantized=False, checkpointing=False)
+                           task="CAUSAL_LM", quantized=False, checkpointing=False, seed=0)
     if case == "bf16-exact-two-adapters":
         model.add_adapter("second", LoraConfig(r=2, lora_alpha=3, target_modules="all-linear", lora_dropout=0.0))
         model.base_model.set_adapter(["default", "second"])

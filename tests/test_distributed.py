@@ -75,6 +75,20 @@ def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def update_gaps(a: Path, b: Path) -> dict[str, float]:
+    """||dW_a - dW_b|| / ||dW_a|| for the update B @ A of every LoRA layer two runs saved."""
+    from safetensors.torch import load_file
+
+    ta, tb = (load_file(str(f / "adapter_model.safetensors")) for f in (a, b))
+    assert ta.keys() == tb.keys()
+    gaps = {}
+    for key in (k for k in ta if "lora_A" in k):
+        other = key.replace("lora_A", "lora_B")
+        da, db = (t[other].float() @ t[key].float() for t in (ta, tb))
+        gaps[key.replace(".lora_A.weight", "")] = float((da - db).norm() / da.norm().clamp_min(1e-12))
+    return gaps
+
+
 def lora_b_norm(folder: Path) -> float:
     from safetensors.torch import load_file
 
@@ -142,6 +156,14 @@ def test_sft_two_processes_split_the_data_and_match_one(sft_pair):
     results = [json.loads(line) for line in sft_pair["launch"].stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1 and results[0]["status"] == "completed"
     assert tensor_shapes(sft_pair["two"] / "adapter") == tensor_shapes(sft_pair["one"] / "adapter") != {}
+    # The same samples make each global batch in both runs (accelerate shards the one sampler's batches), so
+    # every step's loss and the trained adapter agree up to bf16 arithmetic on other batch shapes.
+    # Measured: step losses within 3e-5 relative, LoRA updates B @ A within 0.6% (median 0.1%); with the
+    # adapters drawn from the process's RNG state instead of train.seed they differed by 140%.
+    losses = {n: [r["loss"] for r in metric_rows(sft_pair[n]) if "loss" in r] for n in ("one", "two")}
+    assert losses["two"] == pytest.approx(losses["one"], rel=2e-4)
+    gaps = update_gaps(sft_pair["one"] / "adapter", sft_pair["two"] / "adapter")
+    assert gaps and max(gaps.values()) < 0.03, gaps
     # Checkpoints: both ranks' RNG states, marked complete only once both were written.
     ckpt = sft_pair["two"] / "checkpoints" / "checkpoint-10"
     assert (ckpt / "COMPLETE").exists() and {p.name for p in ckpt.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}

@@ -253,3 +253,16 @@ def test_out_of_memory_on_the_device_or_the_host_is_one_line_naming_what_to_lowe
         "error: out of memory at step 0: lower train.batch_size or data.max_length, set train.gradient_checkpointing: "
         "true, or load the base in 4 bits (quant.bits: 4)")
     assert manifest("runs/tiny/sft")["status"] == "failed"
+
+
+def test_the_same_recipe_trains_the_same_adapter_whatever_ran_before():
+    """New LoRA weights are drawn from train.seed, not from the process's RNG state (a long-lived process,
+    or each rank of several, has drawn other numbers before)."""
+    from safetensors.torch import load_file
+
+    common = ["--set", "train.max_steps=2", "--set", "train.save_steps=100"]
+    assert rlhf("sft", "sft.yaml", "-o", "runs/a", *common).code == 0
+    torch.rand(12345)  # whatever else the process did in between
+    assert rlhf("sft", "sft.yaml", "-o", "runs/b", *common).code == 0
+    a, b = (load_file(f"runs/{n}/adapter/adapter_model.safetensors") for n in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

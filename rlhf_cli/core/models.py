@@ -307,13 +307,19 @@ def make_trainable(
     task: Literal["CAUSAL_LM", "SEQ_CLS"],
     quantized: bool,
     checkpointing: bool,
+    seed: int,
     parent_adapter: str | None = None,
 ) -> Any:
     """The recipe's trainable setup: the parent's adapter trained on (kept), a fresh LoRA, or all weights.
 
     Trainable tensors end up fp32 whatever the base dtype (the reward head copied from a bf16 base too),
-    so AdamW's small updates are not rounded away.
+    so AdamW's small updates are not rounded away. New weights (LoRA's A, a reward head) are drawn from
+    train.seed, not from whatever the process drew before: the same recipe gives the same run, in a fresh
+    process, a long-lived one, or each rank of several.
     """
+    from transformers import set_seed
+
+    set_seed(seed)
     if parent_adapter is not None:
         if quantized:
             model = prepare_model_for_kbit(model, checkpointing)
@@ -525,9 +531,13 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def build_from_config(spec: ModelSpec, tokenizer: Any, dtype: torch.dtype) -> Any:
-    """A new, randomly initialised model of the recipe's shape (pretraining from scratch)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_from_config(spec: ModelSpec, tokenizer: Any, dtype: torch.dtype, seed: int | None) -> Any:
+    """A new, randomly initialised model of the recipe's shape (pretraining from scratch), drawn from `seed`
+    (None: on the meta device, where nothing is drawn)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, set_seed
+
+    if seed is not None:
+        set_seed(seed)
 
     c = spec.config
     assert c is not None

@@ -74,7 +74,7 @@ def empty_model(resolved: ResolvedModel, spec: ModelSpec, *, head: str, tokenize
 
     with torch.device("meta"):
         if spec.init == "from_config":
-            return build_from_config(spec, tokenizer, torch.float32)
+            return build_from_config(spec, tokenizer, torch.float32, seed=None)
         kwargs: dict[str, Any] = {"trust_remote_code": resolved.trust_remote_code}
         if resolved.gguf_file:
             kwargs["gguf_file"] = resolved.gguf_file

@@ -89,7 +89,7 @@ def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
             # Loaded like the policy, parent adapters merged: the starting policy, frozen.
             ref_model = models.load_model(resolved, dtype=plan.precision.load).requires_grad_(False).eval()
         model = models.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
-                                      checkpointing=plan.checkpointing,
+                                      checkpointing=plan.checkpointing, seed=recipe.train.seed,
                                       parent_adapter=resolved.adapters[0] if kept else None)
         trainable, total = models.count_parameters(model)
         run_dir.update(format=fmt, data=stats.summary(), precision=plan.precision.as_json(),

@@ -75,13 +75,13 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
     with fitting.failure_marked(run_dir):
         quantized = recipe.quant.bits is not None
         if scratch:
-            model = models.build_from_config(recipe.model, tokenizer, plan.precision.load)
+            model = models.build_from_config(recipe.model, tokenizer, plan.precision.load, recipe.train.seed)
         else:
             model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant,
                                       merge_parent=not kept)
         kernel = attention.use_packed_attention(model)  # used by rows of unequal length (data.packing: false)
         model = models.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
-                                      checkpointing=plan.checkpointing,
+                                      checkpointing=plan.checkpointing, seed=recipe.train.seed,
                                       parent_adapter=resolved.adapters[0] if kept else None)
         trainable, total = models.count_parameters(model)
         run_dir.update(data=stats.summary(), precision=plan.precision.as_json(), parent_adapters=plan.parent_adapters,

@@ -71,7 +71,7 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
                                   merge_parent=not kept)
         kernel = attention.use_packed_attention(model) if d.padding_free else None
         model = models.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
-                                      checkpointing=plan.checkpointing,
+                                      checkpointing=plan.checkpointing, seed=recipe.train.seed,
                                       parent_adapter=resolved.adapters[0] if kept else None)
         trainable, total = models.count_parameters(model)
         run_dir.update(format=fmt, data=stats.summary(), precision=plan.precision.as_json(),

@@ -84,7 +84,7 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
         # token); rlhf itself pools by the attention mask (core.reward.sequence_scores).
         model.config.pad_token_id = tokenizer.pad_token_id
         model = models.make_trainable(model, lora=recipe.lora, task="SEQ_CLS", quantized=quantized,
-                                      checkpointing=plan.checkpointing,
+                                      checkpointing=plan.checkpointing, seed=recipe.train.seed,
                                       parent_adapter=resolved.adapters[0] if kept else None)
         trainable, total = models.count_parameters(model)
         run_dir.update(format=fmt, data=stats.summary(), precision=plan.precision.as_json(),
