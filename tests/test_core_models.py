@@ -464,3 +464,24 @@ def test_reward_scores_do_not_depend_on_padding(tiny, side):
     actor = SimpleNamespace(peft=rm, parents=[], use=lambda adapters: None)
     head = rm.get_base_model().score.modules_to_save["default"]
     assert SharedReward(actor, ["default"], head, tok, max_length=1024, batch_size=2)(prompts, answers) == pytest.approx(alone, abs=1e-5)
+
+
+def test_cpu_measured_speed_ups_stay_on_the_cpu(tiny):
+    """The activation-dtype LoRA layers and PPO's eager attention were measured on CPUs: a model elsewhere
+    (the meta device stands in for a GPU here) keeps peft's layers and its attention kernel."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cli.core.models import fast_lora_layers
+    from rlhf_cli.ppo.models import use_eager_attention_for_short_sequences
+
+    def fresh(device: str):
+        model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+        return model.to(device) if device != "cpu" else model
+
+    cpu, elsewhere = fresh("cpu"), fresh("meta")
+    assert fast_lora_layers(cpu) > 0 and fast_lora_layers(elsewhere) == 0
+    use_eager_attention_for_short_sequences(cpu, 128)
+    use_eager_attention_for_short_sequences(elsewhere, 128)
+    assert cpu.config._attn_implementation == "eager" and elsewhere.config._attn_implementation == "sdpa"

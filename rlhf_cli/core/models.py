@@ -463,6 +463,11 @@ def exact_lora() -> Iterator[None]:
         _exact_lora = before
 
 
+def on_cpu(model: Any) -> bool:
+    """Whether the model's weights are on the CPU: where the CPU-measured speed-ups apply."""
+    return all(p.device.type == "cpu" for p in model.parameters())
+
+
 def fast_lora_layers(model: Any) -> int:
     """Swap in faster forwards for the plain LoRA layers of `model`, in place: their A and B multiply in
     the activation dtype (see _ActivationDtypeLinear), and where the update is computed in the adapters'
@@ -470,8 +475,11 @@ def fast_lora_layers(model: Any) -> int:
     node (see _fused_lora_linear).
 
     Only the speed changes on an fp32 model. Layers with a LoRA variant (DoRA, ...) keep peft's own path.
+    Both were measured on CPUs (the figures in their docstrings); a model on a GPU keeps peft's layers.
     Returns how many layers changed.
     """
+    if not on_cpu(model):
+        return 0
     from peft.tuners.lora.layer import Linear as PeftLinear
     from peft.tuners.lora.layer import LoraLayer
     from torch.optim.optimizer import register_optimizer_step_post_hook

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from rlhf_cli.core.chat import conversation_text, ensure_chat_template
 from rlhf_cli.core.device import Precision, device_type, plan_precision, resolve_dtype
-from rlhf_cli.core.models import attach_lora, fast_lora_layers, load_model, load_tokenizer
+from rlhf_cli.core.models import attach_lora, fast_lora_layers, load_model, load_tokenizer, on_cpu
 from rlhf_cli.core.reward import RewardFn, load_function, load_reward_model, pool_last, trained_max_length
 from rlhf_cli.errors import DataError, RecipeError
 from rlhf_cli.recipe import PPORecipe
@@ -436,9 +436,10 @@ def keep_4bit_layers_in_train_mode(model: nn.Module) -> None:
 def use_eager_attention_for_short_sequences(model: Any, max_length: int) -> None:
     """On CPU, for the short sequences of PPO, plain attention trains faster than SDPA: SDPA's CPU flash
     kernel took ~30% of a bf16 PPO micro-batch on SmolLM2-135M at 69 tokens, eager attention a few percent.
-    Eager attention holds the full [heads, L, L] scores, so only below 2048 tokens."""
+    Eager attention holds the full [heads, L, L] scores, so only below 2048 tokens; a GPU keeps its
+    fused kernels (sdpa / flash), which this was not measured against."""
     setter = getattr(model, "set_attn_implementation", None)
-    if max_length <= 2048 and setter is not None:
+    if max_length <= 2048 and setter is not None and on_cpu(model):
         try:
             setter("eager")
         except (ValueError, ImportError):  # an architecture without an eager path keeps its default
