@@ -33,11 +33,16 @@ def vader_sentiment(prompts: list[Any], responses: list[str]) -> list[float]:
 
 
 def tiny_judge(prompts: list[Any], responses: list[str]) -> list[float]:
-    """The demo-tiny ground truth, as a labeller would rank: one point for a whole answer ("the cat is in
-    the barn."), one more for ending "it is great." The round-1 reward model learned the second from pairs
-    that differ in nothing else; nothing taught it that a cut-off answer ("the cat is in the") is worse,
-    which is where a PPO policy sampled against it drifts."""
+    """The demo-tiny ground truth, as a labeller would rank: a point for answering about the animal asked
+    for ("where is the cat?" -> "the cat ..."), one for saying where it is ("... is in the barn."), one
+    for "great" at the end. The round-1 reward model learned only the last, from pairs that differ in
+    nothing else; a PPO policy sampled against it drifts to answers that drop the rest ("the owl great.")."""
     import re
 
-    whole = re.compile(r"the \w+ is in the \w+\.( it is \w+\.)?")
-    return [float(bool(whole.fullmatch(r.strip()))) + float(r.strip().endswith("it is great.")) for r in responses]
+    out = []
+    for prompt, response in zip(prompts, responses):
+        text = prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt)
+        animal, answer = text.rstrip("?").split()[-1], response.strip()
+        out.append(float(answer.startswith(f"the {animal} ")) + float(bool(re.search(r"is in the \w+\.", answer)))
+                   + float(answer.endswith("great.")))
+    return out
