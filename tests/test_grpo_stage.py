@@ -260,3 +260,17 @@ def test_dry_run_says_what_a_rollout_samples(tiny, runs):
     details = json.loads(result.stdout)["details"]
     assert details["prompts_per_iteration"] == 8 and details["samples_per_iteration"] == 64
     assert details["advantage"] == "rloo" and details["kl"] == "k1 in the reward, beta 0.04"
+
+
+def test_full_fine_tuning_holds_a_policy_and_a_reference_copy_only(tiny, runs):
+    out = runs["root"] / "grpo-full"
+    result = grpo(tiny, runs, out, iterations=2, extra={"lora": "null", "grpo.lr": 1e-5, "grpo.save_steps": 1})
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["layout"]["base_copies"] == 2 and set(manifest["layout"]["roles"]) == {"policy", "reference", "reward"}
+    assert manifest["model"]["kind"] == "full" and (out / "model" / "config.json").exists()
+    assert not (out / "value").exists() and not list(out.glob("checkpoints/*/value"))
+    # Without a KL there is no reference copy either: the policy alone.
+    result = grpo(tiny, runs, runs["root"] / "grpo-full-no-kl", iterations=1, extra={"lora": "null", "grpo.kl_coef": 0})
+    assert result.exit_code == 0, result.output
+    assert json.loads((runs["root"] / "grpo-full-no-kl" / "run.json").read_text())["layout"]["base_copies"] == 1

@@ -22,9 +22,10 @@ Layouts (recorded in run.json):
   plans a full fine-tune (core.device.plan_precision): fp32 weights, so AdamW's small steps are not
   rounded to bf16, computing under bf16 autocast on a GPU and in fp32 on a CPU.
 
-Without a critic (`build_models(..., critic=False)`) there is no value adapter, value head or value copy:
-policy + reference (+ reward adapter) on one base. Switching roles only changes which adapters the LoRA layers apply, so one forward + one backward trains
-policy and value together (what DDP under `accelerate launch` expects). Activation checkpointing is off
+Without a critic (`build_models(..., critic=False)`, rlhf grpo) there is no value adapter, value head or
+value copy: policy + reference (+ reward adapter) on one base. Switching roles only changes which adapters
+the LoRA layers apply, so one forward + one backward trains policy and value together (what DDP under
+`accelerate launch` expects). Activation checkpointing is off
 here: it would recompute a pass in backward under whichever adapters were active last.
 """
 
