@@ -28,7 +28,7 @@ from rlhf_cli.recipe import RECIPE_CLASSES, STAGES, is_function_ref
 
 app = typer.Typer(
     name="rlhf",
-    help="RLHF pipelines for causal language models: pretrain -> sft -> train-rm -> ppo, plus eval and generate.",
+    help="RLHF pipelines for causal language models: pretrain -> sft -> train-rm -> ppo | grpo, dpo, plus eval and generate.",
     context_settings={"help_option_names": ["-h", "--help"]},
     no_args_is_help=True,
     add_completion=False,
@@ -308,19 +308,49 @@ def ppo(
     dry_run: DryRunOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
+    _boundary(
+        lambda: _run_stage(
+            "ppo", recipe, _policy_flags(policy, reward, prompts), set_,
+            output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
+        )
+    )
+
+
+@app.command(help="Critic-free RL (GRPO, Dr. GRPO, RLOO, REINFORCE++): a group of answers per prompt, scored by a "
+             "rule-based reward function or a reward model.")
+def grpo(
+    recipe: RecipeArg = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="Starting policy: run directory, local model or hub id.")] = None,
+    reward: Annotated[
+        Optional[str], typer.Option("--reward", help="package.module:function(prompts, responses) or a reward model (train-rm run).")
+    ] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompt file (data.train).")] = None,
+    set_: SetOpt = None,
+    output_dir: OutputDirOpt = None,
+    resume: ResumeOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False,
+    dry_run: DryRunOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    _boundary(
+        lambda: _run_stage(
+            "grpo", recipe, _policy_flags(policy, reward, prompts), set_,
+            output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
+        )
+    )
+
+
+def _policy_flags(policy: Optional[str], reward: Optional[str], prompts: Optional[str]) -> dict[str, Any]:
+    """--policy, --prompts and --reward of ppo and grpo; --reward replaces the file's reward source, whichever
+    kind the file names."""
     from rlhf_cli.recipe_load import UNSET
 
     flags: dict[str, Any] = {"policy.path": policy, "data.train": prompts}
     if reward is not None:
-        # --reward replaces the file's reward source, whichever kind the file names.
         use, drop = ("reward.function", "reward.path") if is_function_ref(reward) else ("reward.path", "reward.function")
         flags[use], flags[drop] = reward, UNSET
-    _boundary(
-        lambda: _run_stage(
-            "ppo", recipe, flags, set_,
-            output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
-        )
-    )
+    return flags
 
 
 def _parse_gates(items: Optional[list[str]], flag: str) -> Optional[dict[str, float]]:

@@ -8,12 +8,12 @@ This module imports no torch: `rlhf validate` must answer instantly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Dtype = Literal["auto", "bf16", "fp16", "fp32"]
-STAGES = ("pretrain", "sft", "train-rm", "dpo", "ppo", "eval", "generate", "compare")
+STAGES = ("pretrain", "sft", "train-rm", "dpo", "ppo", "grpo", "eval", "generate", "compare")
 
 
 def is_function_ref(ref: str) -> bool:
@@ -150,6 +150,8 @@ class PromptData(DataBase):
 
 # --------------------------------------------------------------------------- training
 
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+
 
 class TrainSpec(Strict):
     epochs: float | None = Field(1, gt=0, description="Passes over the training data (ignored when max_steps is set).")
@@ -169,7 +171,7 @@ class TrainSpec(Strict):
     gradient_checkpointing: Literal["auto"] | bool = Field(
         "auto", description="Recompute activations to save memory: true, false, or auto (on only when memory asks for it)."
     )
-    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+    report_to: list[Tracker] = Field(
         default_factory=list, description="Extra experiment trackers; metrics.jsonl is always written."
     )
 
@@ -362,21 +364,66 @@ PPO_LR_FULL = 1e-5
 PPO_LR_LORA = 1e-4
 
 
-class PPOSpec(Strict):
+class OnlineRLSpec(Strict):
+    """What every online RL loop here shares (sampling, the clipped surrogate, KL, checkpoints); the
+    subclasses add what a critic (PPO) or a group of answers per prompt (GRPO) needs."""
+
+    section: ClassVar[str]
     iterations: int = Field(100, ge=1, description="Rollout + optimisation rounds.")
     rollout_batch_size: int = Field(64, ge=1, description="Prompts per rollout.")
     mini_batch_size: int = Field(8, ge=1, description="Samples per optimiser step within a PPO epoch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per mini-batch (memory).")
     ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout.")
     lr: float | None = Field(
-        None, gt=0, description=f"Learning rate of the policy and value; null = derived from what trains: {PPO_LR_LORA:g} for "
-        f"LoRA adapters, {PPO_LR_FULL:g} for full fine-tuning (`rlhf ppo --dry-run` says which)."
+        None, gt=0, description=f"Learning rate of the trained roles; null = derived from what trains: {PPO_LR_LORA:g} for "
+        f"LoRA adapters, {PPO_LR_FULL:g} for full fine-tuning (`--dry-run` says which)."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     clip_range: float = Field(0.2, gt=0, description="PPO ratio clip epsilon.")
+    kl_coef: float = Field(0.05, ge=0, description="beta of the per-token KL penalty to the reference policy.")
+    reward_clip: float | None = Field(None, gt=0, description="Clip scores to [-x, x]; null = off.")
+    missing_eos_penalty: float | None = Field(
+        None, ge=0, description="Subtract this from the score of responses that never emit EOS; null = off, and a "
+        "response cut at generation.max_new_tokens is scored as a finished turn (metrics: truncated_fraction)."
+    )
+    seed: int = Field(42, description="Seed for prompt order and sampling.")
+    save_steps: int = Field(10, ge=1, description="Checkpoint every N iterations.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    report_to: list[Tracker] = Field(
+        default_factory=list, description="Experiment trackers for the per-iteration metrics (tensorboard, wandb offline, "
+        "mlflow in a local file store, all inside the run directory); metrics.jsonl is always written."
+    )
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> OnlineRLSpec:
+        # Each PPO epoch splits the rollout into equal mini-batches, and each mini-batch into equal micro-batches.
+        key = self.section
+        if self.rollout_batch_size % self.mini_batch_size:
+            up = -(-self.rollout_batch_size // self.mini_batch_size) * self.mini_batch_size
+            raise ValueError(
+                f"rollout_batch_size {self.rollout_batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}: "
+                f"set {key}.rollout_batch_size to a multiple of it (e.g. {up}) or pick a mini_batch_size that divides it"
+            )
+        if self.mini_batch_size % self.grad_accum:
+            raise ValueError(
+                f"mini_batch_size {self.mini_batch_size} is not a multiple of grad_accum {self.grad_accum}: "
+                f"set {key}.grad_accum to a divisor of {key}.mini_batch_size"
+            )
+        return self
+
+    def learning_rate(self, lora: LoraSpec | None) -> tuple[float, str]:
+        """lr, or the default for what trains (LoRA adapters take about 10x full fine-tuning's), and why."""
+        if self.lr is not None:
+            return self.lr, f"{self.section}.lr"
+        if lora is None:
+            return PPO_LR_FULL, f"{self.section}.lr unset: full fine-tuning default"
+        return PPO_LR_LORA, f"{self.section}.lr unset: LoRA default (about 10x full fine-tuning's)"
+
+
+class PPOSpec(OnlineRLSpec):
+    section: ClassVar[str] = "ppo"
     value_clip_range: float = Field(0.2, gt=0, description="Value-prediction clip around the rollout values.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
-    kl_coef: float = Field(0.05, ge=0, description="beta of the per-token KL penalty to the reference policy.")
     kl_target: float | None = Field(None, gt=0, description="Adaptive KL: aim for this KL per sequence; null = fixed beta.")
     kl_horizon: int = Field(10000, ge=1, description="Adaptive KL horizon in samples (Ziegler et al. 2019).")
     kl_estimator: KLEstimator = Field(
@@ -389,30 +436,75 @@ class PPOSpec(Strict):
     whiten_rewards: bool = Field(
         False, description="Scale scores to unit variance over the rollout (mean kept, as in trl) before adding the KL penalty."
     )
-    reward_clip: float | None = Field(None, gt=0, description="Clip scores to [-x, x]; null = off.")
-    missing_eos_penalty: float | None = Field(
-        None, ge=0, description="Subtract this from the score of responses that never emit EOS; null = off, and a "
-        "response cut at generation.max_new_tokens is scored as a finished turn (metrics: truncated_fraction)."
+
+
+Advantage = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
+# Where each estimator's paper puts the KL to the reference: GRPO and Dr. GRPO as a k3 loss term (Shao et al.
+# 2024; Liu et al. 2025), RLOO in the reward as PPO does (Ahmadian et al. 2024), REINFORCE++ per token in the
+# reward (Hu 2025).
+KL_IN: dict[str, Literal["loss", "reward"]] = {"grpo": "loss", "dr_grpo": "loss", "rloo": "reward", "reinforce_pp": "reward"}
+
+
+class GRPOSpec(OnlineRLSpec):
+    section: ClassVar[str] = "grpo"
+    rollout_batch_size: int = Field(
+        64, ge=1, description="Answers sampled per rollout: rollout_batch_size / group_size prompts, group_size answers each."
     )
-    seed: int = Field(42, description="Seed for prompt order and sampling.")
-    save_steps: int = Field(10, ge=1, description="Checkpoint every N iterations.")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    mini_batch_size: int = Field(16, ge=1, description="Answers per optimiser step within an epoch.")
+    ppo_epochs: int = Field(
+        1, ge=1, description="Passes over each rollout with the clipped surrogate (GRPO's mu; 1 = on-policy, as Shao et al.)."
+    )
+    group_size: int = Field(8, ge=1, description="Answers sampled per prompt; their scores are each other's baseline.")
+    advantage: Advantage = Field(
+        "grpo",
+        description="grpo: (score - group mean) / group std, loss averaged per answer (Shao et al. 2024); dr_grpo: score - "
+        "group mean, loss summed over tokens / the token budget, no length or std normalisation (Liu et al. 2025); "
+        "rloo: score - mean of the other answers to the prompt (Ahmadian et al. 2024); reinforce_pp: KL-shaped "
+        "returns normalised over the whole batch, no group baseline (REINFORCE++, Hu 2025).",
+    )
+    kl_coef: float = Field(
+        0.04, ge=0, description="beta of the KL to the reference (0.04 in Shao et al. 2024); 0 = no reference pass at all."
+    )
+    kl_in: Literal["loss", "reward"] | None = Field(
+        None, description="loss: beta x KL as a term of the loss (GRPO's); reward: subtracted from the reward per token "
+        "(PPO's); null = the estimator's paper: loss for grpo and dr_grpo, reward for rloo and reinforce_pp."
+    )
+    kl_estimator: KLEstimator | None = Field(
+        None, description="Per-token KL estimate (see ppo.kl_estimator); null = k3 in the loss (Shao et al. 2024), "
+        "k1 in the reward (Ziegler et al. 2019)."
+    )
 
     @model_validator(mode="after")
-    def _batches_divide(self) -> PPOSpec:
-        # Each PPO epoch splits the rollout into equal mini-batches, and each mini-batch into equal micro-batches.
-        if self.rollout_batch_size % self.mini_batch_size:
-            up = -(-self.rollout_batch_size // self.mini_batch_size) * self.mini_batch_size
+    def _groups_fit(self) -> GRPOSpec:
+        if self.group_size < 2 and self.advantage != "reinforce_pp":
             raise ValueError(
-                f"rollout_batch_size {self.rollout_batch_size} is not a multiple of mini_batch_size {self.mini_batch_size}: "
-                f"set ppo.rollout_batch_size to a multiple of it (e.g. {up}) or pick a mini_batch_size that divides it"
+                f"group_size 1 with advantage {self.advantage}: a group baseline needs at least 2 answers per prompt; "
+                "set grpo.group_size to 2 or more (8 is usual), or grpo.advantage: reinforce_pp"
             )
-        if self.mini_batch_size % self.grad_accum:
+        if self.rollout_batch_size % self.group_size:
+            up = -(-self.rollout_batch_size // self.group_size) * self.group_size
             raise ValueError(
-                f"mini_batch_size {self.mini_batch_size} is not a multiple of grad_accum {self.grad_accum}: "
-                "set ppo.grad_accum to a divisor of ppo.mini_batch_size"
+                f"rollout_batch_size {self.rollout_batch_size} is not a multiple of group_size {self.group_size}: it counts "
+                f"answers, group_size per prompt; set grpo.rollout_batch_size to e.g. {up}"
             )
         return self
+
+    @property
+    def kl_placement(self) -> Literal["loss", "reward"]:
+        return self.kl_in or KL_IN[self.advantage]
+
+    @property
+    def kl_kind(self) -> KLEstimator:
+        if self.kl_estimator is not None:
+            return self.kl_estimator
+        return "k3" if self.kl_placement == "loss" else "k1"
+
+
+def _online_rules(data: PromptData, generation: GenerationSpec, stage: str) -> None:
+    if data.format not in ("auto", "prompt", "messages"):
+        raise ValueError(f"{stage} samples from prompts, not {data.format}: set data.format: prompt or auto")
+    if generation.temperature == 0:
+        raise ValueError(f"generation.temperature is 0: {stage.upper()} must sample its rollouts; use e.g. 0.7")
 
 
 class PPORecipe(Strict):
@@ -431,19 +523,49 @@ class PPORecipe(Strict):
     @model_validator(mode="after")
     def _rules(self) -> PPORecipe:
         _adapter_rules(self.quant, self.lora)
-        if self.data.format not in ("auto", "prompt", "messages"):
-            raise ValueError(f"ppo samples from prompts, not {self.data.format}: set data.format: prompt or auto")
-        if self.generation.temperature == 0:
-            raise ValueError("generation.temperature is 0: PPO must sample its rollouts; use e.g. 0.7")
+        _online_rules(self.data, self.generation, "ppo")
         return self
 
+    @property
+    def rl(self) -> PPOSpec:
+        return self.ppo
+
     def learning_rate(self) -> tuple[float, str]:
-        """ppo.lr, or the default for what trains (LoRA adapters take about 10x full fine-tuning's), and why."""
-        if self.ppo.lr is not None:
-            return self.ppo.lr, "ppo.lr"
-        if self.lora is None:
-            return PPO_LR_FULL, "ppo.lr unset: full fine-tuning default"
-        return PPO_LR_LORA, "ppo.lr unset: LoRA default (about 10x full fine-tuning's)"
+        return self.ppo.learning_rate(self.lora)
+
+
+class GRPORecipe(Strict):
+    """Critic-free RL: group_size answers per prompt, each scored against its group (GRPO and relatives)."""
+
+    stage: Literal["grpo"] = "grpo"
+    policy: ModelSpec
+    reward: RewardSource
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    lora: LoraSpec | None = Field(default_factory=LoraSpec, description="Policy adapter settings; null = full fine-tune.")
+    data: PromptData
+    generation: GenerationSpec = Field(
+        default_factory=lambda: GenerationSpec(temperature=1.0),
+        description="Sampling settings; temperature 1 by default, since a group's answers must differ to carry signal.",
+    )
+    grpo: GRPOSpec = Field(default_factory=GRPOSpec)
+    output_dir: str = Field("runs/grpo", min_length=1, description="Run directory this stage writes.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> GRPORecipe:
+        _adapter_rules(self.quant, self.lora)
+        _online_rules(self.data, self.generation, "grpo")
+        return self
+
+    @property
+    def rl(self) -> GRPOSpec:
+        return self.grpo
+
+    def learning_rate(self) -> tuple[float, str]:
+        return self.grpo.learning_rate(self.lora)
+
+
+# A recipe of one of the online RL loops in rlhf_cli/ppo/ (sampling from the policy against a reward).
+OnlineRecipe = Union[PPORecipe, GRPORecipe]
 
 
 Metric = Literal["perplexity", "reward", "win_rate", "kl", "rm_accuracy", "length", "reward_fn", "best_of_n", "dpo_accuracy"]
@@ -582,7 +704,8 @@ class CompareRecipe(Strict):
 
 
 Recipe = Annotated[
-    Union[PretrainRecipe, SFTRecipe, RewardRecipe, DPORecipe, PPORecipe, EvalRecipe, GenerateRecipe, CompareRecipe],
+    Union[PretrainRecipe, SFTRecipe, RewardRecipe, DPORecipe, PPORecipe, GRPORecipe, EvalRecipe, GenerateRecipe,
+          CompareRecipe],
     Field(discriminator="stage"),
 ]
 
@@ -592,6 +715,7 @@ RECIPE_CLASSES: dict[str, type[Strict]] = {
     "train-rm": RewardRecipe,
     "dpo": DPORecipe,
     "ppo": PPORecipe,
+    "grpo": GRPORecipe,
     "eval": EvalRecipe,
     "generate": GenerateRecipe,
     "compare": CompareRecipe,

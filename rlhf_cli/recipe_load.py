@@ -147,6 +147,7 @@ def set_path(data: dict[str, Any], loc: Loc, value: Any, origin: str) -> None:
 _FLAGS: dict[str, str] = {"model.path": "--model MODEL", "data.train": "--data FILE"}
 _STAGE_FLAGS: dict[str, dict[str, str]] = {
     "ppo": {"policy.path": "--policy RUN", "reward.path": "--reward RUN", "data.train": "--prompts FILE"},
+    "grpo": {"policy.path": "--policy RUN", "reward.path": "--reward RUN|package.module:function", "data.train": "--prompts FILE"},
 }
 
 

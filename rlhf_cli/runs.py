@@ -51,7 +51,8 @@ RESUMABLE_KEYS = frozenset({
     "output_dir",
     "train.epochs", "train.max_steps", "train.logging_steps", "train.eval_steps", "train.save_steps",
     "train.save_total_limit", "train.report_to",
-    "ppo.iterations", "ppo.save_steps", "ppo.save_total_limit",
+    "ppo.iterations", "ppo.save_steps", "ppo.save_total_limit", "ppo.report_to",
+    "grpo.iterations", "grpo.save_steps", "grpo.save_total_limit", "grpo.report_to",
 })
 _VERSIONED = ("rlhf-cli", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes")
 

@@ -18,6 +18,8 @@ _PLACEHOLDERS: dict[str, dict[str, Any]] = {
     "train-rm": {"model": {"path": "runs/sft"}, "data": {"train": "data/preferences.jsonl"}},
     "dpo": {"model": {"path": "runs/sft"}, "data": {"train": "data/preferences.jsonl"}},
     "ppo": {"policy": {"path": "runs/sft"}, "reward": {"path": "runs/rm"}, "data": {"train": "data/prompts.jsonl"}},
+    "grpo": {"policy": {"path": "runs/sft"}, "reward": {"function": "rlhf_cli.demo.rewards:arithmetic_exact"},
+             "data": {"train": "data/arithmetic.jsonl"}},
     "eval": {
         "model": {"path": "runs/ppo"},
         "reward": {"path": "runs/rm"},

@@ -11,8 +11,9 @@ import pytest
 
 from rlhf_cli.core.data import check_columns, detect_format, prompts_of, read_records, read_splits, split_eval
 from rlhf_cli.errors import DataError, RecipeError
+from rlhf_cli.ppo import prompts as ppo
 from rlhf_cli.recipe import ChatData, PPORecipe, PreferenceData
-from rlhf_cli.stages import generate, ppo
+from rlhf_cli.stages import generate
 
 ROWS = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(20)]
 

@@ -274,6 +274,42 @@ def test_ppo_two_processes_share_the_rollout_and_match_one(tiny, sft_full_run, t
     assert len([line for line in two.stdout.splitlines() if line.startswith("{")]) == 1
 
 
+GRPO_SETS = {"grpo.iterations": 2, "grpo.rollout_batch_size": 16, "grpo.group_size": 4, "grpo.mini_batch_size": 8,
+             "grpo.ppo_epochs": 2, "grpo.lr": 3e-3, "grpo.advantage": "reinforce_pp", "generation.max_new_tokens": 8,
+             "lora.r": 8, "lora.alpha": 16}
+
+
+@pytest.mark.dist
+@pytest.mark.stage
+def test_grpo_two_processes_sample_whole_groups_and_match_one(tiny, sft_full_run, tmp_path):
+    """reinforce_pp whitens over the whole batch, so the two processes reduce its statistics together."""
+    import torch
+
+    def args(out: Path) -> list[str]:
+        return ["grpo", "--policy", str(sft_full_run), "--reward", "tests.dist_support:answer_length", "--prompts",
+                str(tiny["prompts"]), "--output-dir", str(out), "--json",
+                *[a for k, v in GRPO_SETS.items() for a in ("--set", f"{k}={v}")]]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = invoke(*args(tmp_path / "one"))
+    finally:
+        torch.set_num_threads(threads)
+    assert single.exit_code == 0, single.output
+    two = accelerate(tmp_path, *args(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_m, two_m = manifest(tmp_path / "one"), manifest(tmp_path / "two")
+    # 4 prompts x 4 answers per iteration: all on one process, or 2 whole groups on each of two.
+    assert one_m["distributed"]["samples_per_rank"] == [32]
+    assert two_m["distributed"]["samples_per_rank"] == [16, 16]
+    rows_one, rows_two = metric_rows(tmp_path / "one"), metric_rows(tmp_path / "two")
+    assert set(rows_two[-1]) == set(rows_one[-1]) and "zero_std_groups" in rows_two[-1]
+    assert tensor_shapes(tmp_path / "two" / "adapter") == tensor_shapes(tmp_path / "one" / "adapter") != {}
+    assert lora_b_norm(tmp_path / "two" / "adapter") > 0
+    assert not (tmp_path / "two" / "value").exists()
+
+
 @pytest.mark.dist
 @pytest.mark.stage
 def test_a_nan_reward_on_one_rank_ends_every_rank_with_exit_1_and_the_same_line(tiny, sft_full_run, tmp_path):
@@ -386,6 +422,24 @@ def test_ppo_launch_rules(env):
     env.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(RecipeError, match="ppo runs on one process or under DDP, not under FSDP"):
         check_launch("ppo", ppo_recipe(**{"ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 4}))
+
+
+def test_grpo_launch_rules(env):
+    from rlhf_cli.core.distributed import check_launch
+    from rlhf_cli.recipe_load import load_recipe
+
+    def recipe(**sets):
+        flags = {"policy.path": "runs/sft", "reward.function": "tests.ppo_support:says_great", "data.train": "p.jsonl"}
+        return load_recipe("grpo", None, flags=flags, sets=[f"{k}={v}" for k, v in sets.items()])
+
+    env.setenv("WORLD_SIZE", "2")
+    check_launch("grpo", recipe(**{"grpo.rollout_batch_size": 16, "grpo.group_size": 4, "grpo.mini_batch_size": 8}))
+    # 3 prompts of 4 answers cannot be split into whole groups over 2 processes.
+    with pytest.raises(RecipeError, match=r"multiples of 2 \(and grpo.rollout_batch_size to a multiple of 2 x grpo.group_size\)"):
+        check_launch("grpo", recipe(**{"grpo.rollout_batch_size": 12, "grpo.group_size": 4, "grpo.mini_batch_size": 4}))
+    env.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(RecipeError, match="grpo runs on one process or under DDP, not under FSDP"):
+        check_launch("grpo", recipe())
 
 
 def test_refusal_happens_before_anything_is_written(env, tmp_path):

@@ -637,3 +637,16 @@ def test_ppo_scores_with_the_reward_runs_trained_length(tiny, runs, monkeypatch)
                                       *[a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]])
     assert result.exit_code == 0, result.output
     assert seen == [64]
+
+
+def test_ppo_logs_every_iteration_to_tensorboard_in_the_run(tiny, runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = runs["root"] / "ppo-tb"
+    result = ppo(tiny, runs, out, "tests.ppo_support:says_great", iterations=2,
+                 extra={**SMALL, "ppo.report_to": "[tensorboard]"})
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"score_mean", "kl", "value_loss", "value_mean", "policy_loss"} <= set(events.Tags()["scalars"])
+    assert [e.value for e in events.Scalars("kl")] == pytest.approx([r["kl"] for r in metrics(out)])

@@ -20,8 +20,8 @@ def test_prompt_order_draws_every_prompt_once_per_epoch():
 
 
 def test_message_prompts_drop_a_trailing_assistant_turn(tmp_path):
+    from rlhf_cli.ppo.prompts import read_prompts
     from rlhf_cli.recipe import PPORecipe
-    from rlhf_cli.stages.ppo import read_prompts
 
     path = tmp_path / "p.jsonl"
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]

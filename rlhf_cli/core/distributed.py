@@ -96,20 +96,23 @@ def check_launch(stage: str, recipe: Any) -> None:
             "launch QLoRA with DDP (recipes/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 (recipes/accelerate/deepspeed-zero2.yaml), "
             "or set quant.bits: null"
         )
-    if stage == "ppo" and mode not in ("none", "ddp"):
+    if stage in ("ppo", "grpo") and mode not in ("none", "ddp"):
         raise RecipeError(
-            f"rlhf ppo runs on one process or under DDP, not under {_name(mode)}: every process samples from its "
+            f"rlhf {stage} runs on one process or under DDP, not under {_name(mode)}: every process samples from its "
             "whole policy; launch with recipes/accelerate/ddp.yaml (or torchrun), and use quant.bits: 4 to fit a "
             "large policy on each GPU"
         )
     world = world_size()
-    if stage == "ppo" and world > 1:
-        ppo = recipe.ppo
-        unit = world * ppo.grad_accum
-        if ppo.rollout_batch_size % world or ppo.mini_batch_size % unit:
+    if stage in ("ppo", "grpo") and world > 1:
+        rl, key = recipe.rl, stage
+        unit = world * rl.grad_accum
+        # GRPO's rollout counts answers, group_size per prompt, and each process samples whole groups.
+        prompts = rl.rollout_batch_size // (rl.group_size if stage == "grpo" else 1)
+        if prompts % world or rl.mini_batch_size % unit:
             raise RecipeError(
-                f"ppo.rollout_batch_size {ppo.rollout_batch_size} and ppo.mini_batch_size {ppo.mini_batch_size} are global "
-                f"batch sizes: under {world} processes x ppo.grad_accum {ppo.grad_accum} set both to multiples of {unit}"
+                f"{key}.rollout_batch_size {rl.rollout_batch_size} and {key}.mini_batch_size {rl.mini_batch_size} are global "
+                f"batch sizes: under {world} processes x {key}.grad_accum {rl.grad_accum} set both to multiples of {unit}"
+                + (f" (and {key}.rollout_batch_size to a multiple of {world} x {key}.group_size)" if stage == "grpo" else "")
             )
     if world == 1 and _flag("ACCELERATE_USE_CPU") and os.environ.get("MASTER_ADDR"):
         # accelerate launch --cpu --num_processes N starts one process unless given an MPI hostfile.

@@ -38,6 +38,7 @@ from rlhf_cli.console import Progress
 from rlhf_cli.core import distributed
 from rlhf_cli.core.device import Precision, peak_memory_bytes
 from rlhf_cli.core.memory import out_of_memory
+from rlhf_cli.core.trackers import check_installed
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.recipe import TrainSpec
 from rlhf_cli.runs import RunDir, checkpoint_step, is_main_process, mark_complete
@@ -52,7 +53,6 @@ _CHECKPOINTING = (
 )
 # Timing details Trainer adds to every log; tokens/s stays.
 _NOISE = ("_runtime", "_samples_per_second", "_steps_per_second")
-_TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 
 
 def training_args(
@@ -121,11 +121,7 @@ def training_args(
 
 
 def _trackers(names: list[str], output_dir: Path) -> list[str]:
-    import importlib.util
-
-    for name in names:
-        if not any(importlib.util.find_spec(m) for m in _TRACKERS[name]):
-            raise RecipeError(f"train.report_to lists {name}, which is not installed: pip install {name}, or remove it")
+    check_installed(names, "train.report_to")
     if "tensorboard" in names:
         # Next to metrics.jsonl rather than inside checkpoints/.
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(output_dir).parent / "tensorboard"))

@@ -16,18 +16,21 @@ Conventions shared by every function here:
 Sources: Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences") for the KL-shaped
 reward and the adaptive KL controller (and their lm-human-preferences code for the defaults), Ouyang
 et al. 2022 for the same reward shape at scale, and Huang et al. 2024 ("The N Implementation Details of
-RLHF with PPO") for the masking, whitening, clipping and temperature details.
+RLHF with PPO") for the masking, whitening, clipping and temperature details. The critic-free
+advantages: Shao et al. 2024 (GRPO, "DeepSeekMath"), Liu et al. 2025 (Dr. GRPO, "Understanding R1-Zero-Like
+Training"), Ahmadian et al. 2024 (RLOO, "Back to Basics") and Hu 2025 (REINFORCE++).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
+from rlhf_cli.recipe import Advantage
 from rlhf_cli.recipe import KLEstimator as KLKind
 
 # A sum all-reduce over ranks that returns the reduced tensor, e.g. ``accelerator.reduce`` (its default
@@ -37,6 +40,12 @@ Reduce = Callable[[Tensor], Tensor]
 
 # Added to the variance before the square root when whitening, as in the lm-human-preferences code.
 WHITEN_EPS = 1e-8
+# Added to a group's score std before dividing by it (trl's GRPO): a group whose answers all scored the
+# same gets advantages of 0, not 0 / 0.
+GROUP_STD_EPS = 1e-4
+
+# How a per-token loss becomes one number, see ``aggregate``.
+Aggregation = Literal["token", "sequence", "budget"]
 
 
 def _compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -353,15 +362,116 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, returns
 
 
+def _groups(scores: Tensor, group_size: int) -> Tensor:
+    """``[batch]`` -> ``[batch / group_size, group_size]``: the answers to one prompt are consecutive rows."""
+    if scores.dim() != 1 or group_size < 1 or scores.shape[0] % group_size:
+        raise ValueError(f"scores of shape {tuple(scores.shape)} do not split into groups of {group_size}")
+    return scores.to(_compute_dtype(scores)).reshape(-1, group_size)
+
+
+def group_advantages(scores: Tensor, group_size: int, kind: Advantage) -> Tensor:
+    """Each answer's score against the other answers to its prompt: the baseline a critic would learn,
+    taken from the group instead (no value model).
+
+    ``scores`` is ``[batch]`` with the ``group_size`` answers to a prompt in consecutive rows. With
+    ``mean_g`` and ``std_g`` the group's mean and (unbiased) std:
+
+    - ``"grpo"``: ``(s - mean_g) / (std_g + GROUP_STD_EPS)`` (Shao et al. 2024, outcome supervision).
+    - ``"dr_grpo"``: ``s - mean_g``; dividing by the std up-weights prompts that are nearly always (or
+      never) solved, a difficulty bias (Liu et al. 2025).
+    - ``"rloo"``: ``s - mean of the other group_size - 1 answers`` = ``G / (G - 1) * (s - mean_g)``, an
+      unbiased baseline since it leaves the answer's own score out (Ahmadian et al. 2024; Kool et al. 2019).
+    - ``"reinforce_pp"``: ``s`` unchanged; REINFORCE++ normalises the returns over the whole batch instead
+      of per group (Hu 2025), see ``critic_free_advantages``.
+
+    Returns ``[batch]`` (float32 or wider). A group whose answers all scored the same gets 0 from every
+    estimator but reinforce_pp: it carries no signal about which answer is better.
+    """
+    g = _groups(scores, group_size)
+    if kind == "reinforce_pp":
+        return g.reshape(-1)
+    if group_size < 2:
+        raise ValueError(f"advantage {kind!r} needs at least 2 answers per prompt, got group_size {group_size}")
+    centred = g - g.mean(1, keepdim=True)
+    if kind == "grpo":
+        out = centred / (g.std(1, keepdim=True) + GROUP_STD_EPS)
+    elif kind == "dr_grpo":
+        out = centred
+    elif kind == "rloo":
+        out = centred * (group_size / (group_size - 1))
+    else:
+        raise ValueError(f"unknown advantage {kind!r}; expected grpo, dr_grpo, rloo or reinforce_pp")
+    return out.reshape(-1)
+
+
+def group_reward_stats(scores: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """``(share of groups whose answers all scored the same, mean within-group std)`` as 0-d tensors.
+
+    A group without spread has zero advantage under a group baseline, so the share says how much of a
+    rollout trained nothing (e.g. prompts far too hard or too easy); the std is the unbiased one that GRPO
+    divides by (0 for groups of one).
+    """
+    g = _groups(scores, group_size)
+    same = (g == g[:, :1]).all(1).to(g.dtype).mean()
+    std = g.std(1).mean() if group_size > 1 else g.new_zeros(())
+    return same, std
+
+
+def reward_to_go(rewards: Tensor, mask: Tensor) -> Tensor:
+    """``G_t = sum_{s >= t} r_s`` over each row's real tokens (gamma = 1, no critic), 0 at padding.
+
+    With the score at the last token alone, every token of an answer gets that score; with a per-token KL
+    penalty, token t also pays for the KL of the tokens it led to (REINFORCE++, Hu 2025).
+    """
+    m = _as_bool(mask, rewards)
+    r = torch.where(m, rewards.to(_compute_dtype(rewards)), 0)
+    return torch.where(m, r.flip(1).cumsum(1).flip(1), 0)
+
+
+def critic_free_advantages(
+    scores: Tensor,
+    logp: Tensor,
+    ref_logp: Tensor | None,
+    mask: Tensor,
+    group_size: int,
+    kind: Advantage,
+    kl_coef: float,
+    kl_kind: KLKind = "k1",
+    reduce: Reduce | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-token advantages without a value model, and the per-token KL estimate for logging.
+
+    The group baseline turns each score into a sequence advantage (``group_advantages``); that advantage
+    sits at the answer's last token, ``-kl_coef * kl`` at every token (``per_token_rewards``), and each
+    token gets its reward-to-go. For REINFORCE++ the returns are then whitened over the whole batch (all
+    ranks, with ``reduce``). Pass ``kl_coef=0`` when the KL is a loss term instead (``kl_loss``), and
+    ``ref_logp=None`` when no reference pass was made: the KL is then 0.
+
+    Returns ``(advantages, kl)``, both ``[batch, T]``, 0 at padding.
+    """
+    base = group_advantages(scores, group_size, kind)
+    rewards, kl = per_token_rewards(base, logp, logp if ref_logp is None else ref_logp, mask, kl_coef, kl_kind)
+    advantages = reward_to_go(rewards, mask)
+    if kind == "reinforce_pp":
+        advantages = masked_whiten(advantages, mask, reduce=reduce)
+    return advantages, kl
+
+
 # --------------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------------
 
 
 def policy_loss(
-    logp_new: Tensor, logp_old: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+    logp_new: Tensor,
+    logp_old: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_range: float,
+    aggregation: Aggregation = "token",
+    budget: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate loss, averaged over real tokens.
+    """PPO clipped surrogate loss, averaged over real tokens (or as ``aggregation`` says, see ``aggregate``).
 
     ``loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))`` with
     ``ratio_t = exp(logp_new - logp_old)``: the pessimistic side of the clipped objective, so the policy
@@ -374,6 +484,7 @@ def policy_loss(
         advantages: ``[batch, T]`` (usually whitened) advantages (detached).
         mask: ``[batch, T]`` response mask.
         clip_range: epsilon; 0.2 is the usual default (Schulman et al. 2017; lm-human-preferences).
+        aggregation, budget: how the per-token terms are averaged, see ``aggregate``.
 
     Returns:
         ``(loss, stats)``. ``loss`` is a 0-d tensor carrying the gradient. ``stats`` holds detached 0-d
@@ -392,7 +503,7 @@ def policy_loss(
     adv = torch.where(m, advantages.to(dtype), 0)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), m)
+    loss = aggregate(torch.maximum(unclipped, clipped), m, aggregation, budget)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(dtype), m),
@@ -402,6 +513,51 @@ def policy_loss(
             "ratio_max": torch.where(m, ratio, 0).amax(),
         }
     return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def aggregate(per_token: Tensor, mask: Tensor, how: Aggregation, budget: int | None = None) -> Tensor:
+    """One loss from per-token terms ``[batch, T]``; the choice decides how much a long answer weighs.
+
+    - ``"token"``: mean over every real token of the batch (PPO here, DAPO): each token counts the same.
+    - ``"sequence"``: mean over each answer's tokens, then over answers (GRPO's ``1/|o_i|``, Shao et al.
+      2024): each answer counts the same, so a long wrong answer is penalised less per token than a short
+      one, the length bias Liu et al. 2025 point out.
+    - ``"budget"``: sum over real tokens divided by ``batch * budget`` with ``budget`` the most tokens an
+      answer may have (``max_new_tokens``): a constant, so no length normalisation (Dr. GRPO, Liu et al.
+      2025).
+
+    Rows without a real token add 0 (and count as answers for ``"sequence"`` and ``"budget"``).
+    """
+    m = _as_bool(mask, per_token)
+    if how == "token":
+        return masked_mean(per_token, m)
+    x = torch.where(m, per_token.to(_compute_dtype(per_token)), 0)
+    if how == "sequence":
+        return (x.sum(1) / m.sum(1).clamp_min(1).to(x.dtype)).mean()
+    if how == "budget":
+        if budget is None or budget < 1:
+            raise ValueError(f"aggregation 'budget' needs the token budget of an answer (>= 1), got {budget}")
+        return x.sum() / (x.shape[0] * budget)
+    raise ValueError(f"unknown aggregation {how!r}; expected token, sequence or budget")
+
+
+def kl_loss(
+    logp_new: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor,
+    kind: KLKind = "k3",
+    aggregation: Aggregation = "token",
+    budget: int | None = None,
+) -> Tensor:
+    """KL(policy || reference) as a loss term, differentiable through ``logp_new`` (GRPO, Shao et al. 2024).
+
+    GRPO adds ``beta * D_KL`` to the loss instead of folding it into the reward, with the k3 estimator
+    ``pi_ref / pi - log(pi_ref / pi) - 1`` (unbiased and never negative, see ``kl_penalty``), averaged like
+    the surrogate (``aggregate``). The tokens were sampled from the rollout policy, not the one being
+    trained, so after the first minibatch the estimate is slightly off-policy, as in GRPO.
+    """
+    m = _as_bool(mask, logp_new)
+    return aggregate(torch.where(m, kl_penalty(logp_new, ref_logp, kind), 0), m, aggregation, budget)
 
 
 def value_loss(

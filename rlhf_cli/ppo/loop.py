@@ -2,7 +2,9 @@
 
 The math lives in rlhf_cli/ppo/algo.py; this file only orders the steps, times them, logs them and
 makes them resumable. RLHF PPO as in Ziegler et al. 2019 and Ouyang et al. 2022, with the details of
-Huang et al. 2024 ("The N Implementation Details of RLHF with PPO").
+Huang et al. 2024 ("The N Implementation Details of RLHF with PPO"). The critic-free methods (GRPO and
+relatives, `rlhf grpo`) run the same loop: rlhf_cli/ppo/method.py says what differs (no value role, a
+group of answers per prompt, the advantage estimator, where the KL goes).
 
 What stops a run stops every rank at the same point with the same message (NaN scores, NaN losses,
 non-finite weights): a rank that raised alone would leave the others waiting in their next collective.
@@ -32,11 +34,13 @@ from rlhf_cli.console import Progress
 from rlhf_cli.core import distributed
 from rlhf_cli.core.memory import out_of_memory
 from rlhf_cli.core.models import exact_lora
+from rlhf_cli.core.trackers import Trackers
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.ppo import algo
+from rlhf_cli.ppo.method import Method, method_of
 from rlhf_cli.ppo.models import Models
 from rlhf_cli.ppo.rollout import Rollout, encode_prompts, eos_token_ids, generate, token_stats
-from rlhf_cli.recipe import PPORecipe
+from rlhf_cli.recipe import OnlineRecipe
 from rlhf_cli.runs import RunDir, atomic_write_json, is_main_process, mark_complete
 
 log = logging.getLogger("rlhf")
@@ -97,47 +101,54 @@ class StopRequest:
                 signal.signal(s, h)
 
 
-def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, run: RunDir, accelerator: Any) -> dict[str, Any]:
+def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts, run: RunDir, accelerator: Any) -> dict[str, Any]:
     """Run the remaining iterations; return the summary metrics for run.json."""
-    ppo, gen = recipe.ppo, recipe.generation
+    method = method_of(recipe)
+    spec, gen, key = method.spec, recipe.generation, method.stage
     acc = accelerator
     world, rank = acc.num_processes, acc.process_index
-    if ppo.rollout_batch_size % world or ppo.mini_batch_size % (world * ppo.grad_accum):
+    if method.prompts_per_rollout % world or spec.mini_batch_size % (world * spec.grad_accum):
         raise RecipeError(
-            f"ppo.rollout_batch_size {ppo.rollout_batch_size} and ppo.mini_batch_size {ppo.mini_batch_size} must split "
-            f"evenly over {world} processes x {ppo.grad_accum} grad_accum"
+            f"{key}.rollout_batch_size {spec.rollout_batch_size} ({method.prompts_per_rollout} prompts) and "
+            f"{key}.mini_batch_size {spec.mini_batch_size} must split evenly over {world} processes x {spec.grad_accum} grad_accum"
         )
-    # Each process samples and trains on its share of the rollout; statistics are reduced over all of them.
-    micro = ppo.mini_batch_size // (world * ppo.grad_accum)
-    mini = micro * ppo.grad_accum
+    # Each process samples and trains on its share of the rollout (whole groups of answers to a prompt);
+    # statistics are reduced over all of them.
+    micro = spec.mini_batch_size // (world * spec.grad_accum)
+    mini = micro * spec.grad_accum
 
     actor = models.actor
     params = [p for p in actor.parameters() if p.requires_grad]
     # eps 1e-5 as in the lm-human-preferences / OpenAI baselines PPO (Huang et al. 2024).
     optimizer = adamw(params, lr=recipe.learning_rate()[0], eps=1e-5, weight_decay=0.0)
     model, optimizer = acc.prepare(actor, optimizer)
-    kl_ctl = algo.make_kl_controller(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
-    shuffle = torch.Generator().manual_seed(ppo.seed)
+    kl_ctl = (algo.make_kl_controller(spec.kl_coef, method.ppo.kl_target, method.ppo.kl_horizon) if method.ppo is not None
+              else algo.FixedKLController(spec.kl_coef))
+    shuffle = torch.Generator().manual_seed(spec.seed)
     state = State()
     if run.resume_from is not None:
         state = load_checkpoint(run.resume_from, actor, optimizer, kl_ctl, shuffle, rank)
         run.truncate_metrics(state.iteration)
         log.info("resuming at iteration %d from %s", state.iteration + 1, run.resume_from)
 
-    order = PromptOrder(len(prompts.raw), ppo.seed)
+    order = PromptOrder(len(prompts.raw), spec.seed)
     device = next(actor.parameters()).device
     eos_ids = eos_token_ids(tokenizer, actor.generator())
     vocab = actor.generator().get_output_embeddings().weight.shape[0]
     whiten_reduce = acc.reduce if world > 1 else None
     stop = StopRequest()
     generated = 0  # responses sampled by this process (each rank samples for its share of the prompts)
+    trackers = Trackers(spec.report_to if is_main_process() else [], run.path, first_step=state.iteration + 1,
+                        config=recipe.model_dump(mode="json"))
 
-    with stop.installed(), Progress(ppo.iterations, "ppo", start=state.iteration, unit="iteration") as bar, \
-            failures_explained(state, recipe):
-        while state.iteration < ppo.iterations:
+    with stop.installed(), Progress(spec.iterations, key, start=state.iteration, unit="iteration") as bar, \
+            failures_explained(state, recipe), trackers:
+        while state.iteration < spec.iterations:
             it = state.iteration + 1
             cpu0 = time.process_time()
-            picked = order.take(state.prompt_position, ppo.rollout_batch_size)[rank::world]
+            # group_size answers to each prompt, in consecutive rows (algo.group_advantages reads them so).
+            picked = [i for i in order.take(state.prompt_position, method.prompts_per_rollout)[rank::world]
+                      for _ in range(method.group_size)]
             batch_prompts = [prompts.raw[i] for i in picked]
             generated += len(picked)
 
@@ -145,60 +156,77 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
             with exact_lora(), actor.compute():
                 rollout = generate(actor.generator(), tokenizer,
                                    encode_prompts(tokenizer, [prompts.texts[i] for i in picked], device), gen, eos_ids)
-            # 2. score: log-probs (policy, reference), values, and the reward model's score
+            # 2. score: log-probs (policy, and the reference unless the KL weighs nothing), values with a
+            #    critic, and the reward's score
             t0 = time.perf_counter()
             with exact_lora():
-                logp, ref_logp, values, entropy = token_stats(model, actor.reference_logits, rollout, gen.temperature,
-                                                              scoring_rows(rollout, micro, vocab))
+                logp, ref_logp, values, entropy = token_stats(model, actor.reference_logits if method.reference else None,
+                                                              rollout, gen.temperature, scoring_rows(rollout, micro, vocab))
             # The reward model computes as it was trained (train-rm's LoRA in the activation dtype).
             raw_scores = torch.tensor(models.scorer(batch_prompts, rollout.texts), dtype=torch.float32, device=device)
             t_score = time.perf_counter() - t0
             nonfinite = sum(distributed.gather_ints(int((~torch.isfinite(raw_scores)).sum())))
             if nonfinite:
-                raise TrainingError(f"iteration {it}: the reward returned NaN/inf for {nonfinite} of {ppo.rollout_batch_size} "
+                raise TrainingError(f"iteration {it}: the reward returned NaN/inf for {nonfinite} of {spec.rollout_batch_size} "
                                     "responses: make the reward function (or model) return finite scores")
 
             # 3. rewards and advantages
             scores = raw_scores.clone()
-            if ppo.missing_eos_penalty is not None:
+            if spec.missing_eos_penalty is not None:
                 # Responses cut at max_new_tokens would otherwise be scored as if they were finished (Huang et al. 2024).
-                scores = torch.where(rollout.ended, scores, scores - ppo.missing_eos_penalty)
-            scores = algo.clip_scores(scores, ppo.reward_clip)
-            if ppo.whiten_rewards:
-                scores = algo.whiten_scores(scores, reduce=whiten_reduce)
+                scores = torch.where(rollout.ended, scores, scores - spec.missing_eos_penalty)
+            scores = algo.clip_scores(scores, spec.reward_clip)
             mask = rollout.mask
-            rewards, kl = algo.per_token_rewards(scores, logp, ref_logp, mask, kl_ctl.value, ppo.kl_estimator)
-            advantages, returns = algo.gae(rewards, values, mask, ppo.gamma, ppo.lam)
-            advantages = algo.masked_whiten(advantages, mask, reduce=whiten_reduce)
+            batch = {"old_logp": logp}
+            if method.ppo is not None:
+                assert ref_logp is not None and values is not None
+                if method.ppo.whiten_rewards:
+                    scores = algo.whiten_scores(scores, reduce=whiten_reduce)
+                rewards, kl = algo.per_token_rewards(scores, logp, ref_logp, mask, kl_ctl.value, method.kl_kind)
+                advantages, returns = algo.gae(rewards, values, mask, method.ppo.gamma, method.ppo.lam)
+                advantages = algo.masked_whiten(advantages, mask, reduce=whiten_reduce)
+                batch.update(old_values=values, returns=returns)
+            else:
+                in_reward = kl_ctl.value if method.kl_in == "reward" else 0.0
+                advantages, kl = algo.critic_free_advantages(scores, logp, ref_logp, mask, method.group_size, method.advantage,
+                                                             in_reward, method.kl_kind, reduce=whiten_reduce)
+                if method.kl_in == "loss" and ref_logp is not None:
+                    batch["ref_logp"] = ref_logp
+            batch["advantages"] = advantages
 
-            # 4. PPO epochs over shuffled minibatches
+            # 4. epochs of clipped updates over shuffled minibatches
             t0 = time.perf_counter()
-            batch = {"old_logp": logp, "old_values": values, "advantages": advantages, "returns": returns}
             with exact_lora():
-                stats = ppo_update(model, optimizer, acc, params, rollout, batch, recipe, shuffle, mini, micro, it)
+                stats = ppo_update(model, optimizer, acc, params, rollout, batch, recipe, method, shuffle, mini, micro, it)
             t_train = time.perf_counter() - t0
             # The last optimizer step of an iteration meets no loss check before the checkpoint is written.
             if not distributed.all_finite(params):
                 raise TrainingError(f"iteration {it}: the policy or value weights are not finite after the update: "
-                                    f"lower ppo.lr (now {recipe.learning_rate()[0]:g}) or set ppo.reward_clip")
+                                    f"lower {key}.lr (now {recipe.learning_rate()[0]:g}) or set {key}.reward_clip")
 
             # 5. KL controller, metrics, warnings
             seq_kl = kl.sum(1)
             beta = kl_ctl.value
-            kl_ctl.update(_mean(acc, seq_kl), ppo.rollout_batch_size)
+            kl_ctl.update(_mean(acc, seq_kl), spec.rollout_batch_size)
             all_scores = acc.gather(raw_scores) if world > 1 else raw_scores
             gen_tokens = _sum(acc, mask.sum().float())
-            record = {
+            record: dict[str, float] = {
                 "step": it,
                 "score_mean": float(all_scores.mean()),
                 "score_std": float(all_scores.std()) if all_scores.numel() > 1 else 0.0,
-                "kl": _mean(acc, seq_kl),
-                "kl_coef": beta,
+            }
+            if method.reference:  # without a reference pass there is no KL to report
+                record.update(kl=_mean(acc, seq_kl), kl_coef=beta)
+            if not method.critic:
+                # Groups whose answers all scored the same carry no signal under a group baseline.
+                same, spread = algo.group_reward_stats(scores, method.group_size)
+                record.update(zero_std_groups=_mean(acc, same), group_reward_std=_mean(acc, spread))
+            record.update({
                 "entropy": _mean(acc, algo.masked_mean(entropy, mask)),
                 **stats,
                 "response_length": _mean(acc, mask.sum(1).float()),
                 "eos_fraction": _mean(acc, rollout.ended.float()),
-                # Cut at max_new_tokens and, unless ppo.missing_eos_penalty is set, scored as finished turns.
+                # Cut at max_new_tokens and, unless missing_eos_penalty is set, scored as finished turns.
                 "truncated_fraction": _mean(acc, (~rollout.ended).float()),
                 "time_generation": rollout.seconds,
                 "time_scoring": t_score,
@@ -206,43 +234,46 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
                 # CPU seconds of this process (all its threads): the work done, whatever else shares the machine.
                 "cpu_seconds": time.process_time() - cpu0,
                 "tokens_per_s_generation": gen_tokens / max(rollout.seconds, 1e-9),
-                "tokens_per_s_training": recipe.ppo.ppo_epochs * _sum(acc, rollout.attention_mask.sum().float()) / max(t_train, 1e-9),
-            }
+                "tokens_per_s_training": spec.ppo_epochs * _sum(acc, rollout.attention_mask.sum().float()) / max(t_train, 1e-9),
+            })
             if state.score_start is None:
                 state.score_start = record["score_mean"]
-            state.iteration, state.prompt_position = it, state.prompt_position + ppo.rollout_batch_size
+            state.iteration, state.prompt_position = it, state.prompt_position + method.prompts_per_rollout
             state.last = record
             run.log_metrics(record)
-            bar.update(it, score=record["score_mean"], kl=record["kl"], clipfrac=record["clipfrac"])
-            warn_if_unstable(record, state, it)
+            trackers.log(record, it)
+            bar.update(it, score=record["score_mean"], **({"kl": record["kl"]} if "kl" in record else {}),
+                       clipfrac=record["clipfrac"])
+            warn_if_unstable(record, state, it, key)
 
             # A signal may reach the processes in different iterations: all stop at the first that sees one.
             stopping = distributed.any_rank(stop.signal is not None)
-            if it % ppo.save_steps == 0 or stopping or it == ppo.iterations:
-                save_checkpoint(run, actor, optimizer, kl_ctl, shuffle, state, acc, ppo.save_total_limit)
+            if it % spec.save_steps == 0 or stopping or it == spec.iterations:
+                save_checkpoint(run, actor, optimizer, kl_ctl, shuffle, state, acc, spec.save_total_limit)
             if stopping:
                 run.finish("interrupted", metrics=summary(state))
                 why = signal.Signals(stop.signal).name if stop.signal is not None else "signal on another process"
                 raise Interrupted(f"stopped after iteration {it} ({why}); checkpoint saved: continue with --resume auto")
-    run.update(distributed=distributed.report(generated, global_batch_size=ppo.rollout_batch_size))
+    run.update(distributed=distributed.report(generated, global_batch_size=spec.rollout_batch_size))
     return summary(state)
 
 
 @contextmanager
-def failures_explained(state: State, recipe: PPORecipe) -> Iterator[None]:
+def failures_explained(state: State, recipe: OnlineRecipe) -> Iterator[None]:
     """Out of memory, and the math refusing the numbers of a diverged policy (NaN sampling probabilities, a
     NaN KL, no response tokens left to whiten), as one line with what to lower instead of a traceback."""
+    key = recipe.rl.section
     try:
         yield
     except Exception as e:
         it = state.iteration + 1
         if out_of_memory(e):
             quant = "" if recipe.quant.bits == 4 else ", or load the base in 4 bits (quant.bits: 4)"
-            raise TrainingError(f"out of memory in iteration {it}: lower ppo.rollout_batch_size, ppo.mini_batch_size, "
+            raise TrainingError(f"out of memory in iteration {it}: lower {key}.rollout_batch_size, {key}.mini_batch_size, "
                                 f"generation.max_new_tokens or data.max_prompt_length{quant}") from None
         if _refused_by_the_math(e):
             raise TrainingError(f"iteration {it}: {str(e).splitlines()[0]}: the policy diverged; "
-                                f"lower ppo.lr (now {recipe.learning_rate()[0]:g}) or ppo.ppo_epochs") from None
+                                f"lower {key}.lr (now {recipe.learning_rate()[0]:g}) or {key}.ppo_epochs") from None
         raise
 
 
@@ -271,56 +302,69 @@ def scoring_rows(rollout: Rollout, micro: int, vocab: int, budget_bytes: int = 2
 
 
 def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollout: Rollout, batch: dict[str, Tensor],
-               recipe: PPORecipe, shuffle: torch.Generator, mini: int, micro: int, it: int) -> dict[str, float]:
+               recipe: OnlineRecipe, method: Method, shuffle: torch.Generator, mini: int, micro: int, it: int) -> dict[str, float]:
     """ppo_epochs passes over the rollout in shuffled minibatches; one optimizer step per minibatch.
 
     On one process the policy pass is backpropagated before the value pass runs, so only one role's
     activations are alive at a time (half the peak). Under DDP both passes go through one forward and
-    one backward of the wrapped model, which is what its gradient synchronisation expects.
+    one backward of the wrapped model, which is what its gradient synchronisation expects. Without a
+    critic there is the policy pass alone, plus the KL loss term when the method puts the KL there
+    (``batch["ref_logp"]``).
     """
-    ppo = recipe.ppo
+    spec, key = method.spec, method.stage
     actor = acc.unwrap_model(model)
-    one_process = acc.num_processes == 1
     n, R = rollout.response_ids.shape
+    agg, budget = method.aggregation, recipe.generation.max_new_tokens
     sums: dict[str, list[float]] = defaultdict(list)
 
     def policy_terms(logits: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logp = algo.logprobs_from_logits(logits, rollout.response_ids[idx], recipe.generation.temperature)
-        return algo.policy_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], rollout.mask[idx], ppo.clip_range)
+        loss, stats = algo.policy_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], rollout.mask[idx],
+                                       spec.clip_range, agg, budget)
+        stats["policy_loss"] = loss.detach()
+        if "ref_logp" in batch:
+            kl = algo.kl_loss(logp, batch["ref_logp"][idx], rollout.mask[idx], method.kl_kind, agg, budget)
+            stats["kl_loss"] = kl.detach()
+            loss = loss + spec.kl_coef * kl
+        return loss, stats
 
     def value_terms(values: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        return algo.value_loss(values, batch["old_values"][idx], batch["returns"][idx], rollout.mask[idx],
-                               ppo.value_clip_range)
+        assert method.ppo is not None
+        loss, stats = algo.value_loss(values, batch["old_values"][idx], batch["returns"][idx], rollout.mask[idx],
+                                      method.ppo.value_clip_range)
+        return method.ppo.vf_coef * loss, {"value_loss": loss.detach(), **stats}
 
     def finite(loss: Tensor, what: str, epoch: int) -> Tensor:
         # Decided by every rank before backward, whose gradient all-reduce a rank that raised alone would miss.
         if distributed.any_rank(not bool(torch.isfinite(loss))):
             raise TrainingError(f"{what} loss is not finite at iteration {it}, epoch {epoch + 1}: "
-                                f"lower ppo.lr (now {recipe.learning_rate()[0]:g}) or set ppo.reward_clip")
+                                f"lower {key}.lr (now {recipe.learning_rate()[0]:g}) or set {key}.reward_clip")
         return loss
 
-    for epoch in range(ppo.ppo_epochs):
+    for epoch in range(spec.ppo_epochs):
         perm = torch.randperm(n, generator=shuffle).to(rollout.response_ids.device)
         for start in range(0, n - mini + 1, mini):
             for m in range(start, start + mini, micro):
                 idx = perm[m : m + micro]
                 ids, attn, pos = rollout.rows(idx)
                 with acc.accumulate(model):
-                    if one_process:
+                    if method.critic and acc.num_processes == 1:
                         pg_loss, pg = policy_terms(actor.policy_logits(ids, attn, pos, R), idx)
                         acc.backward(finite(pg_loss, "policy", epoch))
                         vf_loss, vf = value_terms(actor.values(ids, attn, pos, R), idx)
-                        acc.backward(finite(ppo.vf_coef * vf_loss, "value", epoch))
+                        acc.backward(finite(vf_loss, "value", epoch))
                     else:
-                        logits, values = model(ids, attn, pos, R)
-                        (pg_loss, pg), (vf_loss, vf) = policy_terms(logits, idx), value_terms(values, idx)
-                        acc.backward(finite(pg_loss + ppo.vf_coef * vf_loss, "policy + value", epoch))
+                        logits, values = model(ids, attn, pos, R)  # values None without a critic
+                        loss, pg = policy_terms(logits, idx)
+                        vf = {}
+                        if values is not None:
+                            vf_loss, vf = value_terms(values, idx)
+                            loss = loss + vf_loss
+                        acc.backward(finite(loss, "policy" if values is None else "policy + value", epoch))
                     if acc.sync_gradients:
-                        acc.clip_grad_norm_(params, ppo.max_grad_norm)
+                        acc.clip_grad_norm_(params, spec.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
-                sums["policy_loss"].append(pg_loss.item())
-                sums["value_loss"].append(vf_loss.item())
                 for k, v in {**pg, **vf}.items():
                     sums[k].append(float(v))
     out = {k: sum(v) / len(v) for k, v in sums.items() if k != "ratio_max"}
@@ -328,21 +372,21 @@ def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollo
     return out
 
 
-def warn_if_unstable(record: dict[str, float], state: State, it: int) -> None:
+def warn_if_unstable(record: dict[str, float], state: State, it: int, key: str = "ppo") -> None:
     """The numbers that explain an unstable run, said out loud (trl#1017, trl#1857)."""
-    if record["kl"] < -0.05:
+    if record.get("kl", 0.0) < -0.05:
         log.warning(
             "iteration %d: mean KL to the reference is negative (%.3g nats): the samples are not drawn from the "
             "distribution PPO scores; top_k/top_p truncation does this, and a negative KL penalty rewards drifting", it, record["kl"])
     if record["ratio_max"] > 10 or abs(record["ratio_mean"] - 1) > 0.2:
         log.warning(
-            "iteration %d: policy ratio exploded (mean %.3g, max %.3g): lower ppo.lr, raise ppo.mini_batch_size, "
-            "or lower ppo.ppo_epochs", it, record["ratio_mean"], record["ratio_max"])
+            "iteration %d: policy ratio exploded (mean %.3g, max %.3g): lower %s.lr, raise %s.mini_batch_size, "
+            "or lower %s.ppo_epochs", it, record["ratio_mean"], record["ratio_max"], key, key, key)
     state.high_clip_streak = state.high_clip_streak + 1 if record["clipfrac"] > 0.3 else 0
     if state.high_clip_streak == 3:
         log.warning(
-            "clip fraction above 0.3 for 3 iterations (now %.2f): updates are too large; lower ppo.lr or ppo.ppo_epochs",
-            record["clipfrac"])
+            "clip fraction above 0.3 for 3 iterations (now %.2f): updates are too large; lower %s.lr or %s.ppo_epochs",
+            record["clipfrac"], key, key)
 
 
 def summary(state: State) -> dict[str, Any]:

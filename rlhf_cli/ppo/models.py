@@ -1,4 +1,5 @@
-"""The four PPO roles (policy, value, reference, reward) and where their weights live.
+"""The four PPO roles (policy, value, reference, reward) and where their weights live; a critic-free run
+(GRPO) builds no value role at all.
 
     plan = plan_layout(recipe, policy_resolved, tokenizer)     # where everything lives (no weights yet)
     models = build_models(recipe, policy_resolved, plan)        # loads each base once
@@ -21,8 +22,10 @@ Layouts (recorded in run.json):
   plans a full fine-tune (core.device.plan_precision): fp32 weights, so AdamW's small steps are not
   rounded to bf16, computing under bf16 autocast on a GPU and in fp32 on a CPU.
 
-Switching roles only changes which adapters the LoRA layers apply, so one forward + one backward trains
-policy and value together (what DDP under `accelerate launch` expects). Activation checkpointing is off
+Without a critic (`build_models(..., critic=False)`, rlhf grpo) there is no value adapter, value head or
+value copy: policy + reference (+ reward adapter) on one base. Switching roles only changes which adapters
+the LoRA layers apply, so one forward + one backward trains policy and value together (what DDP under
+`accelerate launch` expects). Activation checkpointing is off
 here: it would recompute a pass in backward under whichever adapters were active last.
 """
 
@@ -45,7 +48,7 @@ from rlhf_cli.core.device import Precision, device_type, plan_precision, resolve
 from rlhf_cli.core.models import attach_lora, fast_lora_layers, load_model, load_tokenizer, on_cpu
 from rlhf_cli.core.reward import RewardFn, load_function, load_reward_model, pool_last, trained_max_length
 from rlhf_cli.errors import DataError, RecipeError
-from rlhf_cli.recipe import PPORecipe
+from rlhf_cli.recipe import OnlineRecipe
 from rlhf_cli.runs import ResolvedModel, resolve_model
 
 log = logging.getLogger("rlhf")
@@ -89,7 +92,8 @@ def new_value_head(hidden_size: int, device: Any) -> nn.Linear:
 
 
 class SharedActor(nn.Module):
-    """Policy and value as two LoRA adapters on one (possibly 4-bit) base.
+    """Policy and value as two LoRA adapters on one (possibly 4-bit) base; the policy alone without a critic
+    (`value_head` None).
 
     `parents` are the policy run's own adapters when they are kept frozen instead of merged: every role
     applies them under its own adapter, and the reference applies them alone.
@@ -97,12 +101,12 @@ class SharedActor(nn.Module):
 
     layout = "shared-base"
 
-    def __init__(self, peft_model: Any, value_head: nn.Linear, parents: list[str]):
+    def __init__(self, peft_model: Any, value_head: nn.Linear | None, parents: list[str]):
         super().__init__()
         self.peft = peft_model
         self.value_head = value_head
         self.parents = parents
-        self.trainable_adapters = [POLICY, VALUE]
+        self.trainable_adapters = [POLICY] if value_head is None else [POLICY, VALUE]
         self._active: list[str] | None = None
         self._layers: list[Any] = []  # the LoRA layers, once freeze_all_but_trainable found them
 
@@ -129,20 +133,23 @@ class SharedActor(nn.Module):
 
         for name, p in self.peft.named_parameters():
             p.requires_grad = "lora_" in name and any(f".{a}." in name for a in self.trainable_adapters)
-        self.value_head.requires_grad_(True)
+        if self.value_head is not None:
+            self.value_head.requires_grad_(True)
         layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)]
         self._layers = layers if all(isinstance(getattr(m, "_active_adapter", None), (str, list)) for m in layers) else []
         self._active = None
         self.use(self.parents + [POLICY])
 
-    def forward(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> tuple[Tensor, Tensor]:
-        return self.policy_logits(ids, mask, pos, n_response), self.values(ids, mask, pos, n_response)
+    def forward(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> tuple[Tensor, Tensor | None]:
+        values = None if self.value_head is None else self.values(ids, mask, pos, n_response)
+        return self.policy_logits(ids, mask, pos, n_response), values
 
     def policy_logits(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> Tensor:
         self.use(self.parents + [POLICY])
         return response_logits(self.peft, ids, mask, pos, n_response)
 
     def values(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> Tensor:
+        assert self.value_head is not None, "a run without a critic has no values"
         self.use(self.parents + [VALUE])
         try:
             return token_values(trunk(self.peft.get_base_model()), self.value_head, ids, mask, pos, n_response)
@@ -166,22 +173,26 @@ class SharedActor(nn.Module):
         return contextlib.nullcontext()
 
     def save(self, policy_dir: Path, value_dir: Path) -> None:
+        """The policy adapter, and the value adapter and head when there is a critic (value_dir unused otherwise)."""
         save_adapter(self.peft, POLICY, policy_dir)
-        save_adapter(self.peft, VALUE, value_dir)
-        save_head(self.value_head, value_dir / VALUE_HEAD_FILE)
+        if self.value_head is not None:
+            save_adapter(self.peft, VALUE, value_dir)
+            save_head(self.value_head, value_dir / VALUE_HEAD_FILE)
 
     def load(self, policy_dir: Path, value_dir: Path) -> None:
         load_adapter_weights(self.peft, POLICY, policy_dir)
-        load_adapter_weights(self.peft, VALUE, value_dir)
-        load_head(self.value_head, value_dir / VALUE_HEAD_FILE)
+        if self.value_head is not None:
+            load_adapter_weights(self.peft, VALUE, value_dir)
+            load_head(self.value_head, value_dir / VALUE_HEAD_FILE)
 
 
 class SeparateActor(nn.Module):
-    """Full fine-tuning: policy, value model and frozen reference are separate copies."""
+    """Full fine-tuning: policy, value model and frozen reference are separate copies (no value model
+    without a critic, no reference copy when no reference pass is made)."""
 
     layout = "separate"
 
-    def __init__(self, policy: Any, value_model: Any, reference: Any, autocast: torch.dtype | None = None):
+    def __init__(self, policy: Any, value_model: Any | None, reference: Any | None, autocast: torch.dtype | None = None):
         super().__init__()
         self.policy = policy
         self.value_model = value_model  # *ForSequenceClassification: its body + `score` as the value head
@@ -197,8 +208,9 @@ class SeparateActor(nn.Module):
         with torch.autocast(device_type(), dtype=self.autocast):
             yield
 
-    def forward(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> tuple[Tensor, Tensor]:
-        return self.policy_logits(ids, mask, pos, n_response), self.values(ids, mask, pos, n_response)
+    def forward(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> tuple[Tensor, Tensor | None]:
+        values = None if self.value_model is None else self.values(ids, mask, pos, n_response)
+        return self.policy_logits(ids, mask, pos, n_response), values
 
     def policy_logits(self, ids: Tensor, mask: Tensor, pos: Tensor, n_response: int) -> Tensor:
         with self.compute():
@@ -218,12 +230,14 @@ class SeparateActor(nn.Module):
 
     def save(self, policy_dir: Path, value_dir: Path) -> None:
         self.policy.save_pretrained(policy_dir, safe_serialization=True)
-        self.value_model.save_pretrained(value_dir, safe_serialization=True)
+        if self.value_model is not None:
+            self.value_model.save_pretrained(value_dir, safe_serialization=True)
 
     def load(self, policy_dir: Path, value_dir: Path) -> None:
         from safetensors.torch import load_file
 
-        for module, folder in ((self.policy, policy_dir), (self.value_model, value_dir)):
+        roles = [(self.policy, policy_dir)] + ([(self.value_model, value_dir)] if self.value_model is not None else [])
+        for module, folder in roles:
             state = {}
             for f in sorted(Path(folder).glob("*.safetensors")):
                 state.update(load_file(f))
@@ -343,7 +357,7 @@ class LayoutPlan:
     why: str = ""
 
 
-def plan_layout(recipe: PPORecipe, policy: ResolvedModel, policy_tokenizer: Any) -> LayoutPlan:
+def plan_layout(recipe: OnlineRecipe, policy: ResolvedModel, policy_tokenizer: Any) -> LayoutPlan:
     src = recipe.reward
     quantized = recipe.quant.bits is not None
     # Folding a LoRA into 4/8-bit weights rounds it away (core.plan keeps parents the same way).
@@ -446,7 +460,7 @@ def use_eager_attention_for_short_sequences(model: Any, max_length: int) -> None
             pass
 
 
-def policy_tokenizer(recipe: PPORecipe, resolved: ResolvedModel) -> Any:
+def policy_tokenizer(recipe: OnlineRecipe, resolved: ResolvedModel) -> Any:
     """The policy's tokenizer, left-padded for batched generation, with a chat template."""
     tok = load_tokenizer(resolved, recipe.data.chat_template, padding_side="left")
     ensure_chat_template(tok)
@@ -473,13 +487,15 @@ class Models:
     layout: dict[str, Any] = field(default_factory=dict)
 
 
-def ppo_precision(recipe: PPORecipe) -> Precision:
+def ppo_precision(recipe: OnlineRecipe) -> Precision:
     """The dtype plan of the trained roles, decided as for SFT and reward training (core.device)."""
     return plan_precision(recipe.policy.dtype, adapters=recipe.lora is not None, quantized=recipe.quant.bits is not None)
 
 
-def build_models(recipe: PPORecipe, policy_res: ResolvedModel, plan: LayoutPlan) -> Models:
-    """Load every role, sharing one base where the plan says so."""
+def build_models(recipe: OnlineRecipe, policy_res: ResolvedModel, plan: LayoutPlan, critic: bool = True,
+                 reference: bool = True) -> Models:
+    """Load every role, sharing one base where the plan says so; the value role only with a critic, and a
+    full reference copy only when a reference pass is made (a LoRA run's reference is its base: no copy)."""
     precision = ppo_precision(recipe)
     dtype = precision.load
     base = load_model(policy_res, dtype=dtype, quant=recipe.quant, merge_parent=plan.parents != "stacked")
@@ -491,27 +507,36 @@ def build_models(recipe: PPORecipe, policy_res: ResolvedModel, plan: LayoutPlan)
     if recipe.lora is not None:
         peft = attach_lora(base, recipe.lora, task="CAUSAL_LM", quantized=recipe.quant.bits is not None,
                            gradient_checkpointing=False, adapter_name=POLICY)
-        peft.add_adapter(VALUE, copy.deepcopy(peft.peft_config[POLICY]))
+        if critic:
+            peft.add_adapter(VALUE, copy.deepcopy(peft.peft_config[POLICY]))
         names = {}  # adapter folder -> name on the shared model
         if plan.parents == "stacked":
             for i, folder in enumerate(policy_res.adapters):
                 add_frozen_adapter(peft, f"parent{i}", Path(folder))
                 names[folder] = f"parent{i}"
-        actor: SharedActor | SeparateActor = SharedActor(peft, new_value_head(base.config.hidden_size, device),
-                                                         parents=list(names.values()))
+        head = new_value_head(base.config.hidden_size, device) if critic else None
+        actor: SharedActor | SeparateActor = SharedActor(peft, head, parents=list(names.values()))
         on_top = " on top of the policy run's frozen adapters" if names else ""
-        roles = {"policy": f"LoRA adapter 'policy'{on_top}", "value": f"LoRA adapter 'value' + scalar head{on_top}",
-                 "reference": "the shared base" + (" with the policy run's frozen adapters" if names else ", no adapters")}
+        roles = {"policy": f"LoRA adapter 'policy'{on_top}"}
+        if critic:
+            roles["value"] = f"LoRA adapter 'value' + scalar head{on_top}"
+        if reference:
+            roles["reference"] = "the shared base" + (" with the policy run's frozen adapters" if names else ", no adapters")
         copies = 1
     else:
         # The reference in the policy's dtype too: at the first iteration the policy is the reference, and
         # a bf16 copy would put its rounding into the KL penalty.
-        reference = load_model(policy_res, dtype=dtype).eval().requires_grad_(False)
-        value_model = load_model(policy_res, dtype=dtype, head="reward").eval()
-        nn.init.zeros_(value_model.score.weight)  # V = 0 at the start, as for the value adapter's head
-        actor = SeparateActor(base, value_model, reference, autocast=precision.autocast)
-        roles = {"policy": "full model", "reference": "frozen full copy", "value": "full copy + scalar head"}
-        copies = 3
+        frozen = load_model(policy_res, dtype=dtype).eval().requires_grad_(False) if reference else None
+        value_model = load_model(policy_res, dtype=dtype, head="reward").eval() if critic else None
+        if value_model is not None:
+            nn.init.zeros_(value_model.score.weight)  # V = 0 at the start, as for the value adapter's head
+        actor = SeparateActor(base, value_model, frozen, autocast=precision.autocast)
+        roles = {"policy": "full model"}
+        if reference:
+            roles["reference"] = "frozen full copy"
+        if critic:
+            roles["value"] = "full copy + scalar head"
+        copies = 1 + int(reference) + int(critic)
 
     if plan.reward == "function":
         assert plan.reward_function is not None
@@ -559,5 +584,5 @@ def build_models(recipe: PPORecipe, policy_res: ResolvedModel, plan: LayoutPlan)
                               "parent_adapters": plan.parents, "roles": roles, "precision": precision.as_json()}
     if plan.reward != "function":
         layout["reward_placement"] = plan.why
-    log.info("PPO layout %s: %d base cop%s in memory", name, copies, "y" if copies == 1 else "ies")
+    log.info("%s layout %s: %d base cop%s in memory", recipe.stage.upper(), name, copies, "y" if copies == 1 else "ies")
     return Models(actor, scorer, layout)

@@ -108,13 +108,15 @@ def _cut_at_stop(text: str, stops: list[str]) -> str:
 
 @torch.no_grad()
 def token_stats(
-    actor: Any, reference: Any, rollout: Rollout, temperature: float, chunk: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    actor: Any, reference: Any | None, rollout: Rollout, temperature: float, chunk: int
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
     """Per-token log-probs under the policy and the reference, values, and policy entropy ([B, R] each).
 
-    `actor(ids, mask, pos, R)` gives (policy logits, values) and `reference(ids, mask, pos, R)` the
-    reference logits. The log-probs and entropy are those of the tempered distribution the tokens were
-    drawn from (Huang et al. 2024), tempered after the fp32 upcast (algo.logprobs_from_logits).
+    `actor(ids, mask, pos, R)` gives (policy logits, values or None without a critic) and
+    `reference(ids, mask, pos, R)` the reference logits; reference None makes no reference pass, and the
+    reference log-probs come back None, as do the values without a critic. The log-probs and entropy are
+    those of the tempered distribution the tokens were drawn from (Huang et al. 2024), tempered after the
+    fp32 upcast (algo.logprobs_from_logits).
     """
     logps, ref_logps, values, entropies = [], [], [], []
     labels_all = rollout.response_ids
@@ -125,6 +127,9 @@ def token_stats(
         logits, v = actor(ids, mask, pos, R)
         logps.append(logprobs_from_logits(logits, labels_all[idx], temperature))
         entropies.append(entropy_from_logits(logits, temperature))
-        values.append(v.float())
-        ref_logps.append(logprobs_from_logits(reference(ids, mask, pos, R), labels_all[idx], temperature))
-    return torch.cat(logps), torch.cat(ref_logps), torch.cat(values), torch.cat(entropies)
+        if v is not None:
+            values.append(v.float())
+        if reference is not None:
+            ref_logps.append(logprobs_from_logits(reference(ids, mask, pos, R), labels_all[idx], temperature))
+    return (torch.cat(logps), torch.cat(ref_logps) if ref_logps else None, torch.cat(values) if values else None,
+            torch.cat(entropies))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from rlhf_cli.errors import DataError, Interrupted
+from rlhf_cli.errors import Interrupted
 from rlhf_cli.recipe import PPORecipe
 from rlhf_cli.result import RunOptions, RunResult
 
@@ -25,25 +25,20 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
     from accelerate.utils import set_seed
 
     from rlhf_cli.core.artifacts import base_entry
-    from rlhf_cli.core.chat import conversation_text, prompt_text
+    from rlhf_cli.core.chat import prompt_text
     from rlhf_cli.core.data import percentiles
     from rlhf_cli.core.device import peak_memory_bytes
     from rlhf_cli.core.models import count_parameters, resolve
-    from rlhf_cli.core.reward import trained_max_length
+    from rlhf_cli.core.trackers import check_installed
     from rlhf_cli.ppo.loop import Prompts, train
-    from rlhf_cli.ppo.models import (
-        build_models,
-        check_reward_template,
-        context_length,
-        plan_layout,
-        policy_tokenizer,
-        ppo_precision,
-    )
+    from rlhf_cli.ppo.models import build_models, context_length, plan_layout, policy_tokenizer, ppo_precision
+    from rlhf_cli.ppo.prompts import check_lengths, check_reward_reads, read_prompts
     from rlhf_cli.recipe_load import dump_recipe
     from rlhf_cli.runs import is_main_process, prepare_run
 
     # 1. Resolve the policy and the reward, read and measure the prompts: every user error is raised here,
     #    before a weight is loaded or a file written.
+    check_installed(recipe.ppo.report_to, "ppo.report_to")
     policy = resolve(recipe.policy)
     tokenizer = policy_tokenizer(recipe, policy)
     plan = plan_layout(recipe, policy, tokenizer)
@@ -51,17 +46,7 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
     texts = [prompt_text(tokenizer, p) for p in raw]
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     check_lengths(lengths, recipe, context_length(policy), "the policy's")
-    if plan.reward_tokenizer is not None:
-        rm_tok = plan.reward_tokenizer
-        check_reward_template(rm_tok, raw[0])
-        assert plan.reward_resolved is not None
-        reward_lengths = [len(ids) for ids in rm_tok([conversation_text(rm_tok, p, "") for p in raw], add_special_tokens=False)["input_ids"]]
-        check_lengths(reward_lengths, recipe, context_length(plan.reward_resolved), "the reward model's", max_prompt=False)
-        reward_max_length = trained_max_length(plan.reward_resolved) or 1024
-        if max(reward_lengths) + recipe.generation.max_new_tokens > reward_max_length:
-            log.warning("the reward model was trained on transcripts of up to %d tokens (its data.max_length); longer "
-                        "prompt + answer transcripts are scored with the prompt cut from the left, as in its training",
-                        reward_max_length)
+    reward_max_length = check_reward_reads(plan, raw, recipe)
     lr, lr_why = recipe.learning_rate()
     details: dict[str, Any] = {
         "prompts": len(raw),
@@ -70,7 +55,7 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
         "samples_per_iteration": recipe.ppo.rollout_batch_size,
         "optimizer_steps_per_iteration": recipe.ppo.ppo_epochs * recipe.ppo.rollout_batch_size // recipe.ppo.mini_batch_size,
         "learning_rate": {"value": lr, "why": lr_why},
-        **({"reward_max_length": reward_max_length} if plan.reward_tokenizer is not None else {}),
+        **({"reward_max_length": reward_max_length} if reward_max_length is not None else {}),
         "precision": ppo_precision(recipe).as_json(),
     }
     if options.dry_run:
@@ -114,43 +99,3 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
     metrics["peak_memory_gb"] = round(peak_memory_bytes() / 2**30, 3)
     run_dir.finish("completed", metrics=metrics, model=model_section)
     return RunResult("ppo", "completed", str(run_dir.path), metrics=metrics, details={"layout": models.layout["name"]})
-
-
-def read_prompts(recipe: PPORecipe) -> list[Any]:
-    """Prompts as strings or message lists (a trailing assistant turn is dropped: PPO writes that one)."""
-    from rlhf_cli.core.data import check_columns, detect_format, read_records, warn_empty_prompts
-
-    data = recipe.data
-    records = read_records(data.train, fields=data.fields, split=data.split, max_samples=data.max_samples)
-    fmt = detect_format(records, data.train, allowed=("prompt", "messages"), declared=data.format)
-    check_columns(records, fmt, data.train)
-    if fmt == "prompt":
-        out = [r["prompt"] for r in records]
-    else:
-        out = []
-        for r in records:
-            messages = list(r["messages"])
-            if messages and messages[-1].get("role") == "assistant":
-                messages = messages[:-1]
-            out.append(messages)
-    warn_empty_prompts(out, data.train)
-    return out
-
-
-def check_lengths(lengths: list[int], recipe: PPORecipe, context: int | None, whose: str, max_prompt: bool = True) -> None:
-    """Prompts are never cut (a cut prompt asks another question): too long is a data error with the fix."""
-    source, limit, new = recipe.data.train, recipe.data.max_prompt_length, recipe.generation.max_new_tokens
-    longest = max(lengths)
-    where = lengths.index(longest) + 1
-    if max_prompt and longest > limit:
-        n = sum(n > limit for n in lengths)
-        raise DataError(
-            f"{source}: {n} of {len(lengths)} prompts are longer than data.max_prompt_length={limit} tokens "
-            f"(longest: record {where}, {longest} tokens): raise data.max_prompt_length or drop those prompts"
-        )
-    if context and longest + new > context:
-        raise DataError(
-            f"{source}: record {where} ({longest} prompt tokens) + generation.max_new_tokens={new} exceeds {whose} "
-            f"context of {context} tokens: lower generation.max_new_tokens to {max(context - longest, 0)} "
-            f"or drop prompts longer than {max(context - new, 0)} tokens"
-        )
