@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 
 def test_prompt_order_draws_every_prompt_once_per_epoch():
     from rlhf_cli.ppo.loop import PromptOrder
@@ -109,3 +111,20 @@ def test_kl_estimator_is_a_recipe_choice_of_the_estimators_algo_has():
         kl_penalty(d, torch.zeros(1), recipe(kind).ppo.kl_estimator)  # every choice is one algo computes
     with pytest.raises(ValidationError, match="kl_estimator"):
         recipe("k4")
+
+
+def test_update_statistics_reduce_to_the_per_step_values_in_one_read():
+    """The sync-free reduction gives what averaging each micro-step's float did, and finds the first
+    non-finite loss."""
+    import torch
+
+    from rlhf_cli.ppo.loop import reduce_stats
+
+    steps = [{"policy_loss": 0.25, "clipfrac": 0.0, "ratio_max": 1.5}, {"policy_loss": -0.75, "clipfrac": 0.5, "ratio_max": 3.0},
+             {"policy_loss": 0.5, "clipfrac": 0.25, "ratio_max": 1.25}]
+    sums = {k: [torch.tensor(s[k]) for s in steps] for k in steps[0]}
+    old = {k: sum(s[k] for s in steps) / len(steps) for k in ("policy_loss", "clipfrac")}
+    old["ratio_max"] = max(s["ratio_max"] for s in steps)
+    out, bad = reduce_stats(sums, [torch.tensor(0.1), torch.tensor(0.2)])
+    assert out == pytest.approx(old) and bad is None
+    assert reduce_stats(sums, [torch.tensor(0.1), torch.tensor(float("nan")), torch.tensor(float("inf"))])[1] == 1

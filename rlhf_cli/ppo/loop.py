@@ -334,11 +334,12 @@ def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollo
                                       method.ppo.value_clip_range)
         return method.ppo.vf_coef * loss, {"value_loss": loss.detach(), **stats}
 
+    # Losses and statistics stay tensors until the iteration's end: reading one (float, .item(), a Python
+    # bool) waits for the device to drain its queue, and a micro-step took about 11 such reads.
+    losses: list[tuple[str, int, Tensor]] = []
+
     def finite(loss: Tensor, what: str, epoch: int) -> Tensor:
-        # Decided by every rank before backward, whose gradient all-reduce a rank that raised alone would miss.
-        if distributed.any_rank(not bool(torch.isfinite(loss))):
-            raise TrainingError(f"{what} loss is not finite at iteration {it}, epoch {epoch + 1}: "
-                                f"lower {key}.lr (now {recipe.learning_rate()[0]:g}) or set {key}.reward_clip")
+        losses.append((what, epoch, loss.detach()))
         return loss
 
     for epoch in range(spec.ppo_epochs):
@@ -366,10 +367,27 @@ def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollo
                     optimizer.step()
                     optimizer.zero_grad()
                 for k, v in {**pg, **vf}.items():
-                    sums[k].append(float(v))
-    out = {k: sum(v) / len(v) for k, v in sums.items() if k != "ratio_max"}
-    out["ratio_max"] = max(sums["ratio_max"])
+                    sums[k].append(v.detach())
+    out, finite_at = reduce_stats(sums, [loss for _, _, loss in losses])
+    # Every rank decides together (a rank that raised alone would leave the others in a collective); a
+    # non-finite loss made non-finite weights too, which the caller's check would find before any save.
+    if distributed.any_rank(finite_at is not None):
+        what, epoch = losses[finite_at][:2] if finite_at is not None else ("policy", 0)
+        raise TrainingError(f"{what} loss is not finite at iteration {it}, epoch {epoch + 1}: "
+                            f"lower {key}.lr (now {recipe.learning_rate()[0]:g}) or set {key}.reward_clip")
     return out
+
+
+def reduce_stats(sums: dict[str, list[Tensor]], losses: list[Tensor]) -> tuple[dict[str, float], int | None]:
+    """The means of an update's per-micro-step statistics (ratio_max: their maximum), and the index of the
+    first non-finite loss (None if all are finite), read from the device in one transfer."""
+    keys = list(sums)
+    parts = [torch.stack(sums[k]).float().amax() if k == "ratio_max" else torch.stack(sums[k]).float().mean() for k in keys]
+    device = parts[0].device if parts else torch.device("cpu")
+    flags = (~torch.isfinite(torch.stack(losses).float())).float() if losses else torch.zeros(0)
+    values = torch.cat([torch.stack(parts) if parts else torch.zeros(0), flags.to(device)]).tolist()
+    bad = [i for i, flag in enumerate(values[len(keys):]) if flag]
+    return dict(zip(keys, values[: len(keys)])), (bad[0] if bad else None)
 
 
 def warn_if_unstable(record: dict[str, float], state: State, it: int, key: str = "ppo") -> None:
