@@ -25,7 +25,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -232,8 +232,12 @@ def prepare_run(
     overwrite: bool = False,
     base_model: Any = None,
     parent_run: str | None = None,
+    inputs: Sequence[ResolvedModel | None] = (),
 ) -> RunDir:
     """Claim output_dir for a new run, or pick up an interrupted one.
+
+    - output_dir may not hold anything the run reads: the parent run, nor any run or model in `inputs`
+      (the policy and the reward model of ppo, each with the runs it was trained from);
 
     - a completed run there: refused unless overwrite (re-running never silently says "done" or clobbers);
     - a run of another stage: refused unless overwrite (which replaces it);
@@ -251,7 +255,7 @@ def prepare_run(
 
     def claim() -> dict[str, Any]:
         run = _claim(output_dir, stage, recipe_yaml, recipe_json, resume=resume, overwrite=overwrite,
-                     base_model=base_model, parent_run=parent_run)
+                     base_model=base_model, parent_run=parent_run, inputs=inputs)
         return {"path": str(run.path), "manifest": run.manifest,
                 "resume_from": str(run.resume_from) if run.resume_from is not None else None}
 
@@ -271,10 +275,10 @@ def _claim(
     overwrite: bool,
     base_model: Any,
     parent_run: str | None,
+    inputs: Sequence[ResolvedModel | None],
 ) -> RunDir:
     path = Path(output_dir)
-    if parent_run and Path(parent_run).resolve() == path.resolve():
-        raise RecipeError(f"{path} is the run this {stage} run starts from: choose another --output-dir")
+    _refuse_inputs(path, stage, parent_run, inputs)
     # What no other process can change is refused before the lock, so nothing is created there.
     _refuse_non_run(path)
     wanted = _wanted_checkpoint(path, resume)
@@ -312,6 +316,20 @@ def _claim(
         run.update()
         atomic_write_text(path / "recipe.yaml", recipe_yaml)
     return run
+
+
+def _refuse_inputs(path: Path, stage: str, parent_run: str | None, inputs: Sequence[ResolvedModel | None]) -> None:
+    """An input is never an output: clearing or resuming output_dir would delete or rewrite what this run
+    loads (the run it starts from, a reward model, or any run those were trained from)."""
+    target = path.resolve()
+    if parent_run and Path(parent_run).resolve() == target:
+        raise RecipeError(f"{path} is the run this {stage} run starts from: choose another --output-dir")
+    for read in (p for model in inputs if model is not None for p in model.local_paths):
+        held = Path(read).resolve()
+        if held == target:
+            raise RecipeError(f"{path} is an input of this {stage} run: choose another --output-dir")
+        if target in held.parents:
+            raise RecipeError(f"{path} holds {read}, an input of this {stage} run: choose another --output-dir")
 
 
 def _refuse_non_run(path: Path) -> None:
@@ -529,6 +547,13 @@ class ResolvedModel:
     @property
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.base
+
+    @property
+    def local_paths(self) -> tuple[str, ...]:
+        """The local files and folders loading this model reads: its run, the runs it was trained from
+        (through their adapters), the base and the tokenizer. A hub id names no local path."""
+        named = (self.run_dir, self.base, *self.adapters, self.tokenizer)
+        return tuple(p for p in dict.fromkeys(named) if p is not None and Path(p).exists())
 
 
 def resolve_model(path: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> ResolvedModel:

@@ -637,3 +637,18 @@ def test_ppo_scores_with_the_reward_runs_trained_length(tiny, runs, monkeypatch)
                                       *[a for k, v in FAST.items() for a in ("--set", f"{k}={v}")]])
     assert result.exit_code == 0, result.output
     assert seen == [64]
+
+
+def test_the_reward_run_is_never_the_output_dir_even_with_overwrite(tiny, sft_full_run, reward_run, tmp_path):
+    """`rlhf ppo --reward runs/rm -o runs/rm --overwrite` would clear the reward model it is about to load."""
+    import shutil
+
+    rm = tmp_path / "rm"
+    shutil.copytree(reward_run, rm)
+    before = _files(rm)
+    result = CliRunner().invoke(app, ["ppo", "--policy", str(sft_full_run), "--reward", str(rm), "--prompts",
+                                      str(tiny["prompts"]), "--output-dir", str(rm), "--overwrite",
+                                      *[a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == f"error: {rm} is an input of this ppo run: choose another --output-dir"
+    assert _files(rm) == before

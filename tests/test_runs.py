@@ -196,6 +196,37 @@ def test_parent_run_as_output_dir_is_refused(tmp_path):
     assert tree(tmp_path) == before
 
 
+def _sft_and_rm(tmp_path: Path) -> tuple[Path, Path]:
+    """A completed sft run (full model) and a reward run trained from it, as ppo takes them."""
+    sft = fake_run(tmp_path / "sft", "sft", {"kind": "full", "path": "model", "tokenizer": "tokenizer"})
+    rm = fake_run(tmp_path / "rm", "train-rm", {"kind": "reward-adapter", "adapters": ["adapter"], "tokenizer": "tokenizer"},
+                  base_model={"path": str(sft)})
+    return sft, rm
+
+
+@pytest.mark.parametrize("resume", ["auto", "never"])
+def test_reward_run_as_ppo_output_dir_is_refused_even_with_overwrite(tmp_path, resume):
+    sft, rm = _sft_and_rm(tmp_path)
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        start(rm, "ppo", overwrite=True, resume=resume, parent_run=str(sft),
+              inputs=[resolve_model(str(sft)), resolve_model(str(rm))])
+    assert e.value.exit_code == 2
+    assert e.value.message == f"{rm} is an input of this ppo run: choose another --output-dir"
+    assert tree(tmp_path) == before
+
+
+def test_a_run_that_an_input_was_trained_from_is_refused_as_output_dir(tmp_path):
+    # ppo --policy runs/dpo -o runs/sft --overwrite: runs/dpo's base is runs/sft's model.
+    sft, _ = _sft_and_rm(tmp_path)
+    dpo = fake_run(tmp_path / "dpo", "dpo", {"kind": "adapter", "adapters": ["adapter"]}, base_model={"path": str(sft)})
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        start(sft, "ppo", overwrite=True, parent_run=str(dpo), inputs=[resolve_model(str(dpo))])
+    assert e.value.message == f"{sft} holds {sft / 'model'}, an input of this ppo run: choose another --output-dir"
+    assert tree(tmp_path) == before
+
+
 def test_empty_existing_directory_is_used(tmp_path):
     start(tmp_path)
     assert read_manifest(tmp_path)["status"] == "running"
