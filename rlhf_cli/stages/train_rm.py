@@ -33,7 +33,7 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
     from rlhf_cli.runs import prepare_run
 
     # 1. Tokenizer and data: every data problem surfaces here, before anything is written.
-    resolved = models.resolve(recipe.model)
+    resolved = models.resolve(recipe.model, head="reward")
     tokenizer = models.load_tokenizer(resolved, chat_template=recipe.data.chat_template)
     chat.ensure_chat_template(tokenizer)
     train_records, eval_records, fmt = read_splits(recipe.data, ("preference", "ranked"), recipe.train.seed)
