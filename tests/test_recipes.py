@@ -334,3 +334,34 @@ def test_missing_required_key_names_the_flag():
     with pytest.raises(RecipeError) as info:
         load_recipe("ppo", None, flags={"reward.path": "runs/rm", "data.train": "p.jsonl"})
     assert "pass --policy RUN" in info.value.message
+
+
+def _laughs(levels: int) -> str:
+    """The "billion laughs" file: each anchor is nine aliases of the one before, 9**levels values in all."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("where", ["top level", "a real key"])
+def test_a_recipe_that_aliases_expand_to_billions_of_values_is_refused_at_once(tmp_path, where):
+    text = _laughs(9) + SFT + ("lora: {target_modules: *l8}\n" if where == "a real key" else "")
+    with pytest.raises(RecipeError) as e:
+        load_recipe("sft", write(tmp_path, text))
+    assert e.value.message == (f"{tmp_path / 'recipe.yaml'}:1:1: invalid YAML: the recipe expands to more than 100000 "
+                               "values through anchors and aliases (*name): write the values out")
+
+
+def test_aliases_of_a_few_values_still_read(tmp_path):
+    text = "stage: sft\nmodel: &m {path: some/model}\ndata: {train: d.jsonl}\nlora: {target_modules: &t [q_proj, v_proj]}\n"
+    assert load_recipe("sft", write(tmp_path, text)).lora.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("where", ["file", "--set"])
+def test_values_nested_thousands_deep_are_one_line(tmp_path, where):
+    deep = "[" * 20000 + "]" * 20000
+    with pytest.raises(RecipeError, match="values are nested too deeply to read; nest them less"):
+        if where == "file":
+            load_recipe("sft", write(tmp_path, SFT + f"x: {deep}\n"))
+        else:
+            load_recipe("sft", write(tmp_path, SFT), sets=[f"train.lr={deep}"])
