@@ -365,3 +365,12 @@ def test_values_nested_thousands_deep_are_one_line(tmp_path, where):
             load_recipe("sft", write(tmp_path, SFT + f"x: {deep}\n"))
         else:
             load_recipe("sft", write(tmp_path, SFT), sets=[f"train.lr={deep}"])
+
+
+@pytest.mark.parametrize(("line", "shown"), [("lr: .inf", "inf"), ("max_grad_norm: .nan", "nan"), ("epochs: 1e400", "'1e400'")])
+def test_infinite_or_nan_numbers_are_refused(tmp_path, line, shown):
+    # YAML reads .inf and .nan as floats, and pydantic reads 1e400 as inf: none is a setting.
+    key = line.split(":")[0]
+    with pytest.raises(RecipeError) as e:
+        load_recipe("sft", write(tmp_path, SFT + f"train:\n  {line}\n"))
+    assert e.value.message == f"{tmp_path / 'recipe.yaml'}:7: train.{key}: Input should be a finite number (got {shown})"
