@@ -111,6 +111,8 @@ def _yaml_error(path: Path, text: str, e: yaml.YAMLError) -> RecipeError:
 
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[Loc, int]]:
     """Parse a recipe file safely; returns the mapping and the line of every key."""
+    if path.is_dir():
+        raise RecipeError(f"{path} is a directory, not a recipe: give one of its YAML files (rlhf validate {path}/*.yaml)")
     if not path.is_file():
         raise DataError(f"{path}: recipe file not found")
     try:

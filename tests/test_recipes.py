@@ -374,3 +374,10 @@ def test_infinite_or_nan_numbers_are_refused(tmp_path, line, shown):
     with pytest.raises(RecipeError) as e:
         load_recipe("sft", write(tmp_path, SFT + f"train:\n  {line}\n"))
     assert e.value.message == f"{tmp_path / 'recipe.yaml'}:7: train.{key}: Input should be a finite number (got {shown})"
+
+
+def test_a_directory_given_as_the_recipe_says_so(tmp_path):
+    result = rlhf("sft", str(tmp_path))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path} is a directory, not a recipe: give one of its YAML files (rlhf validate {tmp_path}/*.yaml)"]
