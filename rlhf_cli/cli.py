@@ -105,8 +105,9 @@ def machine_error(e: BaseException, where: str | None = None) -> str | None:
     return f"{path}: {fix}" if path else fix
 
 
-def _boundary(fn: Callable[[], Any]) -> Any:
-    """Expected failures -> one line on stderr + their exit code. RLHF_DEBUG=1 adds the traceback."""
+def _boundary(fn: Callable[[], Any], where: str | None = None) -> Any:
+    """Expected failures -> one line on stderr + their exit code. RLHF_DEBUG=1 adds the traceback.
+    `where`: the path the command writes, named by an error of the machine that names no file."""
     try:
         return fn()
     except RlhfError as e:
@@ -115,7 +116,7 @@ def _boundary(fn: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         _fail("interrupted", [], 130)
     except Exception as e:
-        line = machine_error(e)
+        line = machine_error(e, where)
         if line is None:
             raise
         _debug_traceback()
@@ -557,7 +558,7 @@ def init(
         atomic_write_text(path, starter_recipe(stage))
         sys.stderr.write(f"wrote {path}; check it with: rlhf validate {path}\n")
 
-    _boundary(go)
+    _boundary(go, where=str(output or f"{stage}.yaml"))
 
 
 @app.command(help="Merge a LoRA run into its base and write a plain transformers model directory.")
@@ -576,7 +577,7 @@ def merge(
         stage = importlib.import_module("rlhf_cli.stages.merge")
         _show_result(stage.merge(run, output, dtype=dtype, overwrite=overwrite), json_)
 
-    _boundary(go)
+    _boundary(go, where=str(output))
 
 
 @app.command(help="Write report.html with plots and a summary table for one or more runs.")
@@ -591,7 +592,7 @@ def report(
         stage = importlib.import_module("rlhf_cli.stages.report")
         _show_result(stage.report(runs, output), json_)
 
-    _boundary(go)
+    _boundary(go, where=str(output))
 
 
 def _version(value: bool) -> None:

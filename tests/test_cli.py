@@ -387,6 +387,25 @@ def test_rlhf_debug_adds_the_traceback_of_an_os_error(fake_stage, sft_file):
     assert "Traceback" in result.stderr and "no space left on the device" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["init", "merge", "report"])
+def test_a_full_disk_names_the_output_of_the_tools_too(fake_stage, monkeypatch, tmp_path, command):
+    # A write() on a full disk names no file: the line names what the command was writing.
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out"
+    if command == "init":
+        monkeypatch.setattr("rlhf_cli.runs.atomic_write_text", full)
+        args = ["init", "sft", "--output", str(out)]
+    else:
+        fake_stage(command, **{command: full})
+        args = ["merge", "runs/sft", "--output", str(out)] if command == "merge" else ["report", "runs/sft", "-o", str(out)]
+    result = rlhf(*args)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [f"error: {out}: no space left on the device: free some, "
+                                                  "or write the run to another disk (--output-dir)"]
+
+
 def test_disk_full_mid_run_marks_it_failed_and_keeps_its_checkpoints(fake_stage, sft_file, tmp_path):
     from rlhf_cli.core.trainer import failure_marked
     from rlhf_cli.runs import prepare_run
