@@ -551,6 +551,8 @@ def init(
         if stage not in RECIPE_CLASSES:
             raise RecipeError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
         path = output or Path(f"{stage}.yaml")
+        if path.is_dir():
+            raise RecipeError(f"--output {path} is a directory: give a file path, e.g. --output {path / f'{stage}.yaml'}")
         if path.exists() and not force:
             raise RecipeError(f"{path} exists: pass --force to replace it, or --output another file")
         from rlhf_cli.runs import atomic_write_text

@@ -534,6 +534,16 @@ def test_init_refuses_to_overwrite_without_force(tmp_path):
     assert "stage: sft" in path.read_text()
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_init_into_a_directory_asks_for_a_file_path(tmp_path, force):
+    (tmp_path / "recipes").mkdir()
+    result = rlhf("init", "sft", "--output", str(tmp_path / "recipes"), *(["--force"] if force else []))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --output {tmp_path / 'recipes'} is a directory: give a file path, e.g. --output {tmp_path / 'recipes' / 'sft.yaml'}"]
+    assert list((tmp_path / "recipes").iterdir()) == []
+
+
 def test_init_unknown_stage_exits_2(tmp_path):
     result = rlhf("init", "rm", "-o", str(tmp_path / "x.yaml"))
     assert result.exit_code == 2
