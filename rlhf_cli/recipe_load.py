@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from rlhf_cli.errors import DataError, RecipeError
-from rlhf_cli.recipe import RECIPE_CLASSES, STAGES
+from rlhf_cli.recipe import METRIC_KEYS, RECIPE_CLASSES, STAGES
 
 Loc = tuple[str, ...]
 
@@ -172,6 +172,7 @@ def set_path(data: dict[str, Any], loc: Loc, value: Any, origin: str) -> None:
 _FLAGS: dict[str, str] = {"model.path": "--model MODEL", "data.train": "--data FILE"}
 _STAGE_FLAGS: dict[str, dict[str, str]] = {
     "ppo": {"policy.path": "--policy RUN", "reward.path": "--reward RUN", "data.train": "--prompts FILE"},
+    "eval": {"metrics": f"--metric NAME, one of: {', '.join(METRIC_KEYS)}"},
 }
 
 

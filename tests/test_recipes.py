@@ -381,3 +381,11 @@ def test_a_directory_given_as_the_recipe_says_so(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path} is a directory, not a recipe: give one of its YAML files (rlhf validate {tmp_path}/*.yaml)"]
+
+
+def test_eval_without_a_metric_names_the_flag_and_the_metrics():
+    result = rlhf("eval", "--model", "runs/sft")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: command line: metrics: required key is missing (set metrics, or pass --metric NAME, one of: "
+        "perplexity, reward, win_rate, kl, rm_accuracy, length, reward_fn)"]
