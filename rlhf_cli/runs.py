@@ -68,7 +68,11 @@ def now() -> str:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temp file in the same directory, fsync, then rename over the target."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        # The temp file's random name means nothing to the user: name the file they asked for.
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
         umask = os.umask(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -71,6 +72,17 @@ def test_atomic_write_json_creates_parent_directories(tmp_path):
     target = tmp_path / "a" / "b" / "run.json"
     atomic_write_json(target, {"ok": True})
     assert json.loads(target.read_text()) == {"ok": True}
+
+
+def test_a_write_refused_by_the_disk_names_the_target_not_its_temp_file(tmp_path, monkeypatch):
+    # A read-only or full directory refuses the temp file first; its random name means nothing to the user.
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".recipe.yaml.x1y2.tmp"))
+
+    monkeypatch.setattr(runs.tempfile, "mkstemp", refuse)
+    with pytest.raises(OSError) as e:
+        atomic_write_text(tmp_path / "recipe.yaml", "stage: sft\n")
+    assert (e.value.errno, e.value.filename) == (errno.EROFS, str(tmp_path / "recipe.yaml"))
 
 
 @pytest.mark.parametrize("breaks", ["json.dumps", "os.fsync", "os.replace"])
