@@ -15,6 +15,7 @@ directory may be used, cleared or resumed.
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import fcntl
 import hashlib
 import json
@@ -349,7 +350,9 @@ def _wanted_checkpoint(path: Path, resume: str) -> Path | None:
         return None
     wanted = Path(resume)
     if not wanted.is_dir():
-        raise DataError(f"--resume {resume}: checkpoint directory not found")
+        close = difflib.get_close_matches(resume, ["auto", "never"], n=1)
+        hint = f" (did you mean --resume {close[0]}?)" if close else " (or --resume auto | never)"
+        raise DataError(f"--resume {resume}: checkpoint directory not found{hint}")
     checkpoint_step(wanted)
     if wanted.resolve().parent != (path / "checkpoints").resolve():
         raise RecipeError(

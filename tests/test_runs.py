@@ -384,6 +384,16 @@ def test_resume_from_a_given_checkpoint(tmp_path):
     assert read_manifest(path)["resumed_from"] == str(three)
 
 
+@pytest.mark.parametrize(("resume", "hint"), [("autoo", "did you mean --resume auto?"), ("nevr", "did you mean --resume never?"),
+                                             ("ckpt-3", "or --resume auto | never")])
+def test_a_mistyped_resume_mode_is_named_with_the_modes(tmp_path, monkeypatch, resume, hint):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        start(tmp_path / "run", resume=resume)
+    assert e.value.message == f"--resume {resume}: checkpoint directory not found ({hint})"
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_from_a_missing_or_odd_path_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="checkpoint directory not found"):
         start(tmp_path / "run", resume=str(tmp_path / "checkpoint-3"))
