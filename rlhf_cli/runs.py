@@ -514,6 +514,21 @@ def _holder(fd: int) -> str:
         return "it has not recorded itself yet"
 
 
+def _live_holder(path: Path) -> str | None:
+    """Who holds the run directory's lock now (a run in progress), or None when no process does."""
+    try:
+        fd = os.open(path / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(fd)
+    finally:
+        os.close(fd)  # closing releases a lock this call took
+    return None
+
+
 def _nothing() -> None:
     pass
 
@@ -573,6 +588,8 @@ def resolve_model(path: str, gguf_file: str | None = None, trust_remote_code: bo
         return ResolvedModel(base=str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code)
 
     status = manifest.get("status")
+    if status == "running" and (holder := _live_holder(p)) is not None:
+        raise DataError(f"{path}: run is still training ({holder}): wait for it to finish, or give a completed run")
     if status != "completed":
         raise DataError(f"{path}: run is {status}, not completed; finish it with --resume auto first")
     model = manifest.get("model") or {}

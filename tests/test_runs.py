@@ -294,6 +294,26 @@ def test_a_second_claim_is_refused_naming_the_holder_until_it_is_killed(tmp_path
     assert run.resume_from == path / "checkpoints" / "checkpoint-2"
 
 
+def test_a_run_still_training_given_as_a_model_says_to_wait_not_to_resume(tmp_path):
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    path = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, str(script), str(path)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "claimed\n"
+        with pytest.raises(DataError) as e:
+            resolve_model(str(path))
+        assert e.value.message == (f"{path}: run is still training (pid {holder.pid} on {socket.gethostname()}: "
+                                   f"{script} {path}): wait for it to finish, or give a completed run")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # Killed: nobody trains it any more, so it is to be resumed.
+    with pytest.raises(DataError, match="run is running, not completed; finish it with --resume auto first"):
+        resolve_model(str(path))
+
+
 def test_a_lock_held_through_another_open_file_refuses_the_claim(tmp_path):
     written_run(tmp_path, "interrupted")
     checkpoint(tmp_path, 3)
