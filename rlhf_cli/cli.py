@@ -182,6 +182,11 @@ def _run_stage(
     if output_dir is not None:
         flags = {**flags, "output_dir": output_dir}
     recipe = load_recipe(stage, recipe_path, flags=flags, sets=sets)
+    if resume not in ("auto", "never"):
+        from rlhf_cli.runs import check_resume
+
+        # Before the data is read, and under --dry-run too, which never claims the run directory.
+        check_resume(recipe.output_dir, resume)
     if not _launch_ok(stage, recipe):
         return None
     module = importlib.import_module(f"rlhf_cli.stages.{stage.replace('-', '_')}")

@@ -344,6 +344,11 @@ def _refuse_non_run(path: Path) -> None:
         raise RecipeError(f"{path} is not empty and holds no run (no {MANIFEST}): choose a new or empty --output-dir")
 
 
+def check_resume(output_dir: str | Path, resume: str) -> None:
+    """--resume PATH names a checkpoint of output_dir's run (auto and never always do); raises otherwise."""
+    _wanted_checkpoint(Path(output_dir), resume)
+
+
 def _wanted_checkpoint(path: Path, resume: str) -> Path | None:
     """The checkpoint --resume PATH names, checked to be one of this run's; None for auto / never."""
     if resume in ("auto", "never"):

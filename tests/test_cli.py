@@ -170,10 +170,12 @@ def test_stage_default_options(fake_stage, sft_file):
     assert options == RunOptions(resume="auto", overwrite=False, dry_run=False)
 
 
-def test_resume_path_is_passed_through(fake_stage, sft_file):
+def test_resume_path_is_passed_through(fake_stage, sft_file, tmp_path):
     calls = fake_stage("sft")
-    assert rlhf("sft", str(sft_file), "--resume", "runs/sft/checkpoints/checkpoint-5").exit_code == 0
-    assert calls[0][1].resume == "runs/sft/checkpoints/checkpoint-5"
+    checkpoint = tmp_path / "runs" / "sft" / "checkpoints" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)  # the CLI checks that it is one of the run's checkpoints
+    assert rlhf("sft", str(sft_file), "--resume", str(checkpoint)).exit_code == 0
+    assert calls[0][1].resume == str(checkpoint)
 
 
 def test_precedence_file_then_flags_then_set(fake_stage, sft_file):
@@ -385,6 +387,15 @@ def test_rlhf_debug_adds_the_traceback_of_an_os_error(fake_stage, sft_file):
     result = rlhf("sft", str(sft_file), env={"RLHF_DEBUG": "1"})
     assert result.exit_code == 1
     assert "Traceback" in result.stderr and "no space left on the device" in result.stderr
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_resume_path_that_is_no_checkpoint_is_refused_before_the_stage_runs(fake_stage, sft_file, tmp_path, dry_run):
+    calls = fake_stage("sft")
+    result = rlhf("sft", str(sft_file), "--resume", "autoo", *(["--dry-run"] if dry_run else []))
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip().splitlines() == ["error: --resume autoo: checkpoint directory not found (did you mean --resume auto?)"]
+    assert calls == [] and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("command", ["init", "merge", "report"])
