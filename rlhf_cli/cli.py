@@ -105,8 +105,9 @@ def machine_error(e: BaseException, where: str | None = None) -> str | None:
     return f"{path}: {fix}" if path else fix
 
 
-def _boundary(fn: Callable[[], Any]) -> Any:
-    """Expected failures -> one line on stderr + their exit code. RLHF_DEBUG=1 adds the traceback."""
+def _boundary(fn: Callable[[], Any], where: str | None = None) -> Any:
+    """Expected failures -> one line on stderr + their exit code. RLHF_DEBUG=1 adds the traceback.
+    `where`: the path the command writes, named by an error of the machine that names no file."""
     try:
         return fn()
     except RlhfError as e:
@@ -115,7 +116,7 @@ def _boundary(fn: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         _fail("interrupted", [], 130)
     except Exception as e:
-        line = machine_error(e)
+        line = machine_error(e, where)
         if line is None:
             raise
         _debug_traceback()
@@ -181,6 +182,11 @@ def _run_stage(
     if output_dir is not None:
         flags = {**flags, "output_dir": output_dir}
     recipe = load_recipe(stage, recipe_path, flags=flags, sets=sets)
+    if resume not in ("auto", "never"):
+        from rlhf_cli.runs import check_resume
+
+        # Before the data is read, and under --dry-run too, which never claims the run directory.
+        check_resume(recipe.output_dir, resume)
     if not _launch_ok(stage, recipe):
         return None
     module = importlib.import_module(f"rlhf_cli.stages.{stage.replace('-', '_')}")
@@ -582,6 +588,8 @@ def init(
         if stage not in RECIPE_CLASSES:
             raise RecipeError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
         path = output or Path(f"{stage}.yaml")
+        if path.is_dir():
+            raise RecipeError(f"--output {path} is a directory: give a file path, e.g. --output {path / f'{stage}.yaml'}")
         if path.exists() and not force:
             raise RecipeError(f"{path} exists: pass --force to replace it, or --output another file")
         from rlhf_cli.runs import atomic_write_text
@@ -589,7 +597,7 @@ def init(
         atomic_write_text(path, starter_recipe(stage))
         sys.stderr.write(f"wrote {path}; check it with: rlhf validate {path}\n")
 
-    _boundary(go)
+    _boundary(go, where=str(output or f"{stage}.yaml"))
 
 
 @app.command(help="Merge a LoRA run into its base and write a plain transformers model directory.")
@@ -608,7 +616,7 @@ def merge(
         stage = importlib.import_module("rlhf_cli.stages.merge")
         _show_result(stage.merge(run, output, dtype=dtype, overwrite=overwrite), json_)
 
-    _boundary(go)
+    _boundary(go, where=str(output))
 
 
 @app.command(help="Write report.html with plots and a summary table for one or more runs.")
@@ -623,7 +631,7 @@ def report(
         stage = importlib.import_module("rlhf_cli.stages.report")
         _show_result(stage.report(runs, output), json_)
 
-    _boundary(go)
+    _boundary(go, where=str(output))
 
 
 def _version(value: bool) -> None:

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from rlhf_cli.errors import DataError, RecipeError
-from rlhf_cli.recipe import RECIPE_CLASSES, STAGES
+from rlhf_cli.recipe import METRIC_KEYS, RECIPE_CLASSES, STAGES
 
 Loc = tuple[str, ...]
 
@@ -63,14 +63,37 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# Values a recipe may expand to through anchors and aliases; real recipes hold a few hundred. A few nested
+# aliases ("billion laughs") expand to billions, which every later walk (key lines, validation) would visit.
+MAX_VALUES = 100_000
+
+
 def load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
     """(data, node tree) of one YAML document, parsed once with _RecipeLoader."""
     loader = _RecipeLoader(text)
     try:
-        node = loader.get_single_node()
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            # PyYAML reads nested brackets recursively: thousands deep end the parser's stack, not the file.
+            raise yaml.YAMLError("values are nested too deeply to read; nest them less") from None
+        if node is not None and _expanded_size(node, {}) > MAX_VALUES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"the recipe expands to more than {MAX_VALUES} values through anchors and aliases (*name): write the values out",
+                node.start_mark,
+            )
         return (loader.construct_document(node) if node is not None else None), node
     finally:
         loader.dispose()
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many nodes the document holds once every alias is expanded (each distinct node counted once)."""
+    if id(node) not in sizes:
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
 
 
 def _yaml_error(path: Path, text: str, e: yaml.YAMLError) -> RecipeError:
@@ -88,6 +111,8 @@ def _yaml_error(path: Path, text: str, e: yaml.YAMLError) -> RecipeError:
 
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[Loc, int]]:
     """Parse a recipe file safely; returns the mapping and the line of every key."""
+    if path.is_dir():
+        raise RecipeError(f"{path} is a directory, not a recipe: give one of its YAML files (rlhf validate {path}/*.yaml)")
     if not path.is_file():
         raise DataError(f"{path}: recipe file not found")
     try:
@@ -148,6 +173,7 @@ _FLAGS: dict[str, str] = {"model.path": "--model MODEL", "data.train": "--data F
 _STAGE_FLAGS: dict[str, dict[str, str]] = {
     "ppo": {"policy.path": "--policy RUN", "reward.path": "--reward RUN", "data.train": "--prompts FILE"},
     "grpo": {"policy.path": "--policy RUN", "reward.path": "--reward RUN|package.module:function", "data.train": "--prompts FILE"},
+    "eval": {"metrics": f"--metric NAME, one of: {', '.join(METRIC_KEYS)}"},
 }
 
 

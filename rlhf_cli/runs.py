@@ -15,6 +15,7 @@ directory may be used, cleared or resumed.
 from __future__ import annotations
 
 import datetime as _dt
+import difflib
 import fcntl
 import hashlib
 import json
@@ -25,7 +26,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -69,7 +70,11 @@ def now() -> str:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temp file in the same directory, fsync, then rename over the target."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        # The temp file's random name means nothing to the user: name the file they asked for.
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
         umask = os.umask(0)
@@ -233,8 +238,12 @@ def prepare_run(
     overwrite: bool = False,
     base_model: Any = None,
     parent_run: str | None = None,
+    inputs: Sequence[ResolvedModel | None] = (),
 ) -> RunDir:
     """Claim output_dir for a new run, or pick up an interrupted one.
+
+    - output_dir may not hold anything the run reads: the parent run, nor any run or model in `inputs`
+      (the policy and the reward model of ppo, each with the runs it was trained from);
 
     - a completed run there: refused unless overwrite (re-running never silently says "done" or clobbers);
     - a run of another stage: refused unless overwrite (which replaces it);
@@ -252,7 +261,7 @@ def prepare_run(
 
     def claim() -> dict[str, Any]:
         run = _claim(output_dir, stage, recipe_yaml, recipe_json, resume=resume, overwrite=overwrite,
-                     base_model=base_model, parent_run=parent_run)
+                     base_model=base_model, parent_run=parent_run, inputs=inputs)
         return {"path": str(run.path), "manifest": run.manifest,
                 "resume_from": str(run.resume_from) if run.resume_from is not None else None}
 
@@ -272,10 +281,10 @@ def _claim(
     overwrite: bool,
     base_model: Any,
     parent_run: str | None,
+    inputs: Sequence[ResolvedModel | None],
 ) -> RunDir:
     path = Path(output_dir)
-    if parent_run and Path(parent_run).resolve() == path.resolve():
-        raise RecipeError(f"{path} is the run this {stage} run starts from: choose another --output-dir")
+    _refuse_inputs(path, stage, parent_run, inputs)
     # What no other process can change is refused before the lock, so nothing is created there.
     _refuse_non_run(path)
     wanted = _wanted_checkpoint(path, resume)
@@ -315,11 +324,30 @@ def _claim(
     return run
 
 
+def _refuse_inputs(path: Path, stage: str, parent_run: str | None, inputs: Sequence[ResolvedModel | None]) -> None:
+    """An input is never an output: clearing or resuming output_dir would delete or rewrite what this run
+    loads (the run it starts from, a reward model, or any run those were trained from)."""
+    target = path.resolve()
+    if parent_run and Path(parent_run).resolve() == target:
+        raise RecipeError(f"{path} is the run this {stage} run starts from: choose another --output-dir")
+    for read in (p for model in inputs if model is not None for p in model.local_paths):
+        held = Path(read).resolve()
+        if held == target:
+            raise RecipeError(f"{path} is an input of this {stage} run: choose another --output-dir")
+        if target in held.parents:
+            raise RecipeError(f"{path} holds {read}, an input of this {stage} run: choose another --output-dir")
+
+
 def _refuse_non_run(path: Path) -> None:
     """Only a run directory (one holding run.json) or an empty one may be claimed: anything else is the
     user's, and no flag makes it ours."""
     if path.is_dir() and not (path / MANIFEST).is_file() and any(child.name != LOCK for child in path.iterdir()):
         raise RecipeError(f"{path} is not empty and holds no run (no {MANIFEST}): choose a new or empty --output-dir")
+
+
+def check_resume(output_dir: str | Path, resume: str) -> None:
+    """--resume PATH names a checkpoint of output_dir's run (auto and never always do); raises otherwise."""
+    _wanted_checkpoint(Path(output_dir), resume)
 
 
 def _wanted_checkpoint(path: Path, resume: str) -> Path | None:
@@ -328,7 +356,9 @@ def _wanted_checkpoint(path: Path, resume: str) -> Path | None:
         return None
     wanted = Path(resume)
     if not wanted.is_dir():
-        raise DataError(f"--resume {resume}: checkpoint directory not found")
+        close = difflib.get_close_matches(resume, ["auto", "never"], n=1)
+        hint = f" (did you mean --resume {close[0]}?)" if close else " (or --resume auto | never)"
+        raise DataError(f"--resume {resume}: checkpoint directory not found{hint}")
     checkpoint_step(wanted)
     if wanted.resolve().parent != (path / "checkpoints").resolve():
         raise RecipeError(
@@ -490,6 +520,21 @@ def _holder(fd: int) -> str:
         return "it has not recorded itself yet"
 
 
+def _live_holder(path: Path) -> str | None:
+    """Who holds the run directory's lock now (a run in progress), or None when no process does."""
+    try:
+        fd = os.open(path / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(fd)
+    finally:
+        os.close(fd)  # closing releases a lock this call took
+    return None
+
+
 def _nothing() -> None:
     pass
 
@@ -531,6 +576,13 @@ class ResolvedModel:
     def tokenizer_path(self) -> str:
         return self.tokenizer or self.base
 
+    @property
+    def local_paths(self) -> tuple[str, ...]:
+        """The local files and folders loading this model reads: its run, the runs it was trained from
+        (through their adapters), the base and the tokenizer. A hub id names no local path."""
+        named = (self.run_dir, self.base, *self.adapters, self.tokenizer)
+        return tuple(p for p in dict.fromkeys(named) if p is not None and Path(p).exists())
+
 
 def resolve_model(path: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> ResolvedModel:
     """Resolve a hub id, a local model directory, or a run directory (recursively through parents)."""
@@ -542,6 +594,8 @@ def resolve_model(path: str, gguf_file: str | None = None, trust_remote_code: bo
         return ResolvedModel(base=str(path), gguf_file=gguf_file, trust_remote_code=trust_remote_code)
 
     status = manifest.get("status")
+    if status == "running" and (holder := _live_holder(p)) is not None:
+        raise DataError(f"{path}: run is still training ({holder}): wait for it to finish, or give a completed run")
     if status != "completed":
         raise DataError(f"{path}: run is {status}, not completed; finish it with --resume auto first")
     model = manifest.get("model") or {}

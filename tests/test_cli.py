@@ -170,10 +170,12 @@ def test_stage_default_options(fake_stage, sft_file):
     assert options == RunOptions(resume="auto", overwrite=False, dry_run=False)
 
 
-def test_resume_path_is_passed_through(fake_stage, sft_file):
+def test_resume_path_is_passed_through(fake_stage, sft_file, tmp_path):
     calls = fake_stage("sft")
-    assert rlhf("sft", str(sft_file), "--resume", "runs/sft/checkpoints/checkpoint-5").exit_code == 0
-    assert calls[0][1].resume == "runs/sft/checkpoints/checkpoint-5"
+    checkpoint = tmp_path / "runs" / "sft" / "checkpoints" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)  # the CLI checks that it is one of the run's checkpoints
+    assert rlhf("sft", str(sft_file), "--resume", str(checkpoint)).exit_code == 0
+    assert calls[0][1].resume == str(checkpoint)
 
 
 def test_precedence_file_then_flags_then_set(fake_stage, sft_file):
@@ -387,6 +389,34 @@ def test_rlhf_debug_adds_the_traceback_of_an_os_error(fake_stage, sft_file):
     assert "Traceback" in result.stderr and "no space left on the device" in result.stderr
 
 
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_resume_path_that_is_no_checkpoint_is_refused_before_the_stage_runs(fake_stage, sft_file, tmp_path, dry_run):
+    calls = fake_stage("sft")
+    result = rlhf("sft", str(sft_file), "--resume", "autoo", *(["--dry-run"] if dry_run else []))
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip().splitlines() == ["error: --resume autoo: checkpoint directory not found (did you mean --resume auto?)"]
+    assert calls == [] and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("command", ["init", "merge", "report"])
+def test_a_full_disk_names_the_output_of_the_tools_too(fake_stage, monkeypatch, tmp_path, command):
+    # A write() on a full disk names no file: the line names what the command was writing.
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "out"
+    if command == "init":
+        monkeypatch.setattr("rlhf_cli.runs.atomic_write_text", full)
+        args = ["init", "sft", "--output", str(out)]
+    else:
+        fake_stage(command, **{command: full})
+        args = ["merge", "runs/sft", "--output", str(out)] if command == "merge" else ["report", "runs/sft", "-o", str(out)]
+    result = rlhf(*args)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [f"error: {out}: no space left on the device: free some, "
+                                                  "or write the run to another disk (--output-dir)"]
+
+
 def test_disk_full_mid_run_marks_it_failed_and_keeps_its_checkpoints(fake_stage, sft_file, tmp_path):
     from rlhf_cli.core.trainer import failure_marked
     from rlhf_cli.runs import prepare_run
@@ -513,6 +543,16 @@ def test_init_refuses_to_overwrite_without_force(tmp_path):
     result = rlhf("init", "sft", "-o", str(path), "--force")
     assert result.exit_code == 0
     assert "stage: sft" in path.read_text()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_init_into_a_directory_asks_for_a_file_path(tmp_path, force):
+    (tmp_path / "recipes").mkdir()
+    result = rlhf("init", "sft", "--output", str(tmp_path / "recipes"), *(["--force"] if force else []))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --output {tmp_path / 'recipes'} is a directory: give a file path, e.g. --output {tmp_path / 'recipes' / 'sft.yaml'}"]
+    assert list((tmp_path / "recipes").iterdir()) == []
 
 
 def test_init_unknown_stage_exits_2(tmp_path):

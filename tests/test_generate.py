@@ -138,3 +138,22 @@ def test_qlora_chain_keeps_every_adapter_live_on_the_4bit_base(qlora_run, tmp_pa
     with torch.no_grad():
         expected, got = trained(**enc).logits, loaded.model(**enc).logits
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "{rm}", "-p", "hi"],
+    ["sft", "--model", "{rm}", "--data", "{chat}", "--dry-run"],
+    ["ppo", "--policy", "{rm}", "--reward", "{rm}", "--prompts", "{prompts}", "--dry-run"],
+])
+def test_a_reward_run_given_as_the_language_model_is_a_usage_error(tiny, reward_run, tmp_path, command):
+    """A causal LM loaded from a reward run keeps its base and drops the score head without a word: it would
+    sample or train the base as if it were the run."""
+    names = {"rm": str(reward_run), "chat": str(tiny["chat"]), "prompts": str(tiny["prompts"])}
+    out = tmp_path / "out"
+    args = [a.format(**names) for a in command] + ([] if command[0] == "generate" else ["--output-dir", str(out)])
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: {reward_run} is a reward model run (run.json model.kind), not a language model: pass an sft, dpo, "
+        "ppo or pretrain run, or a causal LM directory (a reward model goes to --reward)"]
+    assert not out.exists()

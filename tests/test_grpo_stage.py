@@ -274,3 +274,14 @@ def test_full_fine_tuning_holds_a_policy_and_a_reference_copy_only(tiny, runs):
     result = grpo(tiny, runs, runs["root"] / "grpo-full-no-kl", iterations=1, extra={"lora": "null", "grpo.kl_coef": 0})
     assert result.exit_code == 0, result.output
     assert json.loads((runs["root"] / "grpo-full-no-kl" / "run.json").read_text())["layout"]["base_copies"] == 1
+
+
+def test_the_reward_run_is_never_the_output_dir(tiny, runs):
+    import hashlib
+
+    rm = runs["rm"]
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(rm.rglob("*")) if p.is_file()}
+    result = grpo(tiny, runs, rm, reward=str(rm), iterations=1, extra={})
+    assert result.exit_code == 2, result.output
+    assert f"{rm} is an input of this grpo run: choose another --output-dir" in result.output
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(rm.rglob("*")) if p.is_file()} == before

@@ -108,3 +108,10 @@ def test_reward_run_merges_into_a_sequence_classifier(reward_run, tiny, tmp_path
     run_scorer = load_reward_model(str(reward_run), dtype="fp32")
     with torch.no_grad():
         assert torch.allclose(merged(**enc).logits, run_scorer.model(**enc).logits, atol=1e-4)
+
+
+def test_a_run_directory_that_does_not_exist_is_named_as_missing(tmp_path):
+    _, stderr = _merge(tmp_path / "nope", tmp_path / "out", code=3)
+    assert stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nope'}: run directory not found (merge takes the directory of a LoRA run)"]
+    assert not (tmp_path / "out").exists()

@@ -650,3 +650,17 @@ def test_ppo_logs_every_iteration_to_tensorboard_in_the_run(tiny, runs):
     events.Reload()
     assert {"score_mean", "kl", "value_loss", "value_mean", "policy_loss"} <= set(events.Tags()["scalars"])
     assert [e.value for e in events.Scalars("kl")] == pytest.approx([r["kl"] for r in metrics(out)])
+
+def test_the_reward_run_is_never_the_output_dir_even_with_overwrite(tiny, sft_full_run, reward_run, tmp_path):
+    """`rlhf ppo --reward runs/rm -o runs/rm --overwrite` would clear the reward model it is about to load."""
+    import shutil
+
+    rm = tmp_path / "rm"
+    shutil.copytree(reward_run, rm)
+    before = _files(rm)
+    result = CliRunner().invoke(app, ["ppo", "--policy", str(sft_full_run), "--reward", str(rm), "--prompts",
+                                      str(tiny["prompts"]), "--output-dir", str(rm), "--overwrite",
+                                      *[a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == f"error: {rm} is an input of this ppo run: choose another --output-dir"
+    assert _files(rm) == before

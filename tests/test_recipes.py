@@ -343,3 +343,57 @@ def test_setting_one_generation_key_keeps_the_stage_default_temperature():
     compare = load_recipe("compare", None, flags={"model.path": "m", "prompts": "p", "for_labelling": True},
                           sets=["generation.max_new_tokens=12"])
     assert compare.generation.temperature == 1.0
+
+def _laughs(levels: int) -> str:
+    """The "billion laughs" file: each anchor is nine aliases of the one before, 9**levels values in all."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("where", ["top level", "a real key"])
+def test_a_recipe_that_aliases_expand_to_billions_of_values_is_refused_at_once(tmp_path, where):
+    text = _laughs(9) + SFT + ("lora: {target_modules: *l8}\n" if where == "a real key" else "")
+    with pytest.raises(RecipeError) as e:
+        load_recipe("sft", write(tmp_path, text))
+    assert e.value.message == (f"{tmp_path / 'recipe.yaml'}:1:1: invalid YAML: the recipe expands to more than 100000 "
+                               "values through anchors and aliases (*name): write the values out")
+
+
+def test_aliases_of_a_few_values_still_read(tmp_path):
+    text = "stage: sft\nmodel: &m {path: some/model}\ndata: {train: d.jsonl}\nlora: {target_modules: &t [q_proj, v_proj]}\n"
+    assert load_recipe("sft", write(tmp_path, text)).lora.target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("where", ["file", "--set"])
+def test_values_nested_thousands_deep_are_one_line(tmp_path, where):
+    deep = "[" * 20000 + "]" * 20000
+    with pytest.raises(RecipeError, match="values are nested too deeply to read; nest them less"):
+        if where == "file":
+            load_recipe("sft", write(tmp_path, SFT + f"x: {deep}\n"))
+        else:
+            load_recipe("sft", write(tmp_path, SFT), sets=[f"train.lr={deep}"])
+
+
+@pytest.mark.parametrize(("line", "shown"), [("lr: .inf", "inf"), ("max_grad_norm: .nan", "nan"), ("epochs: 1e400", "'1e400'")])
+def test_infinite_or_nan_numbers_are_refused(tmp_path, line, shown):
+    # YAML reads .inf and .nan as floats, and pydantic reads 1e400 as inf: none is a setting.
+    key = line.split(":")[0]
+    with pytest.raises(RecipeError) as e:
+        load_recipe("sft", write(tmp_path, SFT + f"train:\n  {line}\n"))
+    assert e.value.message == f"{tmp_path / 'recipe.yaml'}:7: train.{key}: Input should be a finite number (got {shown})"
+
+
+def test_a_directory_given_as_the_recipe_says_so(tmp_path):
+    result = rlhf("sft", str(tmp_path))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path} is a directory, not a recipe: give one of its YAML files (rlhf validate {tmp_path}/*.yaml)"]
+
+
+def test_eval_without_a_metric_names_the_flag_and_the_metrics():
+    result = rlhf("eval", "--model", "runs/sft")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: command line: metrics: required key is missing (set metrics, or pass --metric NAME, one of: "
+        "perplexity, reward, win_rate, kl, rm_accuracy, length, reward_fn)"]

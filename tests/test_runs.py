@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -71,6 +72,17 @@ def test_atomic_write_json_creates_parent_directories(tmp_path):
     target = tmp_path / "a" / "b" / "run.json"
     atomic_write_json(target, {"ok": True})
     assert json.loads(target.read_text()) == {"ok": True}
+
+
+def test_a_write_refused_by_the_disk_names_the_target_not_its_temp_file(tmp_path, monkeypatch):
+    # A read-only or full directory refuses the temp file first; its random name means nothing to the user.
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".recipe.yaml.x1y2.tmp"))
+
+    monkeypatch.setattr(runs.tempfile, "mkstemp", refuse)
+    with pytest.raises(OSError) as e:
+        atomic_write_text(tmp_path / "recipe.yaml", "stage: sft\n")
+    assert (e.value.errno, e.value.filename) == (errno.EROFS, str(tmp_path / "recipe.yaml"))
 
 
 @pytest.mark.parametrize("breaks", ["json.dumps", "os.fsync", "os.replace"])
@@ -196,6 +208,37 @@ def test_parent_run_as_output_dir_is_refused(tmp_path):
     assert tree(tmp_path) == before
 
 
+def _sft_and_rm(tmp_path: Path) -> tuple[Path, Path]:
+    """A completed sft run (full model) and a reward run trained from it, as ppo takes them."""
+    sft = fake_run(tmp_path / "sft", "sft", {"kind": "full", "path": "model", "tokenizer": "tokenizer"})
+    rm = fake_run(tmp_path / "rm", "train-rm", {"kind": "reward-adapter", "adapters": ["adapter"], "tokenizer": "tokenizer"},
+                  base_model={"path": str(sft)})
+    return sft, rm
+
+
+@pytest.mark.parametrize("resume", ["auto", "never"])
+def test_reward_run_as_ppo_output_dir_is_refused_even_with_overwrite(tmp_path, resume):
+    sft, rm = _sft_and_rm(tmp_path)
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        start(rm, "ppo", overwrite=True, resume=resume, parent_run=str(sft),
+              inputs=[resolve_model(str(sft)), resolve_model(str(rm))])
+    assert e.value.exit_code == 2
+    assert e.value.message == f"{rm} is an input of this ppo run: choose another --output-dir"
+    assert tree(tmp_path) == before
+
+
+def test_a_run_that_an_input_was_trained_from_is_refused_as_output_dir(tmp_path):
+    # ppo --policy runs/dpo -o runs/sft --overwrite: runs/dpo's base is runs/sft's model.
+    sft, _ = _sft_and_rm(tmp_path)
+    dpo = fake_run(tmp_path / "dpo", "dpo", {"kind": "adapter", "adapters": ["adapter"]}, base_model={"path": str(sft)})
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        start(sft, "ppo", overwrite=True, parent_run=str(dpo), inputs=[resolve_model(str(dpo))])
+    assert e.value.message == f"{sft} holds {sft / 'model'}, an input of this ppo run: choose another --output-dir"
+    assert tree(tmp_path) == before
+
+
 def test_empty_existing_directory_is_used(tmp_path):
     start(tmp_path)
     assert read_manifest(tmp_path)["status"] == "running"
@@ -249,6 +292,26 @@ def test_a_second_claim_is_refused_naming_the_holder_until_it_is_killed(tmp_path
     assert read_manifest(path)["status"] == "running"
     run = start(path)
     assert run.resume_from == path / "checkpoints" / "checkpoint-2"
+
+
+def test_a_run_still_training_given_as_a_model_says_to_wait_not_to_resume(tmp_path):
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    path = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, str(script), str(path)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "claimed\n"
+        with pytest.raises(DataError) as e:
+            resolve_model(str(path))
+        assert e.value.message == (f"{path}: run is still training (pid {holder.pid} on {socket.gethostname()}: "
+                                   f"{script} {path}): wait for it to finish, or give a completed run")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # Killed: nobody trains it any more, so it is to be resumed.
+    with pytest.raises(DataError, match="run is running, not completed; finish it with --resume auto first"):
+        resolve_model(str(path))
 
 
 def test_a_lock_held_through_another_open_file_refuses_the_claim(tmp_path):
@@ -339,6 +402,16 @@ def test_resume_from_a_given_checkpoint(tmp_path):
     run = start(path, resume=str(three))
     assert run.resume_from == three
     assert read_manifest(path)["resumed_from"] == str(three)
+
+
+@pytest.mark.parametrize(("resume", "hint"), [("autoo", "did you mean --resume auto?"), ("nevr", "did you mean --resume never?"),
+                                             ("ckpt-3", "or --resume auto | never")])
+def test_a_mistyped_resume_mode_is_named_with_the_modes(tmp_path, monkeypatch, resume, hint):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        start(tmp_path / "run", resume=resume)
+    assert e.value.message == f"--resume {resume}: checkpoint directory not found ({hint})"
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_from_a_missing_or_odd_path_is_a_data_error(tmp_path):

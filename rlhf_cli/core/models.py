@@ -30,9 +30,16 @@ log = logging.getLogger("rlhf")
 Head = Literal["causal", "reward"]
 
 
-def resolve(spec: ModelSpec | Any) -> ResolvedModel:
-    """Resolve a ModelSpec-like object (path, gguf_file, trust_remote_code, tokenizer)."""
+def resolve(spec: ModelSpec | Any, head: Head = "causal") -> ResolvedModel:
+    """Resolve a ModelSpec-like object (path, gguf_file, trust_remote_code, tokenizer) for the head that will
+    load it. A reward run has no language-model head to sample or train (a causal LM would load its base and
+    drop the score head without a word), so it is refused unless a reward head is wanted."""
     resolved = resolve_model(spec.path, getattr(spec, "gguf_file", None), getattr(spec, "trust_remote_code", False))
+    if head == "causal" and resolved.kind == "reward":
+        raise RecipeError(
+            f"{spec.path} is a reward model run (run.json model.kind), not a language model: pass an sft, dpo, ppo "
+            "or pretrain run, or a causal LM directory (a reward model goes to --reward)"
+        )
     tokenizer = getattr(spec, "tokenizer", None)
     if tokenizer:
         resolved = ResolvedModel(**{**resolved.__dict__, "tokenizer": tokenizer})

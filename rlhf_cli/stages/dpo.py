@@ -80,7 +80,7 @@ def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
     base = artifacts.base_entry(resolved, recipe.model.path, parent_adapter_kept=kept)
     run_dir = prepare_run(recipe.output_dir, "dpo", dump_recipe(recipe), recipe.model_dump(mode="json"),
                           resume=options.resume, overwrite=options.overwrite, base_model=base,
-                          parent_run=resolved.run_dir)
+                          parent_run=resolved.run_dir, inputs=[resolved])
     with fitting.failure_marked(run_dir):
         quantized = recipe.quant.bits is not None
         model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant, merge_parent=not kept)

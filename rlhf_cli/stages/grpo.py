@@ -82,6 +82,7 @@ def run(recipe: GRPORecipe, options: RunOptions) -> RunResult:
         recipe.output_dir, "grpo", dump_recipe(recipe), recipe.model_dump(mode="json"),
         resume=options.resume, overwrite=options.overwrite,
         base_model=base_entry(policy, recipe.policy.path), parent_run=policy.run_dir,
+        inputs=[policy, plan.reward_resolved],
     )
     accelerator = Accelerator(gradient_accumulation_steps=grpo.grad_accum)
     set_seed(grpo.seed)

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from rlhf_cli.errors import RecipeError
+from rlhf_cli.errors import DataError, RecipeError
 from rlhf_cli.result import RunResult
 
 log = logging.getLogger("rlhf")
@@ -32,6 +32,8 @@ def merge(run: str | Path, output: Path, *, dtype: str = "auto", overwrite: bool
     from rlhf_cli.runs import resolve_model
 
     output = Path(output)
+    if not Path(run).is_dir():
+        raise DataError(f"{run}: run directory not found (merge takes the directory of a LoRA run)")
     resolved = resolve_model(str(run))
     if not resolved.adapters:
         where = f"{run}/run.json says it is a full model" if resolved.run_dir else f"{run} is not a run directory"

@@ -69,6 +69,7 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
         recipe.output_dir, "ppo", dump_recipe(recipe), recipe.model_dump(mode="json"),
         resume=options.resume, overwrite=options.overwrite,
         base_model=base_entry(policy, recipe.policy.path), parent_run=policy.run_dir,
+        inputs=[policy, plan.reward_resolved],
     )
     accelerator = Accelerator(gradient_accumulation_steps=recipe.ppo.grad_accum)
     set_seed(recipe.ppo.seed)

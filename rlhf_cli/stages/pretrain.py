@@ -71,7 +71,7 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
         base = artifacts.base_entry(resolved, recipe.model.path, parent_adapter_kept=kept)
     run_dir = prepare_run(recipe.output_dir, "pretrain", dump_recipe(recipe), recipe.model_dump(mode="json"),
                           resume=options.resume, overwrite=options.overwrite, base_model=base,
-                          parent_run=resolved.run_dir)
+                          parent_run=resolved.run_dir, inputs=[resolved])
     with fitting.failure_marked(run_dir):
         quantized = recipe.quant.bits is not None
         if scratch:

@@ -33,7 +33,7 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
     from rlhf_cli.runs import prepare_run
 
     # 1. Tokenizer and data: every data problem surfaces here, before anything is written.
-    resolved = models.resolve(recipe.model)
+    resolved = models.resolve(recipe.model, head="reward")
     tokenizer = models.load_tokenizer(resolved, chat_template=recipe.data.chat_template)
     chat.ensure_chat_template(tokenizer)
     train_records, eval_records, fmt = read_splits(recipe.data, ("preference", "ranked"), recipe.train.seed)
@@ -75,7 +75,7 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
     base = artifacts.base_entry(resolved, recipe.model.path, parent_adapter_kept=kept)
     run_dir = prepare_run(recipe.output_dir, "train-rm", dump_recipe(recipe), recipe.model_dump(mode="json"),
                           resume=options.resume, overwrite=options.overwrite, base_model=base,
-                          parent_run=resolved.run_dir)
+                          parent_run=resolved.run_dir, inputs=[resolved])
     with fitting.failure_marked(run_dir):
         quantized = recipe.quant.bits is not None
         model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant, head="reward",
