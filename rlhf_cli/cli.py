@@ -59,8 +59,14 @@ DataOpt = Annotated[Optional[str], typer.Option("--data", "-d", help="Training d
 
 
 def _fail(message: str, details: list[str], code: int) -> None:
+    import signal
+
     from rich.console import Console
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank has decided on this code; the launcher sends SIGTERM to the ranks still running once
+        # one has exited, which would turn this rank's code into -15 while it is on its way out.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     err.print(f"[bold red]error:[/] {message}", markup=True) if err.is_terminal else err.print(f"error: {message}", markup=False)
     for line in details:
