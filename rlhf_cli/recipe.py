@@ -183,6 +183,18 @@ class TrainSpec(Strict):
         return self
 
 
+class PretrainTrainSpec(TrainSpec):
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate (pretraining's default).")
+
+
+class RewardTrainSpec(TrainSpec):
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (reward models' default).")
+
+
+class DPOTrainSpec(TrainSpec):
+    lr: float = Field(5e-6, gt=0, description="Peak learning rate; DPO wants rates far below SFT's.")
+
+
 class GenerationSpec(Strict):
     max_new_tokens: int = Field(64, ge=1, description="Longest response in tokens.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature; 0 = greedy.")
@@ -205,9 +217,9 @@ class GreedyGenerationSpec(GenerationSpec):
 
 
 class DiverseGenerationSpec(GenerationSpec):
-    """Generation for compare: answers to compare must differ, so sampling at temperature 1 by default."""
+    """Generation whose answers must differ (compare's K answers, a GRPO group): temperature 1 by default."""
 
-    temperature: float = Field(1.0, ge=0, description="Sampling temperature; 1 by default, since answers to compare must differ.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature; 1 by default, since the answers must differ.")
 
 
 def _adapter_rules(quant: QuantSpec, lora: LoraSpec | None) -> None:
@@ -229,7 +241,7 @@ class PretrainRecipe(Strict):
     quant: QuantSpec = Field(default_factory=QuantSpec)
     lora: LoraSpec | None = Field(None, description="Adapter settings; null = train all weights.")
     data: TextData
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(lr=5e-4))
+    train: PretrainTrainSpec = Field(default_factory=PretrainTrainSpec)
     output_dir: str = Field("runs/pretrain", min_length=1, description="Run directory this stage writes.")
 
     @model_validator(mode="after")
@@ -270,7 +282,7 @@ class RewardRecipe(Strict):
     quant: QuantSpec = Field(default_factory=QuantSpec)
     lora: LoraSpec | None = Field(default_factory=LoraSpec, description="Adapter settings; null = full fine-tune.")
     data: PreferenceData
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(lr=5e-5))
+    train: RewardTrainSpec = Field(default_factory=RewardTrainSpec)
     center_rewards_coef: float | None = Field(
         0.01, ge=0, description="Penalty on (r_chosen + r_rejected)^2 keeping scores centred near 0; null = off."
     )
@@ -321,7 +333,7 @@ class DPORecipe(Strict):
     lora: LoraSpec | None = Field(default_factory=LoraSpec, description="Adapter settings; null = full fine-tune.")
     data: PreferenceData
     # DPO moves far on a small learning rate; trl's default is 1e-6 for full fine-tunes, LoRA takes more.
-    train: TrainSpec = Field(default_factory=lambda: TrainSpec(lr=5e-6))
+    train: DPOTrainSpec = Field(default_factory=DPOTrainSpec)
     dpo: DPOSpec = Field(default_factory=DPOSpec)
     output_dir: str = Field("runs/dpo", min_length=1, description="Run directory this stage writes.")
 
@@ -544,8 +556,8 @@ class GRPORecipe(Strict):
     quant: QuantSpec = Field(default_factory=QuantSpec)
     lora: LoraSpec | None = Field(default_factory=LoraSpec, description="Policy adapter settings; null = full fine-tune.")
     data: PromptData
-    generation: GenerationSpec = Field(
-        default_factory=lambda: GenerationSpec(temperature=1.0),
+    generation: DiverseGenerationSpec = Field(
+        default_factory=DiverseGenerationSpec,
         description="Sampling settings; temperature 1 by default, since a group's answers must differ to carry signal.",
     )
     grpo: GRPOSpec = Field(default_factory=GRPOSpec)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
 from rlhf_cli.errors import DataError, RecipeError
-from rlhf_cli.recipe import STAGES
+from rlhf_cli.recipe import RECIPE_CLASSES, STAGES
 from rlhf_cli.recipe_load import dump_recipe, load_recipe, parse_set
 from rlhf_cli.starter import schema_text
 
@@ -396,4 +396,25 @@ def test_eval_without_a_metric_names_the_flag_and_the_metrics():
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         "error: command line: metrics: required key is missing (set metrics, or pass --metric NAME, one of: "
-        "perplexity, reward, win_rate, kl, rm_accuracy, length, reward_fn)"]
+        "perplexity, reward, win_rate, kl, rm_accuracy, length, reward_fn, best_of_n, dpo_accuracy)"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_partly_given_section_keeps_the_stages_defaults(stage):
+    """A section's defaults are its class's own, so giving one key of it keeps the others: DPO's lr stayed
+    5e-6 only without a train block (TrainSpec(lr=5e-6) as the default, 2e-4 once any train key was set)."""
+    from pydantic import BaseModel
+
+    cls = RECIPE_CLASSES[stage]
+    for name, field in cls.model_fields.items():
+        if field.default_factory is None:
+            continue
+        default = field.default_factory()
+        if isinstance(default, BaseModel):
+            assert default == type(default)(), f"{stage}.{name}: its default differs from {type(default).__name__}()"
+
+
+def test_a_train_block_without_lr_keeps_the_stages_learning_rate():
+    flags = {"model.path": "m", "data.train": "p.jsonl"}
+    for stage, lr in (("dpo", 5e-6), ("train-rm", 5e-5), ("pretrain", 5e-4), ("sft", 2e-4)):
+        assert load_recipe(stage, None, flags=flags, sets=["train.max_steps=3"]).train.lr == lr, stage
