@@ -30,6 +30,7 @@ from torch import Tensor
 
 from rlhf_cli.console import Progress
 from rlhf_cli.core import distributed
+from rlhf_cli.core.checks import warn_if_length_collapsed
 from rlhf_cli.core.memory import out_of_memory
 from rlhf_cli.core.models import exact_lora
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
@@ -215,6 +216,8 @@ def train(recipe: PPORecipe, models: Models, tokenizer: Any, prompts: Prompts, r
             run.log_metrics(record)
             bar.update(it, score=record["score_mean"], kl=record["kl"], clipfrac=record["clipfrac"])
             warn_if_unstable(record, state, it)
+            if it == ppo.iterations:
+                warn_if_length_collapsed(run.metrics_file)
 
             # A signal may reach the processes in different iterations: all stop at the first that sees one.
             stopping = distributed.any_rank(stop.signal is not None)
