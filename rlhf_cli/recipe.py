@@ -586,7 +586,8 @@ Metric = Literal["perplexity", "reward", "win_rate", "kl", "rm_accuracy", "lengt
 # The keys each metric puts into eval's output; gates (--fail-under / --fail-over) name these.
 METRIC_KEYS: dict[str, tuple[str, ...]] = {
     "perplexity": ("perplexity",),
-    "reward": ("reward", "reward_std"),
+    # reward_length_corr: Spearman correlation of the reward model's score with answer length (tokens).
+    "reward": ("reward", "reward_std", "reward_length_corr"),
     "win_rate": ("win_rate", "tie_rate", "reference_reward"),
     "kl": ("kl",),
     "rm_accuracy": ("rm_accuracy", "rm_margin"),

@@ -1,12 +1,14 @@
 """End to end: `make demo-tiny`'s chain through the real CLI, with each hand-off and each stage's effect checked.
 
 pretrain from scratch -> sft on the pretrain run -> train-rm on the sft run -> ppo (policy sft, reward rm)
--> eval (gated on PPO beating SFT) -> generate -> round 2 (compare -> train-rm from rm -> eval) -> report.
+-> dpo (sft on the same pairs) -> eval of each against sft (gated on beating it) -> generate
+-> round 2 (compare -> train-rm from rm -> eval) -> report.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -81,6 +83,23 @@ def test_eval_gates_and_outputs(chain):
     assert sum(a != b for a, b in zip(answers["sft"], answers["ppo"])) >= len(prompts) // 2  # PPO changed what it says
     html = (chain / "report/report.html").read_text()
     assert "<img" in html and "ppo.jsonl" in html
+
+
+def test_dpo_branch_beats_sft_under_the_reward_model(chain):
+    """DPO learns from the pairs the reward model learned from, with no reward model and no sampling; the
+    reward model PPO trained against prefers its greedy answers to the SFT policy's."""
+    dpo = manifest(chain, "dpo")
+    assert dpo["status"] == "completed"
+    assert Path(dpo["parent_run"]).resolve() == (chain / "runs/sft").resolve()
+    assert dpo["metrics"]["eval_accuracy"] > 0.5, dpo["metrics"]  # its implicit reward ranks held-out pairs
+    result = json.loads((chain / "runs/eval_dpo/eval.json").read_text())
+    assert result["recipe"]["model"]["path"] == "runs/dpo" and result["recipe"]["reference"]["path"] == "runs/sft"
+    metrics = result["metrics"]
+    assert metrics["win_rate"] > 0.5 and metrics["reward"] > metrics["reference_reward"], metrics
+    corr = metrics["reward_length_corr"]
+    assert math.isnan(corr) or -1 <= corr <= 1
+    html = (chain / "report/report.html").read_text()
+    assert "eval_dpo" in html and "Reward model against an independent check" in html
 
 
 def test_round_two_reward_model_judges_the_policy_better(chain):

@@ -88,7 +88,7 @@ def test_all_metrics_against_itself_and_gates_that_hold(family, request, tiny, f
         "--fail-under", "rm_accuracy=0.75", "--fail-over", "kl=0.001", "--output-dir", str(out),
     ])
     m = result["metrics"]
-    assert list(m) == ["perplexity", "reward", "reward_std", "win_rate", "tie_rate", "reference_reward", "kl",
+    assert list(m) == ["perplexity", "reward", "reward_std", "reward_length_corr", "win_rate", "tie_rate", "reference_reward", "kl",
                        "rm_accuracy", "rm_margin", "length", "eos_rate", "reward_fn", "reward_fn_std",
                        "reference_reward_fn"]
     assert 1 < m["perplexity"] < 5  # the run learnt the fixture (random init: ~384)
@@ -102,6 +102,14 @@ def test_all_metrics_against_itself_and_gates_that_hold(family, request, tiny, f
     assert result["details"]["failed_gates"] == [] and result["details"]["answers"] == 24
     saved = json.loads((out / "eval.json").read_text())
     assert saved["metrics"] == m and saved["recipe"]["fail_over"] == {"kl": 0.001}
+    # reward_length_corr is the rank correlation of the scores with the lengths of the answers eval.json lists.
+    from rlhf_cli.core.checks import rank_correlation
+
+    scored = saved["samples"]
+    assert len({s["completion_tokens"] for s in scored}) > 1  # lengths vary, so the correlation is defined
+    assert m["reward_length_corr"] == pytest.approx(
+        rank_correlation([s["score"] for s in scored], [s["completion_tokens"] for s in scored]))
+    assert -1 <= m["reward_length_corr"] <= 1
     assert "win_rate" in stderr  # the table is for people, on stderr
 
 

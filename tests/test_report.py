@@ -176,6 +176,32 @@ def test_report_shows_the_pipeline_numbers_plots_and_answers(pipeline, tmp_path)
     assert any("ppo" in src and "reward" in src for src in parsed.images)
 
 
+def test_the_independent_check_stands_beside_the_reward_model_win_rate(pipeline, tmp_path):
+    out = tmp_path / "report"
+    report(_inputs(pipeline), out)
+    parsed = _parse((out / "report.html").read_text())
+    m = _eval_json(pipeline)["metrics"]
+    # In the summary the rule-based check's rows follow the win rate's.
+    labels = [row[0] for row in parsed.tables[0]["rows"][1:]]
+    at = labels.index("Win rate against the reference (reward model as judge)")
+    assert labels[at + 1 : at + 3] == ["Independent rule-based check (reward_fn, e.g. VADER sentiment)",
+                                       "Rule-based check of the reference policy"]
+    table = next(t for t in parsed.tables if t["rows"][0][:3] == ["Eval", "Model vs reference", "Win rate (reward model)"])
+    (row,) = table["rows"][1:]
+    corr = m["reward_length_corr"]
+    assert row[2] == f"{m['win_rate']:.4g}"
+    assert row[3] == f"{m['reward']:.4g} / {m['reference_reward']:.4g}"
+    assert row[4] == f"{m['reward_fn']:.4g} / {m['reference_reward_fn']:.4g}"
+    assert row[5] == ("–" if math.isnan(corr) else f"{corr:.4g}")
+    claimed = m["reward"] > m["reference_reward"] or m["win_rate"] > 0.5
+    expected = ("the reward model sees no gain" if not claimed else
+                "confirmed" if m["reward_fn"] > m["reference_reward_fn"] else "not confirmed")
+    assert row[6].startswith(expected), row
+    saved = json.loads((out / "summary.json").read_text())["independent_checks"]
+    assert [(c["win_rate"], c["reward_fn"], c["reference_reward_fn"]) for c in saved] == [
+        (m["win_rate"], m["reward_fn"], m["reference_reward_fn"])]
+
+
 def test_plots_are_real_drawings(pipeline, tmp_path):
     from PIL import Image
 

@@ -3,11 +3,16 @@
     python -m rlhf_cli.demo.pipeline real   # make demo: SmolLM2-135M-Instruct + corpora from PyPI packages
     python -m rlhf_cli.demo.pipeline tiny   # make demo-tiny: a model pretrained from scratch, in minutes
 
+    python -m rlhf_cli.demo.pipeline real --seed 1 --work .demo-s1   # another training seed, same data
+
 Each step is printed as the shell command it runs, so the demo doubles as a tour of the CLI:
 prepare data -> pretrain -> sft -> train-rm -> ppo -> eval -> generate (SFT and PPO side by side) -> report;
-the tiny demo adds round 2 (compare -> train-rm from the round-1 reward model -> eval of both).
+the DPO branch trains the SFT policy on the same preference pairs (dpo) and evaluates it against SFT
+with the same reward model and check (eval-dpo), reported beside PPO; the tiny demo adds round 2
+(compare -> train-rm from the round-1 reward model -> eval of both).
 A step that fails stops the pipeline with that step's exit code. Finished steps are skipped when the
-pipeline is run again (their run directories are complete), so an interrupted demo continues.
+pipeline is run again (their run directories are complete), so an interrupted demo continues; use a
+fresh --work for another --seed.
 """
 
 from __future__ import annotations
@@ -15,13 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-STAGE_RUNS = ("pretrain", "sft", "rm", "ppo")
+# Training stages and the run each writes; dpo runs where the recipe folder has a dpo.yaml.
+STAGES = (("pretrain", "pretrain"), ("sft", "sft"), ("train-rm", "rm"), ("ppo", "ppo"), ("dpo", "dpo"))
 
 
 def _say(text: str) -> None:
@@ -29,8 +36,18 @@ def _say(text: str) -> None:
     sys.stderr.flush()
 
 
+# CPU seconds of each step (user + system, all its threads): the work done, whatever else shares the cores;
+# on 2 idle cores a step's wall time is about half of it.
+CPU_SECONDS: dict[str, float] = {}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _rlhf(*args: str, stdout: Path | None = None, stdin: Path | None = None) -> float:
-    """Run one `rlhf` command, echoing it; returns its wall time."""
+    """Run one `rlhf` command, echoing it; returns its wall time (its CPU time goes to CPU_SECONDS)."""
     cmd = [sys.executable, "-m", "rlhf_cli", *args]
     shown = "rlhf " + " ".join(shlex.quote(a) for a in args)
     if stdin:
@@ -38,12 +55,13 @@ def _rlhf(*args: str, stdout: Path | None = None, stdin: Path | None = None) -> 
     if stdout:
         shown += f" > {stdout}"
     _say(f"\n$ {shown}")
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), _children_cpu()
     with open(stdout, "w") if stdout else open(os.devnull, "w") as out, open(stdin) if stdin else open(os.devnull) as inp:
         proc = subprocess.run(cmd, stdout=out if stdout else None, stdin=inp)
     if proc.returncode != 0:
         _say(f"step failed (exit {proc.returncode}): {shown}")
         raise SystemExit(proc.returncode)
+    CPU_SECONDS[shown] = _children_cpu() - cpu0
     return time.monotonic() - t0
 
 
@@ -78,8 +96,15 @@ def prepare_tiny(work: Path) -> None:
         build_all(work / "assets")
 
 
-def run(kind: str, recipes: Path, work: Path, force: bool = False) -> dict[str, float]:
-    """Run every step; returns seconds per step."""
+def seed_overrides(stage: str, seed: int | None) -> list[str]:
+    """--set arguments that give a stage this training seed (none: the recipe's own)."""
+    if seed is None:
+        return []
+    return ["--set", f"{'ppo' if stage == 'ppo' else 'train'}.seed={seed}"]
+
+
+def run(kind: str, recipes: Path, work: Path, force: bool = False, seed: int | None = None) -> dict[str, float]:
+    """Run every step; returns seconds per step. `seed` replaces every training seed (the data stay as they are)."""
     recipes, work = recipes.resolve(), work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     (prepare_real if kind == "real" else prepare_tiny)(work)
@@ -88,27 +113,34 @@ def run(kind: str, recipes: Path, work: Path, force: bool = False) -> dict[str, 
     times: dict[str, float] = {}
     t_start = time.monotonic()
 
-    for stage, name in (("pretrain", "pretrain"), ("sft", "sft"), ("train-rm", "rm"), ("ppo", "ppo")):
+    dpo = (recipes / "dpo.yaml").exists()
+    for stage, name in STAGES:
+        if stage == "dpo" and not dpo:
+            continue
         if _completed(Path("runs") / name) and not force:
             _say(f"\n{stage}: runs/{name} is complete, skipping")
             continue
         # Default --resume auto: an interrupted stage continues from its last checkpoint.
-        times[stage] = _rlhf(stage, str(recipes / f"{stage}.yaml"), *(["--overwrite"] if force else []))
+        times[stage] = _rlhf(stage, str(recipes / f"{stage}.yaml"), *seed_overrides(stage, seed),
+                             *(["--overwrite"] if force else []))
 
-    times["eval"] = _rlhf("eval", str(recipes / "eval.yaml"), "--output-dir", "runs/eval")
+    eval_seed = ["--seed", str(seed)] if seed is not None else []
+    times["eval"] = _rlhf("eval", str(recipes / "eval.yaml"), "--output-dir", "runs/eval", *eval_seed)
+    if dpo:
+        times["eval dpo"] = _rlhf("eval", str(recipes / "eval-dpo.yaml"), "--output-dir", "runs/eval_dpo", *eval_seed)
     for name in ("sft", "ppo"):
         times[f"generate {name}"] = _rlhf(
-            "generate", f"runs/{name}", "--prompts", _prompts_eval(kind), "--seed", "0", "--set",
+            "generate", f"runs/{name}", "--prompts", _prompts_eval(kind), "--seed", str(seed or 0), "--set",
             f"generation.max_new_tokens={_max_new_tokens(recipes)}", stdout=Path(f"{name}.jsonl"),
         )
     if kind == "tiny":
         times.update(round_two(recipes, force))
-    times["report"] = _rlhf(
-        "report", "runs/pretrain", "runs/sft", "runs/rm", "runs/ppo", "runs/eval", "sft.jsonl", "ppo.jsonl",
-        "--output", "report",
-    )
+    runs = ["runs/pretrain", "runs/sft", "runs/rm", "runs/ppo", *(["runs/dpo"] if dpo else []), "runs/eval",
+            *(["runs/eval_dpo"] if dpo else [])]
+    times["report"] = _rlhf("report", *runs, "sft.jsonl", "ppo.jsonl", "--output", "report")
     times["total"] = time.monotonic() - t_start
     _say("\nseconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    _say(f"CPU seconds of all steps: {sum(CPU_SECONDS.values()):.0f} (on 2 otherwise idle cores the wall time is about half)")
     _say(f"report: {(work / 'report' / 'report.html').resolve()}")
     return times
 
@@ -145,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", type=Path, help="Recipe folder (default recipes/demo or recipes/demo-tiny).")
     parser.add_argument("--work", type=Path, help="Work folder (default .demo or .demo-tiny).")
     parser.add_argument("--force", action="store_true", help="Re-run stages whose runs are already complete.")
+    parser.add_argument("--seed", type=int, help="Training seed of every stage (default: each recipe's own).")
     args = parser.parse_args(argv)
     recipes = args.recipes or Path("recipes/demo" if args.kind == "real" else "recipes/demo-tiny")
     work = args.work or Path(".demo" if args.kind == "real" else ".demo-tiny")
-    run(args.kind, recipes, work, force=args.force)
+    run(args.kind, recipes, work, force=args.force, seed=args.seed)
     return 0
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from rlhf_cli.console import Progress
 from rlhf_cli.core import distributed
+from rlhf_cli.core.checks import warn_if_length_collapsed
 from rlhf_cli.core.memory import out_of_memory
 from rlhf_cli.core.models import exact_lora
 from rlhf_cli.core.trackers import Trackers
@@ -245,6 +246,8 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
             bar.update(it, score=record["score_mean"], **({"kl": record["kl"]} if "kl" in record else {}),
                        clipfrac=record["clipfrac"])
             warn_if_unstable(record, state, it, key)
+            if it == spec.iterations:
+                warn_if_length_collapsed(run.metrics_file)
 
             # A signal may reach the processes in different iterations: all stop at the first that sees one.
             stopping = distributed.any_rank(stop.signal is not None)

@@ -5,9 +5,13 @@
 
 Metric -> output keys (METRIC_KEYS in recipe.py):
     perplexity   perplexity        exp(mean NLL per token): all tokens of text data, answer tokens of chat data
-    reward       reward, reward_std    reward-model score of the model's own answers to data.prompts
+    reward       reward, reward_std, reward_length_corr    reward-model score of the model's own answers to
+                                   data.prompts; reward_length_corr: Spearman rank correlation of that score with
+                                   the answer's length in tokens over the same answers (NaN if either is constant),
+                                   near +-1 when the reward model mostly pays for length
     win_rate     win_rate, tie_rate, reference_reward    answers vs the reference's, judged by the reward model;
-                                   ties count half; the reference answers' mean reward
+                                   ties count half; the reference answers' mean reward. With reward_fn too, a
+                                   warning when the reward model prefers the model while reward_fn prefers the reference
     kl           kl                mean over the model's samples of sum_t log p_model - log p_ref (k1 estimate of
                                    KL(model || ref) per answer); sampled at temperature 1 whatever `generation` says,
                                    since the estimate needs samples from the model's own distribution
@@ -35,6 +39,7 @@ log = logging.getLogger("rlhf")
 
 
 def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
+    from rlhf_cli.core.checks import check_disagrees, rank_correlation
     from rlhf_cli.core.data import detect_format, prompts_of, read_records
     from rlhf_cli.core.inference import load_causal_lm
     from rlhf_cli.core.metrics import check_gates, compare, mean_std, perplexity
@@ -112,6 +117,7 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
                 _name_progress(scorer, "eval reward")
                 scores = scorer(prompts, texts)
                 values["reward"], values["reward_std"] = mean_std(scores)
+                values["reward_length_corr"] = rank_correlation(scores, [a.completion_tokens for a in answers])
                 _add(samples, "score", scores)
             if reward_fn is not None:
                 fn_scores = reward_fn(prompts, texts)
@@ -131,6 +137,10 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
                 values["reference_reward"] = mean_std(ref_scores)[0]
                 if reward_fn is not None:
                     values["reference_reward_fn"] = mean_std(reward_fn(prompts, ref_texts))[0]
+                    disagreement = check_disagrees(values["reward"], values["reference_reward"], values["reward_fn"],
+                                                   values["reference_reward_fn"])
+                    if disagreement:
+                        log.warning("%s", disagreement)
                 details.update(wins=verdict.wins, ties=verdict.ties, losses=verdict.losses)
         if "best_of_n" in wanted:
             assert scorer is not None

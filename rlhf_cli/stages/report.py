@@ -42,9 +42,11 @@ SUMMARY_KEYS: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     "reward": ("Mean reward of the evaluated policy (held-out prompts)", (("eval", "reward"),)),
     "reference_reward": ("Mean reward of the reference policy (held-out prompts)", (("eval", "reference_reward"),)),
     "win_rate": ("Win rate against the reference (reward model as judge)", (("eval", "win_rate"),)),
-    "kl": ("KL(policy || reference) on held-out prompts", (("eval", "kl"),)),
     "reward_fn": ("Independent rule-based check (reward_fn, e.g. VADER sentiment)", (("eval", "reward_fn"),)),
     "reference_reward_fn": ("Rule-based check of the reference policy", (("eval", "reference_reward_fn"),)),
+    "reward_length_corr": ("Reward model score vs answer length (Spearman, evaluated answers)",
+                           (("eval", "reward_length_corr"),)),
+    "kl": ("KL(policy || reference) on held-out prompts", (("eval", "kl"),)),
     "perplexity": ("Perplexity", (("eval", "perplexity"),)),
     "length": ("Mean response length (tokens)", (("eval", "length"),)),
     "ppo_score": ("PPO rollout score, last iteration", (("ppo", "score_mean"), ("ppo", "score"), ("ppo", "reward"))),
@@ -142,6 +144,7 @@ def report(runs: list[Path], output: Path) -> RunResult:
     mpl = _matplotlib()
 
     rows = _summary_rows(found_runs, evals)
+    checks = [c for c in map(_independent_check, evals) if c is not None]
     tables = _side_by_side_tables(sample_files, evals)
     if output.exists() and not output.is_dir():
         raise RecipeError(f"--output {output}: is a file; choose a directory")
@@ -162,6 +165,7 @@ def report(runs: list[Path], output: Path) -> RunResult:
             "inputs": {"runs": [str(r.path) for r in found_runs], "evals": [str(e.path) for e in evals],
                        "samples": [str(p) for p in sample_files]},
             "summary": rows,
+            "independent_checks": checks,
             "runs": [_run_overview(r) for r in found_runs],
             "evals": [{"name": e.name, "path": str(e.path), "model": e.model_path("model"),
                        "reference": e.model_path("reference"), "metrics": e.metrics} for e in evals],
@@ -323,6 +327,29 @@ def _summary_rows(runs: list[Run], evals: list[EvalResult]) -> list[dict[str, An
                     rows.append({"key": metric, "label": f"{metric} ({run.stage})", "value": _number(value),
                                  "source": run.name, "metric": metric})
     return rows
+
+
+def _independent_check(e: EvalResult) -> dict[str, Any] | None:
+    """The reward model's verdict on a model against its reference, beside the rule-based check's (reward_fn)
+    on the same answers: whether an outside judge sees the gain the reward model claims."""
+    m = {k: _number(v) for k, v in e.metrics.items()}
+    if m.get("win_rate") is None:
+        return None
+    row: dict[str, Any] = {
+        "eval": e.name, "model": e.model_path("model"), "reference": e.model_path("reference"),
+        **{k: m.get(k) for k in ("win_rate", "reward", "reference_reward", "reward_fn", "reference_reward_fn",
+                                 "reward_length_corr", "length")},
+    }
+    rm_gain = row["reward"] is not None and row["reference_reward"] is not None and row["reward"] > row["reference_reward"]
+    if row["reward_fn"] is None or row["reference_reward_fn"] is None:
+        row["verdict"] = "no independent check (eval ran without --reward-fn)"
+    elif not rm_gain and not row["win_rate"] > 0.5:
+        row["verdict"] = "the reward model sees no gain"
+    elif row["reward_fn"] > row["reference_reward_fn"]:
+        row["verdict"] = "confirmed: the independent check also scores the model higher"
+    else:
+        row["verdict"] = "not confirmed: the independent check scores the model no higher than the reference"
+    return row
 
 
 def _flat_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -602,6 +629,24 @@ def _html(summary: dict[str, Any], runs: list[Run], evals: list[EvalResult],
     else:
         out.append('<p class="muted">No final metrics found.</p>')
 
+    if summary["independent_checks"]:
+        out.append("<h3>Reward model against an independent check</h3>"
+                   '<p class="muted">A reward model rewards whatever separated its training pairs; a rule-based '
+                   "reward_fn scoring the same answers says whether the gain it reports shows outside it.</p>")
+        out.append("<table><tr><th>Eval</th><th>Model vs reference</th><th>Win rate (reward model)</th>"
+                   "<th>Reward: model / reference</th><th>Independent check: model / reference</th>"
+                   "<th>Reward vs length (Spearman)</th><th>Verdict</th></tr>")
+        pair = lambda a, b: f"{_fmt_or_dash(a)} / {_fmt_or_dash(b)}"  # noqa: E731
+        for c in summary["independent_checks"]:
+            names = f"{Path(c['model'] or 'model').name} vs {Path(c['reference'] or 'reference').name}"
+            out.append(f"<tr><td>{_e(c['eval'])}</td><td>{_e(names)}</td>"
+                       f'<td class="num">{_e(_fmt(c["win_rate"]))}</td>'
+                       f'<td class="num">{_e(pair(c["reward"], c["reference_reward"]))}</td>'
+                       f'<td class="num">{_e(pair(c["reward_fn"], c["reference_reward_fn"]))}</td>'
+                       f'<td class="num">{_e(_fmt_or_dash(c["reward_length_corr"]))}</td>'
+                       f"<td>{_e(c['verdict'])}</td></tr>")
+        out.append("</table>")
+
     if runs:
         out.append("<h2>Runs</h2><table><tr><th>Run</th><th>Stage</th><th>Status</th><th>Base model</th>"
                    "<th>Parent run</th><th>Duration</th><th>Logged records</th></tr>")
@@ -667,6 +712,10 @@ def _metrics_table(metrics: dict[str, Any]) -> str:
     rows = "".join(f'<tr><td><code>{_e(k)}</code></td><td class="num">{_e(_fmt(v))}</td></tr>'
                    for k, v in _flatten(metrics).items())
     return f"<table><tr><th>Metric</th><th>Value</th></tr>{rows}</table>"
+
+
+def _fmt_or_dash(value: Any) -> str:
+    return "–" if value is None else _fmt(value)
 
 
 def _fmt_duration(seconds: float | None) -> str:

@@ -1,0 +1,69 @@
+"""Reward-gaming signs (rlhf_cli/core/checks.py) on hand-computed numbers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+
+from rlhf_cli.core.checks import (
+    check_disagrees,
+    length_collapse,
+    pearson,
+    rank_correlation,
+    warn_if_length_collapsed,
+)
+
+
+def test_rank_correlation_by_hand():
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    # Ties share their mean rank: x ranks 1, 2.5, 2.5, 4 against y ranks 1, 3, 2, 4 -> 4.5 / sqrt(4.5 * 5).
+    assert rank_correlation([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(3 / math.sqrt(10))
+    # Ranks, not values: one very long answer does not decide it (Pearson of the values is 0.31).
+    assert rank_correlation([1, 2, 3, 100], [1, 2, 3, 2.5]) == pytest.approx(0.8)
+    assert pearson([1, 2, 3, 100], [1, 2, 3, 2.5]) == pytest.approx(0.3087, abs=1e-4)
+    # No spread on one side: undefined, not 0.
+    assert math.isnan(rank_correlation([5, 5, 5], [1, 2, 3]))
+    assert math.isnan(rank_correlation([1], [2]))
+    with pytest.raises(ValueError):
+        rank_correlation([1, 2], [1])
+
+
+def test_length_collapse_needs_shorter_answers_and_a_higher_score():
+    rising = [0.1 * i for i in range(8)]
+    # 8 iterations: windows of 2. First 20, 20 tokens; last 8, 8: 8 < 0.5 * 20 while the score rose 0.05 -> 0.65.
+    message = length_collapse([20, 20, 18, 15, 12, 10, 8, 8], rising)
+    assert message is not None
+    assert "0.05 to 0.65" in message and "20.0 to 8.0 tokens" in message and "first and last 2 iterations" in message
+    assert length_collapse([20, 20, 18, 15, 12, 10, 8, 8], rising[::-1]) is None  # the score fell
+    assert length_collapse([20, 20, 18, 15, 12, 12, 11, 11], rising) is None      # 11 is not under 10
+    assert length_collapse([20, 20, 18, 15, 12, 12, 11, 11], rising, ratio=0.6) is not None
+    assert length_collapse([20], [0.0]) is None                                    # nothing to compare
+    # 40 iterations: windows of 5 at most.
+    assert "first and last 5 iterations" in length_collapse([30] * 20 + [5] * 20, [0.0] * 20 + [1.0] * 20)
+
+
+def test_length_collapse_is_warned_from_the_metrics_log(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": i + 1, "score_mean": 0.1 * i, "response_length": 24 - 2.5 * i} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = logging.getLogger("rlhf")
+    log.addHandler(caplog.handler)  # the CLI's logging setup stops "rlhf" records from reaching the root logger
+    try:
+        warn_if_length_collapsed(path)
+        warn_if_length_collapsed(tmp_path / "missing.jsonl")
+    finally:
+        log.removeHandler(caplog.handler)
+    warned = {r.getMessage() for r in caplog.records}  # one warning, whether or not the root logger also saw it
+    assert len(warned) == 1 and "answers shortened from 22.8 to 7.8 tokens" in warned.pop()
+
+
+def test_check_disagrees_only_when_the_reward_model_and_the_check_part_ways():
+    message = check_disagrees(-1.37, -1.59, -0.042, -0.019)
+    assert message is not None and "-1.37 vs -1.59" in message and "-0.042 vs -0.019" in message
+    assert check_disagrees(-1.37, -1.59, 0.227, 0.020) is None   # both say better
+    assert check_disagrees(-1.6, -1.5, -0.1, 0.0) is None        # both say worse
+    assert check_disagrees(-1.6, -1.5, 0.3, 0.0) is None         # the reward model claims no gain
