@@ -531,3 +531,41 @@ def test_finiteness_and_sums_on_one_process(env):
     assert not distributed.all_finite([torch.ones(3), torch.tensor([1.0, float("inf")])])
     assert not distributed.all_finite([torch.tensor(float("nan"))])
     assert distributed.total(2.5) == 2.5
+
+
+# --------------------------------------------------------------------------- dpo: two processes against one
+
+
+@pytest.mark.dist
+@pytest.mark.stage
+def test_dpo_two_processes_match_one(tiny, lora_run, tmp_path):
+    """DPO under DDP: the data split between the ranks, one writer, and the same training as one process
+    (the global batch holds the same pairs: accelerate shards the one sampler's batches)."""
+    import torch
+
+    recipe = REPO / "recipes" / "tiny" / "dpo.yaml"
+    sets = ["train.max_steps=4", "train.logging_steps=1", "train.save_steps=2", f"model.path={lora_run}",
+            f"data.train={tiny['preference']}", f"data.eval={tiny['preference_eval']}", "lora.dropout=0.0"]
+
+    def args(out: Path, batch: int) -> list[str]:
+        return ["dpo", str(recipe), "--output-dir", str(out), "--json",
+                *[a for s in [*sets, f"train.batch_size={batch}"] for a in ("--set", s)]]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = invoke(*args(tmp_path / "one", 8))
+    finally:
+        torch.set_num_threads(threads)
+    assert single.exit_code == 0, single.output
+    two = accelerate(tmp_path, *args(tmp_path / "two", 4))
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_m, two_m = manifest(tmp_path / "one"), manifest(tmp_path / "two")
+    assert two_m["distributed"]["world_size"] == 2 and two_m["distributed"]["global_batch_size"] == 8
+    assert one_m["distributed"]["global_batch_size"] == 8
+    losses = {n: [r["loss"] for r in metric_rows(tmp_path / n) if "loss" in r] for n in ("one", "two")}
+    assert len(losses["two"]) == len(losses["one"]) == 4
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-3, abs=1e-4)
+    gaps = update_gaps(tmp_path / "one" / "adapter", tmp_path / "two" / "adapter")
+    assert gaps and max(gaps.values()) < 0.05, gaps
+    assert len([line for line in two.stdout.splitlines() if line.startswith("{")]) == 1
