@@ -50,7 +50,8 @@ def first_words(texts: list[str], scores: list[float], top: int = 6) -> list[tup
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("work", type=Path)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="Print JSON instead of the table.")
+    parser.add_argument("--save", type=Path, help="Also write the figures to this JSON file.")
     args = parser.parse_args()
     from rlhf_cli.core.reward import load_reward_model
 
@@ -100,6 +101,8 @@ def main() -> None:
            for k in ("tokens", "vader", "lines")},
     }
 
+    if args.save:
+        args.save.write_text(json.dumps(out, indent=2) + "\n")
     if args.json:
         print(json.dumps(out, indent=2))
         return
