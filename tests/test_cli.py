@@ -559,3 +559,16 @@ def test_init_unknown_stage_exits_2(tmp_path):
     result = rlhf("init", "rm", "-o", str(tmp_path / "x.yaml"))
     assert result.exit_code == 2
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_undefined_numbers_are_null_in_the_json_result(fake_stage, sft_file):
+    """A correlation over answers of one length is NaN: --json prints strict JSON (null), not NaN."""
+    import math
+
+    from rlhf_cli.result import RunResult
+
+    fake_stage("sft", lambda recipe, options: RunResult("sft", "completed", None, metrics={"corr": math.nan, "ok": 1.5}))
+    result = rlhf("sft", str(sft_file), "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))["metrics"] == {
+        "corr": None, "ok": 1.5}
