@@ -8,7 +8,6 @@ pretrain from scratch -> sft on the pretrain run -> train-rm on the sft run -> p
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -97,7 +96,7 @@ def test_dpo_branch_beats_sft_under_the_reward_model(chain):
     metrics = result["metrics"]
     assert metrics["win_rate"] > 0.5 and metrics["reward"] > metrics["reference_reward"], metrics
     corr = metrics["reward_length_corr"]
-    assert math.isnan(corr) or -1 <= corr <= 1
+    assert corr is None or -1 <= corr <= 1  # null when every answer has one length
     html = (chain / "report/report.html").read_text()
     assert "eval_dpo" in html and "Reward model against an independent check" in html
 

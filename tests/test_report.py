@@ -192,7 +192,7 @@ def test_the_independent_check_stands_beside_the_reward_model_win_rate(pipeline,
     assert row[2] == f"{m['win_rate']:.4g}"
     assert row[3] == f"{m['reward']:.4g} / {m['reference_reward']:.4g}"
     assert row[4] == f"{m['reward_fn']:.4g} / {m['reference_reward_fn']:.4g}"
-    assert row[5] == ("–" if math.isnan(corr) else f"{corr:.4g}")
+    assert row[5] == ("–" if corr is None else f"{corr:.4g}")  # null in eval.json when undefined
     claimed = m["reward"] > m["reference_reward"] or m["win_rate"] > 0.5
     expected = ("the reward model sees no gain" if not claimed else
                 "confirmed" if m["reward_fn"] > m["reference_reward_fn"] else "not confirmed")
