@@ -152,12 +152,22 @@ def round_two(recipes: Path, force: bool) -> dict[str, float]:
     judge = ["--reward", "rlhf_cli.demo.rewards:tiny_judge", "-n", "4", "--max-new-tokens", str(_max_new_tokens(recipes))]
     for prompts, out, seed in (("assets/prompts.jsonl", "round2.jsonl", "42"), ("assets/prompts_eval.jsonl", "round2_eval.jsonl", "7")):
         times[f"compare {out}"] = _rlhf("compare", "runs/ppo", "--prompts", prompts, *judge, "--seed", seed, stdout=Path(out))
+        if not _has_pairs(Path(out)):
+            _say(f"round 2 stops here: the judge scores every answer in {out} alike (a policy collapsed to a few "
+                 "strings), so there is no comparison to learn from")
+            return times
     if force or not _completed(Path("runs/rm2")):
         times["train-rm round 2"] = _rlhf("train-rm", str(recipes / "train-rm-round2.yaml"), *(["--overwrite"] if force else []))
     for rm in ("rm", "rm2"):
         times[f"eval {rm} on round 2"] = _rlhf("eval", "--model", f"runs/{rm}", "--metric", "rm_accuracy", "--preference",
                                                "round2_eval.jsonl", "--output-dir", f"runs/eval_{rm}_round2")
     return times
+
+
+def _has_pairs(ranked: Path) -> bool:
+    """Whether some prompt's answers got different scores (ties give no pair)."""
+    rows = [json.loads(line) for line in ranked.read_text().splitlines() if line.strip()]
+    return any(len(set(r["scores"])) > 1 for r in rows)
 
 
 def _prompts_eval(kind: str) -> str:
