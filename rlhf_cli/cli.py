@@ -634,8 +634,8 @@ def report(
 ) -> None:
     def go() -> None:
         _setup(verbose)
-        stage = importlib.import_module("rlhf_cli.stages.report")
-        _show_result(stage.report(runs, output), json_)
+        module = importlib.import_module("rlhf_cli.report")
+        _show_result(module.report(runs, output), json_)
 
     _boundary(go, where=str(output))
 

@@ -75,7 +75,8 @@ def fake_stage(monkeypatch) -> Callable[..., list[tuple[Any, RunOptions]]]:
             calls.append((recipe, options))
             return (run or default_run)(recipe, options)
 
-        name = f"rlhf_cli.stages.{stage.replace('-', '_')}"
+        # report is no training stage: it lives in its own package beside stages/.
+        name = "rlhf_cli.report" if stage == "report" else f"rlhf_cli.stages.{stage.replace('-', '_')}"
         module = types.ModuleType(name)
         module.run = recording_run
         for key, value in attrs.items():

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
 from rlhf_cli.errors import DataError, RecipeError
-from rlhf_cli.stages.report import report
+from rlhf_cli.report import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SCRIPT = "<script>alert('x')</script> it is great."
@@ -244,7 +244,7 @@ def test_side_by_side_rows_are_the_shared_prompts_and_text_is_escaped(pipeline, 
     assert answer.startswith(first["response"]) and f"score {first['score']:.4g}" in answer
     assert reference == f"{first['reference_response']}score {first['reference_score']:.4g}"
     assert "<script>" not in page
-    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
+    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page  # jinja2's autoescape (markupsafe)
 
 
 def test_cli_json_and_exit_codes(pipeline, tmp_path):
@@ -267,7 +267,7 @@ def test_cli_json_and_exit_codes(pipeline, tmp_path):
 
 
 def test_failure_leaves_the_previous_report_untouched(pipeline, tmp_path, monkeypatch):
-    from rlhf_cli.stages import report as module
+    from rlhf_cli.report import page
 
     out = tmp_path / "report"
     report([pipeline["sft"]], out)
@@ -281,7 +281,7 @@ def test_failure_leaves_the_previous_report_untouched(pipeline, tmp_path, monkey
     def fail(*args, **kwargs):  # the plots are already drawn into the temp folder at this point
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(module, "_html", fail)
+    monkeypatch.setattr(page, "render", fail)
     with pytest.raises(RuntimeError):
         report([pipeline["ppo"]], out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
