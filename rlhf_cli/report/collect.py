@@ -1,4 +1,4 @@
-"""What `rlhf report` reads and the numbers it derives: inputs, summary rows, the independent check.
+"""What `rlhf report` reads and derives from it: inputs, summary rows, the independent check, side by side.
 
 Inputs, in any order: run directories (run.json + metrics.jsonl, any stage), eval directories
 (eval.json written by `rlhf eval --output-dir`), and generation samples (`rlhf generate` JSONL files).
