@@ -612,12 +612,14 @@ def value_loss(
 # --------------------------------------------------------------------------------------------------
 
 
+# Not trl's selective_log_softmax: slower on fp32 logits, off by 0.16 on bf16 (bench/library_choices.py).
 def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """Log-probability of each label under ``softmax(logits / temperature)``, differentiable.
 
     Computed as ``logits[label] - logsumexp(logits)`` so the full ``[batch, T, vocab]`` log-softmax is
     never materialised. Half-precision logits are upcast to float32 one row at a time, which keeps the
-    log-probs accurate (bf16 log-softmax alone is off by ~1e-2) without a float32 copy of all the logits.
+    log-probs accurate (a bf16 log-softmax is not, bench/library_choices.py) without a float32 copy of all
+    the logits.
 
     ``temperature`` is the sampling temperature, so the log-probs are those of the distribution the
     tokens were drawn from (Huang et al. 2024). It divides after the upcast, as transformers' sampling
@@ -652,6 +654,7 @@ def _tempered(logits: Tensor, temperature: float) -> Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
+# Not trl's entropy_from_logits: faster, but NaN at -inf logits, off by 0.1 on bf16 (bench/library_choices.py).
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Entropy of ``softmax(logits / temperature)`` over the last dimension, in nats.
 
