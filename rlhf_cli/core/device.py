@@ -107,8 +107,8 @@ class Precision:
 def plan_precision(name: str, *, adapters: bool, quantized: bool) -> Precision:
     """Frozen bases (LoRA, QLoRA) are loaded straight in the compute dtype: half the memory of fp32 and no
     casts; peft runs the fp32 adapters on casted inputs. A full fine-tune keeps fp32 master weights, under
-    bf16/fp16 autocast on a GPU. Not on a CPU: torch's CPU autocast made LoRA training 3x and full
-    training 1.4x slower per CPU-second here (SmolLM2-135M, 2 threads), so a full CPU run computes in fp32."""
+    bf16/fp16 autocast on a GPU. Not on a CPU: torch's CPU autocast made both LoRA and full training slower
+    per CPU-second than fp32 (SmolLM2-135M, 2 threads), so a full CPU run computes in fp32."""
     compute = resolve_dtype(name)
     if compute == torch.float32:
         return Precision(torch.float32, None, "fp32 throughout")
