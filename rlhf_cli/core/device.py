@@ -1,7 +1,8 @@
 """Where training runs and in which dtype.
 
 `dtype: auto` picks bf16 where the hardware multiplies it fast: CUDA devices with bf16 support, and CPUs
-with AMX or AVX512-BF16 (the 2-core machines here reach ~2.9 TFLOP/s in bf16 against ~0.44 in fp32).
+with AMX or AVX512-BF16, whose bf16 matmuls are several times faster than fp32's (bench/sft_throughput.py
+prints this CPU's bf16 rate).
 Elsewhere fp32: fp16 training needs loss scaling and is only used when asked for.
 """
 
