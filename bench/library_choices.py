@@ -54,7 +54,7 @@ def logprobs() -> None:
         for name, fn in (("rlhf", logprobs_from_logits), ("trl", selective_log_softmax)):
             out = fn(logits, labels, 0.7)
             err = (out.double() - exact).abs().max().item()
-            seconds = _median_time(lambda fn=fn: fn(logits, labels, 0.7))
+            seconds = _median_time(lambda fn=fn, logits=logits: fn(logits, labels, 0.7))
             print(f"  {str(dtype)[6:]:9} {name:5} max error {err:.2e}  {seconds * 1000:7.0f} ms  out {out.dtype}")
 
 
@@ -72,7 +72,7 @@ def entropy() -> None:
         exact = -(logp.exp() * logp).sum(-1)
         for name, fn in (("rlhf", entropy_from_logits), ("trl", trl_entropy)):
             err = (fn(logits).double() - exact).abs().max().item()
-            seconds = _median_time(lambda fn=fn: fn(logits))
+            seconds = _median_time(lambda fn=fn, logits=logits: fn(logits))
             print(f"  {str(dtype)[6:]:9} {name:5} max error {err:.2e}  {seconds * 1000:7.0f} ms")
     masked = torch.tensor([[0.0, 0.0, -torch.inf, -torch.inf]])
     print(f"  logits [0, 0, -inf, -inf] (exact ln 2 = 0.6931): rlhf {entropy_from_logits(masked).item():.4f}, "
