@@ -598,7 +598,7 @@ def value_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-# Not trl's selective_log_softmax: slower on fp32 logits, off by 0.16 on bf16 (bench/library_choices.py).
+# Not trl's selective_log_softmax: as fast on fp32, but off by 0.16 on bf16 logits (bench/library_choices.py).
 def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """Log-probability of each label under ``softmax(logits / temperature)``, differentiable.
 
