@@ -2,7 +2,7 @@
 
     python bench/cli_latency.py        (make bench-cli)
 
-`rlhf validate` must not import torch (DESIGN.md), so it should take a small fraction of the torch
+`rlhf validate` must not import torch (tests/test_imports.py), so it should take a small fraction of the torch
 import. Prints the median wall time of 5 runs of each (after one warm-up run) and their ratio.
 """
 

@@ -1,6 +1,7 @@
-"""Expected failures carry their exit code; the CLI turns them into one line on stderr.
+"""Expected failures carry their exit code; the CLI (cli.py) turns them into one line on stderr, and
+nothing here prints or logs.
 
-Exit codes (DESIGN.md): 0 ok, 1 runtime failure, 2 recipe or usage error, 3 data error,
+Exit codes: 0 ok, 1 runtime failure, 2 recipe or usage error, 3 data error,
 4 an eval gate failed, 130 interrupted (after a checkpoint was saved).
 """
 

@@ -1,4 +1,5 @@
-"""Import boundaries: `rlhf --help`, `validate` and `schema` answer without torch (DESIGN.md, STYLE.md 7).
+"""Import boundaries: `rlhf --help`, `validate` and `schema` answer without torch, so they
+are instant.
 
 Each check runs in a fresh interpreter, because this test process may already hold torch.
 """

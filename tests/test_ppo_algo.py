@@ -22,7 +22,6 @@ from rlhf_cli.ppo.algo import (
     logprobs_from_logits,
     make_kl_controller,
     masked_mean,
-    masked_var,
     masked_whiten,
     per_token_rewards,
     policy_loss,
@@ -58,14 +57,14 @@ def test_masked_mean_ignores_padding_even_nan():
     close(masked_mean(x, torch.tensor([[0, 0, 0], [1, 0, 0]]), dim=1), [0.0, 4.0])
 
 
-def test_masked_var_unbiased_and_biased():
+def test_masked_whiten_divides_by_the_unbiased_std():
     x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    # entries 1,2,3,4: mean 2.5, squared deviations 2.25+0.25+0.25+2.25 = 5
-    close(masked_var(x, mask), 5 / 3)
-    close(masked_var(x, mask, unbiased=False), 5 / 4)
+    # entries 1,2,3,4: mean 2.5, squared deviations 2.25+0.25+0.25+2.25 = 5, unbiased variance 5 / 3
+    out = masked_whiten(x, mask)
+    close((x[0, 0] - 2.5) / out[0, 0], math.sqrt(5 / 3))
     with pytest.raises(ValueError, match="at least 2"):
-        masked_var(x, torch.tensor([[1, 0, 0], [0, 0, 0]]))
+        masked_whiten(x, torch.tensor([[1, 0, 0], [0, 0, 0]]))
 
 
 def test_masked_whiten_values_and_padding():
@@ -75,7 +74,7 @@ def test_masked_whiten_values_and_padding():
     # mean 2.5, std sqrt(5/3) = 1.2909944: 1.5 / 1.2909944 = 1.1618950, 0.5 / 1.2909944 = 0.3872983
     close(out, [[-1.1618950, -0.3872983, 0.3872983], [1.1618950, 0.0, 0.0]])
     close(masked_mean(out, mask), 0.0)
-    close(masked_var(out, mask), 1.0)
+    close(out[mask].var(), 1.0)  # unbiased, over the real entries
     # shift_mean=False scales only: the mean 2.5 is added back
     close(
         masked_whiten(x, mask, shift_mean=False), [[1.3381050, 2.1127017, 2.8872983], [3.6618950, 0.0, 0.0]]

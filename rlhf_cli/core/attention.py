@@ -7,9 +7,9 @@ transformers' sdpa path turns that into one T x T block-diagonal mask, and the C
 through the whole T x T square, masked blocks included (quadratic in the batch's total tokens, and slow
 with a mask). Here the row is cut at the position resets and each sample runs causal attention on
 its own: the work is the sum of the samples' squares, with no mask. Short samples use plain matmul +
-softmax, which beats the fused CPU kernel's per-call cost at these sizes (SmolLM2-135M LoRA, ~80-token
-chats: 300 against 245 tokens per CPU-second); long ones use the fused kernel, which never stores the
-score matrix. Everything that is not a packed row (padded batches, generation with a KV cache) goes
+softmax, which beats the fused CPU kernel's per-call cost at these sizes (measured in training tokens
+per CPU-second on SmolLM2-135M LoRA with chats of about 80 tokens); long ones use the fused kernel,
+which never stores the score matrix. Everything that is not a packed row (padded batches, generation with a KV cache) goes
 to transformers' own sdpa function with its usual mask.
 
 On CUDA the same packed rows would otherwise reach sdpa as one dense block-diagonal mask (no flash

@@ -1,14 +1,16 @@
-"""Training samples and batches: tokenized chats and packed text blocks (comparisons: core.comparisons).
+"""Training samples and batches: tokenized chats, packed text blocks and their collators. Preference
+pairs are core.comparisons'; chat rendering and loss masks are core.chat's.
 
     samples, stats = chat_samples(tokenizer, records, "messages", max_length=1024)
     collate = FlatCollator()      # a batch of different lengths becomes one row: no padding FLOPs
     stats.summary()               # counts, token-length percentiles, truncated samples (never silent)
 
-Padding-free batches: the samples of a batch are concatenated into one row whose position_ids restart
-at 0 for every sample and no attention_mask is passed. transformers then builds a block-diagonal causal
-mask from the position_ids (masking_utils.find_packed_sequence_indices; flash-attention kernels read them
-as cu_seqlens), so no token attends across samples and the loss equals the padded batch's loss
-(tests/test_core_models.py checks both). That detection needs use_cache=False, which the batch carries.
+Padding-free batches: the samples of a batch are concatenated (transformers' DataCollatorWithFlattening)
+into one row whose position_ids restart at 0 for every sample and no attention_mask is passed.
+transformers then builds a block-diagonal causal mask from the position_ids
+(masking_utils.find_packed_sequence_indices; flash-attention kernels read them as cu_seqlens), so no
+token attends across samples and the loss equals the padded batch's loss (tests/test_core_models.py
+checks both). That detection needs use_cache=False, which the batch carries.
 """
 
 from __future__ import annotations
@@ -109,9 +111,15 @@ class FlatCollator:
     """Padding-free batches for causal-LM training.
 
     Samples of one length (packed blocks) are stacked as they are; samples of different lengths are
-    concatenated into a single row with restarting position_ids. The first label of every sample is
-    masked so no sample learns to predict its first token from the previous sample's last one.
+    concatenated into a single row with restarting position_ids by transformers' DataCollatorWithFlattening,
+    which also masks the first label of every sample so no sample learns to predict its first token from
+    the previous sample's last one.
     """
+
+    def __init__(self) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self._flatten = DataCollatorWithFlattening()
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         if len({len(f["input_ids"]) for f in features}) == 1:
@@ -119,18 +127,8 @@ class FlatCollator:
                 "input_ids": torch.tensor([f["input_ids"] for f in features]),
                 "labels": torch.tensor([f["labels"] for f in features]),
             }
-        ids: list[int] = []
-        labels: list[int] = []
-        positions: list[int] = []
-        for f in features:
-            n = len(f["input_ids"])
-            ids += f["input_ids"]
-            labels += [IGNORE, *f["labels"][1:]]
-            positions += range(n)
         return {
-            "input_ids": torch.tensor([ids]),
-            "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions]),
+            **self._flatten(features),
             # transformers derives the block-diagonal mask from position_ids only when no KV cache is
             # passed; with the config's use_cache=True it would silently let samples attend to each other.
             "use_cache": False,

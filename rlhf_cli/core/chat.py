@@ -53,6 +53,7 @@ class Rendered:
     truncated: bool
 
 
+# Not trl's assistant_only_loss: it needs {% generation %} marks or a template it knows (bench/library_choices.py).
 def render_conversation(
     tokenizer: Any, messages: list[dict[str, str]], max_length: int, completion_only: bool = True
 ) -> Rendered:

@@ -158,6 +158,7 @@ def comparison_samples(tokenizer: Any, records: list[dict[str, Any]], fmt: str, 
     return samples, stats, lengths
 
 
+# Not trl's reward DataCollatorForPreference: it pads a chosen and a rejected answer, a ranking has K.
 class RankCollator:
     """Every answer of every prompt in the batch as one right-padded batch, and each prompt's pairs as
     indices into its rows (a ranking is scored in one forward pass, Ouyang et al. 2022)."""

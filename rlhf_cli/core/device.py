@@ -1,7 +1,8 @@
 """Where training runs and in which dtype.
 
 `dtype: auto` picks bf16 where the hardware multiplies it fast: CUDA devices with bf16 support, and CPUs
-with AMX or AVX512-BF16 (the 2-core machines here reach ~2.9 TFLOP/s in bf16 against ~0.44 in fp32).
+with AMX or AVX512-BF16, whose bf16 matmuls are several times faster than fp32's (bench/sft_throughput.py
+prints this CPU's bf16 rate).
 Elsewhere fp32: fp16 training needs loss scaling and is only used when asked for.
 """
 
@@ -107,8 +108,8 @@ class Precision:
 def plan_precision(name: str, *, adapters: bool, quantized: bool) -> Precision:
     """Frozen bases (LoRA, QLoRA) are loaded straight in the compute dtype: half the memory of fp32 and no
     casts; peft runs the fp32 adapters on casted inputs. A full fine-tune keeps fp32 master weights, under
-    bf16/fp16 autocast on a GPU. Not on a CPU: torch's CPU autocast made LoRA training 3x and full
-    training 1.4x slower per CPU-second here (SmolLM2-135M, 2 threads), so a full CPU run computes in fp32."""
+    bf16/fp16 autocast on a GPU. Not on a CPU: torch's CPU autocast made both LoRA and full training slower
+    per CPU-second than fp32 (SmolLM2-135M, 2 threads), so a full CPU run computes in fp32."""
     compute = resolve_dtype(name)
     if compute == torch.float32:
         return Precision(torch.float32, None, "fp32 throughout")

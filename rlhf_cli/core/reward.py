@@ -56,6 +56,7 @@ def pool_last(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return values[rows, last_token_index(attention_mask).to(values.device)]
 
 
+# Not transformers' pooling: it scores padding if config and tokenizer pad differ (bench/library_choices.py).
 def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """A *ForSequenceClassification model's first output at each row's last real token, as fp32 [B].
 

@@ -10,8 +10,7 @@ Conventions shared by every function here:
 - Masked-out positions may hold anything, including NaN or inf: they are selected away with
   ``torch.where`` rather than multiplied by zero, and every per-token output is 0 there.
 - float16/bfloat16 inputs are upcast; results are float32 (float64 stays float64).
-- Nothing here waits on the device except ``masked_var``/``masked_whiten`` (one check that there are
-  enough entries) and the KL controllers, which hold a Python float.
+- Nothing here waits on the device except ``masked_whiten`` (one check that there are enough entries) and the KL controllers, which hold a Python float.
 
 Sources: Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences") for the KL-shaped
 reward and the adaptive KL controller (and their lm-human-preferences code for the defaults), Ouyang
@@ -25,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -88,8 +87,9 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return total / count.clamp_min(1).to(total.dtype)
 
 
-def _masked_moments(x: Tensor, mask: Tensor, unbiased: bool, reduce: Reduce | None) -> tuple[Tensor, Tensor]:
-    """Mean and variance over masked entries, optionally summed over ranks with ``reduce``.
+def _masked_moments(x: Tensor, mask: Tensor, reduce: Reduce | None) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased variance over masked entries (all dimensions at once), optionally summed over
+    ranks with ``reduce``; fewer than 2 real entries is a ValueError.
 
     Two passes (mean first, then centred squares) rather than E[x^2] - E[x]^2, which cancels badly when
     the mean is large relative to the spread. ``reduce`` is called exactly twice on every rank, whatever
@@ -99,36 +99,19 @@ def _masked_moments(x: Tensor, mask: Tensor, unbiased: bool, reduce: Reduce | No
     x = x.to(_compute_dtype(x))
     local = torch.stack([torch.where(m, x, 0).sum(), m.sum().to(x.dtype)])
     total, count = reduce(local) if reduce is not None else local
-    needed = 2 if unbiased else 1
     # One cheap host sync: a variance from fewer entries is meaningless and would otherwise surface
     # later as inf/NaN advantages far from the cause.
-    if count.item() < needed:
+    if count.item() < 2:
         raise ValueError(
-            f"masked variance needs at least {needed} real entries, got {int(count.item())}; "
+            f"masked variance needs at least 2 real entries, got {int(count.item())}; "
             "check the response mask"
         )
     mean = total / count
     sq = torch.where(m, (x - mean) ** 2, 0).sum()
     if reduce is not None:
         sq = reduce(sq.reshape(1)).reshape(())
-    var = sq / (count - 1 if unbiased else count)
+    var = sq / (count - 1)
     return mean, var
-
-
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, reduce: Reduce | None = None) -> Tensor:
-    """Variance of ``x`` over masked entries (all dimensions at once), as a 0-d tensor.
-
-    Args:
-        x: values, any shape.
-        mask: same shape as ``x``.
-        unbiased: divide by n - 1 (Bessel's correction) instead of n.
-        reduce: optional sum all-reduce over ranks (see ``Reduce``) to get global statistics; None uses
-            the local entries only.
-
-    Raises:
-        ValueError: fewer than 2 real entries (1 when ``unbiased=False``).
-    """
-    return _masked_moments(x, mask, unbiased, reduce)[1]
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce: Reduce | None = None) -> Tensor:
@@ -146,8 +129,11 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce: Redu
 
     Returns:
         Whitened values (float32 or wider), 0 where ``mask`` is 0.
+
+    Raises:
+        ValueError: fewer than 2 real entries (over all ranks when ``reduce`` is given).
     """
-    mean, var = _masked_moments(x, mask, unbiased=True, reduce=reduce)
+    mean, var = _masked_moments(x, mask, reduce)
     x = x.to(mean.dtype)
     out = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
     if not shift_mean:
@@ -594,7 +580,7 @@ def value_loss(
     err_clipped = (v_clipped - ret).square()
     loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), m)
     with torch.no_grad():
-        # Biased variances (the n cancels) computed without the entry-count check of masked_var, so a
+        # Biased variances (the n cancels) computed without the entry-count check of masked_whiten, so a
         # degenerate batch logs NaN instead of raising mid-training.
         resid, centred = ret - v, ret - masked_mean(ret, m)
         var_resid = masked_mean((resid - masked_mean(resid, m)).square(), m)
@@ -612,12 +598,14 @@ def value_loss(
 # --------------------------------------------------------------------------------------------------
 
 
+# Not trl's selective_log_softmax: as fast on fp32, but off by 0.16 on bf16 logits (bench/library_choices.py).
 def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
     """Log-probability of each label under ``softmax(logits / temperature)``, differentiable.
 
     Computed as ``logits[label] - logsumexp(logits)`` so the full ``[batch, T, vocab]`` log-softmax is
     never materialised. Half-precision logits are upcast to float32 one row at a time, which keeps the
-    log-probs accurate (bf16 log-softmax alone is off by ~1e-2) without a float32 copy of all the logits.
+    log-probs accurate (a bf16 log-softmax is not, bench/library_choices.py) without a float32 copy of all
+    the logits.
 
     ``temperature`` is the sampling temperature, so the log-probs are those of the distribution the
     tokens were drawn from (Huang et al. 2024). It divides after the upcast, as transformers' sampling
@@ -652,6 +640,7 @@ def _tempered(logits: Tensor, temperature: float) -> Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
+# Not trl's entropy_from_logits: faster, but NaN at -inf logits, off by 0.1 on bf16 (bench/library_choices.py).
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Entropy of ``softmax(logits / temperature)`` over the last dimension, in nats.
 
@@ -675,18 +664,6 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # KL coefficient controllers
 # --------------------------------------------------------------------------------------------------
-
-
-class KLController(Protocol):
-    """What the PPO loop needs from a KL coefficient controller."""
-
-    value: float
-
-    def update(self, current_kl: float | Tensor, n_steps: int) -> float: ...
-
-    def state_dict(self) -> dict[str, float | str]: ...
-
-    def load_state_dict(self, state: dict[str, float | str]) -> None: ...
 
 
 def _check_state(state: dict[str, float | str], kind: str) -> float:
