@@ -223,7 +223,7 @@ def test_saved_value_model_loads_with_plain_peft_and_scores_as_in_memory(tiny, r
     computed in memory before saving, and the trained run's head has moved from the zero it started at."""
     import torch
 
-    from rlhf_cli.core.models import resolve
+    from rlhf_cli.core.loading import resolve
     from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer
     from rlhf_cli.recipe import PPORecipe
 
@@ -314,7 +314,7 @@ def _weight_bytes(module) -> dict[int, int]:
 
 
 def test_shared_base_holds_one_copy_of_the_base_weights(tiny, runs):
-    from rlhf_cli.core.models import resolve
+    from rlhf_cli.core.loading import resolve
     from rlhf_cli.core.reward import load_reward_model
     from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer, trunk
     from rlhf_cli.recipe import PPORecipe
@@ -387,7 +387,7 @@ def test_adapter_switching_matches_peft_and_trains_only_policy_and_value(tiny, r
     import torch
 
     from rlhf_cli.core.chat import conversation_text
-    from rlhf_cli.core.models import resolve
+    from rlhf_cli.core.loading import resolve
     from rlhf_cli.ppo.models import (
         build_models,
         plan_layout,
