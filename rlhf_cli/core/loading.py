@@ -122,7 +122,7 @@ def load_model(
         from transformers import GgufConfig
 
         # dequantize=True gives plain dense Linear layers that train and save_pretrained like any model;
-        # load in fp32 and cast afterwards (asking the GGUF loader for bf16 is ~2.5x slower).
+        # load in fp32 and cast afterwards (asking the GGUF loader for bf16 is slower).
         kwargs.update(gguf_file=resolved.gguf_file, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
     qconf = bnb_config(quant, dtype)
     if qconf is not None:
@@ -162,8 +162,8 @@ def contiguous_head_input(model: Any) -> None:
 
     Generation asks for the logits of the last position only, a strided slice of the hidden states; for
     such a view torch's linear falls back to a batched matmul that first copies the vocabulary matrix once
-    per row (SmolLM2-135M, 8 prompts: a 226 MB copy, 13% of a 32-token generation). Copying the slice is
-    a few kilobytes.
+    per row, a visible share of a short generation (bench/ppo_floor.py times sampling through load_model,
+    so with this hook). Copying the slice is a few kilobytes.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Linear):
