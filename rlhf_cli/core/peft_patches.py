@@ -50,12 +50,12 @@ class _ActivationDtypeLinear(torch.nn.Linear):
     in its input's dtype, as autocast would, but for these layers alone.
 
     peft otherwise casts a bf16 activation to fp32 for every LoRA layer and the fp32 update back, and
-    those casts and fp32 element-wise ops are a sizeable part of a LoRA step on a bf16 base (bench/
-    sft_throughput.py shows it in rlhf sft's tokens/s, bench/ppo_floor.py --dtypes auto in sampling). In
-    no-grad passes (generation, scoring) the low-precision copy of the weight is cached until the weight
-    changes: a step of an optimizer that trains this model (a fused AdamW updates weights in place without
-    bumping their version counter; core.lora.track_optimizer counts its steps), an in-place copy (loading
-    a checkpoint bumps the version), or new storage.
+    those casts and fp32 element-wise ops are a sizeable part of a LoRA training step on a bf16 base, and
+    more of a sampling step (bench/sft_throughput.py times rlhf sft with them; bench/generation.py, given
+    an adapter, would show sampling). In no-grad passes (generation, scoring) the low-precision copy of
+    the weight is cached until the weight changes: a step of an optimizer that trains this model (a fused
+    AdamW updates weights in place without bumping their version counter; core.lora.track_optimizer
+    counts its steps), an in-place copy (loading a checkpoint bumps the version), or new storage.
 
     The model then sees its weights rounded to bf16, so an update smaller than that rounding shows only
     once enough of them add up. SFT does not mind (the held-out loss of the demo's SFT is the same either
