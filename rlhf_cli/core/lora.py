@@ -223,7 +223,8 @@ def track_optimizer(model: Any, optimizer: Any) -> None:
 
     A fused AdamW updates the weights in place without bumping their version counters, so without this
     a pass after its step could still see the weights before it. Every optimizer that trains a model with
-    patched layers goes through here: Trainer's (core.trainer.fit), PPO's and GRPO's (ppo.loop.train).
+    patched layers goes through here, once the layers are patched (layers patched later join the same
+    LoraArithmetic): Trainer's (core.trainer.fit), PPO's and GRPO's (ppo.loop.train).
     """
     found = peft_patches.arithmetic_of(model)
     if not found:
