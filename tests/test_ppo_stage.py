@@ -150,6 +150,26 @@ def test_large_kl_coef_keeps_policy_near_reference(tiny, runs):
     assert held_kl < min(0.1, 0.1 * free_kl)
 
 
+def test_the_policys_lora_arithmetic_counts_every_optimizer_step(tiny, runs, monkeypatch):
+    """PPO's optimizer is tracked: no cached low-precision weight cast of the policy outlives one of its steps."""
+    from rlhf_cli.core.peft_patches import arithmetic_of
+    from rlhf_cli.ppo import loop
+
+    track, seen = loop.track_optimizer, []
+
+    def spy(model, optimizer):
+        steps: list[int] = []
+        optimizer.register_step_post_hook(lambda *_: steps.append(1))
+        seen.append((model, steps))
+        track(model, optimizer)
+
+    monkeypatch.setattr(loop, "track_optimizer", spy)
+    result = ppo(tiny, runs, runs["root"] / "ppo-tracked", "tests.ppo_support:says_great", iterations=1)
+    assert result.exit_code == 0, result.output
+    [(actor, steps)] = seen
+    assert steps and [a.optimizer_steps for a in arithmetic_of(actor)] == [len(steps)]
+
+
 @pytest.fixture(scope="module")
 def fn_run(tiny, runs):
     """Five iterations against the rule-based reward, uninterrupted."""
