@@ -151,7 +151,7 @@ def test_lora_computes_in_the_activation_dtype_with_fp32_weights(tiny):
         assert torch.equal(model(input_ids=ids).logits.float(), before)
 
 
-def test_exact_lora_matches_peft_and_sees_updates_below_bf16_rounding(tiny):
+def test_exact_arithmetic_matches_peft_and_sees_updates_below_bf16_rounding(tiny):
     """Under lora_arithmetic(model, "exact") a bf16 model's LoRA layers give peft's fp32-adapter result, so
     a weight change smaller than bf16 rounding still changes the output (PPO's ratio depends on it);
     outside, it does not. The mode belongs to the model: another model computes as before meanwhile."""

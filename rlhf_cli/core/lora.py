@@ -191,7 +191,7 @@ def fast_lora_layers(model: Any) -> int:
     """Swap in faster forwards for the plain LoRA layers of `model`, in place (core.peft_patches.
     patch_lora_layer): their A and B multiply in the activation dtype, and where the update is computed in
     the adapters' own dtype instead (lora_arithmetic(model, "exact"), or an fp32 model), a plain Linear's
-    update is one autograd node. Layers patched before (adapters added since) keep the model's arithmetic.
+    update is one autograd node. Layers added since an earlier call share that call's LoraArithmetic.
 
     Only the speed changes on an fp32 model. Both were measured on CPUs (the benches named in their
     docstrings); a model on a GPU keeps peft's layers. Returns how many layers compute so.
