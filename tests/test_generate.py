@@ -120,7 +120,7 @@ def test_qlora_chain_keeps_every_adapter_live_on_the_4bit_base(qlora_run, tmp_pa
     from transformers import AutoTokenizer
 
     from rlhf_cli.core.inference import load_causal_lm
-    from rlhf_cli.core.models import load_model
+    from rlhf_cli.core.loading import load_model
     from rlhf_cli.recipe import ModelSpec, QuantSpec
     from rlhf_cli.runs import resolve_model
 

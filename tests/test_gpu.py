@@ -27,7 +27,8 @@ def test_4bit_base_on_cuda_and_a_qlora_step_moves_only_the_adapter(tiny):
     import bitsandbytes as bnb
     import torch
 
-    from rlhf_cli.core.models import attach_lora, load_model
+    from rlhf_cli.core.loading import load_model
+    from rlhf_cli.core.lora import attach_lora
     from rlhf_cli.recipe import LoraSpec, QuantSpec
     from rlhf_cli.runs import resolve_model
 

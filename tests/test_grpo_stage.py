@@ -138,7 +138,7 @@ def test_a_reward_model_reward_rises_on_held_out_prompts(tiny, runs):
 def test_grpo_builds_no_value_model_and_fewer_weights_than_ppo(tiny, runs):
     import torch
 
-    from rlhf_cli.core.models import resolve
+    from rlhf_cli.core.loading import resolve
     from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer
     from rlhf_cli.recipe import GRPORecipe, PPORecipe
 

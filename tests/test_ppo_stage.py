@@ -150,6 +150,26 @@ def test_large_kl_coef_keeps_policy_near_reference(tiny, runs):
     assert held_kl < min(0.1, 0.1 * free_kl)
 
 
+def test_the_policys_lora_arithmetic_counts_every_optimizer_step(tiny, runs, monkeypatch):
+    """PPO's optimizer is tracked: no cached low-precision weight cast of the policy outlives one of its steps."""
+    from rlhf_cli.core.peft_patches import arithmetic_of
+    from rlhf_cli.ppo import loop
+
+    track, seen = loop.track_optimizer, []
+
+    def spy(model, optimizer):
+        steps: list[int] = []
+        optimizer.register_step_post_hook(lambda *_: steps.append(1))
+        seen.append((model, steps))
+        track(model, optimizer)
+
+    monkeypatch.setattr(loop, "track_optimizer", spy)
+    result = ppo(tiny, runs, runs["root"] / "ppo-tracked", "tests.ppo_support:says_great", iterations=1)
+    assert result.exit_code == 0, result.output
+    [(actor, steps)] = seen
+    assert steps and [a.optimizer_steps for a in arithmetic_of(actor)] == [len(steps)]
+
+
 @pytest.fixture(scope="module")
 def fn_run(tiny, runs):
     """Five iterations against the rule-based reward, uninterrupted."""
@@ -223,7 +243,7 @@ def test_saved_value_model_loads_with_plain_peft_and_scores_as_in_memory(tiny, r
     computed in memory before saving, and the trained run's head has moved from the zero it started at."""
     import torch
 
-    from rlhf_cli.core.models import resolve
+    from rlhf_cli.core.loading import resolve
     from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer
     from rlhf_cli.recipe import PPORecipe
 
@@ -314,7 +334,7 @@ def _weight_bytes(module) -> dict[int, int]:
 
 
 def test_shared_base_holds_one_copy_of_the_base_weights(tiny, runs):
-    from rlhf_cli.core.models import resolve
+    from rlhf_cli.core.loading import resolve
     from rlhf_cli.core.reward import load_reward_model
     from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer, trunk
     from rlhf_cli.recipe import PPORecipe
@@ -387,7 +407,7 @@ def test_adapter_switching_matches_peft_and_trains_only_policy_and_value(tiny, r
     import torch
 
     from rlhf_cli.core.chat import conversation_text
-    from rlhf_cli.core.models import resolve
+    from rlhf_cli.core.loading import resolve
     from rlhf_cli.ppo.models import (
         build_models,
         plan_layout,

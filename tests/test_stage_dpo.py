@@ -78,7 +78,7 @@ def _load(base: str, adapter: str | None, bits: int | None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cli.core.models import bnb_config
+    from rlhf_cli.core.loading import bnb_config
     from rlhf_cli.recipe import QuantSpec
 
     kwargs = {"dtype": torch.float32}
@@ -99,7 +99,7 @@ def _load(base: str, adapter: str | None, bits: int | None):
 )
 def test_reference_is_the_sft_model_not_its_base(tiny, monkeypatch, request, parent, sets, reference):
     from rlhf_cli.core import dpo as dpo_trl
-    from rlhf_cli.core.models import load_tokenizer
+    from rlhf_cli.core.loading import load_tokenizer
     from rlhf_cli.runs import resolve_model
 
     sft = request.getfixturevalue(parent)

@@ -56,6 +56,10 @@ def test_lora_sft_learns_and_leaves_the_base_alone(tiny, trained_models):
     assert run["data"]["samples"] == 400 and run["data"]["truncated"] == 0
     assert run["metrics"]["train_tokens_per_s"] > 0
     assert "<|assistant|>" in run["chat_template"]
+    # Trainer's optimizer is tracked: the eval passes' cached weight casts follow each of its 30 steps.
+    from rlhf_cli.core.peft_patches import arithmetic_of
+
+    assert [a.optimizer_steps for a in arithmetic_of(trained_models[-1])] == [30]
     assert (Path("runs/tiny/sft/tokenizer") / "chat_template.jinja").read_text() == run["chat_template"]
 
     model = trained_models[-1]

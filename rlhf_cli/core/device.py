@@ -89,7 +89,7 @@ class Precision:
     """How a run holds and multiplies its weights.
 
     load: dtype the model is loaded in; autocast: dtype matmuls run in under torch.autocast (None = as
-    loaded). Adapters, a new reward head and other trainable tensors stay fp32 (core.models.make_trainable),
+    loaded). Adapters, a new reward head and other trainable tensors stay fp32 (core.lora.make_trainable),
     so AdamW's small updates are not rounded to bf16's 8 mantissa bits.
     """
 

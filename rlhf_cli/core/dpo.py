@@ -34,7 +34,7 @@ from rlhf_cli.core.batches import Stats
 from rlhf_cli.core.chat import conversation_text, prompt_text
 from rlhf_cli.core.comparisons import split_hh_pair
 from rlhf_cli.core.device import Precision
-from rlhf_cli.core.models import fast_lora_layers
+from rlhf_cli.core.lora import fast_lora_layers
 from rlhf_cli.recipe import DPOSpec, TrainSpec
 
 REF_ADAPTER = "ref"  # the name trl gives its frozen copy of the starting adapter
@@ -142,7 +142,7 @@ def dpo_trainer(model: Any, args: DPOConfig, tokenizer: Any, train: list[dict[st
                           train_dataset=Dataset.from_list(train),
                           eval_dataset=Dataset.from_list(held_out) if held_out else None)
     # trl casts a quantized model's trainable adapter to bf16 (QLoRA's recipe); ours stay fp32 so AdamW's
-    # small steps are not rounded away (core.models.make_trainable). The optimizer does not exist yet.
+    # small steps are not rounded away (core.lora.make_trainable). The optimizer does not exist yet.
     for p in trainer.model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()

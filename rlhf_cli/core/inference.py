@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from rlhf_cli.core.device import resolve_dtype
-from rlhf_cli.core.models import apply_adapters, load_model, load_tokenizer, resolve
+from rlhf_cli.core.loading import load_model, load_tokenizer, resolve
+from rlhf_cli.core.lora import apply_adapters
 from rlhf_cli.recipe import ModelSpec, QuantSpec
 from rlhf_cli.runs import ResolvedModel, read_manifest
 

@@ -70,7 +70,7 @@ def empty_model(resolved: ResolvedModel, spec: ModelSpec, *, head: str, tokenize
     """The architecture on the meta device: shapes and parameter counts without reading weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhf_cli.core.models import build_from_config
+    from rlhf_cli.core.loading import build_from_config
 
     with torch.device("meta"):
         if spec.init == "from_config":
@@ -98,7 +98,8 @@ def plan_training(
     tokens_per_step: int,
     tokenizer: Any = None,
 ) -> TrainingPlan:
-    from rlhf_cli.core.models import attach_lora, check_quantizable, count_parameters, start_from_adapter
+    from rlhf_cli.core.loading import check_quantizable, count_parameters
+    from rlhf_cli.core.lora import attach_lora, start_from_adapter
 
     check_quantizable(resolved, quant)
     quantized = quant.bits is not None

@@ -164,7 +164,8 @@ def load_reward_model(path: str, *, dtype: str = "auto", gguf_file: str | None =
     from rlhf_cli.core.chat import ensure_chat_template
     from rlhf_cli.core.device import resolve_dtype
     from rlhf_cli.core.inference import live_adapters, run_quant
-    from rlhf_cli.core.models import apply_adapters, fp32_trainable_modules, load_model, load_tokenizer
+    from rlhf_cli.core.loading import load_model, load_tokenizer
+    from rlhf_cli.core.lora import apply_adapters, fp32_trainable_modules
     from rlhf_cli.runs import resolve_model
 
     resolved = resolve_model(path, gguf_file, trust_remote_code)

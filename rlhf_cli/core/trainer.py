@@ -37,6 +37,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from rlhf_cli.console import Progress
 from rlhf_cli.core import distributed
 from rlhf_cli.core.device import Precision, peak_memory_bytes
+from rlhf_cli.core.lora import track_optimizer
 from rlhf_cli.core.memory import out_of_memory
 from rlhf_cli.core.trackers import check_installed
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
@@ -168,6 +169,7 @@ class RunCallback(TrainerCallback):
         log.warning("%s received: saving a checkpoint after this step (again to abort at once)", signal.Signals(signum).name)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        track_optimizer(self.trainer.model, self.trainer.optimizer)  # the optimizer exists from here on
         self.progress = Progress(total=state.max_steps, description=self.description, start=state.global_step)
         self.progress.__enter__()
 

@@ -33,8 +33,8 @@ from torch import Tensor
 from rlhf_cli.console import Progress
 from rlhf_cli.core import distributed
 from rlhf_cli.core.checks import warn_if_length_collapsed
+from rlhf_cli.core.lora import lora_arithmetic, track_optimizer
 from rlhf_cli.core.memory import out_of_memory
-from rlhf_cli.core.models import exact_lora
 from rlhf_cli.core.trackers import Trackers
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.ppo import algo
@@ -122,6 +122,7 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
     params = [p for p in actor.parameters() if p.requires_grad]
     # eps 1e-5 as in the lm-human-preferences / OpenAI baselines PPO (Huang et al. 2024).
     optimizer = adamw(params, lr=recipe.learning_rate()[0], eps=1e-5, weight_decay=0.0)
+    track_optimizer(actor, optimizer)
     model, optimizer = acc.prepare(actor, optimizer)
     kl_ctl = (algo.make_kl_controller(spec.kl_coef, method.ppo.kl_target, method.ppo.kl_horizon) if method.ppo is not None
               else algo.FixedKLController(spec.kl_coef))
@@ -154,13 +155,13 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
             generated += len(picked)
 
             # 1. rollout: sample from the current policy, computed exactly as it is scored and trained
-            with exact_lora(), actor.compute():
+            with lora_arithmetic(actor, "exact"), actor.compute():
                 rollout = generate(actor.generator(), tokenizer,
                                    encode_prompts(tokenizer, [prompts.texts[i] for i in picked], device), gen, eos_ids)
             # 2. score: log-probs (policy, and the reference unless the KL weighs nothing), values with a
             #    critic, and the reward's score
             t0 = time.perf_counter()
-            with exact_lora():
+            with lora_arithmetic(actor, "exact"):
                 logp, ref_logp, values, entropy = token_stats(model, actor.reference_logits if method.reference else None,
                                                               rollout, gen.temperature, scoring_rows(rollout, micro, vocab))
             # The reward model computes as it was trained (train-rm's LoRA in the activation dtype).
@@ -197,7 +198,7 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
 
             # 4. epochs of clipped updates over shuffled minibatches
             t0 = time.perf_counter()
-            with exact_lora():
+            with lora_arithmetic(actor, "exact"):
                 stats = ppo_update(model, optimizer, acc, params, rollout, batch, recipe, method, shuffle, mini, micro, it)
             t_train = time.perf_counter() - t0
             # The last optimizer step of an iteration meets no loss check before the checkpoint is written.

@@ -45,7 +45,9 @@ from torch import Tensor, nn
 
 from rlhf_cli.core.chat import conversation_text, ensure_chat_template
 from rlhf_cli.core.device import Precision, device_type, plan_precision, resolve_dtype
-from rlhf_cli.core.models import attach_lora, fast_lora_layers, load_model, load_tokenizer, on_cpu
+from rlhf_cli.core.loading import load_model, load_tokenizer
+from rlhf_cli.core.lora import attach_lora, fast_lora_layers, on_cpu
+from rlhf_cli.core.peft_patches import adapter_switchable_layers, set_active_adapters
 from rlhf_cli.core.reward import RewardFn, load_function, load_reward_model, pool_last, trained_max_length
 from rlhf_cli.errors import DataError, RecipeError
 from rlhf_cli.recipe import OnlineRecipe
@@ -115,13 +117,12 @@ class SharedActor(nn.Module):
 
         peft's set_adapter also freezes every other adapter and walks all modules twice (~20 ms on a 135M
         model, several times per micro-batch), so after the first call only the tuner layers'
-        active-adapter lists are set, where this peft version keeps them.
+        active-adapter lists are set (core.peft_patches.set_active_adapters).
         """
         if adapters == self._active:
             return
         if self._layers:
-            for layer in self._layers:
-                layer._active_adapter = list(adapters)
+            set_active_adapters(self._layers, adapters)
         else:
             self.peft.base_model.set_adapter(list(adapters))
             self.peft.set_requires_grad(self.trainable_adapters, True)
@@ -129,14 +130,11 @@ class SharedActor(nn.Module):
 
     def freeze_all_but_trainable(self) -> None:
         """Once every adapter is loaded: policy, value and the value head train; nothing else does."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         for name, p in self.peft.named_parameters():
             p.requires_grad = "lora_" in name and any(f".{a}." in name for a in self.trainable_adapters)
         if self.value_head is not None:
             self.value_head.requires_grad_(True)
-        layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)]
-        self._layers = layers if all(isinstance(getattr(m, "_active_adapter", None), (str, list)) for m in layers) else []
+        self._layers = adapter_switchable_layers(self.peft)
         self._active = None
         self.use(self.parents + [POLICY])
 

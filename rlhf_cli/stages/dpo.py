@@ -23,7 +23,7 @@ log = logging.getLogger("rlhf")
 
 
 def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
-    from rlhf_cli.core import artifacts, chat, models
+    from rlhf_cli.core import artifacts, chat, loading, lora
     from rlhf_cli.core import dpo as dpo_trl
     from rlhf_cli.core import trainer as fitting
     from rlhf_cli.core.data import read_splits
@@ -32,8 +32,8 @@ def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
     from rlhf_cli.runs import prepare_run
 
     # 1. Tokenizer and data: every data problem surfaces here, before anything is written.
-    resolved = models.resolve(recipe.model)
-    tokenizer = models.load_tokenizer(resolved, chat_template=recipe.data.chat_template)
+    resolved = loading.resolve(recipe.model)
+    tokenizer = loading.load_tokenizer(resolved, chat_template=recipe.data.chat_template)
     chat.ensure_chat_template(tokenizer)
     train_records, eval_records, fmt = read_splits(recipe.data, ("preference",), recipe.train.seed)
     d = recipe.data
@@ -83,15 +83,15 @@ def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
                           parent_run=resolved.run_dir, inputs=[resolved])
     with fitting.failure_marked(run_dir):
         quantized = recipe.quant.bits is not None
-        model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant, merge_parent=not kept)
+        model = loading.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant, merge_parent=not kept)
         ref_model = None
         if separate_ref:
             # Loaded like the policy, parent adapters merged: the starting policy, frozen.
-            ref_model = models.load_model(resolved, dtype=plan.precision.load).requires_grad_(False).eval()
-        model = models.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
+            ref_model = loading.load_model(resolved, dtype=plan.precision.load).requires_grad_(False).eval()
+        model = lora.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
                                       checkpointing=plan.checkpointing, seed=recipe.train.seed,
                                       parent_adapter=resolved.adapters[0] if kept else None)
-        trainable, total = models.count_parameters(model)
+        trainable, total = loading.count_parameters(model)
         run_dir.update(format=fmt, data=stats.summary(), precision=plan.precision.as_json(),
                        parent_adapters=plan.parent_adapters, quantization=recipe.quant.model_dump() if quantized else None,
                        trainable_params=trainable, total_params=total, chat_template=tokenizer.chat_template,

@@ -28,7 +28,7 @@ def merge(run: str | Path, output: Path, *, dtype: str = "auto", overwrite: bool
     from rlhf_cli.core.chat import ensure_chat_template
     from rlhf_cli.core.device import DTYPES, dtype_name
     from rlhf_cli.core.inference import run_quant
-    from rlhf_cli.core.models import load_model, load_tokenizer
+    from rlhf_cli.core.loading import load_model, load_tokenizer
     from rlhf_cli.runs import resolve_model
 
     output = Path(output)

@@ -28,7 +28,7 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
     from rlhf_cli.core.chat import prompt_text
     from rlhf_cli.core.data import percentiles
     from rlhf_cli.core.device import peak_memory_bytes
-    from rlhf_cli.core.models import count_parameters, resolve
+    from rlhf_cli.core.loading import count_parameters, resolve
     from rlhf_cli.core.trackers import check_installed
     from rlhf_cli.ppo.loop import Prompts, train
     from rlhf_cli.ppo.models import build_models, context_length, plan_layout, policy_tokenizer, ppo_precision

@@ -20,7 +20,7 @@ log = logging.getLogger("rlhf")
 
 
 def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
-    from rlhf_cli.core import artifacts, attention, batches, models
+    from rlhf_cli.core import artifacts, attention, batches, loading, lora
     from rlhf_cli.core import trainer as fitting
     from rlhf_cli.core.data import read_splits
     from rlhf_cli.core.plan import plan_training
@@ -32,8 +32,8 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
     if scratch:
         resolved = ResolvedModel(base=recipe.model.path, tokenizer=recipe.model.tokenizer)
     else:
-        resolved = models.resolve(recipe.model)
-    tokenizer = models.load_tokenizer(resolved)
+        resolved = loading.resolve(recipe.model)
+    tokenizer = loading.load_tokenizer(resolved)
     train_records, eval_records, _ = read_splits(recipe.data, ("text",), recipe.train.seed)
     d = recipe.data
     train_set, stats = batches.text_blocks(tokenizer, train_records, d.max_length, d.packing)
@@ -75,15 +75,15 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
     with fitting.failure_marked(run_dir):
         quantized = recipe.quant.bits is not None
         if scratch:
-            model = models.build_from_config(recipe.model, tokenizer, plan.precision.load, recipe.train.seed)
+            model = loading.build_from_config(recipe.model, tokenizer, plan.precision.load, recipe.train.seed)
         else:
-            model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant,
+            model = loading.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant,
                                       merge_parent=not kept)
         kernel = attention.use_packed_attention(model)  # used by rows of unequal length (data.packing: false)
-        model = models.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
+        model = lora.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
                                       checkpointing=plan.checkpointing, seed=recipe.train.seed,
                                       parent_adapter=resolved.adapters[0] if kept else None)
-        trainable, total = models.count_parameters(model)
+        trainable, total = loading.count_parameters(model)
         run_dir.update(data=stats.summary(), precision=plan.precision.as_json(), parent_adapters=plan.parent_adapters,
                        quantization=recipe.quant.model_dump() if quantized else None,
                        trainable_params=trainable, total_params=total, attention=kernel or model.config._attn_implementation,

@@ -25,7 +25,7 @@ log = logging.getLogger("rlhf")
 
 
 def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
-    from rlhf_cli.core import artifacts, chat, comparisons, models
+    from rlhf_cli.core import artifacts, chat, comparisons, loading, lora
     from rlhf_cli.core import trainer as fitting
     from rlhf_cli.core.data import percentiles, read_splits
     from rlhf_cli.core.plan import plan_training
@@ -33,8 +33,8 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
     from rlhf_cli.runs import prepare_run
 
     # 1. Tokenizer and data: every data problem surfaces here, before anything is written.
-    resolved = models.resolve(recipe.model, head="reward")
-    tokenizer = models.load_tokenizer(resolved, chat_template=recipe.data.chat_template)
+    resolved = loading.resolve(recipe.model, head="reward")
+    tokenizer = loading.load_tokenizer(resolved, chat_template=recipe.data.chat_template)
     chat.ensure_chat_template(tokenizer)
     train_records, eval_records, fmt = read_splits(recipe.data, ("preference", "ranked"), recipe.train.seed)
     d = recipe.data
@@ -78,15 +78,15 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
                           parent_run=resolved.run_dir, inputs=[resolved])
     with fitting.failure_marked(run_dir):
         quantized = recipe.quant.bits is not None
-        model = models.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant, head="reward",
+        model = loading.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant, head="reward",
                                   merge_parent=not kept)
         # Saved with a full model, for tools that pool with transformers' own rule (rightmost non-pad
         # token); rlhf itself pools by the attention mask (core.reward.sequence_scores).
         model.config.pad_token_id = tokenizer.pad_token_id
-        model = models.make_trainable(model, lora=recipe.lora, task="SEQ_CLS", quantized=quantized,
+        model = lora.make_trainable(model, lora=recipe.lora, task="SEQ_CLS", quantized=quantized,
                                       checkpointing=plan.checkpointing, seed=recipe.train.seed,
                                       parent_adapter=resolved.adapters[0] if kept else None)
-        trainable, total = models.count_parameters(model)
+        trainable, total = loading.count_parameters(model)
         run_dir.update(format=fmt, data=stats.summary(), precision=plan.precision.as_json(),
                        parent_adapters=plan.parent_adapters, quantization=recipe.quant.model_dump() if quantized else None,
                        trainable_params=trainable, total_params=total, chat_template=tokenizer.chat_template,
