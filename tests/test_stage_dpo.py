@@ -189,6 +189,27 @@ def test_dry_run_reads_message_lists_with_an_implicit_prompt_and_counts_truncati
     assert "reference_weights" not in d["memory_estimate"]["parts_gib"]  # LoRA: the reference is the adapter's copy
 
 
+def test_dry_run_estimate_counts_both_answers_and_turns_checkpointing_on_when_it_does_not_fit(monkeypatch):
+    import rlhf_cli.core.plan as plan
+
+    def dry(*sets: str) -> dict:
+        out = rlhf("dpo", "dpo.yaml", "--model", ".assets/tiny/model", *(a for s in sets for a in ("--set", s)), "--dry-run")
+        assert out.code == 0, out
+        return out.json["details"]
+
+    monkeypatch.setattr(plan, "available_memory_bytes", lambda: 2**40)
+    roomy = dry("train.batch_size=4")
+    longest = min(64, roomy["train"]["length_percentiles"]["p100"])
+    assert roomy["memory_estimate"]["tokens_per_step"] == 2 * 4 * longest  # chosen and rejected of 4 pairs
+    assert dry("train.batch_size=8")["memory_estimate"]["tokens_per_step"] == 2 * 8 * longest
+    assert roomy["gradient_checkpointing"] is False
+    # The framework's fixed 0.5 GiB alone is more than three quarters of 0.5 GiB.
+    monkeypatch.setattr(plan, "available_memory_bytes", lambda: 2**29)
+    tight = dry("train.batch_size=4")
+    assert tight["gradient_checkpointing"] is True and tight["memory_estimate"]["checkpointing"] is True
+    assert dry("train.batch_size=4", "train.gradient_checkpointing=false")["gradient_checkpointing"] is False
+
+
 def test_renamed_string_prompts_are_rendered_with_the_chat_template(tmp_path):
     rows = [{"question": "where is the dog?", "chosen": "the dog is in the park. it is great.",
              "rejected": "the dog is in the park. it is bad."}] * 4

@@ -1,6 +1,7 @@
 """DPO pairs and trl's DPOTrainer: the one module that touches trl's DPO API (trl 1.10-1.16).
 
     pairs, stats = pair_samples(tokenizer, records, max_length=1024)     # {prompt_ids, chosen_ids, rejected_ids}
+    tile = logprob_tile()                                                 # core.plan's estimate of the LM head's memory
     args = dpo_args(recipe.train, recipe.dpo, run / "checkpoints", precision=plan.precision, ...)
     trainer = dpo_trainer(model, args, tokenizer, pairs, held_out, ref_model=None)
     fit(trainer, run, "dpo")                                              # core.trainer: resume, metrics.jsonl, signals
@@ -103,7 +104,24 @@ def pair_samples(tokenizer: Any, records: list[dict[str, Any]], max_length: int)
     return samples, stats
 
 
+def tokens_per_step(pairs: int, lengths: list[int], max_length: int) -> int:
+    """Tokens a micro-batch of `pairs` pairs runs through the model at most: trl concatenates chosen and
+    rejected into one batch of 2 x pairs rows, each padded to the longest transcript (Stats.lengths)."""
+    return 2 * pairs * min(max_length, max(lengths))
+
+
 # --------------------------------------------------------------------------- trainer
+
+
+def logprob_tile() -> tuple[int, int] | None:
+    """(token rows, vocabulary columns) of one tile of trl's fused LM head, which computes the log-probs
+    without materialising the [2 x pairs, length, vocab] logits; None for a trl without it (full logits)."""
+    try:
+        from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+    except ImportError:
+        return None
+    return TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE
 
 
 def dpo_args(train: TrainSpec, dpo: DPOSpec, output_dir: Any, *, precision: Precision, has_eval: bool,

@@ -97,7 +97,11 @@ def plan_training(
     head: Literal["causal", "reward"],
     tokens_per_step: int,
     tokenizer: Any = None,
+    head_tile: tuple[int, int] | None = None,
+    reference_copy: bool = False,
 ) -> TrainingPlan:
+    """head_tile: the trainer's log-prob head works on tiles of (rows, columns) logits (core.memory);
+    reference_copy: a second, frozen copy of the weights as loaded is held as the reference model."""
     from rlhf_cli.core.loading import check_quantizable, count_parameters
     from rlhf_cli.core.lora import attach_lora, start_from_adapter
 
@@ -127,6 +131,9 @@ def plan_training(
             checkpointing=checkpointing,
             act_bytes=act,
             full_finetune=lora is None,
+            head_tile=head_tile,
+            on_gpu=torch.cuda.is_available(),
+            reference_bytes=total * precision.load.itemsize if reference_copy else 0,
         )
 
     if isinstance(train.gradient_checkpointing, bool):

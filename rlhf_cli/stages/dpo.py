@@ -46,16 +46,11 @@ def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
                     stats.truncated, len(train_records), d.max_length, stats.dropped)
 
     # 2. How the model will be held: dtype, trainable parameters, parent adapters, memory.
-    longest = min(d.max_length, max(stats.lengths))
-    plan = plan_training(resolved, recipe.model, lora=recipe.lora, quant=recipe.quant, train=recipe.train,
-                         head="causal", tokens_per_step=2 * recipe.train.batch_size * longest)
     # A full fine-tune keeps a second, frozen copy of the weights as its reference unless it is precomputed.
     separate_ref = recipe.lora is None and not recipe.dpo.precompute_ref
-    memory = dict(plan.memory)
-    if separate_ref:
-        ref_gib = plan.total_params * plan.precision.load.itemsize / 2**30
-        memory.update(total_gib=round(memory["total_gib"] + ref_gib, 2),
-                      parts_gib={**memory["parts_gib"], "reference_weights": round(ref_gib, 3)})
+    plan = plan_training(resolved, recipe.model, lora=recipe.lora, quant=recipe.quant, train=recipe.train,
+                         head="causal", tokens_per_step=dpo_trl.tokens_per_step(recipe.train.batch_size, stats.lengths, d.max_length),
+                         head_tile=dpo_trl.logprob_tile(), reference_copy=separate_ref)
     first = train_set[0]
     details = {
         "format": fmt,
@@ -63,7 +58,6 @@ def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
         "eval_pairs": len(eval_set),
         "max_length": d.max_length,
         **plan.as_json(),
-        "memory_estimate": memory,
         "reference": "frozen copy of the model" if separate_ref else ("precomputed" if recipe.dpo.precompute_ref else "frozen copy of the starting adapter"),
         "sample_prompt": tokenizer.decode(first["prompt_ids"]),
         "sample_chosen": tokenizer.decode(first["chosen_ids"]),
