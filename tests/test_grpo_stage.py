@@ -139,7 +139,8 @@ def test_grpo_builds_no_value_model_and_fewer_weights_than_ppo(tiny, runs):
     import torch
 
     from rlhf_cli.core.models import resolve
-    from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer
+    from rlhf_cli.ppo.build import build_models, policy_tokenizer
+    from rlhf_cli.ppo.layout import plan_layout
     from rlhf_cli.recipe import GRPORecipe, PPORecipe
 
     shape = {"policy": {"path": str(runs["sft"])}, "reward": {"path": str(runs["rm"])}, "lora": {"r": 8},
@@ -174,16 +175,16 @@ def test_the_run_directory_holds_the_policy_and_no_value_model(tiny, runs):
 
 
 def test_kl_coef_zero_makes_no_reference_pass(tiny, runs, monkeypatch):
-    from rlhf_cli.ppo import models
+    from rlhf_cli.ppo import roles
 
     calls = []
-    original = models.SharedActor.reference_logits
+    original = roles.SharedActor.reference_logits
 
     def counted(self, *args):
         calls.append(1)
         return original(self, *args)
 
-    monkeypatch.setattr(models.SharedActor, "reference_logits", counted)
+    monkeypatch.setattr(roles.SharedActor, "reference_logits", counted)
     out = runs["root"] / "grpo-no-kl"
     result = grpo(tiny, runs, out, iterations=2, extra={"grpo.kl_coef": 0})
     assert result.exit_code == 0, result.output

@@ -209,7 +209,7 @@ def _plain_peft_values(base_dir: Path, value_dir: Path, ids, mask, pos, n_respon
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cli.ppo.models import VALUE_HEAD_FILE, trunk
+    from rlhf_cli.ppo.roles import VALUE_HEAD_FILE, trunk
 
     value = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), value_dir).eval()
     head = load_file(str(value_dir / VALUE_HEAD_FILE))
@@ -224,7 +224,8 @@ def test_saved_value_model_loads_with_plain_peft_and_scores_as_in_memory(tiny, r
     import torch
 
     from rlhf_cli.core.models import resolve
-    from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer
+    from rlhf_cli.ppo.build import build_models, policy_tokenizer
+    from rlhf_cli.ppo.layout import plan_layout
     from rlhf_cli.recipe import PPORecipe
 
     ids = torch.tensor([[1, 5, 9, 12, 30, 41, 7]])
@@ -316,7 +317,9 @@ def _weight_bytes(module) -> dict[int, int]:
 def test_shared_base_holds_one_copy_of_the_base_weights(tiny, runs):
     from rlhf_cli.core.models import resolve
     from rlhf_cli.core.reward import load_reward_model
-    from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer, trunk
+    from rlhf_cli.ppo.build import build_models, policy_tokenizer
+    from rlhf_cli.ppo.layout import plan_layout
+    from rlhf_cli.ppo.roles import trunk
     from rlhf_cli.recipe import PPORecipe
 
     def build(lora):
@@ -388,14 +391,9 @@ def test_adapter_switching_matches_peft_and_trains_only_policy_and_value(tiny, r
 
     from rlhf_cli.core.chat import conversation_text
     from rlhf_cli.core.models import resolve
-    from rlhf_cli.ppo.models import (
-        build_models,
-        plan_layout,
-        policy_tokenizer,
-        response_logits,
-        token_values,
-        trunk,
-    )
+    from rlhf_cli.ppo.build import build_models, policy_tokenizer
+    from rlhf_cli.ppo.layout import plan_layout
+    from rlhf_cli.ppo.roles import response_logits, token_values, trunk
     from rlhf_cli.recipe import PPORecipe
 
     recipe = PPORecipe(policy={"path": str(runs["sft"])}, reward={"path": str(runs["rm"])}, lora={"r": 4},
@@ -617,16 +615,16 @@ def test_kl_estimator_shapes_the_reward_and_the_reported_kl(tiny, runs, monkeypa
 def test_ppo_scores_with_the_reward_runs_trained_length(tiny, runs, monkeypatch):
     """The shared reward reads answers as train-rm read them: within the reward run's data.max_length (64 in
     recipes/tiny/train-rm.yaml), not the whole context; a shorter one is named before the run starts."""
-    from rlhf_cli.ppo import models
+    from rlhf_cli.ppo import roles
 
     seen = []
-    original = models.SharedReward.__init__
+    original = roles.SharedReward.__init__
 
     def spy(self, *args, **kwargs):
         original(self, *args, **kwargs)
         seen.append(self.max_length)
 
-    monkeypatch.setattr(models.SharedReward, "__init__", spy)
+    monkeypatch.setattr(roles.SharedReward, "__init__", spy)
     base = ["ppo", "--policy", str(runs["sft"]), "--reward", str(runs["rm"]), "--prompts", str(tiny["prompts"]), "--json"]
     dry = CliRunner().invoke(app, [*base, "--dry-run", "--set", "generation.max_new_tokens=60"])
     assert dry.exit_code == 0, dry.output

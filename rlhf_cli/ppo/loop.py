@@ -38,8 +38,8 @@ from rlhf_cli.core.models import exact_lora
 from rlhf_cli.core.trackers import Trackers
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.ppo import algo
+from rlhf_cli.ppo.build import Models
 from rlhf_cli.ppo.method import Method, method_of
-from rlhf_cli.ppo.models import Models
 from rlhf_cli.ppo.rollout import Rollout, encode_prompts, eos_token_ids, generate, token_stats
 from rlhf_cli.recipe import OnlineRecipe
 from rlhf_cli.runs import RunDir, atomic_write_json, is_main_process, mark_complete

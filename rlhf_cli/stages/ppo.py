@@ -30,8 +30,9 @@ def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
     from rlhf_cli.core.device import peak_memory_bytes
     from rlhf_cli.core.models import count_parameters, resolve
     from rlhf_cli.core.trackers import check_installed
+    from rlhf_cli.ppo.build import build_models, context_length, policy_tokenizer, ppo_precision
+    from rlhf_cli.ppo.layout import plan_layout
     from rlhf_cli.ppo.loop import Prompts, train
-    from rlhf_cli.ppo.models import build_models, context_length, plan_layout, policy_tokenizer, ppo_precision
     from rlhf_cli.ppo.prompts import check_lengths, check_reward_reads, read_prompts
     from rlhf_cli.recipe_load import dump_recipe
     from rlhf_cli.runs import is_main_process, prepare_run
