@@ -491,13 +491,12 @@ def test_checkpoints_before_a_diverged_iteration_stay_as_they_were(tiny, sft_ful
     out = tmp_path / "ppo-poisoned"
     update, before = loop.ppo_update, {}
 
-    def overflowing(*args):
-        stats = update(*args)
-        params, it = args[3], args[-1]
+    def overflowing(context, rollout, batch, it):
+        stats = update(context, rollout, batch, it)
         if it == 3:
             before.update(_files(out / "checkpoints"))
             with torch.no_grad():
-                params[0].fill_(float("inf"))
+                context.params[0].fill_(float("inf"))
         return stats
 
     monkeypatch.setattr(loop, "ppo_update", overflowing)
