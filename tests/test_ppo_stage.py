@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 import pytest
+from fixtures_runs import one_thread
+from stagekit import rlhf
 from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
@@ -27,36 +29,22 @@ FAST = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def _one_thread():
     # Two shared cores: one thread per test process avoids OpenMP oversubscription stalls.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _stage(*argv: str) -> None:
-    result = CliRunner().invoke(app, [*argv, "--json"])
-    assert result.exit_code == 0, result.output
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
-def runs(tiny, tmp_path_factory):
+def runs(tiny, rl_start, tmp_path_factory):
     from rlhf_cli.core.reward import load_scorer
     from tests.ppo_support import says_great
 
     root = tmp_path_factory.mktemp("ppo")
-    recipes = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
-    sft, sft_lora, rm = root / "sft", root / "sft-lora", root / "rm"
-    _stage("sft", str(recipes / "sft.yaml"), "--model", str(tiny["model"]), "--data", str(tiny["chat"]),
-           "--set", f"data.eval={tiny['chat_eval']}", "--set", "lora=null", "--set", "train.max_steps=120",
-           "--output-dir", str(sft))
-    _stage("sft", str(recipes / "sft.yaml"), "--model", str(sft), "--data", str(tiny["chat"]),
-           "--set", f"data.eval={tiny['chat_eval']}", "--set", "train.max_steps=10", "--output-dir", str(sft_lora))
-    _stage("train-rm", str(recipes / "train-rm.yaml"), "--model", str(sft), "--data", str(tiny["preference"]),
-           "--set", f"data.eval={tiny['preference_eval']}", "--set", "train.max_steps=80", "--output-dir", str(rm))
+    sft, sft_lora, rm = rl_start["sft"], root / "sft-lora", rl_start["rm"]
+    done = rlhf("sft", "sft.yaml", "--model", str(sft), "--data", str(tiny["chat"]),
+                "--set", f"data.eval={tiny['chat_eval']}", "--set", "train.max_steps=10", "--output-dir", str(sft_lora))
+    assert done.code == 0, done
     accuracy = json.loads((rm / "run.json").read_text())["metrics"]["eval_accuracy"]
     assert accuracy >= 0.9, f"fixture reward model did not learn the preference (accuracy {accuracy})"
     scorers = {"rm": load_scorer(str(rm)), "fn": says_great}
