@@ -74,7 +74,8 @@ def child(dtype: str, workdir: Path, repeats: int) -> None:
     from rlhf_cli.core.loading import resolve
     from rlhf_cli.core.lora import lora_arithmetic
     from rlhf_cli.ppo.algo import logprobs_from_logits
-    from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer
+    from rlhf_cli.ppo.build import build_models, policy_tokenizer
+    from rlhf_cli.ppo.layout import plan_layout
     from rlhf_cli.ppo.prompts import read_prompts
     from rlhf_cli.ppo.rollout import encode_prompts, positions
     from rlhf_cli.recipe import PPORecipe

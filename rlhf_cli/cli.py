@@ -304,14 +304,19 @@ def dpo(
     )
 
 
+# The flags rlhf ppo and rlhf grpo share; --reward differs only in which kind of reward its help names first.
+PolicyOpt = Annotated[Optional[str], typer.Option("--policy", help="Starting policy: run directory, local model or hub id.")]
+PromptsOpt = Annotated[Optional[str], typer.Option("--prompts", help="Prompt file (data.train).")]
+
+
 @app.command(help="PPO against a reward model or a rule-based reward function.")
 def ppo(
     recipe: RecipeArg = None,
-    policy: Annotated[Optional[str], typer.Option("--policy", help="Starting policy: run directory, local model or hub id.")] = None,
+    policy: PolicyOpt = None,
     reward: Annotated[
         Optional[str], typer.Option("--reward", help="Reward model (train-rm run or model) or package.module:function.")
     ] = None,
-    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompt file (data.train).")] = None,
+    prompts: PromptsOpt = None,
     set_: SetOpt = None,
     output_dir: OutputDirOpt = None,
     resume: ResumeOpt = "auto",
@@ -332,11 +337,11 @@ def ppo(
              "rule-based reward function or a reward model.")
 def grpo(
     recipe: RecipeArg = None,
-    policy: Annotated[Optional[str], typer.Option("--policy", help="Starting policy: run directory, local model or hub id.")] = None,
+    policy: PolicyOpt = None,
     reward: Annotated[
         Optional[str], typer.Option("--reward", help="package.module:function(prompts, responses) or a reward model (train-rm run).")
     ] = None,
-    prompts: Annotated[Optional[str], typer.Option("--prompts", help="Prompt file (data.train).")] = None,
+    prompts: PromptsOpt = None,
     set_: SetOpt = None,
     output_dir: OutputDirOpt = None,
     resume: ResumeOpt = "auto",

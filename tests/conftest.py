@@ -25,6 +25,28 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return build_all(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="session")
+def rl_start(tiny, tmp_path_factory) -> dict[str, Path]:
+    """Where the ppo and grpo stage tests start, made by the stages themselves: `rlhf sft` of the tiny Llama
+    (full fine-tuning, 120 steps: about a third of its sampled answers say "great") and `rlhf train-rm
+    --model <that sft run>` (a LoRA adapter and score head on the fixture preferences, where chosen answers
+    say "great"). Built on one thread, as those tests train."""
+    from fixtures_runs import one_thread
+    from stagekit import rlhf
+
+    root = tmp_path_factory.mktemp("rl-start")
+    sft, rm = root / "sft", root / "rm"
+    with one_thread():
+        done = rlhf("sft", "sft.yaml", "--model", str(tiny["model"]), "--data", str(tiny["chat"]),
+                    "--set", f"data.eval={tiny['chat_eval']}", "--set", "lora=null", "--set", "train.max_steps=120",
+                    "--output-dir", str(sft))
+        assert done.code == 0, done
+        done = rlhf("train-rm", "train-rm.yaml", "--model", str(sft), "--data", str(tiny["preference"]),
+                    "--set", f"data.eval={tiny['preference_eval']}", "--set", "train.max_steps=80", "--output-dir", str(rm))
+        assert done.code == 0, done
+    return {"sft": sft, "rm": rm}
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

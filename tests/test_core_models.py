@@ -289,7 +289,7 @@ def test_reward_scores_do_not_depend_on_padding(tiny, side):
     from rlhf_cli.core.chat import conversation_text
     from rlhf_cli.core.reward import RewardModel
     from rlhf_cli.core.trainer import RewardTrainer
-    from rlhf_cli.ppo.models import SharedReward
+    from rlhf_cli.ppo.roles import SharedReward
 
     tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
     torch.manual_seed(0)
@@ -325,7 +325,7 @@ def test_cpu_measured_speed_ups_stay_on_the_cpu(tiny):
     from transformers import AutoModelForCausalLM
 
     from rlhf_cli.core.lora import fast_lora_layers
-    from rlhf_cli.ppo.models import use_eager_attention_for_short_sequences
+    from rlhf_cli.ppo.build import use_eager_attention_for_short_sequences
 
     def fresh(device: str):
         model = AutoModelForCausalLM.from_pretrained(tiny["model"])

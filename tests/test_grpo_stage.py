@@ -2,8 +2,9 @@
 the run holds no value model, kl_coef 0 makes no reference pass, resume is exact, trackers get the curves.
 
 The policy is the tiny Llama after `rlhf sft` (full fine-tuning: about a third of its sampled answers say
-"great"), as in tests/test_ppo_stage.py; the rewards are the rule-based `says_great` and the tiny reward
-model `rlhf train-rm --model <that sft run>`. Scores are measured on prompts_eval.jsonl, which GRPO never sees.
+"great"), the run tests/test_ppo_stage.py starts from too (conftest.py: rl_start); the rewards are the
+rule-based `says_great` and the tiny reward model `rlhf train-rm --model <that sft run>`. Scores are
+measured on prompts_eval.jsonl, which GRPO never sees.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+from fixtures_runs import one_thread
 from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
@@ -30,33 +32,18 @@ SAYS_GREAT = "tests.ppo_support:says_great"
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _stage(*argv: str) -> None:
-    result = CliRunner().invoke(app, [*argv, "--json"])
-    assert result.exit_code == 0, result.output
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
-def runs(tiny, tmp_path_factory):
+def runs(tiny, rl_start, tmp_path_factory):
     from rlhf_cli.core.reward import load_scorer
     from tests.ppo_support import says_great
 
     root = tmp_path_factory.mktemp("grpo")
-    recipes = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
-    sft, rm = root / "sft", root / "rm"
-    _stage("sft", str(recipes / "sft.yaml"), "--model", str(tiny["model"]), "--data", str(tiny["chat"]),
-           "--set", f"data.eval={tiny['chat_eval']}", "--set", "lora=null", "--set", "train.max_steps=120",
-           "--output-dir", str(sft))
-    _stage("train-rm", str(recipes / "train-rm.yaml"), "--model", str(sft), "--data", str(tiny["preference"]),
-           "--set", f"data.eval={tiny['preference_eval']}", "--set", "train.max_steps=80", "--output-dir", str(rm))
+    sft, rm = rl_start["sft"], rl_start["rm"]
     scorers = {"rm": load_scorer(str(rm)), "fn": says_great}
     return {"sft": sft, "rm": rm, "root": root, "scorers": scorers,
             "start": {k: held_out(tiny, sft, f) for k, f in scorers.items()}}
@@ -139,7 +126,8 @@ def test_grpo_builds_no_value_model_and_fewer_weights_than_ppo(tiny, runs):
     import torch
 
     from rlhf_cli.core.loading import resolve
-    from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer
+    from rlhf_cli.ppo.build import build_models, policy_tokenizer
+    from rlhf_cli.ppo.layout import plan_layout
     from rlhf_cli.recipe import GRPORecipe, PPORecipe
 
     shape = {"policy": {"path": str(runs["sft"])}, "reward": {"path": str(runs["rm"])}, "lora": {"r": 8},
@@ -174,16 +162,16 @@ def test_the_run_directory_holds_the_policy_and_no_value_model(tiny, runs):
 
 
 def test_kl_coef_zero_makes_no_reference_pass(tiny, runs, monkeypatch):
-    from rlhf_cli.ppo import models
+    from rlhf_cli.ppo import roles
 
     calls = []
-    original = models.SharedActor.reference_logits
+    original = roles.SharedActor.reference_logits
 
     def counted(self, *args):
         calls.append(1)
         return original(self, *args)
 
-    monkeypatch.setattr(models.SharedActor, "reference_logits", counted)
+    monkeypatch.setattr(roles.SharedActor, "reference_logits", counted)
     out = runs["root"] / "grpo-no-kl"
     result = grpo(tiny, runs, out, iterations=2, extra={"grpo.kl_coef": 0})
     assert result.exit_code == 0, result.output

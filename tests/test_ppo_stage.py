@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 import pytest
+from fixtures_runs import one_thread
+from stagekit import rlhf
 from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
@@ -27,36 +29,22 @@ FAST = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def _one_thread():
     # Two shared cores: one thread per test process avoids OpenMP oversubscription stalls.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _stage(*argv: str) -> None:
-    result = CliRunner().invoke(app, [*argv, "--json"])
-    assert result.exit_code == 0, result.output
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
-def runs(tiny, tmp_path_factory):
+def runs(tiny, rl_start, tmp_path_factory):
     from rlhf_cli.core.reward import load_scorer
     from tests.ppo_support import says_great
 
     root = tmp_path_factory.mktemp("ppo")
-    recipes = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
-    sft, sft_lora, rm = root / "sft", root / "sft-lora", root / "rm"
-    _stage("sft", str(recipes / "sft.yaml"), "--model", str(tiny["model"]), "--data", str(tiny["chat"]),
-           "--set", f"data.eval={tiny['chat_eval']}", "--set", "lora=null", "--set", "train.max_steps=120",
-           "--output-dir", str(sft))
-    _stage("sft", str(recipes / "sft.yaml"), "--model", str(sft), "--data", str(tiny["chat"]),
-           "--set", f"data.eval={tiny['chat_eval']}", "--set", "train.max_steps=10", "--output-dir", str(sft_lora))
-    _stage("train-rm", str(recipes / "train-rm.yaml"), "--model", str(sft), "--data", str(tiny["preference"]),
-           "--set", f"data.eval={tiny['preference_eval']}", "--set", "train.max_steps=80", "--output-dir", str(rm))
+    sft, sft_lora, rm = rl_start["sft"], root / "sft-lora", rl_start["rm"]
+    done = rlhf("sft", "sft.yaml", "--model", str(sft), "--data", str(tiny["chat"]),
+                "--set", f"data.eval={tiny['chat_eval']}", "--set", "train.max_steps=10", "--output-dir", str(sft_lora))
+    assert done.code == 0, done
     accuracy = json.loads((rm / "run.json").read_text())["metrics"]["eval_accuracy"]
     assert accuracy >= 0.9, f"fixture reward model did not learn the preference (accuracy {accuracy})"
     scorers = {"rm": load_scorer(str(rm)), "fn": says_great}
@@ -229,7 +217,7 @@ def _plain_peft_values(base_dir: Path, value_dir: Path, ids, mask, pos, n_respon
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from rlhf_cli.ppo.models import VALUE_HEAD_FILE, trunk
+    from rlhf_cli.ppo.roles import VALUE_HEAD_FILE, trunk
 
     value = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), value_dir).eval()
     head = load_file(str(value_dir / VALUE_HEAD_FILE))
@@ -244,7 +232,8 @@ def test_saved_value_model_loads_with_plain_peft_and_scores_as_in_memory(tiny, r
     import torch
 
     from rlhf_cli.core.loading import resolve
-    from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer
+    from rlhf_cli.ppo.build import build_models, policy_tokenizer
+    from rlhf_cli.ppo.layout import plan_layout
     from rlhf_cli.recipe import PPORecipe
 
     ids = torch.tensor([[1, 5, 9, 12, 30, 41, 7]])
@@ -336,7 +325,9 @@ def _weight_bytes(module) -> dict[int, int]:
 def test_shared_base_holds_one_copy_of_the_base_weights(tiny, runs):
     from rlhf_cli.core.loading import resolve
     from rlhf_cli.core.reward import load_reward_model
-    from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer, trunk
+    from rlhf_cli.ppo.build import build_models, policy_tokenizer
+    from rlhf_cli.ppo.layout import plan_layout
+    from rlhf_cli.ppo.roles import trunk
     from rlhf_cli.recipe import PPORecipe
 
     def build(lora):
@@ -408,14 +399,9 @@ def test_adapter_switching_matches_peft_and_trains_only_policy_and_value(tiny, r
 
     from rlhf_cli.core.chat import conversation_text
     from rlhf_cli.core.loading import resolve
-    from rlhf_cli.ppo.models import (
-        build_models,
-        plan_layout,
-        policy_tokenizer,
-        response_logits,
-        token_values,
-        trunk,
-    )
+    from rlhf_cli.ppo.build import build_models, policy_tokenizer
+    from rlhf_cli.ppo.layout import plan_layout
+    from rlhf_cli.ppo.roles import response_logits, token_values, trunk
     from rlhf_cli.recipe import PPORecipe
 
     recipe = PPORecipe(policy={"path": str(runs["sft"])}, reward={"path": str(runs["rm"])}, lora={"r": 4},
@@ -513,13 +499,12 @@ def test_checkpoints_before_a_diverged_iteration_stay_as_they_were(tiny, sft_ful
     out = tmp_path / "ppo-poisoned"
     update, before = loop.ppo_update, {}
 
-    def overflowing(*args):
-        stats = update(*args)
-        params, it = args[3], args[-1]
+    def overflowing(context, rollout, batch, it):
+        stats = update(context, rollout, batch, it)
         if it == 3:
             before.update(_files(out / "checkpoints"))
             with torch.no_grad():
-                params[0].fill_(float("inf"))
+                context.params[0].fill_(float("inf"))
         return stats
 
     monkeypatch.setattr(loop, "ppo_update", overflowing)
@@ -637,16 +622,16 @@ def test_kl_estimator_shapes_the_reward_and_the_reported_kl(tiny, runs, monkeypa
 def test_ppo_scores_with_the_reward_runs_trained_length(tiny, runs, monkeypatch):
     """The shared reward reads answers as train-rm read them: within the reward run's data.max_length (64 in
     recipes/tiny/train-rm.yaml), not the whole context; a shorter one is named before the run starts."""
-    from rlhf_cli.ppo import models
+    from rlhf_cli.ppo import roles
 
     seen = []
-    original = models.SharedReward.__init__
+    original = roles.SharedReward.__init__
 
     def spy(self, *args, **kwargs):
         original(self, *args, **kwargs)
         seen.append(self.max_length)
 
-    monkeypatch.setattr(models.SharedReward, "__init__", spy)
+    monkeypatch.setattr(roles.SharedReward, "__init__", spy)
     base = ["ppo", "--policy", str(runs["sft"]), "--reward", str(runs["rm"]), "--prompts", str(tiny["prompts"]), "--json"]
     dry = CliRunner().invoke(app, [*base, "--dry-run", "--set", "generation.max_new_tokens=60"])
     assert dry.exit_code == 0, dry.output

@@ -38,8 +38,8 @@ from rlhf_cli.core.memory import out_of_memory
 from rlhf_cli.core.trackers import Trackers
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.ppo import algo
+from rlhf_cli.ppo.build import Models
 from rlhf_cli.ppo.method import Method, method_of
-from rlhf_cli.ppo.models import Models
 from rlhf_cli.ppo.rollout import Rollout, encode_prompts, eos_token_ids, generate, token_stats
 from rlhf_cli.recipe import OnlineRecipe
 from rlhf_cli.runs import RunDir, atomic_write_json, is_main_process, mark_complete
@@ -120,8 +120,9 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
 
     actor = models.actor
     params = [p for p in actor.parameters() if p.requires_grad]
+    lr = recipe.learning_rate()[0]
     # eps 1e-5 as in the lm-human-preferences / OpenAI baselines PPO (Huang et al. 2024).
-    optimizer = adamw(params, lr=recipe.learning_rate()[0], eps=1e-5, weight_decay=0.0)
+    optimizer = adamw(params, lr=lr, eps=1e-5, weight_decay=0.0)
     track_optimizer(actor, optimizer)
     model, optimizer = acc.prepare(actor, optimizer)
     kl_ctl = (algo.make_kl_controller(spec.kl_coef, method.ppo.kl_target, method.ppo.kl_horizon) if method.ppo is not None
@@ -133,6 +134,8 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
         run.truncate_metrics(state.iteration)
         log.info("resuming at iteration %d from %s", state.iteration + 1, run.resume_from)
 
+    update = UpdateContext(model, optimizer, acc, params, method, shuffle, mini, micro,
+                           temperature=gen.temperature, max_new_tokens=gen.max_new_tokens, lr=lr)
     order = PromptOrder(len(prompts.raw), spec.seed)
     device = next(actor.parameters()).device
     eos_ids = eos_token_ids(tokenizer, actor.generator())
@@ -199,12 +202,12 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
             # 4. epochs of clipped updates over shuffled minibatches
             t0 = time.perf_counter()
             with lora_arithmetic(actor, "exact"):
-                stats = ppo_update(model, optimizer, acc, params, rollout, batch, recipe, method, shuffle, mini, micro, it)
+                stats = ppo_update(update, rollout, batch, it)
             t_train = time.perf_counter() - t0
             # The last optimizer step of an iteration meets no loss check before the checkpoint is written.
             if not distributed.all_finite(params):
                 raise TrainingError(f"iteration {it}: the policy or value weights are not finite after the update: "
-                                    f"lower {key}.lr (now {recipe.learning_rate()[0]:g}) or set {key}.reward_clip")
+                                    f"lower {key}.lr (now {lr:g}) or set {key}.reward_clip")
 
             # 5. KL controller, metrics, warnings
             seq_kl = kl.sum(1)
@@ -290,8 +293,8 @@ def _refused_by_the_math(e: BaseException) -> bool:
 
 
 def adamw(params: list[Tensor], **kwargs: Any) -> torch.optim.Optimizer:
-    """AdamW, fused where torch has a fused kernel for these tensors (a third of the step time of the
-    per-tensor loop on 9.8M LoRA parameters of SmolLM2-135M on a CPU: 12 ms instead of 33)."""
+    """AdamW, fused where torch has a fused kernel for these tensors (on a CPU, a LoRA parameter list steps
+    several times faster fused than in torch's per-tensor loop)."""
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, ValueError):
@@ -300,13 +303,29 @@ def adamw(params: list[Tensor], **kwargs: Any) -> torch.optim.Optimizer:
 
 def scoring_rows(rollout: Rollout, micro: int, vocab: int, budget_bytes: int = 256 * 2**20) -> int:
     """Rows per no-grad scoring pass: as many as keep one pass's fp32 logits within budget_bytes, at least
-    the training micro-batch (fewer, larger passes: 8 rows of SmolLM2-135M scored in 0.86x the time of 2 x 4)."""
+    the training micro-batch (fewer, larger passes score the same rows in less time)."""
     per_row = 4 * max(rollout.n_response, 1) * vocab
     return max(micro, min(rollout.response_ids.shape[0], budget_bytes // per_row))
 
 
-def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollout: Rollout, batch: dict[str, Tensor],
-               recipe: OnlineRecipe, method: Method, shuffle: torch.Generator, mini: int, micro: int, it: int) -> dict[str, float]:
+@dataclass(frozen=True)
+class UpdateContext:
+    """What every iteration's update works with, set up once per run by train()."""
+
+    model: Any  # the actor as accelerate prepared it (wrapped for DDP on several processes)
+    optimizer: Any
+    acc: Any  # the Accelerator
+    params: list[Tensor]  # the trainable parameters, whose gradients are clipped together
+    method: Method
+    shuffle: torch.Generator  # the minibatch order, checkpointed with the run
+    mini: int  # rollout rows per optimizer step on this process
+    micro: int  # rows per forward + backward (mini / grad_accum)
+    temperature: float  # the sampling temperature: log-probs are taken as the samples were drawn
+    max_new_tokens: int  # the token budget of the "budget" loss aggregation (Dr. GRPO)
+    lr: float  # named in the error when a loss is not finite
+
+
+def ppo_update(update: UpdateContext, rollout: Rollout, batch: dict[str, Tensor], it: int) -> dict[str, float]:
     """ppo_epochs passes over the rollout in shuffled minibatches; one optimizer step per minibatch.
 
     On one process the policy pass is backpropagated before the value pass runs, so only one role's
@@ -315,14 +334,15 @@ def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollo
     critic there is the policy pass alone, plus the KL loss term when the method puts the KL there
     (``batch["ref_logp"]``).
     """
-    spec, key = method.spec, method.stage
+    model, optimizer, acc, method = update.model, update.optimizer, update.acc, update.method
+    spec, key, mini, micro = method.spec, method.stage, update.mini, update.micro
     actor = acc.unwrap_model(model)
     n, R = rollout.response_ids.shape
-    agg, budget = method.aggregation, recipe.generation.max_new_tokens
+    agg, budget = method.aggregation, update.max_new_tokens
     sums: dict[str, list[float]] = defaultdict(list)
 
     def policy_terms(logits: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logp = algo.logprobs_from_logits(logits, rollout.response_ids[idx], recipe.generation.temperature)
+        logp = algo.logprobs_from_logits(logits, rollout.response_ids[idx], update.temperature)
         loss, stats = algo.policy_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], rollout.mask[idx],
                                        spec.clip_range, agg, budget)
         stats["policy_loss"] = loss.detach()
@@ -347,7 +367,7 @@ def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollo
         return loss
 
     for epoch in range(spec.ppo_epochs):
-        perm = torch.randperm(n, generator=shuffle).to(rollout.response_ids.device)
+        perm = torch.randperm(n, generator=update.shuffle).to(rollout.response_ids.device)
         for start in range(0, n - mini + 1, mini):
             for m in range(start, start + mini, micro):
                 idx = perm[m : m + micro]
@@ -367,7 +387,7 @@ def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollo
                             loss = loss + vf_loss
                         acc.backward(finite(loss, "policy" if values is None else "policy + value", epoch))
                     if acc.sync_gradients:
-                        acc.clip_grad_norm_(params, spec.max_grad_norm)
+                        acc.clip_grad_norm_(update.params, spec.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
                 for k, v in {**pg, **vf}.items():
@@ -378,7 +398,7 @@ def ppo_update(model: Any, optimizer: Any, acc: Any, params: list[Tensor], rollo
     if distributed.any_rank(finite_at is not None):
         what, epoch = losses[finite_at][:2] if finite_at is not None else ("policy", 0)
         raise TrainingError(f"{what} loss is not finite at iteration {it}, epoch {epoch + 1}: "
-                            f"lower {key}.lr (now {recipe.learning_rate()[0]:g}) or set {key}.reward_clip")
+                            f"lower {key}.lr (now {update.lr:g}) or set {key}.reward_clip")
     return out
 
 

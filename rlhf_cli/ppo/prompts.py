@@ -8,7 +8,8 @@ import logging
 from typing import Any
 
 from rlhf_cli.errors import DataError
-from rlhf_cli.ppo.models import LayoutPlan, check_reward_template, context_length
+from rlhf_cli.ppo.build import context_length
+from rlhf_cli.ppo.layout import LayoutPlan, check_reward_template
 from rlhf_cli.recipe import OnlineRecipe
 
 log = logging.getLogger("rlhf")

@@ -4,99 +4,30 @@
     rlhf ppo recipes/tiny/ppo.yaml
     accelerate launch -m rlhf_cli ppo recipes/...yaml
 
-Parse -> check (nothing loaded yet, nothing written) -> build the roles -> train -> save -> manifest.
+Parse -> check (nothing loaded yet, nothing written) -> build the roles -> train -> save -> manifest;
+the steps are rlhf_cli/ppo/stage_steps.py, shared with rlhf grpo.
 The algorithm and the model layouts live in rlhf_cli/ppo/.
 """
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
-from rlhf_cli.errors import Interrupted
 from rlhf_cli.recipe import PPORecipe
 from rlhf_cli.result import RunOptions, RunResult
 
-log = logging.getLogger("rlhf")
-
 
 def run(recipe: PPORecipe, options: RunOptions) -> RunResult:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from rlhf_cli.core.artifacts import base_entry
-    from rlhf_cli.core.chat import prompt_text
-    from rlhf_cli.core.data import percentiles
-    from rlhf_cli.core.device import peak_memory_bytes
-    from rlhf_cli.core.loading import count_parameters, resolve
-    from rlhf_cli.core.trackers import check_installed
-    from rlhf_cli.ppo.loop import Prompts, train
-    from rlhf_cli.ppo.models import build_models, context_length, plan_layout, policy_tokenizer, ppo_precision
-    from rlhf_cli.ppo.prompts import check_lengths, check_reward_reads, read_prompts
-    from rlhf_cli.recipe_load import dump_recipe
-    from rlhf_cli.runs import is_main_process, prepare_run
+    from rlhf_cli.ppo import stage_steps as steps
 
     # 1. Resolve the policy and the reward, read and measure the prompts: every user error is raised here,
     #    before a weight is loaded or a file written.
-    check_installed(recipe.ppo.report_to, "ppo.report_to")
-    policy = resolve(recipe.policy)
-    tokenizer = policy_tokenizer(recipe, policy)
-    plan = plan_layout(recipe, policy, tokenizer)
-    raw = read_prompts(recipe)
-    texts = [prompt_text(tokenizer, p) for p in raw]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    check_lengths(lengths, recipe, context_length(policy), "the policy's")
-    reward_max_length = check_reward_reads(plan, raw, recipe)
-    lr, lr_why = recipe.learning_rate()
-    details: dict[str, Any] = {
-        "prompts": len(raw),
-        "prompt_tokens": percentiles(lengths),
-        "reward": recipe.reward.function or plan.why,
-        "samples_per_iteration": recipe.ppo.rollout_batch_size,
-        "optimizer_steps_per_iteration": recipe.ppo.ppo_epochs * recipe.ppo.rollout_batch_size // recipe.ppo.mini_batch_size,
-        "learning_rate": {"value": lr, "why": lr_why},
-        **({"reward_max_length": reward_max_length} if reward_max_length is not None else {}),
-        "precision": ppo_precision(recipe).as_json(),
-    }
+    checked = steps.check(recipe)
     if options.dry_run:
-        details["layout"] = "separate copies" if recipe.lora is None else (
-            "shared base" + (", separate reward model" if plan.reward == "separate" else ""))
-        details["parent_adapters"] = plan.parents
-        return RunResult("ppo", "dry-run", recipe.output_dir, details=details)
+        return steps.dry_run(recipe, checked)
 
-    # 2. Claim the run directory and build the roles.
-    run_dir = prepare_run(
-        recipe.output_dir, "ppo", dump_recipe(recipe), recipe.model_dump(mode="json"),
-        resume=options.resume, overwrite=options.overwrite,
-        base_model=base_entry(policy, recipe.policy.path), parent_run=policy.run_dir,
-        inputs=[policy, plan.reward_resolved],
-    )
-    accelerator = Accelerator(gradient_accumulation_steps=recipe.ppo.grad_accum)
-    set_seed(recipe.ppo.seed)
-    try:
-        models = build_models(recipe, policy, plan)
-        trainable, total = count_parameters(models.actor)
-        log.info("trainable parameters: %d of %d (policy + value)", trainable, total)
-        run_dir.update(layout=models.layout, trainable_parameters=trainable, learning_rate=details["learning_rate"])
+    # 2. Claim the run directory; build the roles (policy, value, reference, reward), train, and save the
+    #    policy where later stages look for it and the value model for reference.
+    run_dir = steps.claim_run_dir(recipe, checked, options)
+    models, metrics = steps.train_and_save(recipe, checked, run_dir)
 
-        # 3. Train (resumes from run_dir.resume_from when set).
-        metrics = train(recipe, models, tokenizer, Prompts(raw, texts), run_dir, accelerator)
-
-        # 4. Save: the policy where later stages look for it, the value model for reference.
-        shared = recipe.lora is not None
-        policy_dir = run_dir.path / ("adapter" if shared else "model")
-        if is_main_process():
-            models.actor.save(policy_dir, run_dir.path / "value")
-            tokenizer.save_pretrained(run_dir.path / "tokenizer")
-        accelerator.wait_for_everyone()
-    except Interrupted:
-        raise
-    except BaseException as e:
-        run_dir.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
-        raise
-
-    model_section: dict[str, Any] = {"kind": "adapter", "adapters": ["adapter"]} if shared else {"kind": "full", "path": "model"}
-    model_section.update(tokenizer="tokenizer", value="value")
-    metrics["peak_memory_gb"] = round(peak_memory_bytes() / 2**30, 3)
-    run_dir.finish("completed", metrics=metrics, model=model_section)
-    return RunResult("ppo", "completed", str(run_dir.path), metrics=metrics, details={"layout": models.layout["name"]})
+    # 3. The manifest names the policy, its tokenizer and the value model.
+    return steps.completed(recipe, run_dir, models, metrics)
