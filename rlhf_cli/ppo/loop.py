@@ -40,7 +40,7 @@ from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.ppo import algo
 from rlhf_cli.ppo.method import Method, method_of
 from rlhf_cli.ppo.models import Models
-from rlhf_cli.ppo.rollout import Rollout, encode_prompts, eos_token_ids, generate, token_stats
+from rlhf_cli.ppo.rollout import Rollout, sample_rollout, token_stats
 from rlhf_cli.recipe import OnlineRecipe
 from rlhf_cli.runs import RunDir, atomic_write_json, is_main_process, mark_complete
 
@@ -134,7 +134,6 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
 
     order = PromptOrder(len(prompts.raw), spec.seed)
     device = next(actor.parameters()).device
-    eos_ids = eos_token_ids(tokenizer, actor.generator())
     vocab = actor.generator().get_output_embeddings().weight.shape[0]
     whiten_reduce = acc.reduce if world > 1 else None
     stop = StopRequest()
@@ -155,8 +154,7 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
 
             # 1. rollout: sample from the current policy, computed exactly as it is scored and trained
             with exact_lora(), actor.compute():
-                rollout = generate(actor.generator(), tokenizer,
-                                   encode_prompts(tokenizer, [prompts.texts[i] for i in picked], device), gen, eos_ids)
+                rollout = sample_rollout(actor.generator(), tokenizer, [prompts.texts[i] for i in picked], gen)
             # 2. score: log-probs (policy, and the reference unless the KL weighs nothing), values with a
             #    critic, and the reward's score
             t0 = time.perf_counter()
