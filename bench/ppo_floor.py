@@ -71,9 +71,8 @@ def child(dtype: str, workdir: Path, repeats: int) -> None:
     import torch
 
     from rlhf_cli.core.chat import prompt_text
-    from rlhf_cli.core.generation import encode_prompts, position_ids
+    from rlhf_cli.core.generation import encode_prompts, position_ids, token_logprobs
     from rlhf_cli.core.models import exact_lora, resolve
-    from rlhf_cli.ppo.algo import logprobs_from_logits
     from rlhf_cli.ppo.models import build_models, plan_layout, policy_tokenizer
     from rlhf_cli.ppo.prompts import read_prompts
     from rlhf_cli.recipe import PPORecipe
@@ -125,7 +124,7 @@ def child(dtype: str, workdir: Path, repeats: int) -> None:
         return run
 
     def policy_loss(logits: torch.Tensor) -> torch.Tensor:  # the log-probs of the sampled tokens, as PPO takes them
-        return -logprobs_from_logits(logits, labels, 0.7).mean()
+        return -token_logprobs(logits, labels, 0.7).mean()
 
     every = slice(0, ROLLOUT)
     steps = EPOCHS * MINI_BATCHES

@@ -11,6 +11,7 @@ import threading
 import pytest
 import torch
 
+from rlhf_cli.core.generation import token_logprobs
 from rlhf_cli.ppo.algo import (
     AdaptiveKLController,
     FixedKLController,
@@ -19,7 +20,6 @@ from rlhf_cli.ppo.algo import (
     first_eos_mask,
     gae,
     kl_penalty,
-    logprobs_from_logits,
     make_kl_controller,
     masked_mean,
     masked_var,
@@ -355,25 +355,25 @@ def test_entropy_uniform_is_log_vocab():
     )
 
 
-def test_logprobs_from_logits_matches_log_softmax():
+def test_token_logprobs_matches_log_softmax():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 11, generator=g) * 4
     labels = torch.randint(0, 11, (2, 5), generator=g)
     expected = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    close(logprobs_from_logits(logits, labels), expected)
+    close(token_logprobs(logits, labels), expected)
     # bf16 logits: compared against the float32 log-softmax of the same bf16 values
     half = logits.bfloat16()
     expected_half = torch.log_softmax(half.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    out = logprobs_from_logits(half, labels)
+    out = token_logprobs(half, labels)
     assert out.dtype == torch.float32
     close(out, expected_half)
 
 
-def test_logprobs_from_logits_gradient_matches():
+def test_token_logprobs_gradient_matches():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 6, generator=g, requires_grad=True)
     labels = torch.tensor([0, 5, 2])
-    logprobs_from_logits(logits, labels).sum().backward()
+    token_logprobs(logits, labels).sum().backward()
     # d log p_y / d z = onehot(y) - softmax(z)
     expected = torch.nn.functional.one_hot(labels, 6).float() - torch.softmax(logits.detach(), -1)
     close(logits.grad, expected)
@@ -433,8 +433,8 @@ def test_tempered_logprobs_and_entropy_of_bf16_logits_equal_the_fp32_computation
     labels = torch.randint(64, (3, 4))
     T = 0.7
     exact = torch.log_softmax(logits.float() / T, -1)
-    close(logprobs_from_logits(logits, labels, T), exact.gather(-1, labels.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    close(token_logprobs(logits, labels, T), exact.gather(-1, labels.unsqueeze(-1)).squeeze(-1), atol=1e-5)
     close(entropy_from_logits(logits, T), -(exact.exp() * exact).sum(-1), atol=1e-5)
-    close(logprobs_from_logits(logits.float(), labels, T), exact.gather(-1, labels.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    close(token_logprobs(logits.float(), labels, T), exact.gather(-1, labels.unsqueeze(-1)).squeeze(-1), atol=1e-5)
     with pytest.raises(ValueError, match="temperature must be positive"):
-        logprobs_from_logits(logits, labels, 0.0)
+        token_logprobs(logits, labels, 0.0)

@@ -236,10 +236,33 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) per position, in float32, one row at a time to bound the [L, vocab] float copy."""
-    rows = [logits[i].float().log_softmax(-1).gather(-1, targets[i].unsqueeze(-1)).squeeze(-1) for i in range(logits.shape[0])]
-    return torch.stack(rows)
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) per position under softmax(logits / temperature), float32 or wider, differentiable.
+
+    The one place a sampled token is scored: eval's KL and perplexity, answer log-probs, and PPO's
+    rollout and training passes. Computed as `logits[target] - logsumexp(logits)` one row at a time, so
+    neither a [B, L, vocab] log-softmax nor a float32 copy of all the logits is ever made; half-precision
+    rows are upcast (bf16 log-softmax alone is off by ~1e-2). `temperature` is the sampling temperature,
+    so the log-probs are those of the distribution the tokens were drawn from (Huang et al. 2024); it
+    divides after the upcast, as transformers' sampling does (a bf16 quotient would round every tempered
+    logit to 8 mantissa bits). Alignment is the caller's: for a causal LM, `logits[:, :-1]` score
+    `targets = ids[:, 1:]`.
+    """
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(targets.shape)} does not match logits {tuple(logits.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if logits.dim() < 2 or logits.shape[0] == 0:
+        return _row_logprobs(logits, targets, temperature)
+    return torch.stack([_row_logprobs(row, t, temperature) for row, t in zip(logits, targets, strict=True)])
+
+
+def _row_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 @torch.no_grad()
@@ -251,8 +274,5 @@ def response_logprobs(model: Any, batch: GeneratedBatch, temperature: float = 1.
     logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
     p = batch.prompt_length
     # Logits at position i predict token i + 1: the answer's tokens are predicted from P - 1 to the end - 1.
-    logits = logits[:, p - 1 : -1]
-    if temperature != 1.0:
-        logits = logits.float() / temperature  # after the upcast, as sampling tempers them
-    logp = token_logprobs(logits, seq[:, p:])
+    logp = token_logprobs(logits[:, p - 1 : -1], seq[:, p:], temperature)
     return logp * batch.response_mask.to(device)

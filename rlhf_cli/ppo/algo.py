@@ -30,6 +30,7 @@ from typing import Literal, NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from rlhf_cli.core.generation import token_logprobs
 from rlhf_cli.recipe import Advantage
 from rlhf_cli.recipe import KLEstimator as KLKind
 
@@ -612,38 +613,9 @@ def value_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
-    """Log-probability of each label under ``softmax(logits / temperature)``, differentiable.
-
-    Computed as ``logits[label] - logsumexp(logits)`` so the full ``[batch, T, vocab]`` log-softmax is
-    never materialised. Half-precision logits are upcast to float32 one row at a time, which keeps the
-    log-probs accurate (bf16 log-softmax alone is off by ~1e-2) without a float32 copy of all the logits.
-
-    ``temperature`` is the sampling temperature, so the log-probs are those of the distribution the
-    tokens were drawn from (Huang et al. 2024). It divides after the upcast, as transformers' sampling
-    does: a bf16 quotient would round every tempered logit to 8 mantissa bits.
-
-    Alignment is the caller's job: for a causal LM, ``logits[:, :-1]`` score ``labels = ids[:, 1:]``.
-
-    Args:
-        logits: ``[..., vocab]``, untempered.
-        labels: integer ids, shape ``logits.shape[:-1]``.
-        temperature: the sampling temperature (> 0).
-
-    Returns:
-        Log-probs with ``labels``' shape, float32 or wider.
-    """
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)}")
-    if logits.dtype in (torch.float32, torch.float64):
-        logits = _tempered(logits, temperature)
-        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(logits, dim=-1)
-    if logits.dim() < 2 or logits.shape[0] == 0:
-        return logprobs_from_logits(logits.float(), labels, temperature)
-    return torch.stack(
-        [logprobs_from_logits(row.float(), lab, temperature) for row, lab in zip(logits, labels, strict=True)]
-    )
+# The log-probs of sampled tokens are the shared sampler's (one function for eval, rollout and training);
+# the loop's training step calls them by this name.
+logprobs_from_logits = token_logprobs
 
 
 def _tempered(logits: Tensor, temperature: float) -> Tensor:
@@ -657,7 +629,7 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
     ``H = -sum p * log p`` with ``log p = logits - logsumexp(logits)``. Entries with ``p == 0`` (e.g.
     logits masked to -inf) contribute 0 instead of ``0 * -inf = NaN``. Half-precision logits are
-    upcast to float32 one row at a time and tempered after the upcast, as in ``logprobs_from_logits``.
+    upcast to float32 one row at a time and tempered after the upcast, as in ``core.generation.token_logprobs``.
 
     Returns:
         ``logits.shape[:-1]``, float32 or wider.

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlhf_cli.core.generation import generate_batch, position_ids
-from rlhf_cli.ppo.algo import entropy_from_logits, logprobs_from_logits
+from rlhf_cli.core.generation import generate_batch, position_ids, token_logprobs
+from rlhf_cli.ppo.algo import entropy_from_logits
 from rlhf_cli.recipe import GenerationSpec
 
 
@@ -75,7 +75,7 @@ def token_stats(
     `reference(ids, mask, pos, R)` the reference logits; reference None makes no reference pass, and the
     reference log-probs come back None, as do the values without a critic. The log-probs and entropy are
     those of the tempered distribution the tokens were drawn from (Huang et al. 2024), tempered after the
-    fp32 upcast (algo.logprobs_from_logits).
+    fp32 upcast (core.generation.token_logprobs).
     """
     logps, ref_logps, values, entropies = [], [], [], []
     labels_all = rollout.response_ids
@@ -84,11 +84,11 @@ def token_stats(
         idx = torch.arange(i, min(i + chunk, labels_all.shape[0]), device=labels_all.device)
         ids, mask, pos = rollout.rows(idx)
         logits, v = actor(ids, mask, pos, R)
-        logps.append(logprobs_from_logits(logits, labels_all[idx], temperature))
+        logps.append(token_logprobs(logits, labels_all[idx], temperature))
         entropies.append(entropy_from_logits(logits, temperature))
         if v is not None:
             values.append(v.float())
         if reference is not None:
-            ref_logps.append(logprobs_from_logits(reference(ids, mask, pos, R), labels_all[idx], temperature))
+            ref_logps.append(token_logprobs(reference(ids, mask, pos, R), labels_all[idx], temperature))
     return (torch.cat(logps), torch.cat(ref_logps) if ref_logps else None, torch.cat(values) if values else None,
             torch.cat(entropies))
