@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/library_choices.py            # under a minute on 2 CPU cores
 
 Prints one block per choice:
-  - log-probs of sampled tokens: ppo.algo.logprobs_from_logits against trl's selective_log_softmax, on
+  - log-probs of sampled tokens: core.generation.token_logprobs against trl's selective_log_softmax, on
     logits [8, 128, 49152] (a rollout micro-batch at SmolLM2's vocabulary), fp32 and bf16: the largest
     error against an fp64 log_softmax, and the median time of 3 calls;
   - entropy: ppo.algo.entropy_from_logits against trl's entropy_from_logits, the same way, plus a row
@@ -42,7 +42,7 @@ def _median_time(fn, repeats: int = 3) -> float:
 def logprobs() -> None:
     from trl.trainer.utils import selective_log_softmax
 
-    from rlhf_cli.ppo.algo import logprobs_from_logits
+    from rlhf_cli.core.generation import token_logprobs as logprobs_from_logits
 
     torch.manual_seed(0)
     base = torch.randn(SHAPE) * 4

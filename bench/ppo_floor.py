@@ -71,13 +71,12 @@ def child(dtype: str, workdir: Path, repeats: int) -> None:
     import torch
 
     from rlhf_cli.core.chat import prompt_text
+    from rlhf_cli.core.generation import encode_prompts, position_ids, token_logprobs
     from rlhf_cli.core.loading import resolve
     from rlhf_cli.core.lora import lora_arithmetic
-    from rlhf_cli.ppo.algo import logprobs_from_logits
     from rlhf_cli.ppo.build import build_models, policy_tokenizer
     from rlhf_cli.ppo.layout import plan_layout
     from rlhf_cli.ppo.prompts import read_prompts
-    from rlhf_cli.ppo.rollout import encode_prompts, positions
     from rlhf_cli.recipe import PPORecipe
 
     paths = json_paths(workdir)
@@ -99,14 +98,15 @@ def child(dtype: str, workdir: Path, repeats: int) -> None:
 
     def sample() -> torch.Tensor:
         with torch.no_grad(), lora_arithmetic(actor, "exact"):
-            return policy.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, do_sample=True,
+            return policy.generate(**batch, do_sample=True,
                                    temperature=0.7, top_k=0, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                                    pad_token_id=tokenizer.pad_token_id)
 
     ids = sample()
-    mask = torch.cat([batch.attention_mask, torch.ones_like(ids[:, batch.input_ids.shape[1]:])], dim=1)
-    pos = positions(mask)
-    texts = tokenizer.batch_decode(ids[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    P = batch["input_ids"].shape[1]
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, P:])], dim=1)
+    pos = position_ids(mask)
+    texts = tokenizer.batch_decode(ids[:, P:], skip_special_tokens=True)
     R = NEW_TOKENS
     mb = slice(0, MINI)
 
@@ -126,7 +126,7 @@ def child(dtype: str, workdir: Path, repeats: int) -> None:
         return run
 
     def policy_loss(logits: torch.Tensor) -> torch.Tensor:  # the log-probs of the sampled tokens, as PPO takes them
-        return -logprobs_from_logits(logits, labels, 0.7).mean()
+        return -token_logprobs(logits, labels, 0.7).mean()
 
     every = slice(0, ROLLOUT)
     steps = EPOCHS * MINI_BATCHES

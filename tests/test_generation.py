@@ -1,4 +1,4 @@
-"""core/generation.py and core/metrics.py: batched sampling, finish reasons, log-probs, pairwise wins, gates."""
+"""core/generation.py and core/metrics.py: batched sampling (the PPO rollout's too), finish reasons, log-probs, pairwise wins, gates."""
 
 from __future__ import annotations
 
@@ -78,6 +78,33 @@ def test_finish_reasons_masks_and_token_counts(sft):
 
     short = gen.generate_batch(loaded.model, tok, prompts[:1], GenerationSpec(max_new_tokens=3, temperature=0))
     assert short.samples[0].finish_reason == "length" and short.samples[0].completion_tokens == 3
+
+
+@pytest.mark.stage
+def test_ppo_rollout_ends_answers_where_generate_does(sft):
+    """A PPO rollout is the shared sampler's batch in PPO's layout: a stop string ends a row as in
+    `rlhf generate` (text cut before it, mask through the token that completed it, counted as ended),
+    where PPO used to stop on transformers' stop_strings and cut on its own."""
+    from rlhf_cli.ppo.rollout import sample_rollout
+
+    loaded, prompts = sft
+    tok = loaded.tokenizer
+    spec = GenerationSpec(max_new_tokens=20, temperature=0, stop=[" in "])
+    batch = gen.generate_batch(loaded.model, tok, prompts, spec)
+    rollout = sample_rollout(loaded.model, tok, prompts, spec)
+    assert "stop" in [s.finish_reason for s in batch.samples]
+    assert rollout.texts == [s.text for s in batch.samples]
+    assert rollout.mask.sum(1).tolist() == [s.completion_tokens for s in batch.samples]
+    assert rollout.ended.tolist() == [s.finish_reason != "length" for s in batch.samples]
+    P = batch.prompt_length
+    for row, s in enumerate(batch.samples):
+        n = s.completion_tokens
+        assert rollout.response_ids[row, :n].tolist() == batch.responses[row, :n].tolist()
+        assert (rollout.response_ids[row, n:] == tok.pad_token_id).all() and not rollout.attention_mask[row, P + n :].any()
+        if s.finish_reason == "stop":
+            assert " in " in tok.decode(rollout.response_ids[row, :n].tolist())
+            assert " in " not in tok.decode(rollout.response_ids[row, : n - 1].tolist())
+    assert torch.equal(rollout.position_ids, gen.position_ids(rollout.attention_mask))
 
 
 def test_finish_on_token_lists(tiny):

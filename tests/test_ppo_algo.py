@@ -11,15 +11,14 @@ import threading
 import pytest
 import torch
 
+from rlhf_cli.core.generation import token_logprobs
 from rlhf_cli.ppo.algo import (
     AdaptiveKLController,
     FixedKLController,
     clip_scores,
     entropy_from_logits,
-    first_eos_mask,
     gae,
     kl_penalty,
-    logprobs_from_logits,
     make_kl_controller,
     masked_mean,
     masked_whiten,
@@ -149,48 +148,6 @@ def test_reward_whitening_scales_to_unit_variance_and_keeps_the_mean():
 EOS, PAD = 2, 0
 
 
-def test_first_eos_mask_middle_end_absent():
-    ids = torch.tensor(
-        [
-            [5, EOS, 7, PAD],  # EOS in the middle: keep 5, EOS; the 7 after it is dropped
-            [5, 6, 7, EOS],  # EOS is the last token
-            [5, 6, 7, 8],  # no EOS: truncated, all real
-            [5, 6, PAD, PAD],  # no EOS, right-padded: the pads go
-            [EOS, 6, 7, 8],  # immediate EOS: one token
-            [5, PAD, 7, 8],  # a pad id mid-response without EOS is kept
-        ]
-    )
-    out = first_eos_mask(ids, EOS, PAD)
-    assert out.lengths.tolist() == [2, 4, 4, 2, 1, 4]
-    assert out.ended.tolist() == [True, True, False, False, True, False]
-    assert out.mask.dtype == torch.bool
-    assert out.mask.int().tolist() == [
-        [1, 1, 0, 0],
-        [1, 1, 1, 1],
-        [1, 1, 1, 1],
-        [1, 1, 0, 0],
-        [1, 0, 0, 0],
-        [1, 1, 1, 1],
-    ]
-    # without a pad id a truncated row keeps everything
-    assert first_eos_mask(ids, EOS).lengths.tolist() == [2, 4, 4, 4, 1, 4]
-
-
-def test_first_eos_mask_multiple_ids_and_pad_equal_eos():
-    ids = torch.tensor([[5, 3, EOS, 7], [5, 6, EOS, 3], [5, 6, 7, 8]])
-    # EOS ids {2, 3}: the first of either counts
-    out = first_eos_mask(ids, [EOS, 3], PAD)
-    assert out.lengths.tolist() == [2, 3, 4]
-    assert out.ended.tolist() == [True, True, False]
-    # pad == eos (common for tokenizers without a pad token): the first one is the EOS
-    same = first_eos_mask(torch.tensor([[5, EOS, EOS, EOS], [5, 6, 7, 8]]), EOS, EOS)
-    assert same.lengths.tolist() == [2, 4]
-    assert same.ended.tolist() == [True, False]
-
-
-# ------------------------------------------------------------------------------------------------
-# KL estimators and rewards
-# ------------------------------------------------------------------------------------------------
 
 
 def test_kl_estimators_by_hand():
@@ -217,14 +174,9 @@ def test_k3_is_never_negative_and_zero_when_equal():
 
 
 def test_per_token_rewards_score_on_last_real_token():
-    ids = torch.tensor(
-        [
-            [5, EOS, PAD, PAD],  # EOS in the middle: score on the EOS at t=1
-            [5, 6, 7, EOS],  # EOS is the last token: score at t=3
-            [5, 6, 7, 8],  # no EOS, all real: score at t=3
-        ]
-    )
-    mask = first_eos_mask(ids, EOS, PAD).mask
+    # answers [5, EOS, pad, pad] (EOS in the middle: score on it at t=1), [5, 6, 7, EOS] (score at t=3),
+    # [5, 6, 7, 8] (no EOS, all real: score at t=3); the mask covers each answer up to and including its EOS
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
     scores = torch.tensor([2.0, 3.0, -1.0])
     logp = torch.zeros(3, 4)
     # NaN at padding must not leak into anything
@@ -354,25 +306,25 @@ def test_entropy_uniform_is_log_vocab():
     )
 
 
-def test_logprobs_from_logits_matches_log_softmax():
+def test_token_logprobs_matches_log_softmax():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 11, generator=g) * 4
     labels = torch.randint(0, 11, (2, 5), generator=g)
     expected = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    close(logprobs_from_logits(logits, labels), expected)
+    close(token_logprobs(logits, labels), expected)
     # bf16 logits: compared against the float32 log-softmax of the same bf16 values
     half = logits.bfloat16()
     expected_half = torch.log_softmax(half.float(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    out = logprobs_from_logits(half, labels)
+    out = token_logprobs(half, labels)
     assert out.dtype == torch.float32
     close(out, expected_half)
 
 
-def test_logprobs_from_logits_gradient_matches():
+def test_token_logprobs_gradient_matches():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 6, generator=g, requires_grad=True)
     labels = torch.tensor([0, 5, 2])
-    logprobs_from_logits(logits, labels).sum().backward()
+    token_logprobs(logits, labels).sum().backward()
     # d log p_y / d z = onehot(y) - softmax(z)
     expected = torch.nn.functional.one_hot(labels, 6).float() - torch.softmax(logits.detach(), -1)
     close(logits.grad, expected)
@@ -432,8 +384,8 @@ def test_tempered_logprobs_and_entropy_of_bf16_logits_equal_the_fp32_computation
     labels = torch.randint(64, (3, 4))
     T = 0.7
     exact = torch.log_softmax(logits.float() / T, -1)
-    close(logprobs_from_logits(logits, labels, T), exact.gather(-1, labels.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    close(token_logprobs(logits, labels, T), exact.gather(-1, labels.unsqueeze(-1)).squeeze(-1), atol=1e-5)
     close(entropy_from_logits(logits, T), -(exact.exp() * exact).sum(-1), atol=1e-5)
-    close(logprobs_from_logits(logits.float(), labels, T), exact.gather(-1, labels.unsqueeze(-1)).squeeze(-1), atol=1e-5)
+    close(token_logprobs(logits.float(), labels, T), exact.gather(-1, labels.unsqueeze(-1)).squeeze(-1), atol=1e-5)
     with pytest.raises(ValueError, match="temperature must be positive"):
-        logprobs_from_logits(logits, labels, 0.0)
+        token_logprobs(logits, labels, 0.0)

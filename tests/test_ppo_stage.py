@@ -527,7 +527,7 @@ def test_out_of_memory_in_ppo_is_one_line_naming_what_to_lower(tiny, sft_full_ru
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes")
 
-    monkeypatch.setattr(loop, "generate", exhausted)
+    monkeypatch.setattr(loop, "sample_rollout", exhausted)
     out = tmp_path / "ppo-oom"
     result = ppo(tiny, {"sft": sft_full_run}, out, "tests.ppo_support:says_great", iterations=1, extra=SMALL)
     assert result.exit_code == 1, result.output

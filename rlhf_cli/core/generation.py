@@ -1,4 +1,4 @@
-"""Batched sampling shared by `rlhf generate`, `rlhf eval` and the PPO rollout.
+"""The one sampler: batched sampling for `rlhf generate`, `rlhf eval`, best-of-n candidates and the PPO rollout.
 
     spec = GenerationSpec(max_new_tokens=64, temperature=0.7, stop=["\\n\\n"])
     for sample in sample_texts(model, tokenizer, prompts, spec, batch_size=8, seed=1):
@@ -11,6 +11,10 @@ whole batch. A row is finished at its first EOS (`finish_reason="eos"`), at the 
 its answer (`"stop"`; the answer is cut before the string), or after max_new_tokens (`"length"`).
 `response_mask` covers exactly the tokens that count: the answer up to and including the EOS or the
 token that completed the stop string. The same seed, prompts and batch size give the same samples.
+
+Here live how prompts are encoded for sampling, which ids end an answer, the positions that skip left
+padding, where an answer stops and the log-probs of its tokens. The PPO-specific layout of a rollout
+and its scoring passes (policy, reference, values) live in rlhf_cli/ppo/rollout.py.
 """
 
 from __future__ import annotations
@@ -95,7 +99,13 @@ def generation_config(spec: GenerationSpec, eos_ids: list[int], pad_id: int) -> 
 
 
 class _StopStrings:
-    """Stopping criterion: a row is done once its answer (not its prompt) contains a stop string."""
+    """Stopping criterion: a row is done once its answer (not its prompt) contains a stop string.
+
+    Not transformers' `stop_strings`: that one matches vocabulary strings across the whole sequence, so a
+    stop string may begin in the prompt (a generation prompt ending in "\\n" plus an answer's first "\\n"
+    stops at "\\n\\n"), and what it matches may differ from the decoded text the answer is cut on.
+    Decoding a short tail per step keeps "stopped" and "where the answer is cut" the same decision.
+    """
 
     def __init__(self, tokenizer: Any, stop: Sequence[str], prompt_length: int):
         self.tokenizer = tokenizer
@@ -123,8 +133,15 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], device: torch.device 
 
 
 @torch.no_grad()
-def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], spec: GenerationSpec) -> GeneratedBatch:
-    """Sample one answer per prompt (one `model.generate` call with the KV cache)."""
+def generate_batch(
+    model: Any, tokenizer: Any, prompts: Sequence[str], spec: GenerationSpec, *, eval_mode: bool = True
+) -> GeneratedBatch:
+    """Sample one answer per prompt (one `model.generate` call with the KV cache).
+
+    The model samples in eval mode (no dropout) and gets its mode back afterwards; eval_mode=False leaves
+    the modes as the caller set them (PPO sets them once: no dropout, bitsandbytes 4-bit layers in train
+    mode, which model.eval() would undo).
+    """
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
@@ -134,7 +151,8 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], spec: Gen
     prompt_length = enc["input_ids"].shape[1]
     criteria = StoppingCriteriaList([_StopStrings(tokenizer, spec.stop, prompt_length)] if spec.stop else [])
     was_training = model.training
-    model.eval()
+    if eval_mode:
+        model.eval()
     try:
         out = model.generate(
             **enc,
@@ -142,7 +160,8 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], spec: Gen
             stopping_criteria=criteria,
         )
     finally:
-        model.train(was_training)
+        if eval_mode:
+            model.train(was_training)
     responses = out[:, prompt_length:]
     response_mask = torch.zeros_like(responses, dtype=torch.long)
     samples = []
@@ -217,10 +236,34 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) per position, in float32, one row at a time to bound the [L, vocab] float copy."""
-    rows = [logits[i].float().log_softmax(-1).gather(-1, targets[i].unsqueeze(-1)).squeeze(-1) for i in range(logits.shape[0])]
-    return torch.stack(rows)
+# Not trl's selective_log_softmax: as fast on fp32, but off by 0.16 on bf16 logits (bench/library_choices.py).
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) per position under softmax(logits / temperature), float32 or wider, differentiable.
+
+    The one place a sampled token is scored: eval's KL and perplexity, answer log-probs, and PPO's
+    rollout and training passes. Computed as `logits[target] - logsumexp(logits)` one row at a time, so
+    neither a [B, L, vocab] log-softmax nor a float32 copy of all the logits is ever made; half-precision
+    rows are upcast (bf16 log-softmax alone is off by ~1e-2). `temperature` is the sampling temperature,
+    so the log-probs are those of the distribution the tokens were drawn from (Huang et al. 2024); it
+    divides after the upcast, as transformers' sampling does (a bf16 quotient would round every tempered
+    logit to 8 mantissa bits). Alignment is the caller's: for a causal LM, `logits[:, :-1]` score
+    `targets = ids[:, 1:]`.
+    """
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"labels shape {tuple(targets.shape)} does not match logits {tuple(logits.shape)}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if logits.dim() < 2 or logits.shape[0] == 0:
+        return _row_logprobs(logits, targets, temperature)
+    return torch.stack([_row_logprobs(row, t, temperature) for row, t in zip(logits, targets, strict=True)])
+
+
+def _row_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 @torch.no_grad()
@@ -232,8 +275,5 @@ def response_logprobs(model: Any, batch: GeneratedBatch, temperature: float = 1.
     logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
     p = batch.prompt_length
     # Logits at position i predict token i + 1: the answer's tokens are predicted from P - 1 to the end - 1.
-    logits = logits[:, p - 1 : -1]
-    if temperature != 1.0:
-        logits = logits.float() / temperature  # after the upcast, as sampling tempers them
-    logp = token_logprobs(logits, seq[:, p:])
+    logp = token_logprobs(logits[:, p - 1 : -1], seq[:, p:], temperature)
     return logp * batch.response_mask.to(device)

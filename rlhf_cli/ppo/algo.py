@@ -23,8 +23,8 @@ Training"), Ahmadian et al. 2024 (RLOO, "Back to Basics") and Hu 2025 (REINFORCE
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Literal, NamedTuple
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -169,70 +169,6 @@ def clip_scores(scores: Tensor, clip: float | None) -> Tensor:
 # Response masks
 # --------------------------------------------------------------------------------------------------
 
-
-class ResponseMask(NamedTuple):
-    """Which generated tokens count, per row.
-
-    Attributes:
-        mask: ``[batch, T]`` bool, True up to and including the first EOS.
-        ended: ``[batch]`` bool, whether the row produced an EOS (False = truncated at max length); the
-            loop can use it for the "missing EOS" score penalty of Huang et al. 2024.
-        lengths: ``[batch]`` long, number of real tokens (the EOS included).
-    """
-
-    mask: Tensor
-    ended: Tensor
-    lengths: Tensor
-
-
-def first_eos_mask(
-    response_ids: Tensor, eos_token_id: int | Sequence[int], pad_token_id: int | None = None
-) -> ResponseMask:
-    """Mask of the response tokens up to and including the first EOS.
-
-    Everything after the first EOS is dropped, even if generation went on (batched ``generate`` keeps
-    emitting pad or garbage for finished rows). A row without any EOS was truncated: its trailing
-    ``pad_token_id`` tokens (if given) are treated as padding and the rest is kept. ``pad_token_id`` may
-    equal an EOS id; the first one is then the EOS.
-
-    Args:
-        response_ids: ``[batch, T]`` generated token ids, the prompt already removed.
-        eos_token_id: one id, or several (chat models often stop on an end-of-turn id as well as EOS).
-        pad_token_id: id used to right-pad responses, or None.
-
-    Returns:
-        ``ResponseMask(mask, ended, lengths)``.
-    """
-    if response_ids.dim() != 2:
-        raise ValueError(f"response_ids must be [batch, T], got shape {tuple(response_ids.shape)}")
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if not ids:
-        raise ValueError("eos_token_id is an empty list")
-    batch, T = response_ids.shape
-    if T == 0:
-        empty = torch.zeros(batch, dtype=torch.long, device=response_ids.device)
-        return ResponseMask(
-            mask=response_ids.new_zeros((batch, 0), dtype=torch.bool), ended=empty.bool(), lengths=empty
-        )
-    positions = torch.arange(T, device=response_ids.device)
-    is_eos = torch.isin(response_ids, torch.tensor(ids, device=response_ids.device))
-    ended = is_eos.any(dim=1)
-    # argmax returns the first maximal index, i.e. the first EOS.
-    length_if_ended = is_eos.int().argmax(dim=1) + 1
-    if pad_token_id is None:
-        length_if_truncated = torch.full_like(length_if_ended, T)
-    else:
-        not_pad = response_ids != pad_token_id
-        # One past the last non-pad token: trailing pads go, a stray pad id mid-response stays.
-        length_if_truncated = torch.where(not_pad, positions + 1, 0).amax(dim=1)
-    lengths = torch.where(ended, length_if_ended, length_if_truncated).long()
-    mask = positions.unsqueeze(0) < lengths.unsqueeze(1)
-    return ResponseMask(mask=mask, ended=ended, lengths=lengths)
-
-
-# --------------------------------------------------------------------------------------------------
-# KL and rewards
-# --------------------------------------------------------------------------------------------------
 
 
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: KLKind = "k1") -> Tensor:
@@ -598,40 +534,6 @@ def value_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-# Not trl's selective_log_softmax: as fast on fp32, but off by 0.16 on bf16 logits (bench/library_choices.py).
-def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
-    """Log-probability of each label under ``softmax(logits / temperature)``, differentiable.
-
-    Computed as ``logits[label] - logsumexp(logits)`` so the full ``[batch, T, vocab]`` log-softmax is
-    never materialised. Half-precision logits are upcast to float32 one row at a time, which keeps the
-    log-probs accurate (a bf16 log-softmax is not, bench/library_choices.py) without a float32 copy of all
-    the logits.
-
-    ``temperature`` is the sampling temperature, so the log-probs are those of the distribution the
-    tokens were drawn from (Huang et al. 2024). It divides after the upcast, as transformers' sampling
-    does: a bf16 quotient would round every tempered logit to 8 mantissa bits.
-
-    Alignment is the caller's job: for a causal LM, ``logits[:, :-1]`` score ``labels = ids[:, 1:]``.
-
-    Args:
-        logits: ``[..., vocab]``, untempered.
-        labels: integer ids, shape ``logits.shape[:-1]``.
-        temperature: the sampling temperature (> 0).
-
-    Returns:
-        Log-probs with ``labels``' shape, float32 or wider.
-    """
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape)}")
-    if logits.dtype in (torch.float32, torch.float64):
-        logits = _tempered(logits, temperature)
-        picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        return picked - torch.logsumexp(logits, dim=-1)
-    if logits.dim() < 2 or logits.shape[0] == 0:
-        return logprobs_from_logits(logits.float(), labels, temperature)
-    return torch.stack(
-        [logprobs_from_logits(row.float(), lab, temperature) for row, lab in zip(logits, labels, strict=True)]
-    )
 
 
 def _tempered(logits: Tensor, temperature: float) -> Tensor:
@@ -646,7 +548,7 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
     ``H = -sum p * log p`` with ``log p = logits - logsumexp(logits)``. Entries with ``p == 0`` (e.g.
     logits masked to -inf) contribute 0 instead of ``0 * -inf = NaN``. Half-precision logits are
-    upcast to float32 one row at a time and tempered after the upcast, as in ``logprobs_from_logits``.
+    upcast to float32 one row at a time and tempered after the upcast, as in ``core.generation.token_logprobs``.
 
     Returns:
         ``logits.shape[:-1]``, float32 or wider.

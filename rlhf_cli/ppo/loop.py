@@ -33,6 +33,7 @@ from torch import Tensor
 from rlhf_cli.console import Progress
 from rlhf_cli.core import distributed
 from rlhf_cli.core.checks import warn_if_length_collapsed
+from rlhf_cli.core.generation import token_logprobs
 from rlhf_cli.core.lora import lora_arithmetic, track_optimizer
 from rlhf_cli.core.memory import out_of_memory
 from rlhf_cli.core.trackers import Trackers
@@ -40,7 +41,7 @@ from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.ppo import algo
 from rlhf_cli.ppo.build import Models
 from rlhf_cli.ppo.method import Method, method_of
-from rlhf_cli.ppo.rollout import Rollout, encode_prompts, eos_token_ids, generate, token_stats
+from rlhf_cli.ppo.rollout import Rollout, sample_rollout, token_stats
 from rlhf_cli.recipe import OnlineRecipe
 from rlhf_cli.runs import RunDir, atomic_write_json, is_main_process, mark_complete
 
@@ -138,7 +139,6 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
                            temperature=gen.temperature, max_new_tokens=gen.max_new_tokens, lr=lr)
     order = PromptOrder(len(prompts.raw), spec.seed)
     device = next(actor.parameters()).device
-    eos_ids = eos_token_ids(tokenizer, actor.generator())
     vocab = actor.generator().get_output_embeddings().weight.shape[0]
     whiten_reduce = acc.reduce if world > 1 else None
     stop = StopRequest()
@@ -159,8 +159,7 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
 
             # 1. rollout: sample from the current policy, computed exactly as it is scored and trained
             with lora_arithmetic(actor, "exact"), actor.compute():
-                rollout = generate(actor.generator(), tokenizer,
-                                   encode_prompts(tokenizer, [prompts.texts[i] for i in picked], device), gen, eos_ids)
+                rollout = sample_rollout(actor.generator(), tokenizer, [prompts.texts[i] for i in picked], gen)
             # 2. score: log-probs (policy, and the reference unless the KL weighs nothing), values with a
             #    critic, and the reward's score
             t0 = time.perf_counter()
@@ -342,7 +341,7 @@ def ppo_update(update: UpdateContext, rollout: Rollout, batch: dict[str, Tensor]
     sums: dict[str, list[float]] = defaultdict(list)
 
     def policy_terms(logits: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logp = algo.logprobs_from_logits(logits, rollout.response_ids[idx], update.temperature)
+        logp = token_logprobs(logits, rollout.response_ids[idx], update.temperature)
         loss, stats = algo.policy_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], rollout.mask[idx],
                                        spec.clip_range, agg, budget)
         stats["policy_loss"] = loss.detach()

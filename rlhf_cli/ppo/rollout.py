@@ -1,11 +1,14 @@
-"""Rollouts: sample responses from the policy, cut them at the first EOS, and score them token by token.
+"""PPO rollouts: the policy's answers laid out for scoring and training, and their per-token scores.
 
-    batch = encode_prompts(tokenizer, texts, device)
-    rollout = generate(policy, tokenizer, batch, generation, eos_ids)
+    rollout = sample_rollout(policy, tokenizer, prompt_texts, generation)
     logp, ref_logp, values, entropy = token_stats(actor, actor.reference_logits, rollout, temperature, chunk)
 
 Sequences are laid out as [left-padded prompt | right-padded response]; position ids count real tokens
 only, so a left-padded row sees the same positions in these passes as during generation.
+
+Sampling itself (prompt encoding, EOS ids, stop strings, where an answer ends) is the shared sampler's,
+rlhf_cli/core/generation.py, so PPO's answers end where `rlhf generate` and `rlhf eval` end theirs; the
+math of advantages and losses is in rlhf_cli/ppo/algo.py.
 """
 
 from __future__ import annotations
@@ -17,23 +20,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rlhf_cli.ppo.algo import entropy_from_logits, first_eos_mask, logprobs_from_logits
+from rlhf_cli.core.generation import generate_batch, position_ids, token_logprobs
+from rlhf_cli.ppo.algo import entropy_from_logits
 from rlhf_cli.recipe import GenerationSpec
 
 
 @dataclass
-class PromptBatch:
-    input_ids: Tensor  # [B, P], left-padded
-    attention_mask: Tensor
-
-
-@dataclass
 class Rollout:
-    input_ids: Tensor  # [B, P + R]: prompt, then response; pad after the first EOS
+    input_ids: Tensor  # [B, P + R]: prompt, then response; pad after its end
     attention_mask: Tensor  # [B, P + R]
     position_ids: Tensor  # [B, P + R]
     response_ids: Tensor  # [B, R]
-    mask: Tensor  # [B, R] bool: real response tokens, through the first EOS
+    mask: Tensor  # [B, R] bool: real response tokens, through the EOS or the token that completed a stop string
     ended: Tensor  # [B] bool: the response emitted EOS (or a stop string)
     texts: list[str]  # decoded responses, special tokens removed
     seconds: float  # wall time of generation
@@ -46,64 +44,25 @@ class Rollout:
         return self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx]
 
 
-def encode_prompts(tokenizer: Any, texts: list[str], device: Any) -> PromptBatch:
-    """Tokenize rendered prompts (the chat template already holds BOS/special tokens), left-padded."""
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    return PromptBatch(enc["input_ids"].to(device), enc["attention_mask"].to(device))
-
-
-def eos_token_ids(tokenizer: Any, model: Any) -> list[int]:
-    """EOS of the tokenizer plus whatever the model's generation config also stops on (end-of-turn ids)."""
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    return sorted(i for i in ids if isinstance(i, int))
-
-
-def positions(attention_mask: Tensor) -> Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, batch: PromptBatch, gen: GenerationSpec, eos_ids: list[int]) -> Rollout:
-    from transformers import GenerationConfig
+def sample_rollout(model: Any, tokenizer: Any, prompts: list[str], gen: GenerationSpec) -> Rollout:
+    """One answer per rendered prompt, from the shared sampler, in PPO's layout.
 
-    # A config of our own: the model's generation_config may carry defaults (top_k=50, repetition
-    # penalties) that would make the samples differ from the distribution PPO scores.
-    config = GenerationConfig(
-        do_sample=True,
-        temperature=gen.temperature,
-        top_k=gen.top_k,
-        top_p=gen.top_p,
-        max_new_tokens=gen.max_new_tokens,
-        eos_token_id=eos_ids,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-    )
-    extra = {"stop_strings": gen.stop, "tokenizer": tokenizer} if gen.stop else {}
+    The model's train/eval modes are left as PPO set them (generate_batch's eval_mode=False).
+    """
     t0 = time.perf_counter()
-    out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, generation_config=config, **extra)
+    batch = generate_batch(model, tokenizer, prompts, gen, eval_mode=False)
     seconds = time.perf_counter() - t0
-    P = batch.input_ids.shape[1]
-    response = out[:, P:]
-    cut = first_eos_mask(response, eos_ids, tokenizer.pad_token_id)
-    texts = [tokenizer.decode(r[: int(n)], skip_special_tokens=True) for r, n in zip(response, cut.lengths)]
-    ended = cut.ended
-    if gen.stop:
-        ended = ended | torch.tensor([any(s in t for s in gen.stop) for t in texts], device=ended.device)
-        texts = [_cut_at_stop(t, gen.stop) for t in texts]
-    # Drop the columns no row uses, and blank everything after a row's first EOS.
-    width = max(int(cut.lengths.max()), 1)
-    mask = cut.mask[:, :width]
-    response = torch.where(mask, response[:, :width], tokenizer.pad_token_id)
-    attention = torch.cat([batch.attention_mask, mask.long()], dim=1)
-    ids = torch.cat([batch.input_ids, response], dim=1)
-    return Rollout(ids, attention, positions(attention), response, mask, ended, texts, seconds)
-
-
-def _cut_at_stop(text: str, stops: list[str]) -> str:
-    ends = [text.find(s) for s in stops if s in text]
-    return text[: min(ends)] if ends else text
+    lengths = batch.response_mask.sum(dim=1)
+    # Drop the columns no row uses, and blank everything after a row's end.
+    width = max(int(lengths.max()), 1)
+    mask = batch.response_mask[:, :width].bool()
+    response = torch.where(mask, batch.responses[:, :width], tokenizer.pad_token_id)
+    attention = torch.cat([batch.prompt_mask, mask.long()], dim=1)
+    ids = torch.cat([batch.sequences[:, : batch.prompt_length], response], dim=1)
+    ended = torch.tensor([s.finish_reason != "length" for s in batch.samples], device=mask.device)
+    texts = [s.text for s in batch.samples]
+    return Rollout(ids, attention, position_ids(attention), response, mask, ended, texts, seconds)
 
 
 @torch.no_grad()
@@ -116,7 +75,7 @@ def token_stats(
     `reference(ids, mask, pos, R)` the reference logits; reference None makes no reference pass, and the
     reference log-probs come back None, as do the values without a critic. The log-probs and entropy are
     those of the tempered distribution the tokens were drawn from (Huang et al. 2024), tempered after the
-    fp32 upcast (algo.logprobs_from_logits).
+    fp32 upcast (core.generation.token_logprobs).
     """
     logps, ref_logps, values, entropies = [], [], [], []
     labels_all = rollout.response_ids
@@ -125,11 +84,11 @@ def token_stats(
         idx = torch.arange(i, min(i + chunk, labels_all.shape[0]), device=labels_all.device)
         ids, mask, pos = rollout.rows(idx)
         logits, v = actor(ids, mask, pos, R)
-        logps.append(logprobs_from_logits(logits, labels_all[idx], temperature))
+        logps.append(token_logprobs(logits, labels_all[idx], temperature))
         entropies.append(entropy_from_logits(logits, temperature))
         if v is not None:
             values.append(v.float())
         if reference is not None:
-            ref_logps.append(logprobs_from_logits(reference(ids, mask, pos, R), labels_all[idx], temperature))
+            ref_logps.append(token_logprobs(reference(ids, mask, pos, R), labels_all[idx], temperature))
     return (torch.cat(logps), torch.cat(ref_logps) if ref_logps else None, torch.cat(values) if values else None,
             torch.cat(entropies))
