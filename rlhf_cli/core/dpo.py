@@ -24,6 +24,7 @@ The reference is the starting policy, never the raw base. trl finds it three way
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -120,6 +121,10 @@ def dpo_args(train: TrainSpec, dpo: DPOSpec, output_dir: Any, *, precision: Prec
 
 
 class _DPOTrainer(DPOTrainer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _compact_heads(self)
+
     def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
         # Pairs arrive tokenized by pair_samples; trl's own pass would render strings without the chat template.
         return dataset
@@ -127,6 +132,7 @@ class _DPOTrainer(DPOTrainer):
     def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> Any:
         # Also what precompute_ref runs, inside trl's __init__: before dpo_trainer can prepare the "ref" layers.
         _fast_ref_layers(self.model)
+        _compact_heads(self)
         return super().compute_ref_log_probs(model, inputs)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
@@ -156,6 +162,67 @@ def _fast_ref_layers(model: Any) -> None:
     if REF_ADAPTER in getattr(model, "peft_config", {}) and not getattr(model, "_ref_layers_fast", False):
         fast_lora_layers(model)
         model._ref_layers_fast = True
+
+
+def _compact_heads(trainer: DPOTrainer) -> None:
+    """The policy's and the reference's fused LM heads, projecting only the answer tokens (see _compact_lm_head).
+
+    The policy head keeps the per-token outputs trl asked for (its metrics entropy, logits/*,
+    mean_token_accuracy, and WPO's weights); a separate reference only needs log-probs."""
+    policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if trainer.use_weighting else ())
+    _compact_lm_head(policy, outputs)
+    if trainer.ref_model is not None:
+        _compact_lm_head(trainer.ref_model, ("log_probs",))
+
+
+def _compact_lm_head(model: Any, outputs: tuple[str, ...]) -> None:
+    """Score only the positions whose next token is an answer token, where trl scores every position.
+
+    trl 1.16's fused LM head (trl.trainer.utils.add_fused_lm_head) projects the hidden states through the
+    vocabulary in tiles and folds each tile into log-probs, entropy, mean logit and top-1 in fp32. On Triton
+    devices it keeps only the positions with a label; elsewhere it scores every position, prompt and padding
+    included, so that tile shapes stay fixed for compilers (Neuron). Eager CPU compiles nothing, and in a DPO
+    batch the prompts and the padding are most of the positions: on SmolLM2-135M the head was half of a step.
+    Here the backbone runs as before and the same kernel gets the answer positions only; outputs are zero
+    elsewhere, as trl's are, so losses and metrics do not change. Heads that scale or cap their logits,
+    MoE models, multimodal wrappers and pre-shifted labels keep trl's forward.
+    """
+    if getattr(model, "_answer_only_head", False) or next(model.parameters()).device.type in ("cuda", "xpu"):
+        return
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
+    except ImportError:  # a trl without the fused head: nothing to compact
+        return
+    config = model.config
+    scaled = any(getattr(config, key, None) is not None for key in
+                 ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+    if scaled or config.get_text_config() is not config or getattr(config, "output_router_logits", False):
+        return
+    trl_forward = model.forward
+
+    def forward(self: Any, *args: Any, fused_lm_head: bool = False, labels: Any = None, shift_labels: Any = None,
+                num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+        if not fused_lm_head or shift_labels is not None or kwargs.get("output_router_logits"):
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        lm_head = self.get_output_embeddings()
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1].to(lm_head.weight.device)
+        labels = labels[:, 1:].to(lm_head.weight.device)
+        mask = labels != -100
+        per_token = ChunkedLogProbFunction.apply(hidden[mask], lm_head.weight, lm_head.bias, labels[mask], 1.0,
+                                                 _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs)
+        # masked_scatter keeps an all-prompt batch connected to the graph (trl's own rule)
+        log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
+            None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
+                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+    model._answer_only_head = True
 
 
 def trained_policy(trainer: DPOTrainer) -> Any:
