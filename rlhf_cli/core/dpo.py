@@ -7,11 +7,13 @@
     policy = trained_policy(trainer)                                      # what the run directory saves
 
 What trl does here: the losses (sigmoid, ipo, hinge, robust), the reference pass or its precomputation,
-the fused LM head (log-probs without materialising the logits), and the per-step metrics rewards/chosen,
-rewards/rejected (beta x log-ratio), rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
+the fused LM head's kernel (log-probs without materialising the logits), and the per-step metrics
+rewards/chosen, rewards/rejected (beta x log-ratio), rewards/accuracies, rewards/margins, logps/chosen,
+logps/rejected, with entropy, logits/* and mean_token_accuracy over the answer tokens.
 What it does not: tokenization (pairs are rendered and truncated here, exactly as train-rm renders them,
-so --dry-run counts what trains), and padding-free batches (trl 1.16 turns padding_free off; batches are
-right-padded).
+so --dry-run counts what trains), which positions the head scores off Triton devices (the answer tokens
+only, not trl's every position: _compact_lm_head), and padding-free batches (trl 1.16 turns padding_free
+off; batches are right-padded).
 
 The reference is the starting policy, never the raw base. trl finds it three ways, and we pick which:
 - an adapter over a frozen base (LoRA, and a parent run's adapter merged into the base first): trl copies
