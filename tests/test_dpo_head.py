@@ -1,22 +1,27 @@
 """core.dpo's answer-only LM head against trl's fused head on a random 2-layer Llama: the same per-token
-log-probs, entropy, mean logits, top-1 flags and gradients, zero at the prompt and padding positions."""
+log-probs, entropy, mean logits, top-1 flags and gradients, zero at the prompt and padding positions,
+with the padded batch run as it is or, under core.attention's packed kernel, as one padding-free row."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 from trl.trainer.utils import add_fused_lm_head
 
+from rlhf_cli.core import attention
 from rlhf_cli.core.dpo import _compact_lm_head
 
 OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 
 
-def _model() -> LlamaForCausalLM:
+def _model(packed: bool = False) -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(config).eval()
+    if packed:
+        assert attention.use_packed_attention(model)
     add_fused_lm_head(model, outputs=OUTPUTS)
     return model
 
@@ -36,8 +41,9 @@ def _scored(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> tuple[ob
     return out, model.model.layers[0].self_attn.q_proj.weight.grad.clone()
 
 
-def test_answer_only_head_matches_trls_head_outputs_and_gradients():
-    model, batch = _model(), _batch()
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "padding-free"])
+def test_answer_only_head_matches_trls_head_outputs_and_gradients(packed):
+    model, batch = _model(packed), _batch()
     want, want_grad = _scored(model, batch)
     _compact_lm_head(model, OUTPUTS)
     got, got_grad = _scored(model, batch)

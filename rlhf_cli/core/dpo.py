@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from trl import DPOConfig, DPOTrainer
 
+from rlhf_cli.core import attention
 from rlhf_cli.core import trainer as fitting
 from rlhf_cli.core.batches import Stats
 from rlhf_cli.core.chat import conversation_text, prompt_text
@@ -211,7 +212,7 @@ def _compact_lm_head(model: Any, outputs: tuple[str, ...]) -> None:
                                num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs["use_cache"] = False
         lm_head = self.get_output_embeddings()
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1].to(lm_head.weight.device)
+        hidden = _backbone(self, args, kwargs)[:, :-1].to(lm_head.weight.device)
         labels = labels[:, 1:].to(lm_head.weight.device)
         mask = labels != -100
         per_token = ChunkedLogProbFunction.apply(hidden[mask], lm_head.weight, lm_head.bias, labels[mask], 1.0,
@@ -225,6 +226,28 @@ def _compact_lm_head(model: Any, outputs: tuple[str, ...]) -> None:
 
     model.forward = types.MethodType(forward, model)
     model._answer_only_head = True
+
+
+def _backbone(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The last hidden states of a right-padded batch, [rows, T, hidden].
+
+    With core.attention's packed kernel (use_packed_attention), the real tokens run as one padding-free row
+    with restarting position_ids, each sequence attending to itself as in sft, and come back in the padded
+    layout (zeros at the pads, which nothing scores): trl 1.16 turns DPO's padding_free off, and the pads
+    of a batch of pairs are often as many as its tokens. Positions are the padded batch's (0.. per row)."""
+    mask = kwargs.get("attention_mask")
+    packable = (
+        not args and mask is not None and kwargs.get("input_ids") is not None and kwargs.get("position_ids") is None
+        and getattr(model.config, "_attn_implementation", None) == attention.NAME
+        and bool(mask[:, 0].all()) and bool((mask[:, 1:] <= mask[:, :-1]).all())
+    )
+    if not packable:
+        return model.base_model(*args, **kwargs).last_hidden_state
+    real = kwargs.pop("attention_mask").bool()
+    ids = kwargs.pop("input_ids")
+    positions = real.long().cumsum(1) - 1
+    flat = model.base_model(input_ids=ids[real][None], position_ids=positions[real][None], **kwargs).last_hidden_state
+    return flat.new_zeros(*ids.shape, flat.shape[-1]).index_put((real,), flat[0])
 
 
 def trained_policy(trainer: DPOTrainer) -> Any:
