@@ -15,14 +15,15 @@ side's default (it does not change the cost of a step).
 
 A third run is `rlhf dpo` with trl's own fused LM head put back (core.dpo._compact_lm_head switched off in
 that process): it scores every position, prompt and padding included, where ours scores the answer tokens
-only; the row shows what that one change buys with everything else equal.
+only, and its backbone runs the right-padded rows as trl hands them over, where ours runs them as one
+padding-free row (core.dpo._backbone); the row shows what those two changes buy with all else equal.
 
 Each run is its own subprocess, one after the other, so its peak RSS is its own (os.wait4). Tokens/s
 counts real (non-padding) tokens of both answers and their prompts over Trainer's train_runtime; s/step is
 train_runtime over the steps. Compared:
   - rlhf dpo with its defaults, through the CLI (bf16 frozen base where the CPU multiplies bf16 fast,
     fp32 adapters, activation checkpointing only when the memory estimate asks for it);
-  - the same, with trl's LM head scoring every position (the third run above);
+  - the same, with trl's LM head and padded rows (the third run above);
   - trl DPOTrainer with DPOConfig's defaults (bench/trl_dpo.py: fp32 weights under bf16 autocast,
     gradient checkpointing).
 Both keep the reference as trl's frozen copy of the starting adapter and pay its forward pass every step.

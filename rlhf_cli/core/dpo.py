@@ -12,8 +12,9 @@ rewards/chosen, rewards/rejected (beta x log-ratio), rewards/accuracies, rewards
 logps/rejected, with entropy, logits/* and mean_token_accuracy over the answer tokens.
 What it does not: tokenization (pairs are rendered and truncated here, exactly as train-rm renders them,
 so --dry-run counts what trains), which positions the head scores off Triton devices (the answer tokens
-only, not trl's every position: _compact_lm_head), and padding-free batches (trl 1.16 turns padding_free
-off; batches are right-padded).
+only, not trl's every position: _compact_lm_head), and padding-free batches: trl 1.16 turns padding_free
+off and right-pads, and under core.attention's packed kernel the backbone runs each padded batch as one
+padding-free row (_backbone).
 
 The reference is the starting policy, never the raw base. trl finds it three ways, and we pick which:
 - an adapter over a frozen base (LoRA, and a parent run's adapter merged into the base first): trl copies
@@ -187,8 +188,8 @@ def _compact_lm_head(model: Any, outputs: tuple[str, ...]) -> None:
     devices it keeps only the positions with a label; elsewhere it scores every position, prompt and padding
     included, so that tile shapes stay fixed for compilers (Neuron). Eager CPU compiles nothing, and in a DPO
     batch the prompts and the padding are most of the positions: on SmolLM2-135M the head was half of a step.
-    Here the backbone runs as before and the same kernel gets the answer positions only; outputs are zero
-    elsewhere, as trl's are, so losses and metrics do not change. Heads that scale or cap their logits,
+    Here the backbone runs through _backbone and the same kernel gets the answer positions only; outputs are
+    zero elsewhere, as trl's are, so losses and metrics read the same tensors. Heads that scale or cap their logits,
     MoE models, multimodal wrappers and pre-shifted labels keep trl's forward.
     """
     if getattr(model, "_answer_only_head", False) or next(model.parameters()).device.type in ("cuda", "xpu"):
