@@ -13,11 +13,17 @@ side truncates. Settings: LoRA r16 / alpha 32 / dropout 0.05 on all linear layer
 max_length 256, beta 0.1, sigmoid loss, a fixed number of optimizer steps; the learning rate is each
 side's default (it does not change the cost of a step).
 
+A third run is `rlhf dpo` with trl's own fused LM head put back (core.dpo._compact_lm_head switched off in
+that process): it scores every position, prompt and padding included, where ours scores the answer tokens
+only, and its backbone runs the right-padded rows as trl hands them over, where ours runs them as one
+padding-free row (core.dpo._backbone); the row shows what those two changes buy with all else equal.
+
 Each run is its own subprocess, one after the other, so its peak RSS is its own (os.wait4). Tokens/s
 counts real (non-padding) tokens of both answers and their prompts over Trainer's train_runtime; s/step is
 train_runtime over the steps. Compared:
   - rlhf dpo with its defaults, through the CLI (bf16 frozen base where the CPU multiplies bf16 fast,
     fp32 adapters, activation checkpointing only when the memory estimate asks for it);
+  - the same, with trl's LM head and padded rows (the third run above);
   - trl DPOTrainer with DPOConfig's defaults (bench/trl_dpo.py: fp32 weights under bf16 autocast,
     gradient checkpointing).
 Both keep the reference as trl's frozen copy of the starting adapter and pay its forward pass every step.
@@ -51,6 +57,10 @@ dpo: {{beta: 0.1, loss: sigmoid}}
 output_dir: {out}
 """
 
+# `rlhf` with trl's fused LM head as trl 1.16 installs it: every position projected through the vocabulary.
+TRL_HEAD = ("import sys; import rlhf_cli.core.dpo as dpo; dpo._compact_lm_head = lambda *args: None; "
+            "from rlhf_cli.cli import main; main()")
+
 
 def preference_pairs(n: int, model: Path, max_length: int) -> list[dict]:
     """n pairs: a question, its corpus answer (chosen) and another conversation's answer (rejected)."""
@@ -74,6 +84,21 @@ def preference_pairs(n: int, model: Path, max_length: int) -> list[dict]:
         if len(pairs) == n:
             break
     return pairs
+
+
+def rlhf_run(argv: list[str], env: dict[str, str], out: Path) -> dict:
+    """One `rlhf dpo` subprocess, read back from the run.json it writes."""
+    _, _, rss, wall = run_child(argv, env)
+    run = json.loads((out / "run.json").read_text())
+    if run["data"]["truncated"]:
+        sys.exit(f"rlhf dpo truncated {run['data']['truncated']} pairs: preference_pairs() should have left them out")
+    steps = run["metrics"]["steps"]
+    return {
+        "tokens_per_s": run["metrics"]["train_tokens_per_s"], "peak_rss": rss, "wall_s": wall,
+        "tokens_per_cpu_s": run["tokens_seen"] / run["train_cpu_s"], "s_per_step": run["train_runtime_s"] / steps,
+        "tokens_per_step": run["tokens_seen"] / steps,
+        "setup": f"{run['precision']['note']}, checkpointing {run.get('gradient_checkpointing', False)}",
+    }
 
 
 def versions() -> str:
@@ -103,19 +128,11 @@ def main() -> None:
     results = {}
     recipe = work / "dpo.yaml"
     recipe.write_text(RECIPE.format(model=model, data=data, max_length=MAX_LENGTH, steps=args.steps, out=work / "run"))
-    print(f"{len(pairs)} pairs, {args.steps} steps of batch 8 per run; rlhf dpo ...", file=sys.stderr, flush=True)
-    _, _, rss, wall = run_child([sys.executable, "-m", "rlhf_cli", "dpo", str(recipe), "--overwrite", "--json"], env)
-    run = json.loads((work / "run" / "run.json").read_text())
-    if run["data"]["truncated"]:
-        sys.exit(f"rlhf dpo truncated {run['data']['truncated']} pairs: preference_pairs() should have left them out")
-    steps = run["metrics"]["steps"]
-    results["rlhf dpo (defaults)"] = {
-        "tokens_per_s": run["metrics"]["train_tokens_per_s"], "peak_rss": rss, "wall_s": wall,
-        "tokens_per_cpu_s": run["tokens_seen"] / run["train_cpu_s"], "s_per_step": run["train_runtime_s"] / steps,
-        "tokens_per_step": run["tokens_seen"] / steps,
-        "setup": f"{run['precision']['note']}, checkpointing {run.get('gradient_checkpointing', False)}",
-    }
-    (work / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"{len(pairs)} pairs, {args.steps} steps of batch 8 per run", file=sys.stderr, flush=True)
+    for name, entry in (("rlhf dpo (defaults)", ["-m", "rlhf_cli"]), ("rlhf dpo, trl's LM head", ["-c", TRL_HEAD])):
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        results[name] = rlhf_run([sys.executable, *entry, "dpo", str(recipe), "--overwrite", "--json"], env, work / "run")
+        (work / "results.json").write_text(json.dumps(results, indent=2))
 
     print("trl DPOTrainer (defaults) ...", file=sys.stderr, flush=True)
     out, _, rss, wall = run_child([sys.executable, str(REPO / "bench" / "trl_dpo.py"), str(model), str(data),
@@ -140,6 +157,10 @@ def main() -> None:
     print(f"{'rlhf / trl':27} {ours['tokens_per_s'] / base['tokens_per_s']:8.2f}x "
           f"{ours['tokens_per_cpu_s'] / base['tokens_per_cpu_s']:8.2f}x {ours['s_per_step'] / base['s_per_step']:6.2f}x "
           f"{ours['tokens_per_step'] / base['tokens_per_step']:7.2f}x {ours['peak_rss'] / base['peak_rss']:8.2f}x")
+    head = results["rlhf dpo, trl's LM head"]
+    print(f"{'rlhf / rlhf with trl head':27} {ours['tokens_per_s'] / head['tokens_per_s']:8.2f}x "
+          f"{ours['tokens_per_cpu_s'] / head['tokens_per_cpu_s']:8.2f}x {ours['s_per_step'] / head['s_per_step']:6.2f}x "
+          f"{ours['tokens_per_step'] / head['tokens_per_step']:7.2f}x {ours['peak_rss'] / head['peak_rss']:8.2f}x")
     print("tokens/s: real tokens (prompt twice, both answers) over Trainer's train_runtime; tok/CPU-s: over the "
           "process's CPU time in train(), which other processes on the machine disturb less")
     print(f"{versions()}; load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; "

@@ -8,11 +8,14 @@
     policy = trained_policy(trainer)                                      # what the run directory saves
 
 What trl does here: the losses (sigmoid, ipo, hinge, robust), the reference pass or its precomputation,
-the fused LM head (log-probs without materialising the logits), and the per-step metrics rewards/chosen,
-rewards/rejected (beta x log-ratio), rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
+the fused LM head's kernel (log-probs without materialising the logits), and the per-step metrics
+rewards/chosen, rewards/rejected (beta x log-ratio), rewards/accuracies, rewards/margins, logps/chosen,
+logps/rejected, with entropy, logits/* and mean_token_accuracy over the answer tokens.
 What it does not: tokenization (pairs are rendered and truncated here, exactly as train-rm renders them,
-so --dry-run counts what trains), and padding-free batches (trl 1.16 turns padding_free off; batches are
-right-padded).
+so --dry-run counts what trains), which positions the head scores off Triton devices (the answer tokens
+only, not trl's every position: _compact_lm_head), and padding-free batches: trl 1.16 turns padding_free
+off and right-pads, and under core.attention's packed kernel the backbone runs each padded batch as one
+padding-free row (_backbone).
 
 The reference is the starting policy, never the raw base. trl finds it three ways, and we pick which:
 - an adapter over a frozen base (LoRA, and a parent run's adapter merged into the base first): trl copies
@@ -25,11 +28,13 @@ The reference is the starting policy, never the raw base. trl finds it three way
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
 from trl import DPOConfig, DPOTrainer
 
+from rlhf_cli.core import attention
 from rlhf_cli.core import trainer as fitting
 from rlhf_cli.core.batches import Stats
 from rlhf_cli.core.chat import conversation_text, prompt_text
@@ -138,6 +143,10 @@ def dpo_args(train: TrainSpec, dpo: DPOSpec, output_dir: Any, *, precision: Prec
 
 
 class _DPOTrainer(DPOTrainer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _compact_heads(self)
+
     def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
         # Pairs arrive tokenized by pair_samples; trl's own pass would render strings without the chat template.
         return dataset
@@ -145,6 +154,7 @@ class _DPOTrainer(DPOTrainer):
     def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> Any:
         # Also what precompute_ref runs, inside trl's __init__: before dpo_trainer can prepare the "ref" layers.
         _fast_ref_layers(self.model)
+        _compact_heads(self)
         return super().compute_ref_log_probs(model, inputs)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
@@ -174,6 +184,89 @@ def _fast_ref_layers(model: Any) -> None:
     if REF_ADAPTER in getattr(model, "peft_config", {}) and not getattr(model, "_ref_layers_fast", False):
         fast_lora_layers(model)
         model._ref_layers_fast = True
+
+
+def _compact_heads(trainer: DPOTrainer) -> None:
+    """The policy's and the reference's fused LM heads, projecting only the answer tokens (see _compact_lm_head).
+
+    The policy head keeps the per-token outputs trl asked for (its metrics entropy, logits/*,
+    mean_token_accuracy, and WPO's weights); a separate reference only needs log-probs."""
+    policy = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1") + (("log_sum_sq_probs",) if trainer.use_weighting else ())
+    _compact_lm_head(policy, outputs)
+    if trainer.ref_model is not None:
+        _compact_lm_head(trainer.ref_model, ("log_probs",))
+
+
+def _compact_lm_head(model: Any, outputs: tuple[str, ...]) -> None:
+    """Score only the positions whose next token is an answer token, where trl scores every position.
+
+    trl 1.16's fused LM head (trl.trainer.utils.add_fused_lm_head) projects the hidden states through the
+    vocabulary in tiles and folds each tile into log-probs, entropy, mean logit and top-1 in fp32. On Triton
+    devices it keeps only the positions with a label; elsewhere it scores every position, prompt and padding
+    included, so that tile shapes stay fixed for compilers (Neuron). Eager CPU compiles nothing, and in a DPO
+    batch the prompts and the padding are most of the positions: on SmolLM2-135M the head was half of a step.
+    Here the backbone runs through _backbone and the same kernel gets the answer positions only; outputs are
+    zero elsewhere, as trl's are, so losses and metrics read the same tensors. Heads that scale or cap their logits,
+    MoE models, multimodal wrappers and pre-shifted labels keep trl's forward.
+    """
+    if getattr(model, "_answer_only_head", False) or next(model.parameters()).device.type in ("cuda", "xpu"):
+        return
+    try:
+        from trl.kernels import ChunkedLogProbFunction
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE, FusedCausalLMOutput
+    except ImportError:  # a trl without the fused head: nothing to compact
+        return
+    config = model.config
+    scaled = any(getattr(config, key, None) is not None for key in
+                 ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+    if scaled or config.get_text_config() is not config or getattr(config, "output_router_logits", False):
+        return
+    trl_forward = model.forward
+
+    def forward(self: Any, *args: Any, fused_lm_head: bool = False, labels: Any = None, shift_labels: Any = None,
+                num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+        if not fused_lm_head or shift_labels is not None or kwargs.get("output_router_logits"):
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        lm_head = self.get_output_embeddings()
+        hidden = _backbone(self, args, kwargs)[:, :-1].to(lm_head.weight.device)
+        labels = labels[:, 1:].to(lm_head.weight.device)
+        mask = labels != -100
+        per_token = ChunkedLogProbFunction.apply(hidden[mask], lm_head.weight, lm_head.bias, labels[mask], 1.0,
+                                                 _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, outputs)
+        # masked_scatter keeps an all-prompt batch connected to the graph (trl's own rule)
+        log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1 = (
+            None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token)
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
+                                   mean_logits=mean_logits, is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+    model._answer_only_head = True
+
+
+def _backbone(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    """The last hidden states of a right-padded batch, [rows, T, hidden].
+
+    With core.attention's packed kernel (use_packed_attention), the real tokens run as one padding-free row
+    with restarting position_ids, each sequence attending to itself as in sft, and come back in the padded
+    layout (zeros at the pads, which nothing scores): trl 1.16 turns DPO's padding_free off, and the pads
+    of a batch of pairs are often as many as its tokens. Positions are the padded batch's (0.. per row)."""
+    mask = kwargs.get("attention_mask")
+    packable = (
+        not args and mask is not None and kwargs.get("input_ids") is not None and kwargs.get("position_ids") is None
+        and getattr(model.config, "_attn_implementation", None) == attention.NAME
+        and bool(mask[:, 0].all()) and bool((mask[:, 1:] <= mask[:, :-1]).all())
+    )
+    if not packable:
+        return model.base_model(*args, **kwargs).last_hidden_state
+    real = kwargs.pop("attention_mask").bool()
+    ids = kwargs.pop("input_ids")
+    positions = real.long().cumsum(1) - 1
+    flat = model.base_model(input_ids=ids[real][None], position_ids=positions[real][None], **kwargs).last_hidden_state
+    return flat.new_zeros(*ids.shape, flat.shape[-1]).index_put((real,), flat[0])
 
 
 def trained_policy(trainer: DPOTrainer) -> Any:

@@ -23,7 +23,7 @@ log = logging.getLogger("rlhf")
 
 
 def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
-    from rlhf_cli.core import artifacts, chat, loading, lora
+    from rlhf_cli.core import artifacts, attention, chat, loading, lora
     from rlhf_cli.core import dpo as dpo_trl
     from rlhf_cli.core import trainer as fitting
     from rlhf_cli.core.data import read_splits
@@ -82,6 +82,10 @@ def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
         if separate_ref:
             # Loaded like the policy, parent adapters merged: the starting policy, frozen.
             ref_model = loading.load_model(resolved, dtype=plan.precision.load).requires_grad_(False).eval()
+        # Each sequence of a pair batch attends to itself in one padding-free row (core.dpo._backbone).
+        kernel = attention.use_packed_attention(model)
+        if ref_model is not None:
+            attention.use_packed_attention(ref_model)
         model = lora.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
                                       checkpointing=plan.checkpointing, seed=recipe.train.seed,
                                       parent_adapter=resolved.adapters[0] if kept else None)
@@ -89,7 +93,8 @@ def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
         run_dir.update(format=fmt, data=stats.summary(), precision=plan.precision.as_json(),
                        parent_adapters=plan.parent_adapters, quantization=recipe.quant.model_dump() if quantized else None,
                        trainable_params=trainable, total_params=total, chat_template=tokenizer.chat_template,
-                       gradient_checkpointing=plan.checkpointing, reference=details["reference"])
+                       gradient_checkpointing=plan.checkpointing, reference=details["reference"],
+                       attention=kernel or model.config._attn_implementation)
         trainer = dpo_trl.dpo_trainer(model, args, tokenizer, train_set, eval_set, ref_model=ref_model)
         outcome = fitting.fit(trainer, run_dir, "dpo")
         eval_metrics = fitting.evaluate(trainer, outcome) if eval_set else {}
