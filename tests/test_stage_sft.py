@@ -270,3 +270,12 @@ def test_the_same_recipe_trains_the_same_adapter_whatever_ran_before():
     assert rlhf("sft", "sft.yaml", "-o", "runs/b", *common).code == 0
     a, b = (load_file(f"runs/{n}/adapter/adapter_model.safetensors") for n in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_held_out_evaluation_reports_its_progress():
+    # A held-out set of minutes' work printed nothing until it ended; it now counts its batches.
+    out = rlhf("sft", "sft.yaml", "--set", "train.max_steps=2", "--set", "train.batch_size=2")
+    assert out.code == 0, out
+    counts = [line.split("sft eval batch ")[1].split(" ")[0] for line in out.stderr.splitlines() if "sft eval batch" in line]
+    done, total = counts[-1].split("/")
+    assert int(total) > 1 and done == total  # every batch of the held-out set, counted to the end

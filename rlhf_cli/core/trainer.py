@@ -157,6 +157,7 @@ class RunCallback(TrainerCallback):
         self.stop_signal: int | None = None
         self.stopping = False  # agreed by every rank: a signal may reach the processes at different steps
         self.progress: Progress | None = None
+        self._eval_progress: Progress | None = None
         self.last_eval: dict[str, float] = {}
         self._loss: float | None = None
         self._interrupt_at = int(os.environ.get("RLHF_TEST_INTERRUPT_AT_STEP", "0") or 0)
@@ -189,6 +190,19 @@ class RunCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        # A held-out evaluation can take minutes: it reports its batches as training reports its steps.
+        if self._eval_progress is None:
+            total = len(eval_dataloader) if eval_dataloader is not None else 0
+            self._eval_progress = Progress(total=total, description=f"{self.description} eval", unit="batch")
+            self._eval_progress.__enter__()
+        self._eval_progress.advance()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self._eval_progress is not None:
+            self._eval_progress.__exit__(None, None, None)
+            self._eval_progress = None
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.stopping:
