@@ -3,6 +3,9 @@
     rlhf sft recipes/tiny/sft.yaml --set train.lr=1e-4 --json
     rlhf ppo --policy runs/sft --reward runs/rm --prompts data/prompts.jsonl
 
+The training stages' commands (pretrain, sft, train-rm, dpo, ppo, grpo) are built by _stage_command from
+the options they share; eval, generate, compare and the tools are written out, each its own.
+
 Importing this module must not import torch: --help, validate and schema answer instantly.
 Stage modules (which import torch inside run()) are imported only when their command runs.
 """
