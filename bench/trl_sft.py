@@ -15,26 +15,14 @@ allocator's peak on a GPU, as rlhf's run.json records it; peak RSS on a CPU).
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-
-# bench/ppo_table.py (this script's folder is on sys.path)
-from ppo_table import peak_memory
+# bench/throughput.py (this script's folder is on sys.path)
+from throughput import add_lora_flags, lora_config, read_jsonl, train_and_report, trl_parser
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="model folder")
-    ap.add_argument("data", help="JSONL training data")
-    ap.add_argument("out", help="trl's output_dir (nothing is saved there but its logs)")
-    ap.add_argument("--steps", type=int, required=True, help="optimizer steps")
-    ap.add_argument("--batch-size", type=int, default=8, help="samples per optimizer step")
-    ap.add_argument("--max-length", type=int, default=256, help="truncate samples to this many tokens")
+    ap = trl_parser(__doc__, data="JSONL training data", unit="samples", truncated="samples")
     ap.add_argument("--lr", type=float, default=2e-4, help="learning rate")
-    ap.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
-    ap.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha")
-    ap.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    add_lora_flags(ap)
     ap.add_argument("--bits", type=int, choices=[4], help="4: QLoRA on a 4-bit NF4 base")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="dtype of the weights trl loads (its default, float32, under bf16 autocast)")
@@ -44,11 +32,10 @@ def main() -> None:
 
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    rows = [json.loads(line) for line in open(args.data, encoding="utf-8") if line.strip()]
+    rows = read_jsonl(args.data)
     quant = None if args.bits is None else BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
     config = SFTConfig(
@@ -62,19 +49,9 @@ def main() -> None:
     trainer = SFTTrainer(
         model=args.model, args=config, train_dataset=Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(args.model), quantization_config=quant,
-        peft_config=LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                               target_modules="all-linear", task_type="CAUSAL_LM"),
+        peft_config=lora_config(args),
     )
-    cpu0 = time.process_time()
-    result = trainer.train()
-    cpu_s = time.process_time() - cpu0
-    runtime = result.metrics["train_runtime"]
-    tokens = trainer.state.num_input_tokens_seen
-    print(json.dumps({"tokens": tokens, "runtime_s": runtime, "tokens_per_s": tokens / runtime,
-                      "tokens_per_cpu_s": tokens / cpu_s, "steps": trainer.state.global_step,
-                      "train_loss": result.metrics.get("train_loss"),
-                      "weights": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
-                      "checkpointing": bool(config.gradient_checkpointing), "peak_memory": peak_memory()}))
+    train_and_report(trainer, config)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,9 @@
     rlhf sft recipes/tiny/sft.yaml --set train.lr=1e-4 --json
     rlhf ppo --policy runs/sft --reward runs/rm --prompts data/prompts.jsonl
 
+The training stages' commands (pretrain, sft, train-rm, dpo, ppo, grpo) are built by _stage_command from
+the options they share; eval, generate, compare and the tools are written out, each its own.
+
 Importing this module must not import torch: --help, validate and schema answer instantly.
 Stage modules (which import torch inside run()) are imported only when their command runs.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import inspect
 import json
 import os
 import re
@@ -220,142 +224,65 @@ def _launch_ok(stage: str, recipe: Any) -> bool:
 # --------------------------------------------------------------------------- training stages
 
 
-@app.command(help="Causal-LM training on raw text: from scratch or continued pretraining.")
-def pretrain(
-    recipe: RequiredRecipeArg,
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    set_: SetOpt = None,
-    output_dir: OutputDirOpt = None,
-    resume: ResumeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    json_: JsonOpt = False,
-    dry_run: DryRunOpt = False,
-    verbose: VerboseOpt = False,
-) -> None:
-    _boundary(
-        lambda: _run_stage(
-            "pretrain", recipe, {"model.path": model, "data.train": data}, set_,
-            output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
+def _stage_command(
+    stage: str, recipe: Any, inputs: dict[str, Any], flags: Callable[..., dict[str, Any]]
+) -> Callable[..., None]:
+    """The command of a training stage: RECIPE (`recipe`: RecipeArg, or RequiredRecipeArg with no default), the
+    stage's own inputs (name -> annotated type, default None), then the options every training stage takes.
+    `flags` turns the inputs into recipe keys. Typer reads the parameters from the signature built here."""
+
+    def command(
+        recipe: Optional[Path], set_: Optional[list[str]], output_dir: Optional[str], resume: str, overwrite: bool,
+        json_: bool, dry_run: bool, verbose: bool, **given: Optional[str],
+    ) -> None:
+        _boundary(
+            lambda: _run_stage(
+                stage, recipe, flags(**given), set_,
+                output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
+            )
         )
-    )
+
+    def param(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+    command.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        param("recipe", recipe, inspect.Parameter.empty if recipe is RequiredRecipeArg else None),
+        *(param(name, annotation, None) for name, annotation in inputs.items()),
+        param("set_", SetOpt, None),
+        param("output_dir", OutputDirOpt, None),
+        param("resume", ResumeOpt, "auto"),
+        param("overwrite", OverwriteOpt, False),
+        param("json_", JsonOpt, False),
+        param("dry_run", DryRunOpt, False),
+        param("verbose", VerboseOpt, False),
+    ])
+    return command
 
 
-@app.command(help="Supervised fine-tuning on demonstrations (messages or prompt/completion).")
-def sft(
-    recipe: RecipeArg = None,
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    set_: SetOpt = None,
-    output_dir: OutputDirOpt = None,
-    resume: ResumeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    json_: JsonOpt = False,
-    dry_run: DryRunOpt = False,
-    verbose: VerboseOpt = False,
-) -> None:
-    _boundary(
-        lambda: _run_stage(
-            "sft", recipe, {"model.path": model, "data.train": data}, set_,
-            output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
-        )
-    )
+def _model_flags(model: Optional[str], data: Optional[str]) -> dict[str, Any]:
+    """--model and --data of the trainer stages."""
+    return {"model.path": model, "data.train": data}
 
 
-@app.command("train-rm", help="Train a Bradley-Terry reward model on preference pairs.")
-def train_rm(
-    recipe: RecipeArg = None,
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    set_: SetOpt = None,
-    output_dir: OutputDirOpt = None,
-    resume: ResumeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    json_: JsonOpt = False,
-    dry_run: DryRunOpt = False,
-    verbose: VerboseOpt = False,
-) -> None:
-    _boundary(
-        lambda: _run_stage(
-            "train-rm", recipe, {"model.path": model, "data.train": data}, set_,
-            output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
-        )
-    )
+_MODEL_INPUTS = {"model": ModelOpt, "data": DataOpt}
 
-
-@app.command(help="Direct Preference Optimization of a policy (usually an sft run) on preference pairs.")
-def dpo(
-    recipe: RecipeArg = None,
-    model: ModelOpt = None,
-    data: DataOpt = None,
-    set_: SetOpt = None,
-    output_dir: OutputDirOpt = None,
-    resume: ResumeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    json_: JsonOpt = False,
-    dry_run: DryRunOpt = False,
-    verbose: VerboseOpt = False,
-) -> None:
-    _boundary(
-        lambda: _run_stage(
-            "dpo", recipe, {"model.path": model, "data.train": data}, set_,
-            output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
-        )
-    )
+app.command("pretrain", help="Causal-LM training on raw text: from scratch or continued pretraining.")(
+    _stage_command("pretrain", RequiredRecipeArg, _MODEL_INPUTS, _model_flags)
+)
+app.command("sft", help="Supervised fine-tuning on demonstrations (messages or prompt/completion).")(
+    _stage_command("sft", RecipeArg, _MODEL_INPUTS, _model_flags)
+)
+app.command("train-rm", help="Train a Bradley-Terry reward model on preference pairs.")(
+    _stage_command("train-rm", RecipeArg, _MODEL_INPUTS, _model_flags)
+)
+app.command("dpo", help="Direct Preference Optimization of a policy (usually an sft run) on preference pairs.")(
+    _stage_command("dpo", RecipeArg, _MODEL_INPUTS, _model_flags)
+)
 
 
 # The flags rlhf ppo and rlhf grpo share; --reward differs only in which kind of reward its help names first.
 PolicyOpt = Annotated[Optional[str], typer.Option("--policy", help="Starting policy: run directory, local model or hub id.")]
 PromptsOpt = Annotated[Optional[str], typer.Option("--prompts", help="Prompt file (data.train).")]
-
-
-@app.command(help="PPO against a reward model or a rule-based reward function.")
-def ppo(
-    recipe: RecipeArg = None,
-    policy: PolicyOpt = None,
-    reward: Annotated[
-        Optional[str], typer.Option("--reward", help="Reward model (train-rm run or model) or package.module:function.")
-    ] = None,
-    prompts: PromptsOpt = None,
-    set_: SetOpt = None,
-    output_dir: OutputDirOpt = None,
-    resume: ResumeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    json_: JsonOpt = False,
-    dry_run: DryRunOpt = False,
-    verbose: VerboseOpt = False,
-) -> None:
-    _boundary(
-        lambda: _run_stage(
-            "ppo", recipe, _policy_flags(policy, reward, prompts), set_,
-            output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
-        )
-    )
-
-
-@app.command(help="Critic-free RL (GRPO, Dr. GRPO, RLOO, REINFORCE++): a group of answers per prompt, scored by a "
-             "rule-based reward function or a reward model.")
-def grpo(
-    recipe: RecipeArg = None,
-    policy: PolicyOpt = None,
-    reward: Annotated[
-        Optional[str], typer.Option("--reward", help="package.module:function(prompts, responses) or a reward model (train-rm run).")
-    ] = None,
-    prompts: PromptsOpt = None,
-    set_: SetOpt = None,
-    output_dir: OutputDirOpt = None,
-    resume: ResumeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    json_: JsonOpt = False,
-    dry_run: DryRunOpt = False,
-    verbose: VerboseOpt = False,
-) -> None:
-    _boundary(
-        lambda: _run_stage(
-            "grpo", recipe, _policy_flags(policy, reward, prompts), set_,
-            output_dir=output_dir, resume=resume, overwrite=overwrite, as_json=json_, dry_run=dry_run, verbose=verbose,
-        )
-    )
 
 
 def _policy_flags(policy: Optional[str], reward: Optional[str], prompts: Optional[str]) -> dict[str, Any]:
@@ -368,6 +295,31 @@ def _policy_flags(policy: Optional[str], reward: Optional[str], prompts: Optiona
         use, drop = ("reward.function", "reward.path") if is_function_ref(reward) else ("reward.path", "reward.function")
         flags[use], flags[drop] = reward, UNSET
     return flags
+
+
+def _policy_inputs(reward_help: str) -> dict[str, Any]:
+    """--policy, --reward and --prompts of ppo and grpo."""
+    reward = Annotated[Optional[str], typer.Option("--reward", help=reward_help)]
+    return {"policy": PolicyOpt, "reward": reward, "prompts": PromptsOpt}
+
+
+app.command("ppo", help="PPO against a reward model or a rule-based reward function.")(
+    _stage_command(
+        "ppo", RecipeArg, _policy_inputs("Reward model (train-rm run or model) or package.module:function."), _policy_flags
+    )
+)
+app.command(
+    "grpo",
+    help="Critic-free RL (GRPO, Dr. GRPO, RLOO, REINFORCE++): a group of answers per prompt, scored by a "
+    "rule-based reward function or a reward model.",
+)(
+    _stage_command(
+        "grpo",
+        RecipeArg,
+        _policy_inputs("package.module:function(prompts, responses) or a reward model (train-rm run)."),
+        _policy_flags,
+    )
+)
 
 
 def _parse_gates(items: Optional[list[str]], flag: str) -> Optional[dict[str, float]]:

@@ -520,7 +520,21 @@ def _online_rules(data: PromptData, generation: GenerationSpec, stage: str) -> N
         raise ValueError(f"generation.temperature is 0: {stage.upper()} must sample its rollouts; use e.g. 0.7")
 
 
-class PPORecipe(Strict):
+class _OnlineRules(Strict):
+    """The cross-field rules and the learning rate PPORecipe and GRPORecipe share; each declares its own fields,
+    and `rl`, its loop's section (ppo or grpo)."""
+
+    @model_validator(mode="after")
+    def _rules(self) -> Any:
+        _adapter_rules(self.quant, self.lora)
+        _online_rules(self.data, self.generation, self.stage)
+        return self
+
+    def learning_rate(self) -> tuple[float, str]:
+        return self.rl.learning_rate(self.lora)
+
+
+class PPORecipe(_OnlineRules):
     """PPO against a reward model (or a rule-based reward function)."""
 
     stage: Literal["ppo"] = "ppo"
@@ -533,21 +547,12 @@ class PPORecipe(Strict):
     ppo: PPOSpec = Field(default_factory=PPOSpec)
     output_dir: str = Field("runs/ppo", min_length=1, description="Run directory this stage writes.")
 
-    @model_validator(mode="after")
-    def _rules(self) -> PPORecipe:
-        _adapter_rules(self.quant, self.lora)
-        _online_rules(self.data, self.generation, "ppo")
-        return self
-
     @property
     def rl(self) -> PPOSpec:
         return self.ppo
 
-    def learning_rate(self) -> tuple[float, str]:
-        return self.ppo.learning_rate(self.lora)
 
-
-class GRPORecipe(Strict):
+class GRPORecipe(_OnlineRules):
     """Critic-free RL: group_size answers per prompt, each scored against its group (GRPO and relatives)."""
 
     stage: Literal["grpo"] = "grpo"
@@ -563,18 +568,9 @@ class GRPORecipe(Strict):
     grpo: GRPOSpec = Field(default_factory=GRPOSpec)
     output_dir: str = Field("runs/grpo", min_length=1, description="Run directory this stage writes.")
 
-    @model_validator(mode="after")
-    def _rules(self) -> GRPORecipe:
-        _adapter_rules(self.quant, self.lora)
-        _online_rules(self.data, self.generation, "grpo")
-        return self
-
     @property
     def rl(self) -> GRPOSpec:
         return self.grpo
-
-    def learning_rate(self) -> tuple[float, str]:
-        return self.grpo.learning_rate(self.lora)
 
 
 # A recipe of one of the online RL loops in rlhf_cli/ppo/ (sampling from the policy against a reward).

@@ -47,6 +47,16 @@ def rl_start(tiny, tmp_path_factory) -> dict[str, Path]:
     return {"sft": sft, "rm": rm}
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One torch thread for a whole module (the ppo and grpo stage tests: usefixtures): on two shared cores,
+    one thread per test process avoids OpenMP oversubscription stalls."""
+    from fixtures_runs import one_thread
+
+    with one_thread():
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

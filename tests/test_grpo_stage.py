@@ -13,12 +13,13 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures_runs import one_thread
+from stagekit import metrics
 from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
+from tests.ppo_support import rl_command, scorers
 
-pytestmark = pytest.mark.stage
+pytestmark = [pytest.mark.stage, pytest.mark.usefixtures("one_thread_module")]
 
 # 8 prompts x 4 answers per rollout, 2 minibatches, 2 epochs, 16 new tokens: about 2 s per run of 6 iterations.
 # Sampled at 0.7, where the figures were measured (the held-out score samples at 0.7 too); grpo's own
@@ -31,22 +32,13 @@ FAST = {
 SAYS_GREAT = "tests.ppo_support:says_great"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def runs(tiny, rl_start, tmp_path_factory):
-    from rlhf_cli.core.reward import load_scorer
-    from tests.ppo_support import says_great
-
     root = tmp_path_factory.mktemp("grpo")
     sft, rm = rl_start["sft"], rl_start["rm"]
-    scorers = {"rm": load_scorer(str(rm)), "fn": says_great}
-    return {"sft": sft, "rm": rm, "root": root, "scorers": scorers,
-            "start": {k: held_out(tiny, sft, f) for k, f in scorers.items()}}
+    scoring = scorers(rm)
+    return {"sft": sft, "rm": rm, "root": root, "scorers": scoring,
+            "start": {k: held_out(tiny, sft, f) for k, f in scoring.items()}}
 
 
 def held_out(tiny, run: Path, scorer) -> float:
@@ -59,16 +51,7 @@ def held_out(tiny, run: Path, scorer) -> float:
 def grpo(tiny, runs, out: Path, reward: str = SAYS_GREAT, iterations: int = 6, extra: dict | None = None,
          resume: str | None = None):
     sets = {**FAST, "grpo.iterations": iterations, **(extra or {})}
-    args = ["grpo", "--policy", str(runs["sft"]), "--reward", reward, "--prompts", str(tiny["prompts"]),
-            "--output-dir", str(out), "--json"]
-    args += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    if resume:
-        args += ["--resume", resume]
-    return CliRunner().invoke(app, args)
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return rl_command("grpo", runs["sft"], reward, tiny["prompts"], out, sets, resume)
 
 
 @pytest.mark.parametrize("advantage", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])

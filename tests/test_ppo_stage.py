@@ -13,13 +13,13 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures_runs import one_thread
-from stagekit import rlhf
+from stagekit import metrics, rlhf
 from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
+from tests.ppo_support import rl_command, scorers
 
-pytestmark = pytest.mark.stage
+pytestmark = [pytest.mark.stage, pytest.mark.usefixtures("one_thread_module")]
 
 # Small and fast: 16 prompts per rollout, 2 minibatches, 4 epochs, 16 new tokens.
 FAST = {
@@ -28,18 +28,8 @@ FAST = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two shared cores: one thread per test process avoids OpenMP oversubscription stalls.
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def runs(tiny, rl_start, tmp_path_factory):
-    from rlhf_cli.core.reward import load_scorer
-    from tests.ppo_support import says_great
-
     root = tmp_path_factory.mktemp("ppo")
     sft, sft_lora, rm = rl_start["sft"], root / "sft-lora", rl_start["rm"]
     done = rlhf("sft", "sft.yaml", "--model", str(sft), "--data", str(tiny["chat"]),
@@ -47,10 +37,10 @@ def runs(tiny, rl_start, tmp_path_factory):
     assert done.code == 0, done
     accuracy = json.loads((rm / "run.json").read_text())["metrics"]["eval_accuracy"]
     assert accuracy >= 0.9, f"fixture reward model did not learn the preference (accuracy {accuracy})"
-    scorers = {"rm": load_scorer(str(rm)), "fn": says_great}
-    return {"sft": sft, "sft_lora": sft_lora, "rm": rm, "root": root, "scorers": scorers,
-            "start": {k: sample(tiny, sft, f) for k, f in scorers.items()},
-            "start_lora": {"rm": sample(tiny, sft_lora, scorers["rm"])}}
+    scoring = scorers(rm)
+    return {"sft": sft, "sft_lora": sft_lora, "rm": rm, "root": root, "scorers": scoring,
+            "start": {k: sample(tiny, sft, f) for k, f in scoring.items()},
+            "start_lora": {"rm": sample(tiny, sft_lora, scoring["rm"])}}
 
 
 def sample(tiny, run: Path, scorer) -> float:
@@ -63,16 +53,7 @@ def sample(tiny, run: Path, scorer) -> float:
 def ppo(tiny, runs, out: Path, reward: str, iterations: int, extra: dict | None = None, resume: str | None = None,
         policy: str = "sft"):
     sets = {**FAST, "ppo.iterations": iterations, **(extra or {})}
-    args = ["ppo", "--policy", str(runs[policy]), "--reward", reward, "--prompts", str(tiny["prompts"]),
-            "--output-dir", str(out), "--json"]
-    args += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    if resume:
-        args += ["--resume", resume]
-    return CliRunner().invoke(app, args)
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return rl_command("ppo", runs[policy], reward, tiny["prompts"], out, sets, resume)
 
 
 def rise(tiny, runs, out: Path, kind: str, start: str = "start") -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,14 @@ def interrupted_run(path: Path) -> runs.RunDir:
     run = start(path)
     run.finish("interrupted")
     return run
+
+
+@pytest.fixture
+def interrupted(tmp_path) -> Path:
+    """tmp_path/run, left interrupted by an earlier run."""
+    path = tmp_path / "run"
+    interrupted_run(path)
+    return path
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -267,7 +277,10 @@ def written_run(path: Path, status: str, stage: str = "sft") -> None:
     atomic_write_text(path / "recipe.yaml", RECIPE_YAML)
 
 
-def test_a_second_claim_is_refused_naming_the_holder_until_it_is_killed(tmp_path):
+@contextlib.contextmanager
+def held_by_another_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path, Path]]:
+    """(the process, its script, the run directory): a process that has claimed tmp_path/run (HOLDER) and
+    sleeps in it; killed with SIGKILL when the block ends."""
     script = tmp_path / "holder.py"
     script.write_text(HOLDER)
     path = tmp_path / "run"
@@ -275,6 +288,14 @@ def test_a_second_claim_is_refused_naming_the_holder_until_it_is_killed(tmp_path
     holder = subprocess.Popen([sys.executable, str(script), str(path)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "claimed\n"
+        yield holder, script, path
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
+def test_a_second_claim_is_refused_naming_the_holder_until_it_is_killed(tmp_path):
+    with held_by_another_process(tmp_path) as (holder, script, path):
         before = tree(path)
         for overwrite in (False, True):
             with pytest.raises(RecipeError) as e:
@@ -285,9 +306,6 @@ def test_a_second_claim_is_refused_naming_the_holder_until_it_is_killed(tmp_path
                 "wait for it to finish, or choose another --output-dir"
             )
             assert tree(path) == before
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     # Killed mid-run: run.json still says running, but nobody holds it, so it is an interrupted run.
     assert read_manifest(path)["status"] == "running"
     run = start(path)
@@ -295,20 +313,11 @@ def test_a_second_claim_is_refused_naming_the_holder_until_it_is_killed(tmp_path
 
 
 def test_a_run_still_training_given_as_a_model_says_to_wait_not_to_resume(tmp_path):
-    script = tmp_path / "holder.py"
-    script.write_text(HOLDER)
-    path = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    holder = subprocess.Popen([sys.executable, str(script), str(path)], env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "claimed\n"
+    with held_by_another_process(tmp_path) as (holder, script, path):
         with pytest.raises(DataError) as e:
             resolve_model(str(path))
         assert e.value.message == (f"{path}: run is still training (pid {holder.pid} on {socket.gethostname()}: "
                                    f"{script} {path}): wait for it to finish, or give a completed run")
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     # Killed: nobody trains it any more, so it is to be resumed.
     with pytest.raises(DataError, match="run is running, not completed; finish it with --resume auto first"):
         resolve_model(str(path))
@@ -376,27 +385,24 @@ def test_latest_checkpoint_orders_by_step_not_by_name(tmp_path):
     assert latest_checkpoint(tmp_path / "nothing") is None
 
 
-def test_interrupted_run_without_checkpoint_starts_over(tmp_path):
-    path = tmp_path / "run"
-    interrupted_run(path)
+def test_interrupted_run_without_checkpoint_starts_over(interrupted):
+    path = interrupted
     (path / "metrics.jsonl").write_text('{"step": 1}\n')
     run = start(path)
     assert run.resume_from is None
     assert not (path / "metrics.jsonl").exists()
 
 
-def test_resume_never_starts_over(tmp_path):
-    path = tmp_path / "run"
-    interrupted_run(path)
+def test_resume_never_starts_over(interrupted):
+    path = interrupted
     checkpoint(path, 5)
     run = start(path, resume="never")
     assert run.resume_from is None
     assert not (path / "checkpoints").exists()
 
 
-def test_resume_from_a_given_checkpoint(tmp_path):
-    path = tmp_path / "run"
-    interrupted_run(path)
+def test_resume_from_a_given_checkpoint(interrupted):
+    path = interrupted
     checkpoint(path, 5)
     three = checkpoint(path, 3)
     run = start(path, resume=str(three))
@@ -422,6 +428,16 @@ def test_resume_from_a_missing_or_odd_path_is_a_data_error(tmp_path):
         start(tmp_path / "run", resume=str(tmp_path / "somewhere"))
 
 
+def refused_resume(tmp_path: Path, resume: Path, overwrite: bool = False) -> str:
+    """The message of the RecipeError with which start(tmp_path/run, resume=...) refuses, having changed
+    nothing under tmp_path."""
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        start(tmp_path / "run", resume=str(resume), overwrite=overwrite)
+    assert tree(tmp_path) == before
+    return e.value.message
+
+
 def completed_run_with_checkpoint(path: Path, stage: str = "sft") -> Path:
     start(path, stage=stage).finish("completed")
     return checkpoint(path, 4)
@@ -429,11 +445,8 @@ def completed_run_with_checkpoint(path: Path, stage: str = "sft") -> Path:
 
 def test_resume_path_on_a_completed_run_is_refused(tmp_path):
     four = completed_run_with_checkpoint(tmp_path / "run")
-    before = tree(tmp_path)
-    with pytest.raises(RecipeError) as e:
-        start(tmp_path / "run", resume=str(four))
-    assert e.value.message == f"{tmp_path / 'run'} holds a completed sft run: pass --overwrite to replace it, or choose another --output-dir"
-    assert tree(tmp_path) == before
+    assert refused_resume(tmp_path, four) == (
+        f"{tmp_path / 'run'} holds a completed sft run: pass --overwrite to replace it, or choose another --output-dir")
 
 
 def test_resume_path_with_overwrite_continues_a_completed_run(tmp_path):
@@ -446,24 +459,18 @@ def test_resume_path_with_overwrite_continues_a_completed_run(tmp_path):
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_resume_path_on_a_run_of_another_stage_is_refused(tmp_path, overwrite):
     four = completed_run_with_checkpoint(tmp_path / "run", stage="train-rm")
-    before = tree(tmp_path)
-    with pytest.raises(RecipeError) as e:
-        start(tmp_path / "run", resume=str(four), overwrite=overwrite)
-    assert e.value.message == (f"--resume {four}: {tmp_path / 'run'} holds a `train-rm` run, not `sft`: "
-                               "its checkpoints do not continue a sft run; choose another --output-dir")
-    assert tree(tmp_path) == before
+    assert refused_resume(tmp_path, four, overwrite=overwrite) == (
+        f"--resume {four}: {tmp_path / 'run'} holds a `train-rm` run, not `sft`: "
+        "its checkpoints do not continue a sft run; choose another --output-dir")
 
 
 def test_resume_path_to_an_incomplete_checkpoint_is_refused(tmp_path):
     interrupted_run(tmp_path / "run")
     torn = checkpoint(tmp_path / "run", 6, complete=False)
     (torn / "optimizer.pt").write_bytes(b"\x80\x02")  # cut short mid-save
-    before = tree(tmp_path)
-    with pytest.raises(RecipeError) as e:
-        start(tmp_path / "run", resume=str(torn))
-    assert e.value.message == (f"--resume {torn}: incomplete checkpoint (no COMPLETE marker: its save was cut short): "
-                               "resume from another checkpoint, or --resume auto for the newest complete one")
-    assert tree(tmp_path) == before
+    assert refused_resume(tmp_path, torn) == (
+        f"--resume {torn}: incomplete checkpoint (no COMPLETE marker: its save was cut short): "
+        "resume from another checkpoint, or --resume auto for the newest complete one")
 
 
 def test_resume_path_of_another_run_directory_is_refused(tmp_path):
@@ -729,12 +736,9 @@ def test_a_checkpoint_cut_short_after_its_save_is_skipped_by_auto_and_refused_by
     with caplog.at_level("WARNING", logger="rlhf"):
         assert latest_checkpoint(tmp_path / "run") == good
     assert "checkpoint-4 is damaged (optimizer.pt has 100 bytes, 4096 when it was saved)" in caplog.text
-    before = tree(tmp_path)
-    with pytest.raises(RecipeError) as e:
-        start(tmp_path / "run", resume=str(bad))
-    assert e.value.message == (f"--resume {bad}: damaged checkpoint (optimizer.pt has 100 bytes, 4096 when it was saved): "
-                               "resume from another checkpoint, or --resume auto for the newest complete one")
-    assert tree(tmp_path) == before
+    assert refused_resume(tmp_path, bad) == (
+        f"--resume {bad}: damaged checkpoint (optimizer.pt has 100 bytes, 4096 when it was saved): "
+        "resume from another checkpoint, or --resume auto for the newest complete one")
     (good / "adapter" / "adapter_model.safetensors").unlink()
     assert runs.checkpoint_damage(good) == "adapter/adapter_model.safetensors is missing"
     assert latest_checkpoint(tmp_path / "run") is None

@@ -21,6 +21,13 @@ def _pairs(path, n: int | None = None) -> list[dict]:
     return [json.loads(line) for line in open(path)][:n]
 
 
+def _dry_run_on(path: Path, rows: list[dict], *args: str):
+    """`rlhf dpo --dry-run` of the tiny model on `rows` alone (written to `path`, no eval split)."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rlhf("dpo", "dpo.yaml", "--model", ".assets/tiny/model", "--data", str(path), "--set", "data.eval=null",
+                "--set", "data.eval_fraction=0", *args, "--dry-run")
+
+
 def test_dpo_raises_held_out_preference_accuracy_and_feeds_generate(tiny):
     assert rlhf("sft", "sft.yaml", "--set", "train.max_steps=20").code == 0
     out = rlhf("dpo", "dpo.yaml", "--set", "train.max_steps=20", "--set", "train.logging_steps=1")
@@ -167,10 +174,7 @@ def test_dry_run_reads_message_lists_with_an_implicit_prompt_and_counts_truncati
 
     # The long prompts would fill data.max_length alone: their start is cut, counted, and the answers kept whole.
     rows = [pair("where is the cat? " * 8)] * 3 + [pair("where is the cat?")] * 5
-    path = tmp_path / "msgs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = rlhf("dpo", "dpo.yaml", "--model", ".assets/tiny/model", "--data", str(path), "--set", "data.eval=null",
-               "--set", "data.eval_fraction=0", "--set", "data.max_length=40", "--dry-run")
+    out = _dry_run_on(tmp_path / "msgs.jsonl", rows, "--set", "data.max_length=40")
     assert out.code == 0, out
     d = out.json["details"]
     assert out.json["status"] == "dry-run" and not Path("runs").exists()
@@ -213,10 +217,7 @@ def test_dry_run_estimate_counts_both_answers_and_turns_checkpointing_on_when_it
 def test_renamed_string_prompts_are_rendered_with_the_chat_template(tmp_path):
     rows = [{"question": "where is the dog?", "chosen": "the dog is in the park. it is great.",
              "rejected": "the dog is in the park. it is bad."}] * 4
-    path = tmp_path / "q.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = rlhf("dpo", "dpo.yaml", "--model", ".assets/tiny/model", "--data", str(path), "--set", "data.eval=null",
-               "--set", "data.eval_fraction=0", "--set", "data.fields={question: prompt}", "--dry-run")
+    out = _dry_run_on(tmp_path / "q.jsonl", rows, "--set", "data.fields={question: prompt}")
     assert out.code == 0, out
     d = out.json["details"]
     assert d["sample_prompt"] == "<|user|>where is the dog?<|end|><|assistant|>"

@@ -9,6 +9,10 @@ progress bar (rich on a terminal, log lines in CI), a stop with exit 1 on a NaN/
 checkpoint and exit 130 on SIGINT/SIGTERM, and resuming from the saved step with the metrics curve
 continuing.
 
+The run directory's steps that every trainer stage (pretrain, sft, train-rm, dpo) takes alike live here
+too: claim_run, model_fields (run.json's account of the model as trained), run_metrics and complete.
+What a stage loads, builds and saves stays in the stage.
+
 Checkpoints are <run>/checkpoints/checkpoint-N; a COMPLETE file is dropped into each once Trainer has
 finished writing it (runs.latest_checkpoint trusts no other). The loss and the trained weights are
 checked after every optimizer step, before Trainer may save or rotate checkpoints, so a diverged step
@@ -35,14 +39,18 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from rlhf_cli.console import Progress
-from rlhf_cli.core import distributed
+from rlhf_cli.core import artifacts, distributed
 from rlhf_cli.core.device import Precision, peak_memory_bytes
+from rlhf_cli.core.loading import count_parameters
 from rlhf_cli.core.lora import track_optimizer
 from rlhf_cli.core.memory import out_of_memory
+from rlhf_cli.core.plan import TrainingPlan
 from rlhf_cli.core.trackers import check_installed
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
-from rlhf_cli.recipe import TrainSpec
-from rlhf_cli.runs import RunDir, checkpoint_step, is_main_process, mark_complete
+from rlhf_cli.recipe import QuantSpec, TrainSpec
+from rlhf_cli.recipe_load import dump_recipe
+from rlhf_cli.result import RunOptions
+from rlhf_cli.runs import ResolvedModel, RunDir, checkpoint_step, is_main_process, mark_complete, prepare_run
 
 log = logging.getLogger("rlhf")
 
@@ -261,6 +269,51 @@ def _signals(handler: Any) -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def claim_run(
+    recipe: Any, stage: str, options: RunOptions, resolved: ResolvedModel, *, kept: bool, base: Any = None
+) -> RunDir:
+    """The run directory of a trainer stage, claimed (runs.prepare_run): run.json starts with the recipe as
+    written and as validated, the base model it trains from and the run it continues. `kept`: the parent
+    run's adapter is trained on rather than merged; `base`: run.json's base_model where the model is not
+    the resolved one (a model built from a config)."""
+    if base is None:
+        base = artifacts.base_entry(resolved, recipe.model.path, parent_adapter_kept=kept)
+    return prepare_run(recipe.output_dir, stage, dump_recipe(recipe), recipe.model_dump(mode="json"),
+                       resume=options.resume, overwrite=options.overwrite, base_model=base,
+                       parent_run=resolved.run_dir, inputs=[resolved])
+
+
+def model_fields(model: Any, plan: TrainingPlan, quant: QuantSpec, data: dict[str, Any]) -> dict[str, Any]:
+    """What run.json says of the data and of the model as it is trained: precision, parent adapters,
+    quantization and parameter counts."""
+    trainable, total = count_parameters(model)
+    return {
+        "data": data,
+        "precision": plan.precision.as_json(),
+        "parent_adapters": plan.parent_adapters,
+        "quantization": quant.model_dump() if quant.bits is not None else None,
+        "trainable_params": trainable,
+        "total_params": total,
+    }
+
+
+def run_metrics(outcome: Outcome, eval_metrics: dict[str, float]) -> dict[str, Any]:
+    """The metrics of a trained run: last train loss, the final evaluation, steps and throughput."""
+    return {
+        "train_loss": outcome.train_loss,
+        **eval_metrics,
+        "steps": outcome.steps,
+        "train_tokens_per_s": outcome.tokens_per_s,
+    }
+
+
+def complete(run: RunDir, outcome: Outcome, metrics: dict[str, Any], section: dict[str, Any]) -> None:
+    """run.json completed: the metrics, the saved model (`section`, from artifacts.save_outputs) and the
+    training's counts."""
+    run.finish("completed", metrics, model=section, tokens_seen=outcome.tokens, train_runtime_s=outcome.runtime_s,
+               train_cpu_s=outcome.cpu_s, resumed_from_step=outcome.resumed_from_step)
 
 
 @contextlib.contextmanager

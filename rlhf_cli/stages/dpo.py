@@ -28,8 +28,6 @@ def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
     from rlhf_cli.core import trainer as fitting
     from rlhf_cli.core.data import read_splits
     from rlhf_cli.core.plan import plan_training
-    from rlhf_cli.recipe_load import dump_recipe
-    from rlhf_cli.runs import prepare_run
 
     # 1. Tokenizer and data: every data problem surfaces here, before anything is written.
     resolved = loading.resolve(recipe.model)
@@ -71,10 +69,7 @@ def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
 
     # 3. Claim the run directory, load, train.
     kept = plan.parent_adapters == "kept"
-    base = artifacts.base_entry(resolved, recipe.model.path, parent_adapter_kept=kept)
-    run_dir = prepare_run(recipe.output_dir, "dpo", dump_recipe(recipe), recipe.model_dump(mode="json"),
-                          resume=options.resume, overwrite=options.overwrite, base_model=base,
-                          parent_run=resolved.run_dir, inputs=[resolved])
+    run_dir = fitting.claim_run(recipe, "dpo", options, resolved, kept=kept)
     with fitting.failure_marked(run_dir):
         quantized = recipe.quant.bits is not None
         model = loading.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant, merge_parent=not kept)
@@ -89,10 +84,8 @@ def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
         model = lora.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
                                       checkpointing=plan.checkpointing, seed=recipe.train.seed,
                                       parent_adapter=resolved.adapters[0] if kept else None)
-        trainable, total = loading.count_parameters(model)
-        run_dir.update(format=fmt, data=stats.summary(), precision=plan.precision.as_json(),
-                       parent_adapters=plan.parent_adapters, quantization=recipe.quant.model_dump() if quantized else None,
-                       trainable_params=trainable, total_params=total, chat_template=tokenizer.chat_template,
+        held = fitting.model_fields(model, plan, recipe.quant, stats.summary())
+        run_dir.update(format=fmt, **held, chat_template=tokenizer.chat_template,
                        gradient_checkpointing=plan.checkpointing, reference=details["reference"],
                        attention=kernel or model.config._attn_implementation)
         trainer = dpo_trl.dpo_trainer(model, args, tokenizer, train_set, eval_set, ref_model=ref_model)
@@ -101,19 +94,13 @@ def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
 
         policy = dpo_trl.trained_policy(trainer)
         section = artifacts.save_outputs(run_dir.path, policy, tokenizer, state_dict=fitting.full_state_dict(trainer))
-        metrics = {
-            "train_loss": outcome.train_loss,
-            **eval_metrics,
-            "steps": outcome.steps,
-            "train_tokens_per_s": outcome.tokens_per_s,
-        }
+        metrics = fitting.run_metrics(outcome, eval_metrics)
         if "eval_rewards/accuracies" in eval_metrics:
             # Held-out preference accuracy and mean margin of the implicit reward, named as train-rm names its own.
             metrics.update(eval_accuracy=eval_metrics["eval_rewards/accuracies"], eval_margin=eval_metrics["eval_rewards/margins"])
-        run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens, train_runtime_s=outcome.runtime_s,
-                       train_cpu_s=outcome.cpu_s, resumed_from_step=outcome.resumed_from_step)
+        fitting.complete(run_dir, outcome, metrics, section)
     return RunResult(stage="dpo", status="completed", output_dir=str(run_dir.path), metrics=metrics,
-                     details={"trainable_params": trainable, "truncated": stats.truncated,
+                     details={"trainable_params": held["trainable_params"], "truncated": stats.truncated,
                               "dtype": plan.precision.as_json()["compute"]})
 
 

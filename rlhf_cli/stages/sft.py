@@ -25,8 +25,6 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
     from rlhf_cli.core import trainer as fitting
     from rlhf_cli.core.data import read_splits
     from rlhf_cli.core.plan import plan_training
-    from rlhf_cli.recipe_load import dump_recipe
-    from rlhf_cli.runs import prepare_run
 
     # 1. Tokenizer and data: every data problem surfaces here, before anything is written.
     resolved = loading.resolve(recipe.model)
@@ -61,10 +59,7 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
 
     # 3. Claim the run directory, load, train.
     kept = plan.parent_adapters == "kept"
-    base = artifacts.base_entry(resolved, recipe.model.path, parent_adapter_kept=kept)
-    run_dir = prepare_run(recipe.output_dir, "sft", dump_recipe(recipe), recipe.model_dump(mode="json"),
-                          resume=options.resume, overwrite=options.overwrite, base_model=base,
-                          parent_run=resolved.run_dir, inputs=[resolved])
+    run_dir = fitting.claim_run(recipe, "sft", options, resolved, kept=kept)
     with fitting.failure_marked(run_dir):
         quantized = recipe.quant.bits is not None
         model = loading.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant,
@@ -73,10 +68,8 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
         model = lora.make_trainable(model, lora=recipe.lora, task="CAUSAL_LM", quantized=quantized,
                                       checkpointing=plan.checkpointing, seed=recipe.train.seed,
                                       parent_adapter=resolved.adapters[0] if kept else None)
-        trainable, total = loading.count_parameters(model)
-        run_dir.update(format=fmt, data=stats.summary(), precision=plan.precision.as_json(),
-                       parent_adapters=plan.parent_adapters, quantization=recipe.quant.model_dump() if quantized else None,
-                       trainable_params=trainable, total_params=total, chat_template=tokenizer.chat_template,
+        held = fitting.model_fields(model, plan, recipe.quant, stats.summary())
+        run_dir.update(format=fmt, **held, chat_template=tokenizer.chat_template,
                        attention=kernel or model.config._attn_implementation, gradient_checkpointing=plan.checkpointing)
         collator = batches.FlatCollator() if d.padding_free else batches.PadCollator(tokenizer.pad_token_id)
         trainer = fitting.CausalTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set or None,
@@ -85,15 +78,9 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
         eval_metrics = fitting.evaluate(trainer, outcome, perplexity=True) if eval_set else {}
 
         section = artifacts.save_outputs(run_dir.path, model, tokenizer, state_dict=fitting.full_state_dict(trainer))
-        metrics = {
-            "train_loss": outcome.train_loss,
-            **eval_metrics,
-            "steps": outcome.steps,
-            "train_tokens_per_s": outcome.tokens_per_s,
-        }
-        run_dir.finish("completed", metrics, model=section, tokens_seen=outcome.tokens, train_runtime_s=outcome.runtime_s,
-                       train_cpu_s=outcome.cpu_s, resumed_from_step=outcome.resumed_from_step)
-    details = {"trainable_params": trainable, "truncated": stats.truncated, "dtype": plan.precision.as_json()["compute"]}
+        metrics = fitting.run_metrics(outcome, eval_metrics)
+        fitting.complete(run_dir, outcome, metrics, section)
+    details = {"trainable_params": held["trainable_params"], "truncated": stats.truncated, "dtype": plan.precision.as_json()["compute"]}
     return RunResult(stage="sft", status="completed", output_dir=str(run_dir.path), metrics=metrics, details=details)
 
 
