@@ -151,3 +151,21 @@ def completed(recipe: OnlineRecipe, run_dir: RunDir, models: Models, metrics: di
     metrics["peak_memory_gb"] = round(peak_memory_bytes() / 2**30, 3)
     run_dir.finish("completed", metrics=metrics, model=model_section)
     return RunResult(method.stage, "completed", str(run_dir.path), metrics=metrics, details={"layout": models.layout["name"]})
+
+
+def run(recipe: OnlineRecipe, options: RunOptions) -> RunResult:
+    """The whole of `rlhf ppo` and `rlhf grpo`: the method object (ppo/method.py) says which roles exist."""
+    # 1. Resolve the policy and the reward, read and measure the prompts: every user error is raised here,
+    #    before a weight is loaded or a file written.
+    checked = check(recipe)
+    if options.dry_run:
+        return dry_run(recipe, checked)
+
+    # 2. Claim the run directory; build the roles (policy, value unless critic-free, reference unless
+    #    kl_coef is 0, reward), train, and save the policy where later stages look for it.
+    run_dir = claim_run_dir(recipe, checked, options)
+    models, metrics = train_and_save(recipe, checked, run_dir)
+
+    # 3. The manifest names the policy, its tokenizer and (PPO) the value model.
+    return completed(recipe, run_dir, models, metrics)
+

@@ -24,18 +24,6 @@ from rlhf_cli.result import RunOptions, RunResult
 
 
 def run(recipe: GRPORecipe, options: RunOptions) -> RunResult:
-    from rlhf_cli.ppo import stage_steps as steps
+    from rlhf_cli.ppo import stage_steps
 
-    # 1. Resolve the policy and the reward, read and measure the prompts: every user error is raised here,
-    #    before a weight is loaded or a file written.
-    checked = steps.check(recipe)
-    if options.dry_run:
-        return steps.dry_run(recipe, checked)
-
-    # 2. Claim the run directory; build the roles (policy, reference unless kl_coef is 0, reward), train,
-    #    and save the policy where later stages look for it.
-    run_dir = steps.claim_run_dir(recipe, checked, options)
-    models, metrics = steps.train_and_save(recipe, checked, run_dir)
-
-    # 3. The manifest names the policy and its tokenizer.
-    return steps.completed(recipe, run_dir, models, metrics)
+    return stage_steps.run(recipe, options)
