@@ -227,3 +227,17 @@ def test_preference_pairs_that_are_all_identical_say_so(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="rlhf"):
         read_splits(spec, ("preference",), seed=0)
     assert "1 of 2 pairs have identical chosen and rejected answers" in caplog.text
+
+
+def test_a_folder_of_two_formats_names_the_file_and_line_that_differs(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _write(folder / "a.jsonl", [{"prompt": "q1", "completion": "a1"}, {"prompt": "q2", "completion": "a2"}])
+    _write(folder / "b.jsonl", [{"messages": [{"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}]}])
+    records = read_records(str(folder))
+    fmt = detect_format(records, str(folder), ("prompt_completion", "messages"))
+    with pytest.raises(DataError) as e:
+        check_columns(records, fmt, str(folder))
+    msg = e.value.message
+    assert msg.startswith(f"{folder / 'b.jsonl'}:1 lacks prompt, completion (has: messages)")
+    assert f"{folder / 'a.jsonl'}:1 is prompt_completion" in msg

@@ -37,6 +37,21 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
+class Records(list):
+    """The records read_records returns: a list of dicts that also knows where each one came from
+    ("file:line" or "file: record N"), so a check made later names the file of a folder, not the folder."""
+
+    def __init__(self, records: Iterable[dict[str, Any]], where: list[str]) -> None:
+        super().__init__(records)
+        self.where = where
+
+
+def where_of(records: list[dict[str, Any]], i: int, source: str) -> str:
+    """Where records[i] came from: its file and line when read_records read it, else its number in source."""
+    where = getattr(records, "where", None)
+    return where[i] if where is not None and i < len(where) else f"{source}: record {i + 1}"
+
+
 def read_records(
     source: str,
     *,
@@ -60,13 +75,14 @@ def read_records(
         located = _read_hub(source, split)
     if not located:
         raise DataError(f"{source}: no records")
-    records = []
+    records, wheres = [], []
     for where, record in located[:max_samples] if max_samples else located:
         if fields:
             record = rename(record, fields, source)
         check_types(record, where)
         records.append(record)
-    return records
+        wheres.append(where)
+    return Records(records, wheres)
 
 
 def rename(record: dict[str, Any], fields: dict[str, str], source: str) -> dict[str, Any]:
@@ -213,7 +229,8 @@ def adopt_prompt_alias(records: list[dict[str, Any]], fmt: str, source: str) -> 
     if alias is None:
         return records
     log.info("%s: reading column %s as the prompt (set data.fields to choose another)", source, alias)
-    return [{("prompt" if k == alias else k): v for k, v in r.items()} for r in records]
+    renamed = [{("prompt" if k == alias else k): v for k, v in r.items()} for r in records]
+    return Records(renamed, records.where) if isinstance(records, Records) else renamed
 
 
 def warn_unused_columns(records: list[dict[str, Any]], fmt: str, source: str) -> None:
@@ -232,7 +249,11 @@ def check_columns(records: list[dict[str, Any]], fmt: str, source: str) -> None:
     for i, r in enumerate(records):
         missing = [c for c in needed if c not in r or r[c] is None]
         if missing:
-            raise DataError(f"{source}: record {i + 1} lacks {', '.join(missing)} (has: {', '.join(sorted(r))})")
+            where = where_of(records, i, source)
+            # In a folder, a record of another format is most often a file of another format.
+            mixed = (f"; the files of a folder must share one format, and {where_of(records, 0, source)} is {fmt}"
+                     if Path(source).is_dir() else "")
+            raise DataError(f"{where} lacks {', '.join(missing)} (has: {', '.join(sorted(r))}){mixed}")
 
 
 # Columns the stages read as text: `text` a string, `messages` a message list, the others either.
