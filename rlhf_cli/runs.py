@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -408,7 +409,45 @@ def _resume_point(path: Path, stage: str, old: dict[str, Any] | None, recipe_jso
         return None
     if point is not None:
         _refuse_changed_recipe(path, old.get("recipe") or {}, recipe_json)
+        _refuse_past_the_end(path, point, recipe_json)
     return point
+
+
+# The recipe keys that set a run's last step (Trainer stages, ppo, grpo), and the one that sets it in epochs.
+_LAST_STEP_KEYS = ("train.max_steps", "ppo.iterations", "grpo.iterations")
+_EPOCHS_KEY = "train.epochs"
+
+
+def _refuse_past_the_end(path: Path, point: Path, recipe_json: dict[str, Any]) -> None:
+    """A checkpoint beyond the recipe's last step would resume into a run that trains nothing and calls
+    itself completed at a length it never had: the shortened recipe is refused instead."""
+    flat, step = _dotted(recipe_json), checkpoint_step(point)
+    for key in _LAST_STEP_KEYS:
+        last = flat.get(key)
+        if isinstance(last, int) and step > last:
+            raise RecipeError(
+                f"{path}: {point.name} is at step {step}, past {key}={last}: to continue this run set {key} to "
+                f"{step} or more; to train a shorter one, start over with --resume never, --overwrite, or another --output-dir"
+            )
+    epochs = flat.get(_EPOCHS_KEY)
+    if flat.get("train.max_steps") is None and isinstance(epochs, (int, float)):
+        done = _checkpoint_epoch(point)
+        # The tolerance absorbs the float sum behind Trainer's epoch counter, not a step.
+        if done is not None and done > epochs + 1e-6:
+            raise RecipeError(
+                f"{path}: {point.name} has trained {done:.2f} epochs, past {_EPOCHS_KEY}={epochs}: to continue this run "
+                f"set {_EPOCHS_KEY} to {math.ceil(done)} or more; to train a shorter one, start over with --resume never, "
+                "--overwrite, or another --output-dir"
+            )
+
+
+def _checkpoint_epoch(point: Path) -> float | None:
+    """The epochs a Trainer checkpoint has trained (its trainer_state.json), or None where it says none."""
+    try:
+        epoch = json.loads((point / "trainer_state.json").read_text()).get("epoch")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(epoch) if isinstance(epoch, (int, float)) else None
 
 
 def recipe_fingerprint(recipe_json: dict[str, Any]) -> dict[str, Any]:

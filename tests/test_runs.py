@@ -533,6 +533,35 @@ def test_resume_may_change_how_long_and_how_often(tmp_path):
     assert manifest["fingerprint"] == runs._fingerprint_id(SFT_JSON) != runs._fingerprint_id(with_keys(SFT_JSON, train__lr=1.0))
 
 
+@pytest.mark.parametrize(("stage", "key"), [("sft", "train__max_steps"), ("ppo", "ppo__iterations"), ("grpo", "grpo__iterations")])
+def test_resume_from_a_checkpoint_past_the_recipes_last_step_is_refused(tmp_path, stage, key):
+    recipe = {**SFT_JSON, "stage": stage, "ppo": {"iterations": 10}, "grpo": {"iterations": 10}}
+    prepare_run(tmp_path / "run", stage, RECIPE_YAML, recipe).finish("interrupted")
+    checkpoint(tmp_path / "run", 5)
+    before = tree(tmp_path)
+    dotted = key.replace("__", ".")
+    with pytest.raises(RecipeError) as e:
+        prepare_run(tmp_path / "run", stage, RECIPE_YAML, with_keys(recipe, **{key: 3}))
+    assert e.value.message == (
+        f"{tmp_path / 'run'}: checkpoint-5 is at step 5, past {dotted}=3: to continue this run set {dotted} to 5 or more; "
+        "to train a shorter one, start over with --resume never, --overwrite, or another --output-dir"
+    )
+    assert tree(tmp_path) == before
+    # Ending exactly at the checkpoint resumes it (the run was stopped while finishing).
+    assert prepare_run(tmp_path / "run", stage, RECIPE_YAML, with_keys(recipe, **{key: 5})).resume_from.name == "checkpoint-5"
+
+
+def test_resume_past_the_recipes_epochs_is_refused_and_at_them_continues(tmp_path):
+    by_epochs = with_keys(SFT_JSON, train__max_steps=None, train__epochs=3)
+    prepare_run(tmp_path / "run", "sft", RECIPE_YAML, by_epochs).finish("interrupted")
+    five = checkpoint(tmp_path / "run", 5)
+    (five / "trainer_state.json").write_text(json.dumps({"global_step": 5, "epoch": 2.5}))
+    with pytest.raises(RecipeError, match=r"checkpoint-5 has trained 2.50 epochs, past train.epochs=2: .* set train.epochs to 3 or more"):
+        prepare_run(tmp_path / "run", "sft", RECIPE_YAML, with_keys(by_epochs, train__epochs=2))
+    (five / "trainer_state.json").write_text(json.dumps({"global_step": 5, "epoch": 2.0}))
+    assert prepare_run(tmp_path / "run", "sft", RECIPE_YAML, with_keys(by_epochs, train__epochs=2)).resume_from == five
+
+
 def test_every_resumable_key_is_a_recipe_key():
     from pydantic import BaseModel
 
