@@ -125,12 +125,23 @@ def _boundary(fn: Callable[[], Any], where: str | None = None) -> Any:
         _fail(e.message, e.details, e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted", [], 130)
+    except BrokenPipeError:
+        # The reader of stdout stopped reading (`rlhf generate ... | head -1`): it has what it wanted.
+        _drop_stdout()
+        raise typer.Exit(0) from None
     except Exception as e:
         line = machine_error(e, where)
         if line is None:
             raise
         _debug_traceback()
         _fail(line, [], 1)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at exit does not meet the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def _debug_traceback() -> None:

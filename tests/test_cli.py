@@ -35,16 +35,26 @@ def rlhf(*args: str, env: dict[str, str] | None = None):
     return runner.invoke(app, list(args), env=env)
 
 
-def rlhf_process(*args: str, code: str = "", stdin_closed: bool = False) -> subprocess.CompletedProcess:
+def rlhf_process(*args: str, code: str = "", stdin_closed: bool = False,
+                 reader_gone: bool = False) -> subprocess.CompletedProcess:
     """The real `rlhf` process (exit codes as CI sees them); `code` runs first, e.g. to fake a stage.
-    stdin_closed starts it with file descriptor 0 closed, as `rlhf ... <&-` does."""
+    stdin_closed starts it with file descriptor 0 closed, as `rlhf ... <&-` does; reader_gone writes its
+    stdout into a pipe that nothing reads any more, as `rlhf ... | head -1` does after the first line."""
     script = f"{code}\nfrom rlhf_cli.cli import main\nmain()\n"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("RLHF_DEBUG", None)
     command = [sys.executable, "-c", script, *args]
     if stdin_closed:
         command = ["sh", "-c", 'exec "$@" <&-', "sh", *command]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    if not reader_gone:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # before the process starts: its first write meets a pipe without a reader
+    try:
+        return subprocess.run(command, env=env, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+    finally:
+        os.close(write_end)
 
 
 @pytest.fixture(autouse=True)
@@ -468,6 +478,12 @@ def test_generate_with_a_closed_stdin_is_one_line_and_exit_3():
     assert proc.returncode == 3, proc.stderr
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith("error: --prompts - reads prompts from stdin, but stdin is closed"), line
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly_with_0():
+    """`rlhf schema | head -1`: the closed pipe is the reader's choice, not a failure, and prints nothing."""
+    proc = rlhf_process("schema", "sft", reader_gone=True)
+    assert (proc.returncode, proc.stderr) == (0, "")
 
 
 def test_duplicate_recipe_key_is_one_line_and_exit_2(tmp_path):

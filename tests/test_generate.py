@@ -55,6 +55,24 @@ def test_stdin_same_seed_byte_identical(sft_full_run):
     assert [r["response"] for r in other] != [r["response"] for r in records]
 
 
+def test_generate_into_a_pipe_whose_reader_has_gone_stops_quietly_with_0(sft_full_run, tmp_path):
+    """`rlhf generate RUN --prompts p.jsonl | head -1`: once the reader has gone, generate stops, reports no
+    error and exits 0, so a pipeline under `set -o pipefail` does not fail for having read what it wanted."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"where is the cat {i}?"}) + "\n" for i in range(4)))
+    cmd = [sys.executable, "-m", "rlhf_cli", "generate", str(sft_full_run), "--prompts", str(prompts),
+           "--max-new-tokens", "8"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(cmd, stdout=write_end, stderr=subprocess.PIPE, text=True, env=env, timeout=300)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0, proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Exception" in line], proc.stderr
+
+
 def test_chat_template_from_run_and_raw(family, request, tmp_path):
     tiny, sft_full_run = of_family(request, family, "assets"), of_family(request, family, "sft")
     prompts = tmp_path / "p.jsonl"
