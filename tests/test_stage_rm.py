@@ -52,6 +52,24 @@ def test_reward_model_learns_and_reloads_with_the_same_scores(tiny, family, requ
     assert sum(x > 0 for x in margins) / len(margins) == pytest.approx(m["eval_accuracy"], abs=0.05)
 
 
+def test_the_new_score_head_comes_from_train_seed_not_from_what_the_process_drew_before(tiny):
+    """Two runs of one recipe in one process, with the process's generator in two other states: the same run
+    (a fresh `rlhf train-rm` process starts from a generator state of its own, so runs differed)."""
+    import torch
+
+    heads = []
+    for state, out in ((1, "runs/a"), (2, "runs/b")):
+        torch.manual_seed(state)
+        result = rlhf("train-rm", "train-rm.yaml", "--set", "train.max_steps=2", "--set", "train.logging_steps=1",
+                      "--output-dir", out)
+        assert result.code == 0, result
+        with safe_open(f"{out}/adapter/adapter_model.safetensors", "pt") as f:
+            heads.append({k: f.get_tensor(k) for k in f.keys() if ".score." in k})
+    assert train_losses("runs/a") == train_losses("runs/b")
+    assert heads[0].keys() == heads[1].keys() and heads[0]
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
 def test_reward_model_from_an_sft_run_merges_its_adapter(tiny):
     assert rlhf("sft", "sft.yaml", "--set", "train.max_steps=3").code == 0
     out = rlhf("train-rm", "train-rm.yaml", "--model", "runs/tiny/sft", "--set", "train.max_steps=3")

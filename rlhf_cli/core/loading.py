@@ -107,13 +107,16 @@ def load_model(
     head: Head = "causal",
     device_map: Any = None,
     merge_parent: bool = True,
+    seed: int | None = None,
 ) -> Any:
     """Base weights (optionally quantized) with the parent run's adapters merged in.
 
     merge_parent=False leaves the parent's adapters out, for a caller that keeps the parent's adapter as
-    its starting adapter (core.lora.start_from_adapter).
+    its starting adapter (core.lora.start_from_adapter). seed: what the weights the checkpoint lacks (a new
+    reward head) are drawn from; without it they come from whatever the process's generator holds, which
+    differs from process to process.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
 
     quant = quant or QuantSpec()
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": resolved.trust_remote_code}
@@ -136,6 +139,8 @@ def load_model(
         cls: Any = AutoModelForSequenceClassification
     else:
         cls = AutoModelForCausalLM
+    if seed is not None:
+        set_seed(seed)
     try:
         model = cls.from_pretrained(resolved.base, **kwargs)
     except (OSError, ValueError) as e:

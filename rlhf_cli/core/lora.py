@@ -145,9 +145,10 @@ def make_trainable(
     """The recipe's trainable setup: the parent's adapter trained on (kept), a fresh LoRA, or all weights.
 
     Trainable tensors end up fp32 whatever the base dtype (the reward head copied from a bf16 base too),
-    so AdamW's small updates are not rounded away. New weights (LoRA's A, a reward head) are drawn from
-    train.seed, not from whatever the process drew before: the same recipe gives the same run, in a fresh
-    process, a long-lived one, or each rank of several.
+    so AdamW's small updates are not rounded away. New weights (LoRA's A here; a reward head, made when the
+    model is loaded, through load_model's seed) are drawn from train.seed, not from whatever the process
+    drew before: the same recipe gives the same run, in a fresh process, a long-lived one, or each rank of
+    several.
     """
     from transformers import set_seed
 

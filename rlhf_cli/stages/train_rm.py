@@ -73,8 +73,9 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
     run_dir = fitting.claim_run(recipe, "train-rm", options, resolved, kept=kept)
     with fitting.failure_marked(run_dir):
         quantized = recipe.quant.bits is not None
+        # The score head is new: drawn from train.seed, so the same recipe gives the same run in any process.
         model = loading.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant, head="reward",
-                                  merge_parent=not kept)
+                                  merge_parent=not kept, seed=recipe.train.seed)
         # Saved with a full model, for tools that pool with transformers' own rule (rightmost non-pad
         # token); rlhf itself pools by the attention mask (core.reward.sequence_scores).
         model.config.pad_token_id = tokenizer.pad_token_id
