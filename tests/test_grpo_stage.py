@@ -96,11 +96,12 @@ def test_a_large_kl_coef_holds_the_policy_at_the_reference_wherever_the_kl_goes(
 
 def test_a_reward_model_reward_rises_on_held_out_prompts(tiny, runs):
     out = runs["root"] / "grpo-rm"
-    result = grpo(tiny, runs, out, reward=str(runs["rm"]))
+    result = grpo(tiny, runs, out, reward=str(runs["rm"]), iterations=10)
     assert result.exit_code == 0, result.output
     layout = json.loads((out / "run.json").read_text())["layout"]
     assert layout["base_copies"] == 1 and set(layout["roles"]) == {"policy", "reference", "reward"}
-    # The reward model scores "... it is great." about +4 and other answers about -6; seeds 1 and 42 rose 2.4.
+    # The reward model (its head drawn from train.seed) puts chosen answers 6.5 above rejected ones on the held-out
+    # pairs; 10 iterations raised the held-out score by 2.2 (6 iterations: by 1.1).
     assert held_out(tiny, out, runs["scorers"]["rm"]) - runs["start"]["rm"] > 1.5
     assert max(r["kl"] for r in metrics(out)) < 25
 
