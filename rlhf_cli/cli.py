@@ -357,7 +357,8 @@ Metrics (--metric) and the keys they report (the names gates use):
   win_rate     win_rate, tie_rate: answers vs --reference's, judged by the reward model; ties count half
   kl           kl: mean over the model's samples of sum log p_model - log p_reference
   rm_accuracy  rm_accuracy, rm_margin: reward model on --preference pairs
-  length       length, eos_rate: answer tokens; share ending before max_new_tokens
+  length       length, eos_rate, distinct_rate: answer tokens; share ending before max_new_tokens; share of
+               different answers (one per prompt)
   reward_fn    reward_fn, reward_fn_std: --reward-fn package.module:function(prompts, responses)
   best_of_n    best_of_n_reward, sample_reward: reward of the best of --set best_of_n=N sampled answers; of one
   dpo_accuracy dpo_accuracy, dpo_margin: a DPO run's implicit reward against its starting model on --preference

@@ -587,7 +587,8 @@ METRIC_KEYS: dict[str, tuple[str, ...]] = {
     "win_rate": ("win_rate", "tie_rate", "reference_reward"),
     "kl": ("kl",),
     "rm_accuracy": ("rm_accuracy", "rm_margin"),
-    "length": ("length", "eos_rate"),
+    # distinct_rate: share of different answers among the first answer to each prompt.
+    "length": ("length", "eos_rate", "distinct_rate"),
     "reward_fn": ("reward_fn", "reward_fn_std", "reference_reward_fn"),
     "best_of_n": ("best_of_n_reward", "sample_reward"),
     "dpo_accuracy": ("dpo_accuracy", "dpo_margin"),

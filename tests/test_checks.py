@@ -10,7 +10,9 @@ import pytest
 
 from rlhf_cli.core.checks import (
     check_disagrees,
+    distinct_rate,
     length_collapse,
+    one_answer,
     pearson,
     rank_correlation,
     warn_if_length_collapsed,
@@ -67,3 +69,15 @@ def test_check_disagrees_only_when_the_reward_model_and_the_check_part_ways():
     assert check_disagrees(-1.37, -1.59, 0.227, 0.020) is None   # both say better
     assert check_disagrees(-1.6, -1.5, -0.1, 0.0) is None        # both say worse
     assert check_disagrees(-1.6, -1.5, 0.3, 0.0) is None         # the reward model claims no gain
+
+
+def test_one_answer_names_a_policy_that_gives_most_prompts_the_same_answer():
+    # The shape of a collapsed demo policy: 34 of 40 held-out prompts got one sentence.
+    same = "I'm a helpful AI assistant named SmolLM, trained by Hugging Face"
+    texts = [same] * 33 + [same + " "] + [f"answer {i}" for i in range(6)]
+    line = one_answer(texts)
+    assert line is not None and line.startswith("34 of 40 prompts get the same answer (\"I'm a helpful AI assistant")
+    assert distinct_rate(texts) == 7 / 40
+    assert one_answer([same] * 19 + [f"answer {i}" for i in range(21)]) is None  # under half the prompts
+    assert one_answer(["yes", "yes", "no"]) is None  # fewer than 3 alike
+    assert one_answer([]) is None and math.isnan(distinct_rate([]))

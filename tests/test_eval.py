@@ -89,7 +89,7 @@ def test_all_metrics_against_itself_and_gates_that_hold(family, request, tiny, f
     ])
     m = result["metrics"]
     assert list(m) == ["perplexity", "reward", "reward_std", "reward_length_corr", "win_rate", "tie_rate", "reference_reward", "kl",
-                       "rm_accuracy", "rm_margin", "length", "eos_rate", "reward_fn", "reward_fn_std",
+                       "rm_accuracy", "rm_margin", "length", "eos_rate", "distinct_rate", "reward_fn", "reward_fn_std",
                        "reference_reward_fn"]
     assert 1 < m["perplexity"] < 5  # the run learnt the fixture (random init: ~384)
     assert m["rm_accuracy"] > 0.75 and m["rm_margin"] > 0  # trained RM, held-out pairs
@@ -114,6 +114,18 @@ def test_all_metrics_against_itself_and_gates_that_hold(family, request, tiny, f
 
 
 @pytest.mark.stage
+@pytest.mark.stage
+def test_one_answer_to_most_prompts_is_warned_and_counted(sft_full_run, tmp_path):
+    """Greedy answers to one prompt asked four times, and to another: a policy that answers half its prompts
+    with one text looks like this to eval."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["where is the cat?"] * 4 + ["where is the dog?"]))
+    result, stderr = _eval(["--model", str(sft_full_run), "--prompts", str(prompts), "--metric", "length",
+                            "--set", "generation.max_new_tokens=12"])
+    assert result["metrics"]["distinct_rate"] == pytest.approx(2 / 5)
+    assert "4 of 5 prompts get the same answer" in stderr
+
+
 def test_failing_gate_exits_4_naming_metric_value_and_threshold(reward_run, tiny):
     result, stderr = _eval([
         "--reward", str(reward_run), "--preference", str(tiny["preference_eval"]), "--metric", "rm_accuracy",

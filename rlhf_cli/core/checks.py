@@ -3,6 +3,7 @@
     rank_correlation(scores, lengths)                 # eval's reward_length_corr (Spearman)
     length_collapse(lengths, scores)                  # PPO: answers shortening while the score rises
     check_disagrees(reward, ref_reward, fn, ref_fn)   # the reward model and an independent check part ways
+    one_answer(texts)                                 # a policy that gives most prompts the same answer
 
 A learned reward model rewards whatever separated chosen from rejected in its training pairs, and length
 is the first such cue in most preference data (Singhal et al. 2023, "A Long Way to Go"). A policy optimised
@@ -96,3 +97,26 @@ def check_disagrees(reward: float, reference_reward: float, check: float, refere
     return (f"the reward model scores the model above the reference ({reward:.3g} vs {reference_reward:.3g}) but the "
             f"independent check (reward_fn) scores it below ({check:.3g} vs {reference_check:.3g}): the gain may be "
             "the reward model's blind spot rather than better answers; look at reward_length_corr and the answers")
+
+
+def distinct_rate(texts: Sequence[str]) -> float:
+    """Share of different answers among answers to different prompts (1.0: no two alike)."""
+    return len({t.strip() for t in texts}) / len(texts) if texts else float("nan")
+
+
+def one_answer(texts: Sequence[str], share: float = 0.5) -> str | None:
+    """A sentence when one text answers at least `share` of the prompts (and at least 3 of them): a policy
+    collapsed onto what its reward scores highest wins a reward-model comparison without answering; None
+    otherwise. `texts`: one answer per prompt."""
+    if not texts:
+        return None
+    counts: dict[str, int] = {}
+    for t in texts:
+        counts[t.strip()] = counts.get(t.strip(), 0) + 1
+    text, n = max(counts.items(), key=lambda kv: kv[1])
+    if n < 3 or n < share * len(texts):
+        return None
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    return (f"{n} of {len(texts)} prompts get the same answer ({shown!r}): the policy may have collapsed onto what "
+            "the reward model scores highest, and its reward and win rate then say little about its answers; "
+            "look at the answers (eval.json samples) and distinct_rate")

@@ -16,7 +16,9 @@ Metric -> output keys (METRIC_KEYS in recipe.py):
                                    KL(model || ref) per answer); sampled at temperature 1 whatever `generation` says,
                                    since the estimate needs samples from the model's own distribution
     rm_accuracy  rm_accuracy, rm_margin   share of preference pairs the reward model orders right; mean score gap
-    length       length, eos_rate  mean answer tokens; share of answers that end (EOS / stop string) before max_new_tokens
+    length       length, eos_rate, mean answer tokens; share of answers that end (EOS / stop string) before max_new_tokens;
+                 distinct_rate     share of different answers among the first answer to each prompt (a warning
+                                   when one answer serves half the prompts: a collapsed policy)
     reward_fn    reward_fn, reward_fn_std   a user `package.module:function(prompts, responses) -> floats`;
                  reference_reward_fn: its mean over the reference's answers (with win_rate)
 
@@ -39,7 +41,7 @@ log = logging.getLogger("rlhf")
 
 
 def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
-    from rlhf_cli.core.checks import check_disagrees, rank_correlation
+    from rlhf_cli.core.checks import check_disagrees, distinct_rate, one_answer, rank_correlation
     from rlhf_cli.core.data import detect_format, prompts_of, read_records
     from rlhf_cli.core.inference import load_causal_lm
     from rlhf_cli.core.metrics import check_gates, compare, mean_std, perplexity
@@ -109,9 +111,15 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
             texts = [a.text for a in answers]
             samples = [{"prompt": p, "response": a.text, "finish_reason": a.finish_reason,
                         "completion_tokens": a.completion_tokens} for p, a in zip(prompts, answers)]
+            # One answer per prompt: several samples of one prompt may agree without any collapse.
+            firsts = texts[::recipe.num_samples]
             if "length" in wanted:
                 values["length"] = sum(a.completion_tokens for a in answers) / len(answers)
                 values["eos_rate"] = sum(a.finish_reason != "length" for a in answers) / len(answers)
+                values["distinct_rate"] = distinct_rate(firsts)
+            collapsed = one_answer(firsts)
+            if collapsed:
+                log.warning("%s", collapsed)
             if wanted & {"reward", "win_rate"}:
                 assert scorer is not None
                 _name_progress(scorer, "eval reward")
