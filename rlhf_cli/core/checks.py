@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -110,10 +111,7 @@ def one_answer(texts: Sequence[str], share: float = 0.5) -> str | None:
     otherwise. `texts`: one answer per prompt."""
     if not texts:
         return None
-    counts: dict[str, int] = {}
-    for t in texts:
-        counts[t.strip()] = counts.get(t.strip(), 0) + 1
-    text, n = max(counts.items(), key=lambda kv: kv[1])
+    [(text, n)] = Counter(t.strip() for t in texts).most_common(1)
     if n < 3 or n < share * len(texts):
         return None
     shown = text if len(text) <= 60 else text[:57] + "..."
