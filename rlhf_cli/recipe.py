@@ -123,6 +123,9 @@ class DataBase(Strict):
     )
     split: str = Field("train", description="Split to read from a hub dataset.")
     max_samples: int | None = Field(None, ge=1, description="Use only the first N training samples (quick runs).")
+    eval_max_samples: int | None = Field(
+        None, ge=1, description="Evaluate on only the first N held-out samples (of `eval`, or of the share split off)."
+    )
 
 
 class TextData(DataBase):

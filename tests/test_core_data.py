@@ -100,6 +100,19 @@ def test_read_splits_checks_the_eval_file_too(tmp_path):
     assert (len(tr), len(ev), fmt) == (9, 1, "prompt_completion")
 
 
+def test_eval_max_samples_keeps_the_first_held_out_records_and_trains_on_no_more(tmp_path):
+    train = _write(tmp_path / "t.jsonl", ROWS)
+    held_out = _write(tmp_path / "e.jsonl", ROWS[:7])
+    spec = ChatData(train=str(train), eval=str(held_out), eval_max_samples=3)
+    tr, ev, _ = read_splits(spec, ("messages", "prompt_completion"), seed=0)
+    assert (tr, ev) == (ROWS, ROWS[:3])
+    # Split off train: 5 of 20 held out, 2 of them evaluated, the other 3 still kept out of training.
+    spec = ChatData(train=str(train), eval_fraction=0.25, eval_max_samples=2)
+    tr, ev, _ = read_splits(spec, ("messages", "prompt_completion"), seed=1)
+    full_train, full_held = split_eval(ROWS, None, 0.25, seed=1)
+    assert (tr, ev) == (full_train, full_held[:2])
+
+
 # --------------------------------------------------------------------------- data that cannot be decoded or has wrong types
 
 

@@ -394,12 +394,13 @@ def read_splits(spec: Any, allowed: Iterable[str], seed: int) -> tuple[list[dict
     warn_unused_columns(records, fmt, spec.train)
     eval_records = None
     if spec.eval:
-        eval_records = read_records(spec.eval, fields=spec.fields, split=spec.split)
+        eval_records = read_records(spec.eval, fields=spec.fields, split=spec.split, max_samples=spec.eval_max_samples)
         detect_format(eval_records, spec.eval, (fmt,), fmt)
         eval_records = adopt_prompt_alias(eval_records, fmt, spec.eval)
         _check(eval_records, fmt, spec.eval)
     train, held = split_eval(records, eval_records, spec.eval_fraction, seed)
-    return train, held, fmt
+    # Held out of train, the first N of the held-out share: the rest stays out of training all the same.
+    return train, held[:spec.eval_max_samples] if spec.eval_max_samples else held, fmt
 
 
 def _check(records: list[dict[str, Any]], fmt: str, source: str) -> None:
