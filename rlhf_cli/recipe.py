@@ -592,7 +592,7 @@ METRIC_KEYS: dict[str, tuple[str, ...]] = {
     "rm_accuracy": ("rm_accuracy", "rm_margin"),
     # distinct_rate: share of different answers among the first answer to each prompt.
     "length": ("length", "eos_rate", "distinct_rate"),
-    "reward_fn": ("reward_fn", "reward_fn_std", "reference_reward_fn"),
+    "reward_fn": ("reward_fn", "reward_fn_std", "reference_reward_fn", "reward_fn_gain_se"),
     "best_of_n": ("best_of_n_reward", "sample_reward"),
     "dpo_accuracy": ("dpo_accuracy", "dpo_margin"),
 }

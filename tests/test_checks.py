@@ -13,6 +13,7 @@ from rlhf_cli.core.checks import (
     distinct_rate,
     length_collapse,
     one_answer,
+    paired_gain,
     pearson,
     rank_correlation,
     warn_if_length_collapsed,
@@ -81,3 +82,12 @@ def test_one_answer_names_a_policy_that_gives_most_prompts_the_same_answer():
     assert one_answer([same] * 19 + [f"answer {i}" for i in range(21)]) is None  # under half the prompts
     assert one_answer(["yes", "yes", "no"]) is None  # fewer than 3 alike
     assert one_answer([]) is None and math.isnan(distinct_rate([]))
+
+
+def test_paired_gain_by_hand():
+    # gaps 1, 0, 2: mean 1, sample std 1, standard error 1 / sqrt(3)
+    assert paired_gain([1.0, 2.0, 3.0], [0.0, 2.0, 1.0]) == pytest.approx((1.0, 1 / math.sqrt(3)))
+    mean, se = paired_gain([0.5], [0.25])
+    assert mean == 0.25 and math.isnan(se)
+    with pytest.raises(ValueError, match="equally many"):
+        paired_gain([1.0, 2.0], [1.0])

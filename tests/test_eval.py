@@ -90,13 +90,15 @@ def test_all_metrics_against_itself_and_gates_that_hold(family, request, tiny, f
     m = result["metrics"]
     assert list(m) == ["perplexity", "reward", "reward_std", "reward_length_corr", "win_rate", "tie_rate", "reference_reward", "kl",
                        "rm_accuracy", "rm_margin", "length", "eos_rate", "distinct_rate", "reward_fn", "reward_fn_std",
-                       "reference_reward_fn"]
+                       "reference_reward_fn", "reward_fn_gain_se"]
     assert 1 < m["perplexity"] < 5  # the run learnt the fixture (random init: ~384)
     assert m["rm_accuracy"] > 0.75 and m["rm_margin"] > 0  # trained RM, held-out pairs
     assert 0.25 <= m["win_rate"] <= 0.75  # a model against itself: about half
     # The reference's answers are other draws of the same model: their means are near the model's own.
     assert abs(m["reference_reward"] - m["reward"]) < 2 * m["reward_std"]
     assert 0 <= m["reference_reward_fn"] <= 1 and abs(m["reference_reward_fn"] - m["reward_fn"]) < 0.5
+    # ... and the check's gain over them is within its noise, whose error eval gives.
+    assert 0 < m["reward_fn_gain_se"] and abs(m["reward_fn"] - m["reference_reward_fn"]) <= 2 * m["reward_fn_gain_se"]
     assert abs(m["kl"]) < 1e-3  # KL of a model to itself
     assert 0 < m["length"] <= 12 and 0 <= m["eos_rate"] <= 1 and 0 <= m["reward_fn"] <= 1
     assert result["details"]["failed_gates"] == [] and result["details"]["answers"] == 24

@@ -194,12 +194,46 @@ def test_the_independent_check_stands_beside_the_reward_model_win_rate(pipeline,
     assert row[4] == f"{m['reward_fn']:.4g} / {m['reference_reward_fn']:.4g}"
     assert row[5] == ("–" if corr is None else f"{corr:.4g}")  # null in eval.json when undefined
     claimed = m["reward"] > m["reference_reward"] or m["win_rate"] > 0.5
+    gain = m["reward_fn"] - m["reference_reward_fn"]
     expected = ("the reward model sees no gain" if not claimed else
-                "confirmed" if m["reward_fn"] > m["reference_reward_fn"] else "not confirmed")
+                "inconclusive" if abs(gain) <= 2 * m["reward_fn_gain_se"] else
+                "confirmed" if gain > 0 else "not confirmed")
     assert row[6].startswith(expected), row
     saved = json.loads((out / "summary.json").read_text())["independent_checks"]
     assert [(c["win_rate"], c["reward_fn"], c["reference_reward_fn"]) for c in saved] == [
         (m["win_rate"], m["reward_fn"], m["reference_reward_fn"])]
+
+
+@pytest.mark.parametrize(
+    ("fn", "se", "verdict"),
+    [
+        (0.0654, 0.03, "inconclusive: the independent check differs by +0.0025, within two standard errors (0.06)"),
+        (0.0604, 0.03, "inconclusive: the independent check differs by -0.0025"),
+        (0.2629, 0.03, "confirmed"),
+        (-0.1371, 0.03, "not confirmed"),
+        (0.0654, None, "confirmed"),  # an eval.json from before the error was recorded: the plain comparison
+    ],
+)
+def test_a_check_gain_within_its_noise_is_inconclusive_not_confirmed(tmp_path, fn, se, verdict):
+    from rlhf_cli.report.collect import EvalResult, independent_check
+
+    # The demo's DPO eval of one day: VADER 0.0654 against SFT's 0.0629 over 40 prompts was called confirmed.
+    metrics = {"win_rate": 0.625, "reward": -1.60, "reference_reward": -1.65, "reward_fn": fn,
+               "reference_reward_fn": 0.0629, **({"reward_fn_gain_se": se} if se is not None else {})}
+    row = independent_check(EvalResult("eval_dpo", tmp_path, {"metrics": metrics}))
+    assert row is not None and row["verdict"].startswith(verdict), row["verdict"]
+
+
+def test_eval_records_the_check_gain_error_from_the_paired_answers(pipeline):
+    evaluated = _eval_json(pipeline)
+    from rlhf_cli.core.checks import paired_gain
+
+    samples = evaluated["samples"]
+    assert all("reference_reward_fn" in s for s in samples)
+    mean, se = paired_gain([s["reward_fn"] for s in samples], [s["reference_reward_fn"] for s in samples])
+    m = evaluated["metrics"]
+    assert mean == pytest.approx(m["reward_fn"] - m["reference_reward_fn"])
+    assert se == pytest.approx(m["reward_fn_gain_se"]) and se > 0
 
 
 def test_plots_are_real_drawings(pipeline, tmp_path):

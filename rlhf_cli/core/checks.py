@@ -3,6 +3,7 @@
     rank_correlation(scores, lengths)                 # eval's reward_length_corr (Spearman)
     length_collapse(lengths, scores)                  # PPO: answers shortening while the score rises
     check_disagrees(reward, ref_reward, fn, ref_fn)   # the reward model and an independent check part ways
+    paired_gain(values, reference_values)             # mean gain on the same prompts, and its standard error
     one_answer(texts)                                 # a policy that gives most prompts the same answer
 
 A learned reward model rewards whatever separated chosen from rejected in its training pairs, and length
@@ -98,6 +99,19 @@ def check_disagrees(reward: float, reference_reward: float, check: float, refere
     return (f"the reward model scores the model above the reference ({reward:.3g} vs {reference_reward:.3g}) but the "
             f"independent check (reward_fn) scores it below ({check:.3g} vs {reference_check:.3g}): the gain may be "
             "the reward model's blind spot rather than better answers; look at reward_length_corr and the answers")
+
+
+def paired_gain(values: Sequence[float], reference: Sequence[float]) -> tuple[float, float]:
+    """(mean of value - reference over the same prompts, its standard error): a gain smaller than about two
+    standard errors is what another draw of prompts could give either way. The error is NaN under 2 pairs."""
+    if len(values) != len(reference) or not values:
+        raise ValueError(f"paired_gain needs equally many values, got {len(values)} and {len(reference)}")
+    gaps = [v - r for v, r in zip(values, reference)]
+    mean = sum(gaps) / len(gaps)
+    if len(gaps) < 2:
+        return mean, float("nan")
+    var = sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1)
+    return mean, math.sqrt(var / len(gaps))
 
 
 def distinct_rate(texts: Sequence[str]) -> float:

@@ -256,7 +256,7 @@ def independent_check(e: EvalResult) -> dict[str, Any] | None:
         return None
     row: dict[str, Any] = {
         "eval": e.name, "model": e.model_path("model"), "reference": e.model_path("reference"),
-        **{k: m.get(k) for k in ("win_rate", "reward", "reference_reward", "reward_fn", "reference_reward_fn",
+        **{k: m.get(k) for k in ("win_rate", "reward", "reference_reward", "reward_fn", "reference_reward_fn", "reward_fn_gain_se",
                                  "reward_length_corr", "length")},
     }
     rm_gain = row["reward"] is not None and row["reference_reward"] is not None and row["reward"] > row["reference_reward"]
@@ -264,6 +264,10 @@ def independent_check(e: EvalResult) -> dict[str, Any] | None:
         row["verdict"] = "no independent check (eval ran without --reward-fn)"
     elif not rm_gain and not row["win_rate"] > 0.5:
         row["verdict"] = "the reward model sees no gain"
+    elif (se := m.get("reward_fn_gain_se")) is not None and abs(row["reward_fn"] - row["reference_reward_fn"]) <= 2 * se:
+        # Older eval.json files lack the error: they keep the plain comparison below.
+        row["verdict"] = (f"inconclusive: the independent check differs by {row['reward_fn'] - row['reference_reward_fn']:+.3g}, "
+                          f"within two standard errors ({2 * se:.3g}) of its difference on these prompts")
     elif row["reward_fn"] > row["reference_reward_fn"]:
         row["verdict"] = "confirmed: the independent check also scores the model higher"
     else:

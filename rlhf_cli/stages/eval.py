@@ -20,11 +20,13 @@ Metric -> output keys (METRIC_KEYS in recipe.py):
                  distinct_rate     share of different answers among the first answer to each prompt (a warning
                                    when one answer serves half the prompts: a collapsed policy)
     reward_fn    reward_fn, reward_fn_std   a user `package.module:function(prompts, responses) -> floats`;
-                 reference_reward_fn: its mean over the reference's answers (with win_rate)
+                 reference_reward_fn: its mean over the reference's answers (with win_rate), and
+                 reward_fn_gain_se: the standard error of the model's mean gain over the reference on the
+                                   same prompts (`rlhf report` calls a gain within two of them inconclusive)
 
 With --output-dir, eval.json holds the result, the recipe (model.path, reference.path, ...) and
 `samples`: every answer judged, {prompt, response, finish_reason, completion_tokens, score?, reward_fn?,
-reference_response?, reference_score?}, which `rlhf report` shows side by side.
+reference_response?, reference_score?, reference_reward_fn?}, which `rlhf report` shows side by side.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ log = logging.getLogger("rlhf")
 
 
 def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
-    from rlhf_cli.core.checks import check_disagrees, distinct_rate, one_answer, rank_correlation
+    from rlhf_cli.core.checks import check_disagrees, distinct_rate, one_answer, paired_gain, rank_correlation
     from rlhf_cli.core.data import detect_format, prompts_of, read_records
     from rlhf_cli.core.inference import load_causal_lm
     from rlhf_cli.core.metrics import check_gates, compare, mean_std, perplexity
@@ -144,7 +146,10 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
                 values["win_rate"], values["tie_rate"] = verdict.win_rate, verdict.tie_rate
                 values["reference_reward"] = mean_std(ref_scores)[0]
                 if reward_fn is not None:
-                    values["reference_reward_fn"] = mean_std(reward_fn(prompts, ref_texts))[0]
+                    ref_fn_scores = reward_fn(prompts, ref_texts)
+                    values["reference_reward_fn"] = mean_std(ref_fn_scores)[0]
+                    values["reward_fn_gain_se"] = paired_gain(fn_scores, ref_fn_scores)[1]
+                    _add(samples, "reference_reward_fn", ref_fn_scores)
                     disagreement = check_disagrees(values["reward"], values["reference_reward"], values["reward_fn"],
                                                    values["reference_reward_fn"])
                     if disagreement:
