@@ -52,6 +52,30 @@ def test_unstable_numbers_are_warned_about(caplog):
     assert "KL to the reference is negative" in text and "ratio exploded" in text and "clip fraction above 0.3" in text
 
 
+def test_a_negative_kl_within_its_noise_is_not_warned(caplog):
+    """The demo's PPO, iteration 3: mean sequence KL -0.067 over 16 answers of a policy barely moved from
+    its reference. The k1 estimate of so few samples is negative by chance; a warning that the samples
+    came from another distribution must wait for a mean below twice its standard error."""
+    import torch
+
+    from rlhf_cli.ppo.loop import State, _standard_error, warn_if_unstable
+
+    calm = {"kl": -0.067, "ratio_max": 1.5, "ratio_mean": 1.0, "clipfrac": 0.05}
+    near_zero = torch.tensor([0.4, -0.5, 0.1, -0.3, 0.2, -0.6, 0.05, -0.1, 0.3, -0.4, 0.1, -0.2, 0.15, -0.35, 0.0, 0.0])
+    se = _standard_error(near_zero)
+    assert se == pytest.approx(float(near_zero.std()) / 4) and 0.05 < se < 0.1
+    log = logging.getLogger("rlhf")
+    log.addHandler(caplog.handler)
+    try:
+        warn_if_unstable(calm, State(), 3, kl_se=se)
+        assert not caplog.records
+        warn_if_unstable({**calm, "kl": -0.4}, State(), 4, kl_se=se)
+    finally:
+        log.removeHandler(caplog.handler)
+    assert "mean KL to the reference is negative (-0.4 nats, " in caplog.text
+    assert _standard_error(torch.tensor([0.3])) == 0.0
+
+
 def test_scoring_tempers_bf16_logits_after_the_fp32_upcast():
     """token_stats of bf16 logits: the log-probs and entropy of softmax(logits.float() / T), as sampled."""
     import torch

@@ -248,7 +248,7 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
             trackers.log(record, it)
             bar.update(it, score=record["score_mean"], **({"kl": record["kl"]} if "kl" in record else {}),
                        clipfrac=record["clipfrac"])
-            warn_if_unstable(record, state, it, key)
+            warn_if_unstable(record, state, it, key, kl_se=_standard_error(acc.gather(seq_kl) if world > 1 else seq_kl))
             if it == spec.iterations:
                 warn_if_length_collapsed(run.metrics_file)
 
@@ -413,12 +413,15 @@ def reduce_stats(sums: dict[str, list[Tensor]], losses: list[Tensor]) -> tuple[d
     return dict(zip(keys, values[: len(keys)])), (bad[0] if bad else None)
 
 
-def warn_if_unstable(record: dict[str, float], state: State, it: int, key: str = "ppo") -> None:
-    """The numbers that explain an unstable run, said out loud (trl#1017, trl#1857)."""
-    if record.get("kl", 0.0) < -0.05:
+def warn_if_unstable(record: dict[str, float], state: State, it: int, key: str = "ppo", kl_se: float = 0.0) -> None:
+    """The numbers that explain an unstable run, said out loud (trl#1017, trl#1857). `kl_se`: the standard
+    error of the rollout's mean sequence KL; near the reference the k1 estimate of a few samples is
+    negative about half the time, which says nothing about how they were drawn."""
+    if record.get("kl", 0.0) < -max(0.05, 2 * kl_se):
         log.warning(
-            "iteration %d: mean KL to the reference is negative (%.3g nats): the samples are not drawn from the "
-            "distribution PPO scores; top_k/top_p truncation does this, and a negative KL penalty rewards drifting", it, record["kl"])
+            "iteration %d: mean KL to the reference is negative (%.3g nats, %.2g standard errors below zero): the "
+            "samples are not drawn from the distribution PPO scores; top_k/top_p truncation does this, and a negative "
+            "KL penalty rewards drifting", it, record["kl"], -record["kl"] / kl_se if kl_se > 0 else float("inf"))
     if record["ratio_max"] > 10 or abs(record["ratio_mean"] - 1) > 0.2:
         log.warning(
             "iteration %d: policy ratio exploded (mean %.3g, max %.3g): lower %s.lr, raise %s.mini_batch_size, "
@@ -445,6 +448,12 @@ def summary(state: State) -> dict[str, Any]:
 def _mean(acc: Any, t: Tensor) -> float:
     t = t.float().mean()
     return float(acc.reduce(t, reduction="mean") if acc.num_processes > 1 else t)
+
+
+def _standard_error(values: Tensor) -> float:
+    """Standard error of the mean of `values` (0 under two of them)."""
+    n = values.numel()
+    return float(values.float().std() / n**0.5) if n > 1 else 0.0
 
 
 def _sum(acc: Any, t: Tensor) -> float:
