@@ -70,6 +70,10 @@ def test_check_disagrees_only_when_the_reward_model_and_the_check_part_ways():
     assert check_disagrees(-1.37, -1.59, 0.227, 0.020) is None   # both say better
     assert check_disagrees(-1.6, -1.5, -0.1, 0.0) is None        # both say worse
     assert check_disagrees(-1.6, -1.5, 0.3, 0.0) is None         # the reward model claims no gain
+    # A drop of 0.023 with a standard error of 0.03 is noise; with 0.005 it is not.
+    assert check_disagrees(-1.37, -1.59, -0.042, -0.019, check_gain_se=0.03) is None
+    assert check_disagrees(-1.37, -1.59, -0.042, -0.019, check_gain_se=0.005) is not None
+    assert check_disagrees(-1.37, -1.59, -0.042, -0.019, check_gain_se=float("nan")) is not None  # one pair: no error
 
 
 def test_one_answer_names_a_policy_that_gives_most_prompts_the_same_answer():

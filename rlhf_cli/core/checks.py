@@ -91,10 +91,13 @@ def warn_if_length_collapsed(metrics_file: Path) -> None:
         log.warning("%s", message)
 
 
-def check_disagrees(reward: float, reference_reward: float, check: float, reference_check: float) -> str | None:
+def check_disagrees(reward: float, reference_reward: float, check: float, reference_check: float,
+                    check_gain_se: float = 0.0) -> str | None:
     """A sentence when the reward model prefers the model to the reference while an independent check
-    (a rule-based reward_fn) scores it lower; None when they agree, or either shows no change."""
-    if not (reward > reference_reward and check < reference_check):
+    (a rule-based reward_fn) scores it lower by more than two standard errors of its gain (`check_gain_se`,
+    from paired_gain); None when they agree, or either shows no change beyond that noise."""
+    se = check_gain_se if math.isfinite(check_gain_se) else 0.0
+    if not (reward > reference_reward and check < reference_check - 2 * se):
         return None
     return (f"the reward model scores the model above the reference ({reward:.3g} vs {reference_reward:.3g}) but the "
             f"independent check (reward_fn) scores it below ({check:.3g} vs {reference_check:.3g}): the gain may be "

@@ -151,7 +151,7 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
                     values["reward_fn_gain_se"] = paired_gain(fn_scores, ref_fn_scores)[1]
                     _add(samples, "reference_reward_fn", ref_fn_scores)
                     disagreement = check_disagrees(values["reward"], values["reference_reward"], values["reward_fn"],
-                                                   values["reference_reward_fn"])
+                                                   values["reference_reward_fn"], values["reward_fn_gain_se"])
                     if disagreement:
                         log.warning("%s", disagreement)
                 details.update(wins=verdict.wins, ties=verdict.ties, losses=verdict.losses)
