@@ -12,6 +12,7 @@ from rlhf_cli.core.checks import (
     check_disagrees,
     distinct_rate,
     length_collapse,
+    mean_and_error,
     one_answer,
     paired_gain,
     pearson,
@@ -93,5 +94,6 @@ def test_paired_gain_by_hand():
     assert paired_gain([1.0, 2.0, 3.0], [0.0, 2.0, 1.0]) == pytest.approx((1.0, 1 / math.sqrt(3)))
     mean, se = paired_gain([0.5], [0.25])
     assert mean == 0.25 and math.isnan(se)
+    assert mean_and_error([1.0, 0.0, 2.0]) == pytest.approx((1.0, 1 / math.sqrt(3)))
     with pytest.raises(ValueError, match="equally many"):
         paired_gain([1.0, 2.0], [1.0])

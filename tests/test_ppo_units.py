@@ -58,12 +58,13 @@ def test_a_negative_kl_within_its_noise_is_not_warned(caplog):
     came from another distribution must wait for a mean below twice its standard error."""
     import torch
 
-    from rlhf_cli.ppo.loop import State, _standard_error, warn_if_unstable
+    from rlhf_cli.core.checks import mean_and_error
+    from rlhf_cli.ppo.loop import State, warn_if_unstable
 
     calm = {"kl": -0.067, "ratio_max": 1.5, "ratio_mean": 1.0, "clipfrac": 0.05}
     near_zero = torch.tensor([0.4, -0.5, 0.1, -0.3, 0.2, -0.6, 0.05, -0.1, 0.3, -0.4, 0.1, -0.2, 0.15, -0.35, 0.0, 0.0])
-    se = _standard_error(near_zero)
-    assert se == pytest.approx(float(near_zero.std()) / 4) and 0.05 < se < 0.1
+    mean, se = mean_and_error(near_zero.tolist())
+    assert (mean, se) == pytest.approx((float(near_zero.mean()), float(near_zero.std()) / 4)) and 0.05 < se < 0.1
     log = logging.getLogger("rlhf")
     log.addHandler(caplog.handler)
     try:
@@ -73,7 +74,13 @@ def test_a_negative_kl_within_its_noise_is_not_warned(caplog):
     finally:
         log.removeHandler(caplog.handler)
     assert "mean KL to the reference is negative (-0.4 nats, " in caplog.text
-    assert _standard_error(torch.tensor([0.3])) == 0.0
+    caplog.clear()
+    log.addHandler(caplog.handler)
+    try:  # one sample has no error: the -0.05 floor alone decides
+        warn_if_unstable({**calm, "kl": -0.06}, State(), 5, kl_se=mean_and_error([-0.06])[1])
+    finally:
+        log.removeHandler(caplog.handler)
+    assert "(-0.06 nats, inf standard errors" in caplog.text
 
 
 def test_scoring_tempers_bf16_logits_after_the_fp32_upcast():

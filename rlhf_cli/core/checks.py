@@ -4,6 +4,7 @@
     length_collapse(lengths, scores)                  # PPO: answers shortening while the score rises
     check_disagrees(reward, ref_reward, fn, ref_fn)   # the reward model and an independent check part ways
     paired_gain(values, reference_values)             # mean gain on the same prompts, and its standard error
+    mean_and_error(values)                            # a mean and its standard error (PPO's KL of a rollout)
     one_answer(texts)                                 # a policy that gives most prompts the same answer
 
 A learned reward model rewards whatever separated chosen from rejected in its training pairs, and length
@@ -104,17 +105,23 @@ def check_disagrees(reward: float, reference_reward: float, check: float, refere
             "the reward model's blind spot rather than better answers; look at reward_length_corr and the answers")
 
 
+def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, its standard error: sample standard deviation / sqrt(n)); the error is NaN under 2 values."""
+    if not values:
+        raise ValueError("mean_and_error needs at least one value")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var / len(values))
+
+
 def paired_gain(values: Sequence[float], reference: Sequence[float]) -> tuple[float, float]:
     """(mean of value - reference over the same prompts, its standard error): a gain smaller than about two
     standard errors is what another draw of prompts could give either way. The error is NaN under 2 pairs."""
     if len(values) != len(reference) or not values:
         raise ValueError(f"paired_gain needs equally many values, got {len(values)} and {len(reference)}")
-    gaps = [v - r for v, r in zip(values, reference)]
-    mean = sum(gaps) / len(gaps)
-    if len(gaps) < 2:
-        return mean, float("nan")
-    var = sum((g - mean) ** 2 for g in gaps) / (len(gaps) - 1)
-    return mean, math.sqrt(var / len(gaps))
+    return mean_and_error([v - r for v, r in zip(values, reference)])
 
 
 def distinct_rate(texts: Sequence[str]) -> float:

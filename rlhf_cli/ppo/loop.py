@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
 import signal
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from rlhf_cli.console import Progress
 from rlhf_cli.core import distributed
-from rlhf_cli.core.checks import warn_if_length_collapsed
+from rlhf_cli.core.checks import mean_and_error, warn_if_length_collapsed
 from rlhf_cli.core.generation import token_logprobs
 from rlhf_cli.core.lora import lora_arithmetic, track_optimizer
 from rlhf_cli.core.memory import out_of_memory
@@ -248,7 +249,7 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
             trackers.log(record, it)
             bar.update(it, score=record["score_mean"], **({"kl": record["kl"]} if "kl" in record else {}),
                        clipfrac=record["clipfrac"])
-            warn_if_unstable(record, state, it, key, kl_se=_standard_error(acc.gather(seq_kl) if world > 1 else seq_kl))
+            warn_if_unstable(record, state, it, key, kl_se=mean_and_error((acc.gather(seq_kl) if world > 1 else seq_kl).tolist())[1])
             if it == spec.iterations:
                 warn_if_length_collapsed(run.metrics_file)
 
@@ -415,8 +416,9 @@ def reduce_stats(sums: dict[str, list[Tensor]], losses: list[Tensor]) -> tuple[d
 
 def warn_if_unstable(record: dict[str, float], state: State, it: int, key: str = "ppo", kl_se: float = 0.0) -> None:
     """The numbers that explain an unstable run, said out loud (trl#1017, trl#1857). `kl_se`: the standard
-    error of the rollout's mean sequence KL; near the reference the k1 estimate of a few samples is
-    negative about half the time, which says nothing about how they were drawn."""
+    error of the rollout's mean sequence KL (NaN for one sample counts as none); near the reference the k1
+    estimate of a few samples is negative about half the time, which says nothing about how they were drawn."""
+    kl_se = kl_se if math.isfinite(kl_se) else 0.0
     if record.get("kl", 0.0) < -max(0.05, 2 * kl_se):
         log.warning(
             "iteration %d: mean KL to the reference is negative (%.3g nats, %.2g standard errors below zero): the "
@@ -448,12 +450,6 @@ def summary(state: State) -> dict[str, Any]:
 def _mean(acc: Any, t: Tensor) -> float:
     t = t.float().mean()
     return float(acc.reduce(t, reduction="mean") if acc.num_processes > 1 else t)
-
-
-def _standard_error(values: Tensor) -> float:
-    """Standard error of the mean of `values` (0 under two of them)."""
-    n = values.numel()
-    return float(values.float().std() / n**0.5) if n > 1 else 0.0
 
 
 def _sum(acc: Any, t: Tensor) -> float:
