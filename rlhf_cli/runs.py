@@ -27,7 +27,8 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -292,7 +293,10 @@ def _claim(
     give_back = _hold(path) if is_main_process() else _nothing
     try:
         old = read_manifest(path)
+        upstream = input_runs([parent_run, *(model.run_dir for model in inputs if model is not None)])
         resume_from = _resume_point(path, stage, old, recipe_json, resume=resume, wanted=wanted, overwrite=overwrite)
+        if resume_from is not None and old is not None:
+            _refuse_changed_inputs(path, old, upstream)
     except BaseException:
         give_back()
         raise
@@ -312,6 +316,9 @@ def _claim(
         parent_run=str(Path(parent_run).resolve()) if parent_run else None,
         recipe=recipe_json,
         fingerprint=_fingerprint_id(recipe_json),
+        # A new id for every claim: what a later run records of this one to tell that it was trained again.
+        run_id=uuid.uuid4().hex,
+        inputs=upstream,
         versions=package_versions(),
         command=" ".join(sys.argv),
     )
@@ -337,6 +344,51 @@ def _refuse_inputs(path: Path, stage: str, parent_run: str | None, inputs: Seque
             raise RecipeError(f"{path} is an input of this {stage} run: choose another --output-dir")
         if target in held.parents:
             raise RecipeError(f"{path} holds {read}, an input of this {stage} run: choose another --output-dir")
+
+
+def input_runs(folders: Iterable[str | None]) -> dict[str, str]:
+    """run.json (and eval.json) `inputs`: the run_id of each of these folders that holds a run (the run a run
+    starts from, the policy and reward runs of ppo, the models an eval judged), by absolute path. Other
+    folders, hub ids and runs written before run ids existed are left out."""
+    out: dict[str, str] = {}
+    for folder in dict.fromkeys(d for d in folders if d):
+        if not Path(folder).is_dir():
+            continue
+        manifest = read_manifest(Path(folder))
+        if manifest and manifest.get("run_id"):
+            out[str(Path(folder).resolve())] = manifest["run_id"]
+    return out
+
+
+def changed_inputs(record: dict[str, Any]) -> list[str]:
+    """The runs a run (its run.json) or an eval (its eval.json) read that have been trained again or removed
+    since, one phrase each (empty: none). A run trained again has another run_id; what read it was made
+    from what it held before."""
+    changed = []
+    for folder, run_id in (record.get("inputs") or {}).items():
+        try:
+            now_there = read_manifest(Path(folder))
+        except DataError:
+            now_there = {}
+        if now_there is None:
+            changed.append(f"{folder} is gone")
+        elif now_there.get("run_id") != run_id:
+            when = now_there.get("finished_at") or now_there.get("started_at")
+            changed.append(f"{folder} was trained again" + (f" (finished {when})" if when else ""))
+    return changed
+
+
+def _refuse_changed_inputs(path: Path, old: dict[str, Any], upstream: dict[str, str]) -> None:
+    """Resume continues the same run: checkpoints trained against an input that has since been trained
+    again would be continued against other weights (another reference, another reward model)."""
+    recorded = old.get("inputs") or {}
+    changed = [folder for folder, run_id in recorded.items() if folder in upstream and upstream[folder] != run_id]
+    if changed:
+        raise RecipeError(
+            f"{path}: {', '.join(changed)} {'was' if len(changed) == 1 else 'were'} trained again since this run "
+            "started; its checkpoints were trained against the earlier weights: start over with --resume never, "
+            "--overwrite, or another --output-dir"
+        )
 
 
 def _refuse_non_run(path: Path) -> None:
@@ -470,12 +522,18 @@ def _dotted(obj: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _refuse_changed_recipe(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
-    """Resume continues the same run: a checkpoint trained with other settings would silently mix two runs."""
-    before, after = recipe_fingerprint(old), recipe_fingerprint(new)
+def changed_keys(old: dict[str, Any], new: dict[str, Any], *, resumable: bool = False) -> list[str]:
+    """The dotted keys in which two resolved recipes differ, sorted; resumable=True leaves out the keys a
+    resumed run may change (RESUMABLE_KEYS)."""
+    before, after = (recipe_fingerprint(old), recipe_fingerprint(new)) if resumable else (_dotted(old), _dotted(new))
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k, _ABSENT) != after.get(k, _ABSENT))
     # A section that appeared or vanished (lora: null -> {r: 16}) is named once, not key by key.
-    changed = [k for k in changed if not any(k.startswith(f"{other}.") for other in changed)]
+    return [k for k in changed if not any(k.startswith(f"{other}.") for other in changed)]
+
+
+def _refuse_changed_recipe(path: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Resume continues the same run: a checkpoint trained with other settings would silently mix two runs."""
+    changed = changed_keys(old, new, resumable=True)
     if changed:
         shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
         raise RecipeError(
@@ -650,6 +708,7 @@ def resolve_model(path: str, gguf_file: str | None = None, trust_remote_code: bo
     if isinstance(base, str):
         base = {"path": base}
     parent = resolve_model(base["path"], base.get("gguf_file"), trust)
+    _refuse_changed_parent(p, manifest, parent)
     adapters = parent.adapters + tuple(str(p / a) for a in model.get("adapters", []))
     return ResolvedModel(
         base=parent.base,
@@ -660,6 +719,21 @@ def resolve_model(path: str, gguf_file: str | None = None, trust_remote_code: bo
         run_dir=str(p),
         trust_remote_code=trust,
     )
+
+
+def _refuse_changed_parent(run: Path, manifest: dict[str, Any], parent: ResolvedModel) -> None:
+    """A run's adapter is applied on top of its parent run's model: if the parent was trained again since,
+    the two were never trained together, and loading them would give a model nobody trained."""
+    if parent.run_dir is None:
+        return
+    folder = str(Path(parent.run_dir).resolve())
+    recorded = (manifest.get("inputs") or {}).get(folder)
+    parent_id = (read_manifest(Path(parent.run_dir)) or {}).get("run_id")
+    if recorded is not None and parent_id != recorded:
+        raise DataError(
+            f"{run}: trained on top of {parent.run_dir}, which was trained again since: its adapter no longer "
+            f"fits the model beneath it; train {run} again, or give another run"
+        )
 
 
 def _check_model_files(run: Path, model: dict[str, Any]) -> None:

@@ -696,6 +696,85 @@ def test_a_run_json_cannot_switch_remote_code_on(tmp_path):
     assert resolve_model(str(ppo), trust_remote_code=True).trust_remote_code is True
 
 
+# --------------------------------------------------------------------------- inputs trained again
+
+
+def _retrain(run: Path) -> None:
+    """What `--overwrite` does to a run's identity: the folder holds another run, with another run_id."""
+    manifest = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**manifest, "run_id": "trained-again", "finished_at": "2026-12-02T10:00:00+00:00"}))
+
+
+def test_a_run_records_the_id_of_each_run_it_reads(tmp_path):
+    sft, rm = _sft_and_rm(tmp_path)
+    for run, run_id in ((sft, "sft-1"), (rm, "rm-1")):
+        manifest = json.loads((run / "run.json").read_text())
+        (run / "run.json").write_text(json.dumps({**manifest, "run_id": run_id}))
+    start(tmp_path / "ppo", "ppo", parent_run=str(sft), inputs=[resolve_model(str(sft)), resolve_model(str(rm))])
+    first = read_manifest(tmp_path / "ppo")
+    assert first["inputs"] == {str(sft.resolve()): "sft-1", str(rm.resolve()): "rm-1"}
+    start(tmp_path / "ppo", "ppo", overwrite=True, parent_run=str(sft), inputs=[resolve_model(str(sft))])
+    again = read_manifest(tmp_path / "ppo")
+    assert len(again["run_id"]) == 32 and again["run_id"] != first["run_id"]
+    assert runs.changed_inputs(again) == []
+    _retrain(sft)
+    (rm / "run.json").unlink()
+    assert runs.changed_inputs(first) == [
+        f"{sft.resolve()} was trained again (finished 2026-12-02T10:00:00+00:00)", f"{rm.resolve()} is gone",
+    ]
+
+
+def _sft_and_ppo(tmp_path: Path) -> tuple[Path, Path]:
+    sft = fake_run(tmp_path / "sft", "sft", {"kind": "adapter", "adapters": ["adapter"], "tokenizer": "tokenizer"},
+                   base_model={"path": "org/base"}, run_id="sft-1")
+    ppo = fake_run(tmp_path / "ppo", "ppo", {"kind": "adapter", "adapters": ["adapter"]}, base_model={"path": str(sft)},
+                   run_id="ppo-1", inputs={str(sft.resolve()): "sft-1"})
+    return sft, ppo
+
+
+def test_an_adapter_over_a_parent_trained_again_since_is_refused(tmp_path):
+    # The ppo adapter was trained on the sft adapter it recorded; stacked on another one it is a model nobody trained.
+    sft, ppo = _sft_and_ppo(tmp_path)
+    assert resolve_model(str(ppo)).adapters == (str(sft / "adapter"), str(ppo / "adapter"))
+    _retrain(sft)
+    with pytest.raises(DataError) as e:
+        resolve_model(str(ppo))
+    assert e.value.exit_code == 3
+    assert e.value.message == (
+        f"{ppo}: trained on top of {sft}, which was trained again since: its adapter no longer fits the model "
+        f"beneath it; train {ppo} again, or give another run"
+    )
+    assert resolve_model(str(sft)).adapters == (str(sft / "adapter"),)  # the parent itself is fine
+
+
+def test_resume_after_an_input_was_trained_again_is_refused(tmp_path):
+    sft, _ = _sft_and_ppo(tmp_path)
+    inputs = [resolve_model(str(sft))]
+    start(tmp_path / "run", "ppo", parent_run=str(sft), inputs=inputs).finish("interrupted")
+    five = checkpoint(tmp_path / "run", 5)
+    _retrain(sft)
+    before = tree(tmp_path)
+    for resume in ("auto", str(five)):
+        with pytest.raises(RecipeError) as e:
+            start(tmp_path / "run", "ppo", parent_run=str(sft), inputs=[resolve_model(str(sft))], resume=resume)
+        assert e.value.exit_code == 2
+        assert e.value.message == (
+            f"{tmp_path / 'run'}: {sft.resolve()} was trained again since this run started; its checkpoints were "
+            "trained against the earlier weights: start over with --resume never, --overwrite, or another --output-dir"
+        )
+        assert tree(tmp_path) == before
+    # Starting over is allowed, and records the input as it is now.
+    run = start(tmp_path / "run", "ppo", parent_run=str(sft), inputs=[resolve_model(str(sft))], resume="never")
+    assert run.resume_from is None and read_manifest(tmp_path / "run")["inputs"] == {str(sft.resolve()): "trained-again"}
+
+
+def test_resume_with_its_inputs_unchanged_continues(tmp_path):
+    sft, _ = _sft_and_ppo(tmp_path)
+    start(tmp_path / "run", "ppo", parent_run=str(sft), inputs=[resolve_model(str(sft))]).finish("interrupted")
+    five = checkpoint(tmp_path / "run", 5)
+    assert start(tmp_path / "run", "ppo", parent_run=str(sft), inputs=[resolve_model(str(sft))]).resume_from == five
+
+
 @pytest.mark.parametrize("deleted", ["adapter_config.json", "adapter_model.safetensors"])
 def test_run_with_deleted_adapter_files_is_a_data_error(tmp_path, deleted):
     sft = fake_run(tmp_path / "sft", "sft", {"kind": "adapter", "adapters": ["adapter"]}, "org/base")

@@ -279,3 +279,24 @@ def test_the_held_out_evaluation_reports_its_progress():
     counts = [line.split("sft eval batch ")[1].split(" ")[0] for line in out.stderr.splitlines() if "sft eval batch" in line]
     done, total = counts[-1].split("/")
     assert int(total) > 1 and done == total  # every batch of the held-out set, counted to the end
+
+
+def test_a_run_over_a_parent_trained_again_is_refused_where_it_is_loaded(tiny):
+    # runs/b's adapter was trained over runs/a's; once runs/a is trained again, runs/b on top of it was never trained.
+    common = ["--set", "train.max_steps=2", "--set", "train.save_steps=100", "--set", "data.eval=null"]
+    assert rlhf("sft", "sft.yaml", "-o", "runs/a", *common).code == 0
+    assert rlhf("sft", "sft.yaml", "--model", "runs/a", "-o", "runs/b", *common).code == 0
+    assert manifest("runs/b")["inputs"] == {str(Path("runs/a").resolve()): manifest("runs/a")["run_id"]}
+    from stagekit import app, runner
+
+    def generate():
+        return runner.invoke(app, ["generate", "runs/b", "--prompts", str(tiny["prompts_eval"]), "--max-new-tokens", "2"])
+
+    assert generate().exit_code == 0
+
+    assert rlhf("sft", "sft.yaml", "-o", "runs/a", "--overwrite", *common, "--set", "train.seed=1").code == 0
+    out = generate()
+    assert out.exit_code == 3, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: runs/b: trained on top of {Path('runs/a').resolve()}, which was trained again since: its adapter no "
+        "longer fits the model beneath it; train runs/b again, or give another run")
