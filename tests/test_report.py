@@ -369,3 +369,43 @@ def test_an_earlier_report_among_the_inputs_is_skipped(pipeline, tmp_path, monke
     assert first.details["runs"] == 2
     assert again.details["runs"] == other.details["runs"] == 3 and again.details["evals"] == 1
     assert again.output_dir == "runs/report"
+
+
+def _with_run_id(run: Path, run_id: str) -> Path:
+    manifest = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**manifest, "run_id": run_id, "finished_at": "2026-12-02T10:00:00+00:00"}))
+    return run
+
+
+def test_figures_of_runs_trained_again_since_are_marked_out_of_date(lora_run, sft_full_run, reward_run, tiny, tmp_path):
+    # An eval of runs/ppo, and runs/ppo itself, are figures of what those runs held then; once an input is
+    # trained again (--overwrite) the report says so instead of showing them as the runs' own.
+    policy = _with_run_id(Path(shutil.copytree(lora_run, tmp_path / "runs/policy")), "p1")
+    reward = _with_run_id(Path(shutil.copytree(reward_run, tmp_path / "runs/rm")), "r1")
+    prompts = _jsonl(tmp_path / "prompts.jsonl", [{"prompt": "How are you?"}, {"prompt": "Tell me about cats."}])
+    done = CliRunner().invoke(app, [
+        "eval", "--model", str(policy), "--reference", str(sft_full_run), "--reward", str(reward), "--prompts",
+        str(prompts), "--metric", "reward", "--metric", "win_rate", "--set", "generation.max_new_tokens=4",
+        "--output-dir", str(tmp_path / "runs/eval")])
+    assert done.exit_code == 0, done.stderr
+    assert _eval_json({"eval": tmp_path / "runs/eval"})["inputs"] == {str(policy.resolve()): "p1", str(reward.resolve()): "r1"}
+    later = _write_run(tmp_path / "runs/later", "ppo", [], {"score_mean": 1.0})
+    manifest = json.loads((later / "run.json").read_text())
+    (later / "run.json").write_text(json.dumps({**manifest, "inputs": {str(reward.resolve()): "r1"}}))
+
+    inputs = [tmp_path / "runs/eval", later]
+    assert report(inputs, tmp_path / "report").details["stale"] == 0
+    assert "Out of date" not in (tmp_path / "report/report.html").read_text()
+
+    _with_run_id(reward, "trained-again")
+    result = report(inputs, tmp_path / "report")
+    assert result.details["stale"] == 2
+    summary = json.loads((tmp_path / "report/summary.json").read_text())
+    assert summary["stale"] == [
+        f"{later}: {reward.resolve()} was trained again (finished 2026-12-02T10:00:00+00:00) after this run read it: "
+        f"train {later} again for a chain that fits together",
+        f"{tmp_path / 'runs/eval'}: {reward.resolve()} was trained again (finished 2026-12-02T10:00:00+00:00) after "
+        "this eval: its figures are of the run before; evaluate again",
+    ]
+    page = (tmp_path / "report/report.html").read_text()
+    assert "Out of date" in page and "after this eval: its figures are of the run before" in page

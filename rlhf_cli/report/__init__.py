@@ -33,6 +33,9 @@ def report(runs: list[Path], output: Path) -> RunResult:
     mpl = plots.load_matplotlib()
 
     rows = collect.summary_rows(found_runs, evals)
+    stale = collect.stale_inputs(found_runs, evals)
+    for line in stale:
+        log.warning("%s", line)
     checks = [c for c in map(collect.independent_check, evals) if c is not None]
     tables = collect.side_by_side_tables(sample_files, evals)
     if output.exists() and not output.is_dir():
@@ -53,6 +56,7 @@ def report(runs: list[Path], output: Path) -> RunResult:
             "generated_at": datetime.now().astimezone().isoformat(timespec="seconds"),
             "inputs": {"runs": [str(r.path) for r in found_runs], "evals": [str(e.path) for e in evals],
                        "samples": [str(p) for p in sample_files]},
+            "stale": stale,
             "summary": rows,
             "independent_checks": checks,
             "runs": [collect.run_overview(r) for r in found_runs],
@@ -76,7 +80,7 @@ def report(runs: list[Path], output: Path) -> RunResult:
         output_dir=str(output),
         metrics=collect.flat_metrics(rows),
         details={"report": str(output / "report.html"), "plots": n_plots, "runs": len(found_runs),
-                 "evals": len(evals), "side_by_side_rows": sum(len(t["rows"]) for t in tables)},
+                 "evals": len(evals), "side_by_side_rows": sum(len(t["rows"]) for t in tables), "stale": len(stale)},
     )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_cli.errors import DataError
-from rlhf_cli.runs import read_manifest
+from rlhf_cli.runs import changed_inputs, read_manifest
 
 log = logging.getLogger("rlhf")
 
@@ -143,6 +143,16 @@ def collect(paths: list[Path], output: Path) -> tuple[list[Run], list[EvalResult
         if has_eval:
             evals.append(EvalResult(name, path, _read_eval(path / "eval.json")))
     return runs, evals, samples
+
+
+def stale_inputs(runs: list[Run], evals: list[EvalResult]) -> list[str]:
+    """One line for each run or eval of the report made from a run that has been trained again (or removed)
+    since: its figures belong to weights that are no longer there."""
+    lines = [f"{r.path}: {phrase} after this run read it: train {r.path} again for a chain that fits together"
+             for r in runs for phrase in changed_inputs(r.manifest)]
+    lines += [f"{e.path}: {phrase} after this eval: its figures are of the run before; evaluate again"
+              for e in evals for phrase in changed_inputs(e.data)]
+    return lines
 
 
 def is_report(path: Path) -> bool:

@@ -48,9 +48,11 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     from rlhf_cli.core.inference import load_causal_lm
     from rlhf_cli.core.metrics import check_gates, compare, mean_std, perplexity
     from rlhf_cli.core.reward import RewardModel, load_function, load_scorer, trained_max_length
-    from rlhf_cli.runs import atomic_write_json, package_versions
+    from rlhf_cli.runs import atomic_write_json, input_runs, package_versions
 
     wanted = set(recipe.metrics)
+    # Which runs are judged, read before they load: a report tells an eval of a run trained again since.
+    judged = input_runs(spec.path for spec in (recipe.model, recipe.reference, recipe.reward) if spec is not None)
     data = recipe.data
     values: dict[str, float] = {}
     details: dict[str, Any] = {}
@@ -167,7 +169,7 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     result = RunResult("eval", "completed", recipe.output_dir, metrics=metrics, details=details)
     if recipe.output_dir:
         record = {**result.to_json(), "samples": samples, "recipe": recipe.model_dump(mode="json"),
-                  "versions": package_versions()}
+                  "inputs": judged, "versions": package_versions()}
         atomic_write_json(Path(recipe.output_dir) / "eval.json", record)
     return result
 
