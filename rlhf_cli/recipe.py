@@ -113,16 +113,23 @@ class LoraSpec(Strict):
 Format = Literal["auto", "text", "messages", "prompt_completion", "preference", "ranked", "prompt"]
 
 
-class DataBase(Strict):
+class SourceBase(Strict):
+    """Where a stage's records come from, and which of them it reads."""
+
     train: str = Field(..., min_length=1, description="Local JSONL/JSON/Parquet/CSV/TXT file or directory, or a hub dataset name.")
-    eval: str | None = Field(None, description="Held-out file; null = split `eval_fraction` off train.")
-    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of train held out when `eval` is null.")
     format: Format = Field("auto", description="auto detects the format from the columns and says what it found.")
     fields: dict[str, str] = Field(
         default_factory=dict, description="Column renames, e.g. {instruction: prompt, output: completion}."
     )
     split: str = Field("train", description="Split to read from a hub dataset.")
     max_samples: int | None = Field(None, ge=1, description="Use only the first N training samples (quick runs).")
+
+
+class DataBase(SourceBase):
+    """The data of a stage that also evaluates on held-out records while it trains."""
+
+    eval: str | None = Field(None, description="Held-out file; null = split `eval_fraction` off train.")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="Share of train held out when `eval` is null.")
     eval_max_samples: int | None = Field(
         None, ge=1, description="Evaluate on only the first N held-out samples (of `eval`, or of the share split off)."
     )
@@ -147,7 +154,10 @@ class PreferenceData(DataBase):
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own.")
 
 
-class PromptData(DataBase):
+class PromptData(SourceBase):
+    """Prompts of an online stage (ppo, grpo): every one is trained on, none is held out; held-out prompts
+    are `rlhf eval`'s."""
+
     max_prompt_length: int = Field(256, ge=1, description="Longest prompt in tokens; longer prompts are an error, not cut.")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own.")
 

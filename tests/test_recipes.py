@@ -128,6 +128,18 @@ def test_every_unknown_key_is_reported(tmp_path):
     assert "did you mean train?" in result.stderr and "did you mean lora.r?" in result.stderr
 
 
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+@pytest.mark.parametrize("key", ["eval: data/held.jsonl", "eval_fraction: 0.1", "eval_max_samples: 8"])
+def test_an_online_stage_refuses_held_out_prompts_it_would_never_use(tmp_path, stage, key):
+    # ppo and grpo train on every prompt and hold none out; these keys were accepted and did nothing.
+    path = write(tmp_path, PPO.replace("stage: ppo", f"stage: {stage}") + f"  {key}\n")
+    result = rlhf(stage, str(path))
+    assert result.exit_code == 2, result.output
+    name = key.split(":")[0]
+    assert f"{path}:{line_of(path, '  ' + name)}: data.{name}: unknown key" in result.stderr
+    assert "valid keys in data: train, format, fields, split, max_samples, max_prompt_length, chat_template" in result.stderr
+
+
 @pytest.mark.parametrize(("command", "right"), [("ppo", "sft"), ("train-rm", "sft")])
 def test_recipe_for_another_stage_names_the_right_command(tmp_path, command, right):
     path = write(tmp_path, SFT)
