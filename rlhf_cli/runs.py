@@ -241,6 +241,7 @@ def prepare_run(
     base_model: Any = None,
     parent_run: str | None = None,
     inputs: Sequence[ResolvedModel | None] = (),
+    data_fingerprint: str | None = None,
 ) -> RunDir:
     """Claim output_dir for a new run, or pick up an interrupted one.
 
@@ -255,7 +256,9 @@ def prepare_run(
       run it continues (manifest, metrics, later checkpoints) is the one in output_dir; to continue that
       other run, give its directory as output_dir. With overwrite, PATH may continue a completed run;
     - a non-empty directory that holds no run (no run.json) is refused, overwrite or not: --overwrite
-      replaces runs, never other files.
+      replaces runs, never other files;
+    - resuming is refused when the recipe, an input run or the data (data_fingerprint, core.data.fingerprint
+      of the records read) changed since the run started.
 
     Under several processes rank 0 alone checks and writes; the others receive its decision (or its
     error, raised on every rank alike).
@@ -263,7 +266,7 @@ def prepare_run(
 
     def claim() -> dict[str, Any]:
         run = _claim(output_dir, stage, recipe_yaml, recipe_json, resume=resume, overwrite=overwrite,
-                     base_model=base_model, parent_run=parent_run, inputs=inputs)
+                     base_model=base_model, parent_run=parent_run, inputs=inputs, data_fingerprint=data_fingerprint)
         return {"path": str(run.path), "manifest": run.manifest,
                 "resume_from": str(run.resume_from) if run.resume_from is not None else None}
 
@@ -284,6 +287,7 @@ def _claim(
     base_model: Any,
     parent_run: str | None,
     inputs: Sequence[ResolvedModel | None],
+    data_fingerprint: str | None,
 ) -> RunDir:
     path = Path(output_dir)
     _refuse_inputs(path, stage, parent_run, inputs)
@@ -297,6 +301,7 @@ def _claim(
         resume_from = _resume_point(path, stage, old, recipe_json, resume=resume, wanted=wanted, overwrite=overwrite)
         if resume_from is not None and old is not None:
             _refuse_changed_inputs(path, old, upstream)
+            _refuse_changed_data(path, old, data_fingerprint)
     except BaseException:
         give_back()
         raise
@@ -319,6 +324,7 @@ def _claim(
         # A new id for every claim: what a later run records of this one to tell that it was trained again.
         run_id=uuid.uuid4().hex,
         inputs=upstream,
+        data_fingerprint=data_fingerprint,
         versions=package_versions(),
         command=" ".join(sys.argv),
     )
@@ -388,6 +394,18 @@ def _refuse_changed_inputs(path: Path, old: dict[str, Any], upstream: dict[str, 
             f"{path}: {', '.join(changed)} {'was' if len(changed) == 1 else 'were'} trained again since this run "
             "started; its checkpoints were trained against the earlier weights: start over with --resume never, "
             "--overwrite, or another --output-dir"
+        )
+
+
+def _refuse_changed_data(path: Path, old: dict[str, Any], data_fingerprint: str | None) -> None:
+    """Resume continues the same run: its checkpoints, and the batches it skips to get back to their step,
+    belong to the records it started with."""
+    recorded = old.get("data_fingerprint")
+    if recorded is not None and data_fingerprint is not None and recorded != data_fingerprint:
+        raise RecipeError(
+            f"{path}: the data changed since this run started (the records read from the recipe's data files "
+            "differ); its checkpoints were trained on the earlier records: restore those files, or start over "
+            "with --resume never, --overwrite, or another --output-dir"
         )
 
 

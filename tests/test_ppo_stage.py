@@ -169,6 +169,9 @@ def test_resume_continues_bit_identically(tiny, runs, fn_run, monkeypatch):
     manifest = json.loads((broken / "run.json").read_text())
     assert manifest["resumed_from"].endswith("checkpoint-3")
     assert [r["step"] for r in metrics(broken)] == [1, 2, 3, 4, 5]
+    # The prompts are fingerprinted, for a resume to tell that they changed: the same file, the same id.
+    assert len(manifest["data_fingerprint"]) == 16
+    assert manifest["data_fingerprint"] == json.loads((fn_run / "run.json").read_text())["data_fingerprint"]
     # Optimizer, KL controller, RNG and prompt position restored: the same weights as the uninterrupted run.
     assert (broken / "adapter" / "adapter_model.safetensors").read_bytes() == (
         fn_run / "adapter" / "adapter_model.safetensors").read_bytes()

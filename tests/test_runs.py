@@ -768,6 +768,41 @@ def test_resume_after_an_input_was_trained_again_is_refused(tmp_path):
     assert run.resume_from is None and read_manifest(tmp_path / "run")["inputs"] == {str(sft.resolve()): "trained-again"}
 
 
+@pytest.mark.parametrize("how", ["auto", "path"])
+def test_resume_on_changed_data_is_refused(tmp_path, how):
+    prepare_run(tmp_path / "run", "sft", RECIPE_YAML, SFT_JSON, data_fingerprint="records-1").finish("interrupted")
+    five = checkpoint(tmp_path / "run", 5)
+    assert read_manifest(tmp_path / "run")["data_fingerprint"] == "records-1"
+    before = tree(tmp_path)
+    with pytest.raises(RecipeError) as e:
+        prepare_run(tmp_path / "run", "sft", RECIPE_YAML, SFT_JSON, data_fingerprint="records-2",
+                    resume="auto" if how == "auto" else str(five))
+    assert e.value.exit_code == 2
+    assert e.value.message == (
+        f"{tmp_path / 'run'}: the data changed since this run started (the records read from the recipe's data "
+        "files differ); its checkpoints were trained on the earlier records: restore those files, or start over "
+        "with --resume never, --overwrite, or another --output-dir"
+    )
+    assert tree(tmp_path) == before
+    assert prepare_run(tmp_path / "run", "sft", RECIPE_YAML, SFT_JSON, data_fingerprint="records-1").resume_from == five
+
+
+def test_a_run_from_before_data_fingerprints_resumes(tmp_path):
+    prepare_run(tmp_path / "run", "sft", RECIPE_YAML, SFT_JSON).finish("interrupted")
+    five = checkpoint(tmp_path / "run", 5)
+    assert prepare_run(tmp_path / "run", "sft", RECIPE_YAML, SFT_JSON, data_fingerprint="records-1").resume_from == five
+
+
+def test_the_data_fingerprint_follows_the_records_and_where_they_are():
+    from rlhf_cli.core.data import fingerprint
+
+    a, b = {"prompt": "hi", "completion": "hello"}, {"prompt": "bye", "completion": "ciao"}
+    assert fingerprint([a, b], []) == fingerprint([dict(reversed(list(a.items()))), b], [])  # key order is not content
+    ids = {fingerprint([a, b], []), fingerprint([b, a], []), fingerprint([a], [b]), fingerprint([a], []),
+           fingerprint([a, {**b, "completion": "ciao!"}], [])}
+    assert len(ids) == 5
+
+
 def test_resume_with_its_inputs_unchanged_continues(tmp_path):
     sft, _ = _sft_and_ppo(tmp_path)
     start(tmp_path / "run", "ppo", parent_run=str(sft), inputs=[resolve_model(str(sft))]).finish("interrupted")

@@ -136,6 +136,28 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues_there(monkeypatch):
     assert state["global_step"] == 8
 
 
+def test_resume_on_data_changed_since_the_interrupt_is_refused(monkeypatch, tiny):
+    # The checkpoint and the batches resume skips belong to the records the run started with.
+    chat = Path("chat.jsonl")
+    chat.write_text(Path(tiny["chat"]).read_text())
+    common = ["--set", "train.max_steps=6", "--set", "train.save_steps=100", "--set", "data.eval=null",
+              "--set", "data.train=chat.jsonl"]
+    monkeypatch.setenv("RLHF_TEST_INTERRUPT_AT_STEP", "2")
+    assert rlhf("sft", "sft.yaml", *common).code == 130
+    monkeypatch.delenv("RLHF_TEST_INTERRUPT_AT_STEP")
+    original = chat.read_text()
+    chat.write_text("".join(original.splitlines(keepends=True)[1:]))  # one record fewer
+
+    out = rlhf("sft", "sft.yaml", *common)
+    assert out.code == 2, out
+    assert out.stderr.strip().splitlines()[-1].startswith("error: runs/tiny/sft: the data changed since this run started")
+    assert manifest("runs/tiny/sft")["status"] == "interrupted"
+    chat.write_text(original)
+    out = rlhf("sft", "sft.yaml", *common)
+    assert out.code == 0, out
+    assert manifest("runs/tiny/sft")["resumed_from_step"] == 2
+
+
 def test_dry_run_shows_the_plan_and_writes_nothing():
     out = rlhf("sft", "sft.yaml", "--dry-run")
     assert out.code == 0, out

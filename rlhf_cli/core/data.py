@@ -11,6 +11,7 @@ missing column is a DataError (exit 3) naming the file, the line and the columns
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -401,6 +402,18 @@ def read_splits(spec: Any, allowed: Iterable[str], seed: int) -> tuple[list[dict
     train, held = split_eval(records, eval_records, spec.eval_fraction, seed)
     # Held out of train, the first N of the held-out share: the rest stays out of training all the same.
     return train, held[:spec.eval_max_samples] if spec.eval_max_samples else held, fmt
+
+
+def fingerprint(*splits: list[Any]) -> str:
+    """run.json `data_fingerprint`: a short id of the records a run trains and evaluates on, in order, as
+    read (after renames and the held-out split), so a resume can tell that the data changed underneath it."""
+    digest = hashlib.sha256()
+    for records in splits:
+        for record in records:
+            digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode())
+            digest.update(b"\n")
+        digest.update(b"\x00")  # where one split ends: moving a record from train to eval changes the id
+    return digest.hexdigest()[:16]
 
 
 def _check(records: list[dict[str, Any]], fmt: str, source: str) -> None:

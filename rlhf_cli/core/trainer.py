@@ -272,17 +272,20 @@ def _signals(handler: Any) -> Iterator[None]:
 
 
 def claim_run(
-    recipe: Any, stage: str, options: RunOptions, resolved: ResolvedModel, *, kept: bool, base: Any = None
+    recipe: Any, stage: str, options: RunOptions, resolved: ResolvedModel, *, kept: bool,
+    records: tuple[list[Any], list[Any]], base: Any = None,
 ) -> RunDir:
     """The run directory of a trainer stage, claimed (runs.prepare_run): run.json starts with the recipe as
-    written and as validated, the base model it trains from and the run it continues. `kept`: the parent
-    run's adapter is trained on rather than merged; `base`: run.json's base_model where the model is not
-    the resolved one (a model built from a config)."""
+    written and as validated, the base model it trains from, the run it continues and a fingerprint of the
+    (train, eval) records it reads. `kept`: the parent run's adapter is trained on rather than merged;
+    `base`: run.json's base_model where the model is not the resolved one (a model built from a config)."""
+    from rlhf_cli.core.data import fingerprint
+
     if base is None:
         base = artifacts.base_entry(resolved, recipe.model.path, parent_adapter_kept=kept)
     return prepare_run(recipe.output_dir, stage, dump_recipe(recipe), recipe.model_dump(mode="json"),
                        resume=options.resume, overwrite=options.overwrite, base_model=base,
-                       parent_run=resolved.run_dir, inputs=[resolved])
+                       parent_run=resolved.run_dir, inputs=[resolved], data_fingerprint=fingerprint(*records))
 
 
 def model_fields(model: Any, plan: TrainingPlan, quant: QuantSpec, data: dict[str, Any]) -> dict[str, Any]:

@@ -92,6 +92,7 @@ def dry_run(recipe: OnlineRecipe, checked: Checked) -> RunResult:
 
 def claim_run_dir(recipe: OnlineRecipe, checked: Checked, options: RunOptions) -> RunDir:
     from rlhf_cli.core.artifacts import base_entry
+    from rlhf_cli.core.data import fingerprint
     from rlhf_cli.recipe_load import dump_recipe
     from rlhf_cli.runs import prepare_run
 
@@ -100,7 +101,7 @@ def claim_run_dir(recipe: OnlineRecipe, checked: Checked, options: RunOptions) -
         recipe.output_dir, method_of(recipe).stage, dump_recipe(recipe), recipe.model_dump(mode="json"),
         resume=options.resume, overwrite=options.overwrite,
         base_model=base_entry(policy, recipe.policy.path), parent_run=policy.run_dir,
-        inputs=[policy, checked.plan.reward_resolved],
+        inputs=[policy, checked.plan.reward_resolved], data_fingerprint=fingerprint(checked.prompts.raw),
     )
 
 

@@ -69,7 +69,8 @@ def run(recipe: DPORecipe, options: RunOptions) -> RunResult:
 
     # 3. Claim the run directory, load, train.
     kept = plan.parent_adapters == "kept"
-    run_dir = fitting.claim_run(recipe, "dpo", options, resolved, kept=kept)
+    run_dir = fitting.claim_run(recipe, "dpo", options, resolved, kept=kept,
+                                 records=(train_records, eval_records))
     with fitting.failure_marked(run_dir):
         quantized = recipe.quant.bits is not None
         model = loading.load_model(resolved, dtype=plan.precision.load, quant=recipe.quant, merge_parent=not kept)

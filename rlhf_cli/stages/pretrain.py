@@ -65,7 +65,8 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
     # 3. Claim the run directory, build or load the model, train.
     kept = plan.parent_adapters == "kept"
     base = {"init": "from_config", "config": recipe.model.config.model_dump()} if scratch else None
-    run_dir = fitting.claim_run(recipe, "pretrain", options, resolved, kept=kept, base=base)
+    run_dir = fitting.claim_run(recipe, "pretrain", options, resolved, kept=kept, base=base,
+                                 records=(train_records, eval_records))
     with fitting.failure_marked(run_dir):
         quantized = recipe.quant.bits is not None
         if scratch:

@@ -70,7 +70,8 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
 
     # 3. Claim the run directory, load, train.
     kept = plan.parent_adapters == "kept"
-    run_dir = fitting.claim_run(recipe, "train-rm", options, resolved, kept=kept)
+    run_dir = fitting.claim_run(recipe, "train-rm", options, resolved, kept=kept,
+                                 records=(train_records, eval_records))
     with fitting.failure_marked(run_dir):
         quantized = recipe.quant.bits is not None
         # The score head is new: drawn from train.seed, so the same recipe gives the same run in any process.
