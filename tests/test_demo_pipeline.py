@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,29 +73,30 @@ def _train_instantly(calls: list[tuple[str, ...]]):
     return rlhf
 
 
-def test_a_second_run_trains_only_what_changed_and_what_depends_on_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["tiny", "real"])
+def test_a_second_run_trains_only_what_changed_and_what_depends_on_it(tmp_path, monkeypatch, kind):
     import shutil
 
     from rlhf_cli.demo import pipeline
 
     recipes = tmp_path / "recipes"
-    shutil.copytree(ROOT / "recipes/demo-tiny", recipes)
+    shutil.copytree(ROOT / ("recipes/demo-tiny" if kind == "tiny" else "recipes/demo"), recipes)
     calls: list[tuple[str, ...]] = []
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(pipeline, "_rlhf", _train_instantly(calls))
-    monkeypatch.setattr(pipeline, "prepare_tiny", lambda work: None)
+    monkeypatch.setattr(pipeline, f"prepare_{kind}", lambda work: None)
     monkeypatch.setattr(pipeline, "round_two", lambda recipes, force: {})
 
     def trained(**kw) -> dict[str, bool]:
         calls.clear()
-        pipeline.run("tiny", recipes, tmp_path / "work", **kw)
+        pipeline.run(kind, recipes, tmp_path / "work", **kw)
         return {c[0]: "--overwrite" in c for c in calls if c[0] in TRAINED}
 
     assert trained() == dict.fromkeys(TRAINED, False)  # a first run trains everything
     assert trained() == {}  # nothing changed: nothing is trained again
-    # train-rm's recipe changed: it and ppo, which reads it, are trained again; sft and dpo are as they were.
+    # train-rm's learning rate changed: it and ppo, which reads it, are trained again; sft and dpo are as they were.
     rm_yaml = recipes / "train-rm.yaml"
-    rm_yaml.write_text(rm_yaml.read_text().replace("max_length: 64", "max_length: 48"))
+    rm_yaml.write_text(re.sub(r"\n  lr: .*\n", "\n  lr: 1.234e-3\n", rm_yaml.read_text(), count=1))
     assert trained() == {"train-rm": True, "ppo": True}
     assert trained() == {}
     # Another seed is another run of every stage.
