@@ -161,15 +161,20 @@ def test_packed_text_blocks_are_full_and_stacked(tiny_model):
 
 def test_memory_estimate_adds_up():
     est = estimate_memory(total_params=1_000_000_000, trainable_params=10_000_000, weight_bytes=2, hidden=2048,
-                          layers=16, vocab=32000, tokens_per_step=4096, checkpointing=False)
+                          layers=16, vocab=32000, tokens_per_step=4096, checkpointing=False, on_gpu=True)
     parts = {k: v * GiB for k, v in est["parts_gib"].items()}
     assert parts["weights"] == pytest.approx(2e9, rel=1e-3)
     assert parts["trainable_and_adam"] == pytest.approx(16 * 10_000_000, rel=1e-3)
     assert parts["activations"] == pytest.approx(4096 * 16 * 34 * 2048, rel=1e-3)
     assert parts["logits"] == pytest.approx(4096 * 32000 * 10, rel=1e-3)
     assert est["total_gib"] == pytest.approx(sum(est["parts_gib"].values()), abs=0.02)
+    # On a CPU: the activations and logits bytes measured there (core.memory), and logits only where labels are.
+    cpu = estimate_memory(total_params=1_000_000_000, trainable_params=10_000_000, weight_bytes=2, hidden=2048,
+                          layers=16, vocab=32000, tokens_per_step=4096, checkpointing=False, logit_tokens=1000)
+    assert cpu["parts_gib"]["activations"] * GiB == pytest.approx(4096 * 16 * 80 * 2048, rel=1e-3)
+    assert cpu["parts_gib"]["logits"] * GiB == pytest.approx(1000 * 32000 * 13, abs=GiB / 2000)
     ckpt = estimate_memory(total_params=1_000_000_000, trainable_params=10_000_000, weight_bytes=2, hidden=2048,
-                           layers=16, vocab=32000, tokens_per_step=4096, checkpointing=True)
+                           layers=16, vocab=32000, tokens_per_step=4096, checkpointing=True, on_gpu=True)
     assert ckpt["parts_gib"]["activations"] < est["parts_gib"]["activations"] / 8
     q4 = estimate_memory(total_params=1_000_000_000, trainable_params=10_000_000, weight_bytes=0.57, hidden=2048,
                          layers=16, vocab=32000, tokens_per_step=4096, checkpointing=False)

@@ -89,3 +89,10 @@ def test_malformed_preference_data_is_exit_3(tmp_path):
     out = rlhf("train-rm", "train-rm.yaml", "--data", str(path))
     assert out.code == 3, out
     assert "chosen+rejected" in out.stderr and "records have: chosen, prompt" in out.stderr
+
+
+def test_the_memory_estimate_of_a_reward_model_counts_no_vocabulary_logits():
+    # The score head has one output: the [tokens, vocab] logits a causal LM computes never exist here.
+    est = rlhf("train-rm", "train-rm.yaml", "--dry-run").json["details"]["memory_estimate"]
+    assert est["parts_gib"]["logits"] * 1024**3 <= est["tokens_per_step"] * 13 + 1024**3 / 2000
+    assert est["parts_gib"]["activations"] > 0

@@ -172,6 +172,21 @@ def test_dry_run_shows_the_plan_and_writes_nothing():
     assert d["memory_estimate"]["total_gib"] > 0
 
 
+def test_the_memory_estimate_counts_a_padding_free_batch_by_its_samples_tokens(tiny):
+    # A padding-free batch holds its samples' tokens, not batch_size copies of the longest sample: with one
+    # long chat among short ones, the batch that holds it is that chat and 15 short ones.
+    long_answer = " ".join(["the cat is in the house."] * 6)
+    chats = Path(tiny["chat"]).read_text() + json.dumps(
+        {"messages": [{"role": "user", "content": "where is the cat?"}, {"role": "assistant", "content": long_answer}]}) + "\n"
+    Path("chat.jsonl").write_text(chats)
+    free, padded = (rlhf("sft", "sft.yaml", "--set", "data.train=chat.jsonl", "--set", f"data.padding_free={v}",
+                         "--dry-run").json["details"] for v in ("true", "false"))
+    batch, lengths = 16, free["train"]["length_percentiles"]
+    assert padded["memory_estimate"]["tokens_per_step"] == batch * lengths["p100"]
+    assert lengths["p100"] > lengths["p99"]
+    assert free["memory_estimate"]["tokens_per_step"] <= lengths["p100"] + (batch - 1) * lengths["p99"]
+
+
 def test_dry_run_counts_truncation_of_prompt_completion_data(tmp_path):
     rows = [{"prompt": "where is the cat? " * 8, "completion": "the cat is in the barn."}] * 3
     rows += [{"prompt": "where is the dog?", "completion": "the dog is in the park."}] * 5

@@ -7,22 +7,23 @@ Assumptions, stated so the figure can be judged:
 - weights: total_params x weight_bytes (4-bit: 0.5 byte plus ~0.07 for block constants; 8-bit: 1 byte);
 - every trainable parameter holds an fp32 value, an fp32 gradient and two fp32 AdamW moments: 16 bytes
   (for a full fine-tune the fp32 weights are these 4 bytes, so weight_bytes is 0 on top);
-- activations kept for backward, per token and layer: 34 x hidden x act_bytes / 2 bytes
+- activations kept for backward, per token and layer: on a GPU 34 x hidden x act_bytes / 2 bytes
   (Korthikanti et al. 2022, "Reducing Activation Recomputation", without the attention-score term that
-  fused / flash attention does not store); with checkpointing only each layer's input (hidden x act_bytes)
-  plus one layer's full set;
-- logits: tokens x vocab x (act_bytes + 4 + 4): the logits, their fp32 upcast in the loss and its gradient;
-  or, for a chunked log-prob head (trl's DPOTrainer, `head_tile`), one tile of at most rows x columns logits
+  fused / flash attention does not store); on a CPU 80 x hidden x act_bytes / 2, measured: the process's
+  RSS grows by 65-90 x hidden bytes per token and layer over one forward and backward of SmolLM2-135M with
+  LoRA in bf16 (1,024 and 2,048 tokens; the CPU allocator keeps what eager attention and the MLP free);
+  with checkpointing only each layer's input (hidden x act_bytes) plus one layer's full set;
+- logits: tokens x vocab x (act_bytes + 4 + 4) on a GPU: the logits, their fp32 upcast in the loss and its
+  gradient; on a CPU act_bytes + 11 (13.3 bytes per logit measured in bf16). A reward model's score head
+  has one output, not a vocabulary: its caller passes vocab=1. Or, for a chunked log-prob head (trl's DPOTrainer, `head_tile`), one tile of at most rows x columns logits
   at a time: on a GPU its buffer (act_bytes per logit, Triton folds the tile in place), on a CPU the torch
   fallback's eight live fp32 copies of the tile in the backward plus the buffer (32 + act_bytes per logit;
   a 2-layer SmolLM2-shape model, 16 sequences of 206 tokens: 4.04 GiB peak RSS against 4.12 estimated),
   plus the fp32 gradient of the hidden states (tokens x hidden x 4);
 - a frozen copy of the weights as a separate reference model (DPO's full fine-tune), reference_bytes;
 - a fixed 0.5 GiB for the framework (CUDA context / allocator slack or the Python process).
-It is an estimate for one device and one micro-batch; real peaks vary by some tens of percent. On a CPU
-the activations are the part it counts short: a transformers Llama with LoRA saves ~46 x hidden bytes per
-token and layer in bf16, and the process's RSS grows by ~66 (SmolLM2-135M DPO, 16 sequences of 206
-tokens: 7.49 GiB peak RSS against 6.06 estimated).
+It is an estimate for one device and one micro-batch; real peaks vary by some tens of percent.
+bench/memory_estimate.py compares it with the measured peak of sft, train-rm and dpo runs.
 """
 
 from __future__ import annotations
@@ -48,19 +49,22 @@ def estimate_memory(
     head_tile: tuple[int, int] | None = None,
     on_gpu: bool = False,
     reference_bytes: int = 0,
+    logit_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Bytes per component and the total, in GiB, for a micro-batch of tokens_per_step tokens.
 
-    head_tile: (rows, columns) of a chunked log-prob head's tile, None when the loss sees the full logits."""
+    head_tile: (rows, columns) of a chunked log-prob head's tile, None when the loss sees the full logits;
+    logit_tokens: the tokens whose logits the loss computes (default: all of them)."""
     weights = 0 if full_finetune else int(total_params * weight_bytes)
     optimizer = trainable_params * 16
-    per_layer_full = 34 * hidden * act_bytes // 2
+    per_layer_full = (34 if on_gpu else 80) * hidden * act_bytes // 2
     if checkpointing:
         activations = tokens_per_step * (layers * hidden * act_bytes + per_layer_full)
     else:
         activations = tokens_per_step * layers * per_layer_full
     if head_tile is None:
-        logits = tokens_per_step * vocab * (act_bytes + 8)
+        scored = tokens_per_step if logit_tokens is None else min(logit_tokens, tokens_per_step)
+        logits = scored * vocab * (act_bytes + (8 if on_gpu else 11))
     else:
         tile = min(tokens_per_step, head_tile[0]) * min(vocab, head_tile[1])
         logits = tile * (act_bytes if on_gpu else 8 * 4 + act_bytes) + tokens_per_step * hidden * 4

@@ -99,9 +99,12 @@ def plan_training(
     tokenizer: Any = None,
     head_tile: tuple[int, int] | None = None,
     reference_copy: bool = False,
+    logit_tokens: int | None = None,
 ) -> TrainingPlan:
     """head_tile: the trainer's log-prob head works on tiles of (rows, columns) logits (core.memory);
-    reference_copy: a second, frozen copy of the weights as loaded is held as the reference model."""
+    reference_copy: a second, frozen copy of the weights as loaded is held as the reference model;
+    logit_tokens: the tokens of a micro-batch whose logits the loss computes, where fewer than
+    tokens_per_step (sft's loss takes logits only where labels are)."""
     from rlhf_cli.core.loading import check_quantizable, count_parameters
     from rlhf_cli.core.lora import attach_lora, start_from_adapter
 
@@ -117,6 +120,8 @@ def plan_training(
         model = attach_lora(model, lora, task=task, quantized=False, gradient_checkpointing=False)
     trainable, total = count_parameters(model)
     hidden, layers, vocab = model_shape(model.config)
+    if head == "reward":
+        vocab = 1  # the score head's one output: a reward model computes no vocabulary logits
     act = 4 if precision.load == torch.float32 and precision.autocast is None else 2
 
     def estimate(checkpointing: bool) -> dict[str, Any]:
@@ -128,6 +133,7 @@ def plan_training(
             layers=layers,
             vocab=vocab,
             tokens_per_step=tokens_per_step,
+            logit_tokens=logit_tokens,
             checkpointing=checkpointing,
             act_bytes=act,
             full_finetune=lora is None,

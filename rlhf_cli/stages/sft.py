@@ -37,10 +37,17 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
     if not train_set:
         raise _no_samples(recipe)
     longest = min(d.max_length, max(stats.lengths))
+    # A padded batch is batch_size rows of its longest sample; a padding-free one is its samples' tokens, at
+    # most those of the batch_size longest samples.
+    cut = sorted(min(d.max_length, n) for n in stats.lengths)
+    tokens_per_step = sum(cut[-recipe.train.batch_size:]) if d.padding_free else recipe.train.batch_size * longest
+    # The loss takes logits only where labels are (core.trainer.causal_lm_loss): at most the batch_size most.
+    labelled = sorted(sum(1 for t in s["labels"] if t != -100) for s in train_set)
+    logit_tokens = sum(labelled[-recipe.train.batch_size:])
 
     # 2. How the model will be held: dtype, trainable parameters, parent adapters, memory.
     plan = plan_training(resolved, recipe.model, lora=recipe.lora, quant=recipe.quant, train=recipe.train,
-                         head="causal", tokens_per_step=recipe.train.batch_size * longest)
+                         head="causal", tokens_per_step=tokens_per_step, logit_tokens=logit_tokens)
     details = {
         "format": fmt,
         "train": stats.summary(),
