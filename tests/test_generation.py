@@ -175,3 +175,25 @@ def test_gates_name_metric_value_and_threshold():
         "kl = 9.2 is over the gate 8 (--fail-over kl=8)",
     ]
     assert mean_std([1.0, 3.0]) == (2.0, 1.0)
+
+
+@pytest.mark.stage
+@pytest.mark.parametrize("run", ["sft_full_run", "lora_run"])
+def test_the_checkpoints_own_generation_settings_do_not_change_sampling(run, request):
+    # generate() fills what the recipe leaves unset from model.generation_config: a checkpoint's
+    # no_repeat_ngram_size banned the answer's second "the", so PPO sampled from another distribution
+    # than the one it scores.
+    from rlhf_cli.core.chat import prompt_text
+    from rlhf_cli.core.inference import load_causal_lm
+
+    loaded = load_causal_lm(ModelSpec(path=str(request.getfixturevalue(run)), dtype="fp32"))
+    prompts = [prompt_text(loaded.tokenizer, "where is the cat?")]
+    spec = GenerationSpec(max_new_tokens=12, temperature=0)
+    plain = gen.generate_batch(loaded.model, loaded.tokenizer, prompts, spec).samples[0].text
+    ids = loaded.tokenizer(plain, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(set(ids)), plain  # a token repeats: what no_repeat_ngram_size=1 would ban
+    target = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+    own = target.generation_config
+    own.no_repeat_ngram_size, own.min_new_tokens = 1, 12
+    assert gen.generate_batch(loaded.model, loaded.tokenizer, prompts, spec).samples[0].text == plain
+    assert target.generation_config is own  # the checkpoint's config is given back

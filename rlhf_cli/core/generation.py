@@ -19,6 +19,7 @@ and its scoring passes (policy, reference, values) live in rlhf_cli/ppo/rollout.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -78,8 +79,9 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 def generation_config(spec: GenerationSpec, eos_ids: list[int], pad_id: int) -> Any:
-    """A GenerationConfig fully set from the recipe, so a checkpoint's own defaults (top_k=50,
-    repetition_penalty, ...) never change what the recipe asked for."""
+    """A GenerationConfig set from the recipe. generate() still fills every field left None from the
+    model's own generation_config (a checkpoint's no_repeat_ngram_size, min_p, suppress_tokens, ...), so
+    generate_batch also puts this config in the model's place for the call (_recipe_config_only)."""
     from transformers import GenerationConfig
 
     greedy = spec.temperature == 0
@@ -96,6 +98,20 @@ def generation_config(spec: GenerationSpec, eos_ids: list[int], pad_id: int) -> 
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
     )
+
+
+@contextlib.contextmanager
+def _recipe_config_only(model: Any, config: Any) -> Iterator[None]:
+    """The model's generation_config is `config` for the duration: nothing of the checkpoint's own is merged
+    in. PPO and GRPO score answers with the plain tempered softmax, so a sampler constrained by, say,
+    no_repeat_ngram_size would draw them from another distribution than the one whose ratio and KL they use."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = target.generation_config
+    target.generation_config = config
+    try:
+        yield
+    finally:
+        target.generation_config = saved
 
 
 class _StopStrings:
@@ -153,12 +169,10 @@ def generate_batch(
     was_training = model.training
     if eval_mode:
         model.eval()
+    config = generation_config(spec, eos_ids, pad_id)
     try:
-        out = model.generate(
-            **enc,
-            generation_config=generation_config(spec, eos_ids, pad_id),
-            stopping_criteria=criteria,
-        )
+        with _recipe_config_only(model, config):
+            out = model.generate(**enc, generation_config=config, stopping_criteria=criteria)
     finally:
         if eval_mode:
             model.train(was_training)
