@@ -463,6 +463,13 @@ class PPOSpec(OnlineRLSpec):
         False, description="Scale scores to unit variance over the rollout (mean kept, as in trl) before adding the KL penalty."
     )
 
+    @model_validator(mode="after")
+    def _kl_target_needs_a_kl(self) -> Any:
+        if self.kl_target is not None and self.kl_estimator in ("k2", "abs"):
+            raise ValueError(f"ppo.kl_target aims for a KL in nats per sequence, and kl_estimator {self.kl_estimator} "
+                             "is not one (it is biased): use kl_estimator: k1 or k3 with it, or a fixed kl_coef")
+        return self
+
 
 Advantage = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"]
 # Where each estimator's paper puts the KL to the reference: GRPO and Dr. GRPO as a k3 loss term (Shao et al.
@@ -531,6 +538,11 @@ def _online_rules(data: PromptData, generation: GenerationSpec, stage: str) -> N
         raise ValueError(f"{stage} samples from prompts, not {data.format}: set data.format: prompt or auto")
     if generation.temperature == 0:
         raise ValueError(f"generation.temperature is 0: {stage.upper()} must sample its rollouts; use e.g. 0.7")
+    if generation.top_p < 1 or generation.top_k > 0:
+        # The ratio and the KL are computed with the full tempered softmax: a truncated sampler draws the
+        # answers from another distribution than the one they are scored with.
+        raise ValueError(f"generation.top_p / top_k: {stage.upper()} scores its answers with the whole "
+                         "distribution, so it must sample from it too: leave top_p: 1.0 and top_k: 0 (use temperature)")
 
 
 class _OnlineRules(Strict):

@@ -71,9 +71,10 @@ def test_the_reward_flag_replaces_the_files_reward_source(calls, tmp_path):
         (["grpo.kl_in=critic"], "grpo.kl_in"),
         (["grpo.report_to=[neptune]"], "grpo.report_to"),
         (["generation.temperature=0"], "GRPO must sample its rollouts"),
+        (["generation.top_p=0.95"], "GRPO scores its answers with the whole distribution"),
     ],
     ids=["typo", "typo-2", "critic-key", "estimator", "group-of-one", "groups", "minibatches", "negative-kl",
-         "kl-in", "tracker", "greedy"],
+         "kl-in", "tracker", "greedy", "nucleus"],
 )
 def test_recipe_mistakes_exit_2_with_the_fix(calls, sets, message):
     result = rlhf("grpo", *FLAGS, *[a for s in sets for a in ("--set", s)])

@@ -315,8 +315,12 @@ def test_set_value_is_validated_like_the_file(tmp_path):
         ("ppo", PPO, ["ppo.rollout_batch_size=60"], "set ppo.rollout_batch_size to a multiple of it (e.g. 64)"),
         ("ppo", PPO, ["ppo.grad_accum=3"], "set ppo.grad_accum to a divisor of ppo.mini_batch_size"),
         ("ppo", PPO, ["generation.temperature=0"], "PPO must sample"),
+        ("ppo", PPO, ["generation.top_p=0.9"], "leave top_p: 1.0 and top_k: 0"),
+        ("ppo", PPO, ["generation.top_k=50"], "leave top_p: 1.0 and top_k: 0"),
+        ("ppo", PPO, ["ppo.kl_target=6", "ppo.kl_estimator=abs"], "use kl_estimator: k1 or k3 with it"),
     ],
-    ids=["qlora-without-lora", "no-length", "sft-format", "ppo-no-reward", "two-rewards", "rollout", "grad-accum", "greedy"],
+    ids=["qlora-without-lora", "no-length", "sft-format", "ppo-no-reward", "two-rewards", "rollout", "grad-accum", "greedy",
+         "nucleus", "top-k", "kl-target-of-no-kl"],
 )
 def test_cross_field_rules_say_how_to_fix(tmp_path, stage, text, sets, fix):
     path = write(tmp_path, text)
