@@ -89,6 +89,18 @@ def test_one_answer_names_a_policy_that_gives_most_prompts_the_same_answer():
     assert one_answer([]) is None and math.isnan(distinct_rate([]))
 
 
+def test_several_answers_per_prompt_do_not_shrink_the_gains_error():
+    # eval -n 4 answers each prompt 4 times (greedily: 4 copies of one answer); the prompts are the draws.
+    values, reference = [1.0, 2.0, 3.0], [0.0, 2.0, 1.0]
+    four = paired_gain([v for v in values for _ in range(4)], [r for r in reference for _ in range(4)], per_prompt=4)
+    assert four == pytest.approx(paired_gain(values, reference))
+    # Different answers to one prompt average into that prompt's gain.
+    assert paired_gain([1.0, 3.0, 2.0, 2.0], [0.0, 0.0, 2.0, 2.0], per_prompt=2) == pytest.approx(
+        paired_gain([2.0, 2.0], [0.0, 2.0]))
+    with pytest.raises(ValueError, match="2 per prompt"):
+        paired_gain([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], per_prompt=2)
+
+
 def test_paired_gain_by_hand():
     # gaps 1, 0, 2: mean 1, sample std 1, standard error 1 / sqrt(3)
     assert paired_gain([1.0, 2.0, 3.0], [0.0, 2.0, 1.0]) == pytest.approx((1.0, 1 / math.sqrt(3)))

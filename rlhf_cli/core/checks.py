@@ -116,12 +116,18 @@ def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / len(values))
 
 
-def paired_gain(values: Sequence[float], reference: Sequence[float]) -> tuple[float, float]:
+def paired_gain(values: Sequence[float], reference: Sequence[float], per_prompt: int = 1) -> tuple[float, float]:
     """(mean of value - reference over the same prompts, its standard error): a gain smaller than about two
-    standard errors is what another draw of prompts could give either way. The error is NaN under 2 pairs."""
-    if len(values) != len(reference) or not values:
-        raise ValueError(f"paired_gain needs equally many values, got {len(values)} and {len(reference)}")
-    return mean_and_error([v - r for v, r in zip(values, reference)])
+    standard errors is what another draw of prompts could give either way. The error is NaN under 2 prompts.
+
+    per_prompt: answers per prompt, each prompt's `per_prompt` values side by side (eval -n). The prompts are
+    the independent draws, not the answers (greedy answers to one prompt are all the same answer), so the
+    error is taken over each prompt's mean difference."""
+    if len(values) != len(reference) or not values or len(values) % per_prompt:
+        raise ValueError(f"paired_gain needs equally many values, {per_prompt} per prompt, got {len(values)} and "
+                         f"{len(reference)}")
+    gaps = [v - r for v, r in zip(values, reference)]
+    return mean_and_error([sum(gaps[i:i + per_prompt]) / per_prompt for i in range(0, len(gaps), per_prompt)])
 
 
 def distinct_rate(texts: Sequence[str]) -> float:

@@ -150,7 +150,7 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
                 if reward_fn is not None:
                     ref_fn_scores = reward_fn(prompts, ref_texts)
                     values["reference_reward_fn"] = mean_std(ref_fn_scores)[0]
-                    values["reward_fn_gain_se"] = paired_gain(fn_scores, ref_fn_scores)[1]
+                    values["reward_fn_gain_se"] = paired_gain(fn_scores, ref_fn_scores, recipe.num_samples)[1]
                     _add(samples, "reference_reward_fn", ref_fn_scores)
                     disagreement = check_disagrees(values["reward"], values["reference_reward"], values["reward_fn"],
                                                    values["reference_reward_fn"], values["reward_fn_gain_se"])
