@@ -177,11 +177,13 @@ def test_eval_rm_accuracy_on_rankings_with_the_reward_run_as_model(tiny, reward_
 
     ranked = _rankings(tiny, tmp_path / "ranked.jsonl", k=3, source="preference_eval")
     pairs_file = tmp_path / "pairs.jsonl"
+    same = 0  # pairs of two equal answers: no signal, skipped as train-rm skips them
     with open(pairs_file, "w") as out:
         for line in open(ranked):
             row = json.loads(line)
             c = comparison_of(row, "ranked")
             for b, w in c.pairs:
+                same += row["responses"][b] == row["responses"][w]
                 out.write(json.dumps({"prompt": row["prompt"], "chosen": row["responses"][b],
                                       "rejected": row["responses"][w]}) + "\n")
     runner = CliRunner()
@@ -191,7 +193,8 @@ def test_eval_rm_accuracy_on_rankings_with_the_reward_run_as_model(tiny, reward_
         assert result.exit_code == 0, result.stderr
         results.append(json.loads(result.stdout))
     by_ranking, by_pair = results
-    assert by_ranking["details"]["preference_pairs"] == by_pair["details"]["preference_pairs"] == 3 * 50
+    assert by_ranking["details"]["preference_pairs"] == by_pair["details"]["preference_pairs"] == 3 * 50 - same
+    assert by_ranking["details"]["preference_pairs_skipped"] == by_pair["details"]["preference_pairs_skipped"] == same
     assert by_ranking["details"]["preference_prompts"] == 50
     assert by_ranking["metrics"]["rm_accuracy"] == pytest.approx(by_pair["metrics"]["rm_accuracy"])
     assert by_ranking["metrics"]["rm_accuracy"] > 0.6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import fixtures_runs
 import pytest
@@ -194,3 +195,36 @@ def test_a_reward_function_that_cannot_be_imported_exits_2_before_any_model_load
                                  "--metric", "reward_fn", "--reward-fn", "no_such_module_xyz:score"])
     assert result.exit_code == 2, result.stderr
     assert "reward function no_such_module_xyz:score: cannot import no_such_module_xyz" in result.stderr
+
+
+def test_rm_accuracy_skips_pairs_the_scorer_cannot_tell_apart_as_train_rm_does(tiny_chatml):
+    # A pair of two equal answers (or equal within the reward model's max_length) scores a gap of exactly
+    # 0, which counted as a wrong ranking: eval and train-rm's own evaluation disagreed on the same pairs.
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_cli.core.comparisons import comparison_samples
+    from rlhf_cli.core.ranking import pair_margins
+    from rlhf_cli.core.reward import RewardModel, score_rows
+    from rlhf_cli.stages.eval import _pair_gaps
+
+    tok = AutoTokenizer.from_pretrained(tiny_chatml["tokenizer"])
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_chatml["model"], num_labels=1).eval()
+    scorer = RewardModel(model, tok, max_length=40)
+    records = [json.loads(line) for line in Path(tiny_chatml["preference_eval"]).read_text().splitlines()[:8]]
+    records.append({"prompt": "where is the cat?", "chosen": "the cat is in the barn.", "rejected": "the cat is in the barn."})
+    long = "the cat is in the barn. " * 6
+    records.append({"prompt": "where is the cat?", "chosen": long + "it is great.", "rejected": long + "it is bad."})
+
+    gaps, prompts, skipped = _pair_gaps(scorer, records, "pairs.jsonl")
+    assert (len(gaps), prompts, skipped) == (8, 8, 2) and 0.0 not in gaps
+    samples, stats, _ = comparison_samples(tok, records, "preference", 40)
+    rows, groups = [], []
+    for s in samples:
+        groups.append([(len(rows) + b, len(rows) + w) for b, w in s["pairs"]])
+        rows.extend(s["response_ids"])
+    margins = pair_margins(torch.tensor(score_rows(model, rows, tok.pad_token_id, 16)), groups)
+    assert stats.no_signal == 2
+    assert sum(g > 0 for g in gaps) / len(gaps) == pytest.approx(float((margins > 0).float().mean()))
+    assert sorted(gaps) == pytest.approx(sorted(margins.tolist()), abs=1e-5)

@@ -92,10 +92,10 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     if "rm_accuracy" in wanted:
         assert scorer is not None and data.preference is not None
         _name_progress(scorer, "eval rm_accuracy")
-        gaps, prompts_ranked = _pair_gaps(scorer, read(data.preference), data.preference)
+        gaps, prompts_ranked, skipped = _pair_gaps(scorer, read(data.preference), data.preference)
         values["rm_accuracy"] = sum(g > 0 for g in gaps) / len(gaps)
         values["rm_margin"] = sum(gaps) / len(gaps)
-        details.update(preference_pairs=len(gaps), preference_prompts=prompts_ranked)
+        details.update(preference_pairs=len(gaps), preference_prompts=prompts_ranked, preference_pairs_skipped=skipped)
 
     if "dpo_accuracy" in wanted:
         assert policy is not None and data.preference is not None
@@ -174,25 +174,43 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     return result
 
 
-def _pair_gaps(scorer: Any, records: list[dict[str, Any]], source: str) -> tuple[list[float], int]:
-    """r_better - r_worse of every pair of preference pairs or rankings (each answer scored once); and the
-    number of prompts they came from."""
-    from rlhf_cli.core.comparisons import comparison_of
+def _pair_gaps(scorer: Any, records: list[dict[str, Any]], source: str) -> tuple[list[float], int, int]:
+    """r_better - r_worse of every pair of preference pairs or rankings (each answer scored once), the number
+    of prompts they came from, and the number of pairs skipped for carrying no signal: the two answers are
+    one input to the scorer (the same text, or for a reward model the same transcript within its
+    max_length), as train-rm skips them (core.comparisons.comparison_samples). Scored, such a pair's gap is
+    0 and would count as a wrong ranking."""
+    from rlhf_cli.core.comparisons import comparison_of, encode_answers
     from rlhf_cli.core.data import adopt_prompt_alias, detect_format
+    from rlhf_cli.core.reward import RewardModel
     from rlhf_cli.errors import DataError
 
     fmt = detect_format(records, source, allowed=("preference", "ranked"))
     records = adopt_prompt_alias(records, fmt, source)
     found = [comparison_of(r, fmt, f"{source}: record {n}") for n, r in enumerate(records, 1)]
-    comparisons = [c for c in found if c is not None and c.pairs]
-    if not comparisons:
-        raise DataError(f"{source}: no ranked pair to score (rows without a ranking or scores are skipped)")
-    scores = iter(scorer([c.prompt for c in comparisons for _ in c.responses], [r for c in comparisons for r in c.responses]))
+    kept, skipped = [], 0
+    for c in (c for c in found if c is not None and c.pairs):
+        inputs = (encode_answers(scorer.tokenizer, c.prompt, c.responses, scorer.max_length)[0]
+                  if isinstance(scorer, RewardModel) else [str(r) for r in c.responses])
+        pairs = [(b, w) for b, w in c.pairs if inputs[b] != inputs[w]]
+        skipped += len(c.pairs) - len(pairs)
+        if pairs:
+            kept.append((c, pairs, inputs))
+    if skipped:
+        log.warning("%s: %d pairs are skipped: their two answers are the same input to the scorer%s", source, skipped,
+                    f" within its max_length {scorer.max_length}" if isinstance(scorer, RewardModel) else "")
+    if not kept:
+        raise DataError(f"{source}: no ranked pair to score (rows without a ranking or scores, and pairs of two "
+                        "equal answers, are skipped)")
+    if isinstance(scorer, RewardModel):
+        scores = iter(scorer.score_ids([ids for _, _, inputs in kept for ids in inputs]))
+    else:
+        scores = iter(scorer([c.prompt for c, _, _ in kept for _ in c.responses], [r for c, _, _ in kept for r in c.responses]))
     gaps = []
-    for c in comparisons:
+    for c, pairs, _ in kept:
         mine = [next(scores) for _ in c.responses]
-        gaps.extend(mine[b] - mine[w] for b, w in c.pairs)
-    return gaps, len(comparisons)
+        gaps.extend(mine[b] - mine[w] for b, w in pairs)
+    return gaps, len(kept), skipped
 
 
 def _add(samples: list[dict[str, Any]], key: str, values: list[Any]) -> None:
