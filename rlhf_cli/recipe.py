@@ -618,6 +618,8 @@ METRIC_KEYS: dict[str, tuple[str, ...]] = {
     "best_of_n": ("best_of_n_reward", "sample_reward"),
     "dpo_accuracy": ("dpo_accuracy", "dpo_margin"),
 }
+# Keys of one metric that exist only alongside another: the reference's answers come with win_rate.
+NEEDS_METRIC: dict[str, str] = {"reference_reward_fn": "win_rate", "reward_fn_gain_se": "win_rate"}
 
 
 class EvalData(Strict):
@@ -676,8 +678,13 @@ class EvalRecipe(Strict):
             raise ValueError("perplexity needs data.text (--text FILE)")
         if m & {"rm_accuracy", "dpo_accuracy"} and self.data.preference is None:
             raise ValueError("rm_accuracy and dpo_accuracy need data.preference (--preference FILE)")
-        available = [k for metric in self.metrics for k in METRIC_KEYS[metric]]
+        available = [k for metric in self.metrics for k in METRIC_KEYS[metric] if NEEDS_METRIC.get(k, metric) in m]
         for key, gates in (("fail_under", self.fail_under), ("fail_over", self.fail_over)):
+            alone = [name for name in gates if name in NEEDS_METRIC and NEEDS_METRIC[name] not in m and name in
+                     {k for metric in self.metrics for k in METRIC_KEYS[metric]}]
+            if alone:
+                raise ValueError(f"{key}: {', '.join(alone)} compares with the reference's answers, which only "
+                                 f"win_rate makes: add --metric win_rate (and --reference RUN)")
             unknown = [name for name in gates if name not in available]
             if unknown:
                 raise ValueError(

@@ -175,6 +175,8 @@ def test_gates_name_metric_value_and_threshold():
         "kl = 9.2 is over the gate 8 (--fail-over kl=8)",
     ]
     assert mean_std([1.0, 3.0]) == (2.0, 1.0)
+    # A gate on a metric that was not computed fails with a sentence, instead of a KeyError that lost eval.json.
+    assert check_gates(metrics, {}, {"reward_fn_gain_se": 0.1}) == ["reward_fn_gain_se was not computed, so its gate cannot hold"]
 
 
 @pytest.mark.stage

@@ -403,6 +403,22 @@ def test_a_directory_given_as_the_recipe_says_so(tmp_path):
         f"error: {tmp_path} is a directory, not a recipe: give one of its YAML files (rlhf validate {tmp_path}/*.yaml)"]
 
 
+@pytest.mark.parametrize("gate", ["--fail-over=reward_fn_gain_se=0.1", "--fail-under=reference_reward_fn=0"])
+def test_a_gate_on_the_references_check_needs_win_rate(gate):
+    # eval computes the reference's reward_fn only beside win_rate: the gate was accepted, and the eval
+    # crashed at its end (KeyError), after all its work, without eval.json.
+    args = ["eval", "--model", "m", "--prompts", "p.jsonl", "--metric", "reward_fn", "--reward-fn", "pkg.mod:fn", gate]
+    result = rlhf(*args)
+    assert result.exit_code == 2, result.output
+    assert "compares with the reference's answers, which only win_rate makes: add --metric win_rate" in result.stderr
+    from rlhf_cli.recipe import EvalRecipe
+
+    name, value = gate.split("=", 1)[1].split("=")
+    EvalRecipe(model={"path": "m"}, reference={"path": "r"}, reward={"path": "rm"}, reward_fn="pkg.mod:fn",
+               metrics=["reward_fn", "win_rate"], data={"prompts": "p.jsonl"},
+               **{gate.split("=")[0][2:].replace("-", "_"): {name: float(value)}})  # with win_rate it is accepted
+
+
 def test_eval_without_a_metric_names_the_flag_and_the_metrics():
     result = rlhf("eval", "--model", "runs/sft")
     assert result.exit_code == 2

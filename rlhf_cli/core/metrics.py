@@ -127,15 +127,17 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def check_gates(metrics: dict[str, float], fail_under: dict[str, float], fail_over: dict[str, float]) -> list[str]:
-    """One message per gate that does not hold (NaN never holds)."""
+    """One message per gate that does not hold (NaN never holds, nor a gate on a metric not computed)."""
     failed = []
+    missing = [name for name in (*fail_under, *fail_over) if name not in metrics]
+    failed += [f"{name} was not computed, so its gate cannot hold" for name in dict.fromkeys(missing)]
     for name, limit in fail_under.items():
-        value = metrics[name]
-        if not value >= limit:
+        value = metrics.get(name)
+        if value is not None and not value >= limit:
             failed.append(f"{name} = {value:.4g} is under the gate {limit:g} (--fail-under {name}={limit:g})")
     for name, limit in fail_over.items():
-        value = metrics[name]
-        if not value <= limit:
+        value = metrics.get(name)
+        if value is not None and not value <= limit:
             failed.append(f"{name} = {value:.4g} is over the gate {limit:g} (--fail-over {name}={limit:g})")
     return failed
 
