@@ -159,3 +159,71 @@ def test_update_statistics_reduce_to_the_per_step_values_in_one_read():
     out, bad = reduce_stats(sums, [torch.tensor(0.1), torch.tensor(0.2)])
     assert out == pytest.approx(old) and bad is None
     assert reduce_stats(sums, [torch.tensor(0.1), torch.tensor(float("nan")), torch.tensor(float("inf"))])[1] == 1
+
+
+def test_update_statistics_are_over_every_process(monkeypatch):
+    """Only the main process logs: its clipfrac and losses were its own micro-steps', not the run's."""
+    import torch
+    import torch.distributed as dist
+
+    from rlhf_cli.core import distributed
+    from rlhf_cli.ppo.loop import reduce_stats
+
+    other = {"policy_loss": torch.tensor(0.5), "clipfrac": torch.tensor(0.25), "ratio_max": torch.tensor(4.0)}
+
+    def all_reduce(t, op):  # the other process's reduced statistics, in key order
+        theirs = torch.stack(list(other.values()))
+        t.copy_(t + theirs if op == dist.ReduceOp.SUM else torch.maximum(t, theirs))
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    mine = {"policy_loss": [torch.tensor(0.25), torch.tensor(-0.75)], "clipfrac": [torch.tensor(0.0), torch.tensor(0.5)],
+            "ratio_max": [torch.tensor(1.5), torch.tensor(3.0)]}
+    out, _ = reduce_stats(mine, [torch.tensor(0.1)])
+    assert out == pytest.approx({"policy_loss": (-0.25 + 0.5) / 2, "clipfrac": (0.25 + 0.25) / 2, "ratio_max": 4.0})
+
+
+def test_a_token_mean_loss_is_the_mini_batchs_whatever_grad_accum_and_processes():
+    """Micro-batch token means weighted by token_shares, averaged as accelerate (over grad_accum) and DDP
+    (over processes) average them, give the token mean of the whole mini-batch; unweighted they did not."""
+    import types
+
+    import torch
+
+    from rlhf_cli.ppo.algo import aggregate
+    from rlhf_cli.ppo.loop import token_shares
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [[9, 1, 1, 7, 2, 8, 1, 1], [3, 3, 12, 1, 5, 1, 1, 6]]  # two processes' rollouts, answers of T <= 12
+    masks = [(torch.arange(12)[None] < torch.tensor(rank)[:, None]).float() for rank in lengths]
+    terms = [torch.randn(8, 12, generator=g) for _ in lengths]
+    perms = [torch.randperm(8, generator=g) for _ in lengths]
+    mini, micro = 4, 2  # grad_accum 2
+
+    def fake_acc(processes, others=()):
+        return types.SimpleNamespace(num_processes=processes, reduce=lambda t, reduction: t + sum(others))
+
+    # One process: each mini-batch step is the token mean of its 4 rows.
+    shares = token_shares(masks[0].sum(1), perms[0], mini, micro, fake_acc(1))
+    for j, start in enumerate(range(0, 8, mini)):
+        micro_means = [aggregate(terms[0][perms[0][m:m + micro]], masks[0][perms[0][m:m + micro]], "token")
+                       for m in range(start, start + mini, micro)]
+        step = sum(s * x for s, x in zip(shares[2 * j:2 * j + 2], micro_means)) / (mini // micro)
+        rows = perms[0][start:start + mini]
+        assert step.item() == pytest.approx(aggregate(terms[0][rows], masks[0][rows], "token").item(), rel=1e-5)
+        assert (sum(micro_means) / 2).item() != pytest.approx(step.item(), rel=1e-3)  # the plain mean of means
+
+    # Two processes: DDP's average of the two ranks' steps is the token mean over both ranks' mini-batches.
+    def per_mini(rank):
+        t = masks[rank].sum(1)
+        return torch.stack([t[perms[rank][s:s + mini]].sum() for s in range(0, 8, mini)])
+    shares = [token_shares(masks[r].sum(1), perms[r], mini, micro, fake_acc(2, [per_mini(1 - r)])) for r in (0, 1)]
+    for j, start in enumerate(range(0, 8, mini)):
+        steps = []
+        for r in (0, 1):
+            means = [aggregate(terms[r][perms[r][m:m + micro]], masks[r][perms[r][m:m + micro]], "token")
+                     for m in range(start, start + mini, micro)]
+            steps.append(sum(s * x for s, x in zip(shares[r][2 * j:2 * j + 2], means)) / (mini // micro))
+        rows = [perms[r][start:start + mini] for r in (0, 1)]
+        whole = aggregate(torch.cat([terms[r][rows[r]] for r in (0, 1)]), torch.cat([masks[r][rows[r]] for r in (0, 1)]), "token")
+        assert (sum(steps) / 2).item() == pytest.approx(whole.item(), rel=1e-5)

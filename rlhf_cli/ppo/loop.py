@@ -341,7 +341,10 @@ def ppo_update(update: UpdateContext, rollout: Rollout, batch: dict[str, Tensor]
     agg, budget = method.aggregation, update.max_new_tokens
     sums: dict[str, list[float]] = defaultdict(list)
 
-    def policy_terms(logits: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    # A token mean is over the mini-batch's tokens on every rank: each micro-batch's mean weighs by its share.
+    row_tokens = rollout.mask.sum(1).float()
+
+    def policy_terms(logits: Tensor, idx: Tensor, share: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logp = token_logprobs(logits, rollout.response_ids[idx], update.temperature)
         loss, stats = algo.policy_loss(logp, batch["old_logp"][idx], batch["advantages"][idx], rollout.mask[idx],
                                        spec.clip_range, agg, budget)
@@ -350,13 +353,13 @@ def ppo_update(update: UpdateContext, rollout: Rollout, batch: dict[str, Tensor]
             kl = algo.kl_loss(logp, batch["ref_logp"][idx], rollout.mask[idx], method.kl_kind, agg, budget)
             stats["kl_loss"] = kl.detach()
             loss = loss + spec.kl_coef * kl
-        return loss, stats
+        return (loss * share if agg == "token" else loss), stats
 
-    def value_terms(values: Tensor, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def value_terms(values: Tensor, idx: Tensor, share: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         assert method.ppo is not None
         loss, stats = algo.value_loss(values, batch["old_values"][idx], batch["returns"][idx], rollout.mask[idx],
                                       method.ppo.value_clip_range)
-        return method.ppo.vf_coef * loss, {"value_loss": loss.detach(), **stats}
+        return method.ppo.vf_coef * loss * share, {"value_loss": loss.detach(), **stats}
 
     # Losses and statistics stay tensors until the iteration's end: reading one (float, .item(), a Python
     # bool) waits for the device to drain its queue, and a micro-step took about 11 such reads.
@@ -368,22 +371,24 @@ def ppo_update(update: UpdateContext, rollout: Rollout, batch: dict[str, Tensor]
 
     for epoch in range(spec.ppo_epochs):
         perm = torch.randperm(n, generator=update.shuffle).to(rollout.response_ids.device)
+        shares = iter(token_shares(row_tokens, perm, mini, micro, acc))
         for start in range(0, n - mini + 1, mini):
             for m in range(start, start + mini, micro):
                 idx = perm[m : m + micro]
+                share = next(shares)
                 ids, attn, pos = rollout.rows(idx)
                 with acc.accumulate(model):
                     if method.critic and acc.num_processes == 1:
-                        pg_loss, pg = policy_terms(actor.policy_logits(ids, attn, pos, R), idx)
+                        pg_loss, pg = policy_terms(actor.policy_logits(ids, attn, pos, R), idx, share)
                         acc.backward(finite(pg_loss, "policy", epoch))
-                        vf_loss, vf = value_terms(actor.values(ids, attn, pos, R), idx)
+                        vf_loss, vf = value_terms(actor.values(ids, attn, pos, R), idx, share)
                         acc.backward(finite(vf_loss, "value", epoch))
                     else:
                         logits, values = model(ids, attn, pos, R)  # values None without a critic
-                        loss, pg = policy_terms(logits, idx)
+                        loss, pg = policy_terms(logits, idx, share)
                         vf = {}
                         if values is not None:
-                            vf_loss, vf = value_terms(values, idx)
+                            vf_loss, vf = value_terms(values, idx, share)
                             loss = loss + vf_loss
                         acc.backward(finite(loss, "policy" if values is None else "policy + value", epoch))
                     if acc.sync_gradients:
@@ -402,11 +407,40 @@ def ppo_update(update: UpdateContext, rollout: Rollout, batch: dict[str, Tensor]
     return out
 
 
+def token_shares(row_tokens: Tensor, perm: Tensor, mini: int, micro: int, acc: Any) -> Tensor:
+    """For each micro-batch of an epoch, in order: the factor that turns its token mean into its part of
+    its mini-batch's token mean over every process.
+
+    A micro-batch's loss is the mean over its own tokens; accelerate divides each by grad_accum and DDP
+    averages the gradients over the processes, so without the factor the step follows the mean of the
+    micro-batches' means, which weighs a token of a short micro-batch more and changes with grad_accum and
+    the process count. The factor is tokens(micro) x grad_accum x processes / tokens(mini, all processes);
+    one reduction per epoch, no host read.
+    """
+    starts = range(0, perm.numel() - mini + 1, mini)
+    per_micro = torch.stack([row_tokens[perm[m : m + micro]].sum() for s in starts for m in range(s, s + mini, micro)])
+    per_micro = per_micro.view(len(starts), mini // micro)
+    per_mini = per_micro.sum(1)
+    if acc.num_processes > 1:
+        per_mini = acc.reduce(per_mini, reduction="sum")
+    return (per_micro * (mini // micro * acc.num_processes) / per_mini.clamp_min(1)[:, None]).flatten()
+
+
 def reduce_stats(sums: dict[str, list[Tensor]], losses: list[Tensor]) -> tuple[dict[str, float], int | None]:
-    """The means of an update's per-micro-step statistics (ratio_max: their maximum), and the index of the
-    first non-finite loss (None if all are finite), read from the device in one transfer."""
+    """The means of an update's per-micro-step statistics (ratio_max: their maximum) over every process, and
+    the index of this process's first non-finite loss (None if all are finite), read from the device in one
+    transfer. Every process runs as many micro-steps, so the mean of the processes' means is the mean."""
     keys = list(sums)
     parts = [torch.stack(sums[k]).float().amax() if k == "ratio_max" else torch.stack(sums[k]).float().mean() for k in keys]
+    if parts and distributed.world_size() > 1:
+        import torch.distributed as dist
+
+        peak = [k == "ratio_max" for k in keys]
+        stacked = torch.stack(parts)
+        means, maxes = torch.where(torch.tensor(peak, device=stacked.device), 0.0, stacked), stacked.clone()
+        dist.all_reduce(means, op=dist.ReduceOp.SUM)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+        parts = list(torch.where(torch.tensor(peak, device=stacked.device), maxes, means / distributed.world_size()))
     device = parts[0].device if parts else torch.device("cpu")
     flags = (~torch.isfinite(torch.stack(losses).float())).float() if losses else torch.zeros(0)
     values = torch.cat([torch.stack(parts) if parts else torch.zeros(0), flags.to(device)]).tolist()
