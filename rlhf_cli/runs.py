@@ -297,10 +297,9 @@ def _claim(
     give_back = _hold(path) if is_main_process() else _nothing
     try:
         old = read_manifest(path)
-        upstream = input_runs([parent_run, *(model.run_dir for model in inputs if model is not None)])
         resume_from = _resume_point(path, stage, old, recipe_json, resume=resume, wanted=wanted, overwrite=overwrite)
         if resume_from is not None and old is not None:
-            _refuse_changed_inputs(path, old, upstream)
+            _refuse_changed_inputs(path, old)
             _refuse_changed_data(path, old, data_fingerprint)
     except BaseException:
         give_back()
@@ -323,7 +322,7 @@ def _claim(
         fingerprint=_fingerprint_id(recipe_json),
         # A new id for every claim: what a later run records of this one to tell that it was trained again.
         run_id=uuid.uuid4().hex,
-        inputs=upstream,
+        inputs=input_runs([parent_run, *(model.run_dir for model in inputs if model is not None)]),
         data_fingerprint=data_fingerprint,
         versions=package_versions(),
         command=" ".join(sys.argv),
@@ -384,16 +383,14 @@ def changed_inputs(record: dict[str, Any]) -> list[str]:
     return changed
 
 
-def _refuse_changed_inputs(path: Path, old: dict[str, Any], upstream: dict[str, str]) -> None:
+def _refuse_changed_inputs(path: Path, old: dict[str, Any]) -> None:
     """Resume continues the same run: checkpoints trained against an input that has since been trained
     again would be continued against other weights (another reference, another reward model)."""
-    recorded = old.get("inputs") or {}
-    changed = [folder for folder, run_id in recorded.items() if folder in upstream and upstream[folder] != run_id]
+    changed = changed_inputs(old)
     if changed:
         raise RecipeError(
-            f"{path}: {', '.join(changed)} {'was' if len(changed) == 1 else 'were'} trained again since this run "
-            "started; its checkpoints were trained against the earlier weights: start over with --resume never, "
-            "--overwrite, or another --output-dir"
+            f"{path}: since this run started, {'; '.join(changed)}; its checkpoints were trained against the "
+            "earlier weights: start over with --resume never, --overwrite, or another --output-dir"
         )
 
 

@@ -759,8 +759,9 @@ def test_resume_after_an_input_was_trained_again_is_refused(tmp_path):
             start(tmp_path / "run", "ppo", parent_run=str(sft), inputs=[resolve_model(str(sft))], resume=resume)
         assert e.value.exit_code == 2
         assert e.value.message == (
-            f"{tmp_path / 'run'}: {sft.resolve()} was trained again since this run started; its checkpoints were "
-            "trained against the earlier weights: start over with --resume never, --overwrite, or another --output-dir"
+            f"{tmp_path / 'run'}: since this run started, {sft.resolve()} was trained again (finished "
+            "2026-12-02T10:00:00+00:00); its checkpoints were trained against the earlier weights: start over with "
+            "--resume never, --overwrite, or another --output-dir"
         )
         assert tree(tmp_path) == before
     # Starting over is allowed, and records the input as it is now.
