@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fixtures_runs
 import pytest
 import torch
 from stagekit import manifest, metrics, rlhf, train_losses, workdir  # noqa: F401
 
 pytestmark = [pytest.mark.stage, pytest.mark.usefixtures("workdir")]
+tiny_chatml = fixtures_runs.tiny_chatml
 
 
 @pytest.fixture
@@ -337,3 +339,30 @@ def test_a_run_over_a_parent_trained_again_is_refused_where_it_is_loaded(tiny):
     assert out.stderr.strip().splitlines()[-1] == (
         f"error: runs/b: trained on top of {Path('runs/a').resolve()}, which was trained again since: its adapter no "
         "longer fits the model beneath it; train runs/b again, or give another run")
+
+
+def test_the_held_out_loss_is_the_mean_over_its_label_tokens(tiny_chatml, tmp_path):
+    # Padding-free eval batches are one row each, and Trainer averaged their losses unweighted: a token of a
+    # short batch weighed more. eval_loss is now the token-weighted NLL `rlhf eval --metric perplexity` computes.
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from rlhf_cli.core.batches import FlatCollator, chat_samples
+    from rlhf_cli.core.metrics import perplexity
+    from rlhf_cli.core.trainer import CausalTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_chatml["tokenizer"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_chatml["model"])
+    records = [json.loads(line) for line in Path(tiny_chatml["chat_eval"]).read_text().splitlines()[:9]]
+    records[8] = {"messages": [{"role": "user", "content": "where is the cat?"},
+                               {"role": "assistant", "content": " ".join(["the cat is in the barn. it is great."] * 6)}]}
+    samples, _ = chat_samples(tok, records, "messages", 512)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_eval_batch_size=4, use_cpu=True, report_to=[])
+    trainer = CausalTrainer(model=model, args=args, eval_dataset=samples, data_collator=FlatCollator())
+    loss = trainer.evaluate()["eval_loss"]
+    token_weighted = perplexity(model, tok, records, "messages", max_length=512, batch_size=4)
+    assert loss == pytest.approx(token_weighted.nll, rel=1e-5)
+    batch_means = [perplexity(model, tok, records[i:i + 4], "messages", max_length=512, batch_size=4).nll
+                   for i in range(0, 9, 4)]
+    assert not math.isclose(loss, sum(batch_means) / len(batch_means), rel_tol=1e-5)  # what it was

@@ -483,10 +483,43 @@ def causal_lm_loss(model: Any, batch: dict[str, Any], num_items: Any = None) -> 
 
 
 class CausalTrainer(Trainer):
-    """Trainer with causal_lm_loss (logits only where labels are)."""
+    """Trainer with causal_lm_loss (logits only where labels are), and an eval_loss that is the mean over
+    the held-out set's label tokens.
+
+    Trainer's evaluation averages each batch's loss weighted by its rows, and a padding-free batch is one
+    row: its eval_loss was the plain mean of batch means, which weighs a token of a short batch more than
+    one of a long batch. Here the evaluation also sums each batch's token NLL and label count (tensors, no
+    host read per batch) and eval_loss becomes their ratio over every process.
+    """
+
+    _eval_sums: torch.Tensor | None = None
+
+    def evaluation_loop(self, *args, **kwargs):
+        metric_key_prefix = kwargs.get("metric_key_prefix", "eval")
+        self._eval_sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        try:
+            output = super().evaluation_loop(*args, **kwargs)
+            sums = self._eval_sums
+        finally:
+            self._eval_sums = None
+        if distributed.world_size() > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+        nll, tokens = sums.tolist()
+        if tokens > 0 and f"{metric_key_prefix}_loss" in output.metrics:
+            output.metrics[f"{metric_key_prefix}_loss"] = nll / tokens
+        return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = causal_lm_loss(model, inputs, num_items_in_batch)
+        if self._eval_sums is not None and not model.training:
+            # causal_lm_loss divides this batch's NLL sum by num_items (the label count of every process,
+            # where Trainer passes it) or else by this batch's own label count.
+            count = (inputs["labels"][:, 1:] != -100).sum()
+            divided_by = count if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=count.device)
+            nll = loss.detach().double() * divided_by.double()
+            self._eval_sums += torch.stack([nll, count.double()]).to(self._eval_sums.device)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts the labels of all ranks while DDP averages gradients over them:
             # scale back up, as Trainer.compute_loss does.
