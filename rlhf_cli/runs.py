@@ -45,6 +45,8 @@ LOCK = ".lock"
 Status = Literal["running", "completed", "failed", "interrupted"]
 ModelKind = Literal["adapter", "full", "reward-adapter", "reward-full"]
 _ABSENT = object()
+# How every refused resume ends: the ways to make the run a new one.
+_START_OVER = "start over with --resume never, --overwrite, or another --output-dir"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # peft writes safetensors (safe_serialization=True); older runs may hold the pickle format.
 _ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -390,7 +392,7 @@ def _refuse_changed_inputs(path: Path, old: dict[str, Any]) -> None:
     if changed:
         raise RecipeError(
             f"{path}: since this run started, {'; '.join(changed)}; its checkpoints were trained against the "
-            "earlier weights: start over with --resume never, --overwrite, or another --output-dir"
+            f"earlier weights: {_START_OVER}"
         )
 
 
@@ -401,8 +403,7 @@ def _refuse_changed_data(path: Path, old: dict[str, Any], data_fingerprint: str 
     if recorded is not None and data_fingerprint is not None and recorded != data_fingerprint:
         raise RecipeError(
             f"{path}: the data changed since this run started (the records read from the recipe's data files "
-            "differ); its checkpoints were trained on the earlier records: restore those files, or start over "
-            "with --resume never, --overwrite, or another --output-dir"
+            f"differ); its checkpoints were trained on the earlier records: restore those files, or {_START_OVER}"
         )
 
 
@@ -494,7 +495,7 @@ def _refuse_past_the_end(path: Path, point: Path, recipe_json: dict[str, Any]) -
         if isinstance(last, int) and step > last:
             raise RecipeError(
                 f"{path}: {point.name} is at step {step}, past {key}={last}: to continue this run set {key} to "
-                f"{step} or more; to train a shorter one, start over with --resume never, --overwrite, or another --output-dir"
+                f"{step} or more; to train a shorter one, {_START_OVER}"
             )
     epochs = flat.get(_EPOCHS_KEY)
     if flat.get("train.max_steps") is None and isinstance(epochs, (int, float)):
@@ -553,7 +554,7 @@ def _refuse_changed_recipe(path: Path, old: dict[str, Any], new: dict[str, Any])
         shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
         raise RecipeError(
             f"{path}: the recipe changed since this run started ({shown}); resuming continues the same run: "
-            "restore those keys, or start over with --resume never, --overwrite, or another --output-dir"
+            f"restore those keys, or {_START_OVER}"
         )
 
 

@@ -428,14 +428,19 @@ def test_resume_from_a_missing_or_odd_path_is_a_data_error(tmp_path):
         start(tmp_path / "run", resume=str(tmp_path / "somewhere"))
 
 
-def refused_resume(tmp_path: Path, resume: Path, overwrite: bool = False) -> str:
-    """The message of the RecipeError with which start(tmp_path/run, resume=...) refuses, having changed
-    nothing under tmp_path."""
-    before = tree(tmp_path)
+def refused(root: Path, claim) -> str:
+    """The message of the RecipeError (exit 2) with which claim() refuses, having changed nothing under root."""
+    before = tree(root)
     with pytest.raises(RecipeError) as e:
-        start(tmp_path / "run", resume=str(resume), overwrite=overwrite)
-    assert tree(tmp_path) == before
+        claim()
+    assert e.value.exit_code == 2
+    assert tree(root) == before
     return e.value.message
+
+
+def refused_resume(tmp_path: Path, resume: Path, overwrite: bool = False) -> str:
+    """The message with which start(tmp_path/run, resume=...) refuses."""
+    return refused(tmp_path, lambda: start(tmp_path / "run", resume=str(resume), overwrite=overwrite))
 
 
 def completed_run_with_checkpoint(path: Path, stage: str = "sft") -> Path:
@@ -753,17 +758,14 @@ def test_resume_after_an_input_was_trained_again_is_refused(tmp_path):
     start(tmp_path / "run", "ppo", parent_run=str(sft), inputs=inputs).finish("interrupted")
     five = checkpoint(tmp_path / "run", 5)
     _retrain(sft)
-    before = tree(tmp_path)
     for resume in ("auto", str(five)):
-        with pytest.raises(RecipeError) as e:
-            start(tmp_path / "run", "ppo", parent_run=str(sft), inputs=[resolve_model(str(sft))], resume=resume)
-        assert e.value.exit_code == 2
-        assert e.value.message == (
+        message = refused(tmp_path, lambda resume=resume: start(tmp_path / "run", "ppo", parent_run=str(sft),
+                                                                 inputs=[resolve_model(str(sft))], resume=resume))
+        assert message == (
             f"{tmp_path / 'run'}: since this run started, {sft.resolve()} was trained again (finished "
             "2026-12-02T10:00:00+00:00); its checkpoints were trained against the earlier weights: start over with "
             "--resume never, --overwrite, or another --output-dir"
         )
-        assert tree(tmp_path) == before
     # Starting over is allowed, and records the input as it is now.
     run = start(tmp_path / "run", "ppo", parent_run=str(sft), inputs=[resolve_model(str(sft))], resume="never")
     assert run.resume_from is None and read_manifest(tmp_path / "run")["inputs"] == {str(sft.resolve()): "trained-again"}
@@ -774,17 +776,13 @@ def test_resume_on_changed_data_is_refused(tmp_path, how):
     prepare_run(tmp_path / "run", "sft", RECIPE_YAML, SFT_JSON, data_fingerprint="records-1").finish("interrupted")
     five = checkpoint(tmp_path / "run", 5)
     assert read_manifest(tmp_path / "run")["data_fingerprint"] == "records-1"
-    before = tree(tmp_path)
-    with pytest.raises(RecipeError) as e:
-        prepare_run(tmp_path / "run", "sft", RECIPE_YAML, SFT_JSON, data_fingerprint="records-2",
-                    resume="auto" if how == "auto" else str(five))
-    assert e.value.exit_code == 2
-    assert e.value.message == (
+    message = refused(tmp_path, lambda: prepare_run(tmp_path / "run", "sft", RECIPE_YAML, SFT_JSON,
+                                                    data_fingerprint="records-2", resume="auto" if how == "auto" else str(five)))
+    assert message == (
         f"{tmp_path / 'run'}: the data changed since this run started (the records read from the recipe's data "
         "files differ); its checkpoints were trained on the earlier records: restore those files, or start over "
         "with --resume never, --overwrite, or another --output-dir"
     )
-    assert tree(tmp_path) == before
     assert prepare_run(tmp_path / "run", "sft", RECIPE_YAML, SFT_JSON, data_fingerprint="records-1").resume_from == five
 
 
