@@ -58,6 +58,34 @@ def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_answers(tiny):
         assert whole[:head] == kept[:head] and whole[len(whole) - 40 + head:] == kept[head:]
 
 
+def test_message_pairs_without_a_prompt_lose_their_shared_turns_first(tiny):
+    """trl's conversational pairs carry the context in both lists: those turns are the prompt, so a pair too
+    long for max_length is cut as the same pair with a prompt column is, and both answers survive."""
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.core.chat import ensure_chat_template
+    from rlhf_cli.core.comparisons import comparison_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    ensure_chat_template(tokenizer)
+    user = {"role": "user", "content": "where is the fish? " * 6}
+    answers = [{"role": "assistant", "content": "the fish is in the forest. it is great."},
+               {"role": "assistant", "content": "the fish is in the forest."}]
+    both = {"chosen": [user, answers[0]], "rejected": [user, answers[1]]}
+    split = {"prompt": [user], "chosen": [answers[0]], "rejected": [answers[1]]}
+    c = comparison_of(both, "preference")
+    assert c.prompt == [user] and c.responses == [[answers[0]], [answers[1]]]
+    for max_length in (30, 50):
+        kept, stats, _ = comparison_samples(tokenizer, [both], "preference", max_length)
+        expected, _, _ = comparison_samples(tokenizer, [split], "preference", max_length)
+        assert stats.truncated == 1 and stats.no_signal == 0
+        assert kept[0]["response_ids"] == expected[0]["response_ids"]
+        assert all(ids[-1] == tokenizer.eos_token_id for ids in kept[0]["response_ids"])  # each answer's end of turn kept
+    # Nothing shared, or one list inside the other: left whole.
+    assert comparison_of({"chosen": [answers[0]], "rejected": [answers[1]]}, "preference").prompt is None
+    assert comparison_of({"chosen": [user], "rejected": [user, answers[1]]}, "preference").prompt is None
+
+
 def test_rank_collator_indexes_each_prompts_answers():
     batch = RankCollator(0)([{"response_ids": [[1, 2], [3], [4, 5, 6]], "pairs": [(0, 1), (0, 2)]},
                              {"response_ids": [[7], [8]], "pairs": [(1, 0)]}])

@@ -12,7 +12,9 @@ answer that alone is too long is cut at its end.
 
 HH-RLHF as it ships (Bai et al. 2022) has no prompt column: chosen and rejected are whole transcripts
 "\n\nHuman: ...\n\nAssistant: ...". Such a pair is split into turns, the turns both sides share become
-the prompt, and each side's last assistant turn its response.
+the prompt, and each side's last assistant turn its response. Message lists without a prompt (trl's
+conversational pairs) are split the same way: the leading messages all answers share are the prompt.
+An empty prompt cell counts as none (dpo's split_pair reads pairs alike).
 """
 
 from __future__ import annotations
@@ -62,10 +64,10 @@ def split_hh_pair(chosen: Any, rejected: Any) -> tuple[list[dict[str, str]], str
 def comparison_of(record: dict[str, Any], fmt: str, where: str = "") -> Comparison | None:
     """A record's prompt, answers and (better, worse) pairs; None for a ranked row nobody has ranked yet."""
     if fmt == "preference":
-        hh = split_hh_pair(record["chosen"], record["rejected"]) if record.get("prompt") is None else None
+        hh = split_hh_pair(record["chosen"], record["rejected"]) if record.get("prompt") in (None, "") else None
         if hh is not None:
             return Comparison(hh[0], [hh[1], hh[2]], [(0, 1)])
-        return Comparison(record.get("prompt"), [record["chosen"], record["rejected"]], [(0, 1)])
+        return _shared_turns(record.get("prompt"), [record["chosen"], record["rejected"]], [(0, 1)])
     responses = record["responses"]
     if not isinstance(responses, list) or len(responses) < 2:
         raise DataError(f"{where}: responses must be a list of 2 or more answers")
@@ -73,12 +75,23 @@ def comparison_of(record: dict[str, Any], fmt: str, where: str = "") -> Comparis
     if ranking:
         if sorted(set(ranking)) != sorted(ranking) or not all(isinstance(i, int) and 0 <= i < len(responses) for i in ranking):
             raise DataError(f"{where}: ranking {ranking} must list answer indices 0..{len(responses) - 1}, best first, each once")
-        return Comparison(record.get("prompt"), responses, pairs_from_ranking(ranking))
+        return _shared_turns(record.get("prompt"), responses, pairs_from_ranking(ranking))
     if scores:
         if len(scores) != len(responses):
             raise DataError(f"{where}: {len(scores)} scores for {len(responses)} responses")
-        return Comparison(record.get("prompt"), responses, pairs_from_scores([float(s) for s in scores]))
+        return _shared_turns(record.get("prompt"), responses, pairs_from_scores([float(s) for s in scores]))
     return None
+
+
+def _shared_turns(prompt: Any, responses: list[Any], pairs: list[Pair]) -> Comparison:
+    """Without a prompt, the leading messages that every answer's conversation shares are the prompt (as
+    dpo splits its pairs): so a transcript too long for max_length loses the start of that context, not
+    the end of an answer."""
+    if prompt in (None, "") and all(isinstance(r, list) for r in responses):
+        n = _common_prefix(responses)
+        if n and all(len(r) > n for r in responses):
+            return Comparison(responses[0][:n], [r[n:] for r in responses], pairs)
+    return Comparison(prompt, responses, pairs)
 
 
 def encode_answers(tokenizer: Any, prompt: Any, responses: list[Any], max_length: int) -> tuple[list[list[int]], bool]:
