@@ -303,3 +303,48 @@ def test_hh_transcripts_become_prompt_turns_and_last_answers(tiny):
     (pair,), _ = pair_samples(tok, [record], max_length=200)
     assert tok.decode(pair["prompt_ids"]) == "<|user|>where is the cat?<|end|><|assistant|>"
     assert tok.decode(pair["chosen_ids"]).startswith("it is great.")
+
+
+def test_held_out_figures_are_means_over_pairs_not_over_batches(tiny, tmp_path):
+    """5 held-out pairs in batches of 4: each pair counts once in eval_rewards/* (trl's mean of batch means
+    counted the fifth pair four times), token figures weigh each batch by its answer tokens, and the loss
+    was already a mean over pairs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_cli.core import dpo
+    from rlhf_cli.core.chat import ensure_chat_template
+    from rlhf_cli.core.device import Precision
+    from rlhf_cli.recipe import DPOSpec, DPOTrainSpec
+
+    tok = AutoTokenizer.from_pretrained(tiny["model"])
+    ensure_chat_template(tok)
+    pairs, _ = dpo.pair_samples(tok, _pairs(tiny["preference_eval"], 5), 64)
+    torch.manual_seed(0)
+    policy = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    reference = AutoModelForCausalLM.from_pretrained(tiny["model"]).requires_grad_(False).eval()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a policy that differs from its reference
+    args = dpo.dpo_args(DPOTrainSpec(batch_size=4, max_steps=1), DPOSpec(beta=0.1), tmp_path,
+                        precision=Precision(torch.float32, None, "fp32"), has_eval=True, checkpointing=False, max_length=64)
+    trainer = dpo.dpo_trainer(policy, args, tok, pairs, pairs, ref_model=reference)
+    got = trainer.evaluate()
+
+    batch = trainer._prepare_inputs(trainer.data_collator(pairs))
+    mask = batch["completion_mask"]
+    with torch.no_grad():
+        ref_c, ref_r = trainer.compute_ref_log_probs(reference, batch)
+        out = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                     labels=batch["input_ids"].masked_fill(mask == 0, -100), fused_lm_head=True)
+    chosen, rejected = out.log_probs.sum(1).chunk(2)
+    r_c, r_r = 0.1 * (chosen - ref_c), 0.1 * (rejected - ref_r)
+    margins = r_c - r_r
+    assert 0 < (margins > 0).sum() < 5  # the figures below can tell a pair-weighted mean from a batch-weighted one
+    assert got["eval_rewards/accuracies"] == pytest.approx((margins > 0).float().mean().item(), abs=1e-6)
+    assert got["eval_rewards/margins"] == pytest.approx(margins.mean().item(), abs=1e-6)
+    assert got["eval_rewards/chosen"] == pytest.approx(r_c.mean().item(), abs=1e-6)
+    assert got["eval_logps/rejected"] == pytest.approx(rejected.mean().item(), rel=1e-5)
+    assert got["eval_loss"] == pytest.approx(-torch.nn.functional.logsigmoid(margins).mean().item(), rel=1e-5)
+    shifted = mask[:, 1:].bool()
+    entropy = out.entropy[shifted].mean().item()
+    assert got["eval_entropy"] == pytest.approx(entropy, rel=1e-5)

@@ -144,6 +144,7 @@ def dpo_args(train: TrainSpec, dpo: DPOSpec, output_dir: Any, *, precision: Prec
 
 class _DPOTrainer(DPOTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._eval_weights: list[tuple[float, list[float]]] = []
         super().__init__(*args, **kwargs)
         _compact_heads(self)
 
@@ -160,6 +161,34 @@ class _DPOTrainer(DPOTrainer):
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         # trl writes a hub README into every checkpoint; run.json describes the run.
         return None
+
+    # trl logs one mean per evaluation batch and averages those means, so a small last batch weighs as much
+    # as a full one (5 pairs in batches of 4: the fifth pair counted as four). Each batch's means are weighed
+    # here by what they are means over: pairs, or the answer tokens of the token-level figures.
+    _PER_TOKEN = {"entropy": 0, "logits/chosen": 1, "logits/rejected": 2, "mean_token_accuracy": 1}
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if not self.model.training:  # trl's own test for an evaluation batch
+            mask = inputs["completion_mask"][:, 1:]  # the answer tokens trl scores (shifted)
+            chosen, rejected = mask.chunk(2, dim=0)
+            counts = torch.stack([mask.sum(), chosen.sum(), rejected.sum()]).float()
+            pairs = torch.tensor([float(chosen.shape[0])], device=mask.device)
+            # gathered as trl gathers each figure: pairs with gather, token counts with gather_for_metrics
+            self._eval_weights.append((float(self.accelerator.gather(pairs).sum()),
+                                       self.accelerator.gather_for_metrics(counts[None]).sum(0).tolist()))
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        weights, self._eval_weights = self._eval_weights, []
+        figures = self._metrics["eval"]
+        if not self.model.training and weights:
+            for key, values in figures.items():
+                if len(values) != len(weights):
+                    continue  # num_tokens: one running total, not a mean per batch
+                w = [tokens[self._PER_TOKEN[key]] if key in self._PER_TOKEN else pairs for pairs, tokens in weights]
+                figures[key] = [sum(v * x for v, x in zip(values, w)) / max(sum(w), 1.0)]
+        super().log(logs, start_time)
 
 
 def dpo_trainer(model: Any, args: DPOConfig, tokenizer: Any, train: list[dict[str, Any]], held_out: list[dict[str, Any]],
