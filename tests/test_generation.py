@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 
+import fixtures_runs
 import pytest
 import torch
 
 from rlhf_cli.core import generation as gen
 from rlhf_cli.core.metrics import check_gates, compare, mean_std, sequence_kl
 from rlhf_cli.recipe import GenerationSpec, ModelSpec
+
+tiny_chatml, chatml_sft_run = fixtures_runs.tiny_chatml, fixtures_runs.chatml_sft_run
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +202,37 @@ def test_the_checkpoints_own_generation_settings_do_not_change_sampling(run, req
     own.no_repeat_ngram_size, own.min_new_tokens = 1, 12
     assert gen.generate_batch(loaded.model, loaded.tokenizer, prompts, spec).samples[0].text == plain
     assert target.generation_config is own  # the checkpoint's config is given back
+
+
+@pytest.mark.stage
+def test_answers_end_at_the_templates_end_of_turn_token_and_at_special_stop_strings(chatml_sft_run):
+    """A base checkpoint with a ChatML template keeps eos <|endoftext|>, while sft taught it to end turns
+    with <|im_end|>: the sampler stops there too. A stop string that is one special token stops the row."""
+    from rlhf_cli.core.chat import prompt_text
+    from rlhf_cli.core.inference import load_causal_lm
+
+    loaded = load_causal_lm(ModelSpec(path=str(chatml_sft_run), dtype="fp32"))
+    model, tok = loaded.model, loaded.tokenizer
+    end_of_turn, end_of_text = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    assert gen.end_of_turn_id(tok) == end_of_turn
+    prompts = [prompt_text(tok, q) for q in ("where is the cat?", "where is the owl?")]
+    spec = GenerationSpec(max_new_tokens=40, temperature=0)
+    want = gen.generate_batch(model, tok, prompts, spec).samples
+    assert all(s.finish_reason == "eos" and s.completion_tokens < 40 for s in want)
+
+    tok.eos_token = "<|endoftext|>"
+    model.generation_config.eos_token_id = end_of_text  # as a base checkpoint's config names it
+    assert gen.eos_token_ids(model, tok) == [end_of_text, end_of_turn]
+    got = gen.generate_batch(model, tok, prompts, spec)
+    assert [(s.text, s.finish_reason, s.completion_tokens) for s in got.samples] == \
+        [(s.text, s.finish_reason, s.completion_tokens) for s in want]
+    assert all(got.responses[i, s.completion_tokens - 1] == end_of_turn for i, s in enumerate(got.samples))
+
+    # The same answers, cut where a special stop string is emitted: by its id, as "stop".
+    model.generation_config.eos_token_id = tok.eos_token_id = None
+    tok.chat_template = None  # no template: only the stop string can end the row
+    assert gen.eos_token_ids(model, tok) == []
+    tok.pad_token = "<|pad|>"
+    stopped = gen.generate_batch(model, tok, prompts, GenerationSpec(max_new_tokens=40, temperature=0, stop=["<|im_end|>"]))
+    assert [(s.text, s.finish_reason, s.completion_tokens) for s in stopped.samples] == \
+        [(s.text, "stop", s.completion_tokens) for s in want]

@@ -69,13 +69,52 @@ class GeneratedBatch:
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """EOS ids of the tokenizer and of the model's generation config (chat models often end turns with another token)."""
+    """The ids that end an answer: EOS of the tokenizer and of the model's generation config, and the special
+    token the chat template closes an assistant turn with. A base checkpoint with a ChatML template keeps
+    eos <|endoftext|>, while sft taught it to end turns with <|im_end|>: without that id it ran on to
+    max_new_tokens."""
     ids: list[int] = []
-    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id,
+                   end_of_turn_id(tokenizer)):
         for i in source if isinstance(source, (list, tuple)) else [source]:
             if i is not None and int(i) not in ids:
                 ids.append(int(i))
     return ids
+
+
+_ANSWER = "rlhfanswerendmark"
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The token that follows an assistant message in the chat template (ChatML's <|im_end|>, Llama 3's
+    <|eot_id|>, Gemma's <end_of_turn>) when it is a special token, else None (a template that closes turns
+    with plain text, or none at all)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _ANSWER}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template with demands of its own (a system turn, ...): no end-of-turn to add
+        return None
+    after = text[text.rfind(_ANSWER) + len(_ANSWER):] if _ANSWER in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    return _special_id(tokenizer, ids[0]) if ids else None
+
+
+def _special_id(tokenizer: Any, token_id: int) -> int | None:
+    """token_id if it is a special token (one that decoding with skip_special_tokens erases), else None."""
+    return int(token_id) if tokenizer.decode([token_id], skip_special_tokens=True) == "" else None
+
+
+def special_stop_ids(tokenizer: Any, stop: Sequence[str]) -> dict[str, int]:
+    """Stop strings that are one special token (<|im_end|>, <|user|>), by id: answers are decoded without
+    special tokens, so such a string is never found in their text, and the id stops the row instead."""
+    found = {}
+    for s in stop:
+        ids = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1 and _special_id(tokenizer, ids[0]) is not None:
+            found[s] = int(ids[0])
+    return found
 
 
 def generation_config(spec: GenerationSpec, eos_ids: list[int], pad_id: int) -> Any:
@@ -165,11 +204,14 @@ def generate_batch(
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     prompt_length = enc["input_ids"].shape[1]
-    criteria = StoppingCriteriaList([_StopStrings(tokenizer, spec.stop, prompt_length)] if spec.stop else [])
+    by_id = special_stop_ids(tokenizer, spec.stop)
+    stop_ids = [i for i in by_id.values() if i not in eos_ids]
+    texts = [s for s in spec.stop if s not in by_id]
+    criteria = StoppingCriteriaList([_StopStrings(tokenizer, texts, prompt_length)] if texts else [])
     was_training = model.training
     if eval_mode:
         model.eval()
-    config = generation_config(spec, eos_ids, pad_id)
+    config = generation_config(spec, eos_ids + stop_ids, pad_id)
     try:
         with _recipe_config_only(model, config):
             out = model.generate(**enc, generation_config=config, stopping_criteria=criteria)
@@ -180,16 +222,17 @@ def generate_batch(
     response_mask = torch.zeros_like(responses, dtype=torch.long)
     samples = []
     for row in range(responses.shape[0]):
-        sample = _finish(tokenizer, responses[row].tolist(), eos_ids, pad_id, spec.stop)
+        sample = _finish(tokenizer, responses[row].tolist(), eos_ids, pad_id, texts, stop_ids)
         sample.prompt_tokens = int(enc["attention_mask"][row].sum())
         response_mask[row, : sample.completion_tokens] = 1
         samples.append(sample)
     return GeneratedBatch(sequences=out, prompt_mask=enc["attention_mask"], response_mask=response_mask, samples=samples)
 
 
-def _finish(tokenizer: Any, tokens: list[int], eos_ids: list[int], pad_id: int, stop: Sequence[str]) -> Sample:
-    """Where a row's answer ends and why."""
-    end = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+def _finish(tokenizer: Any, tokens: list[int], eos_ids: list[int], pad_id: int, stop: Sequence[str],
+            stop_ids: Sequence[int] = ()) -> Sample:
+    """Where a row's answer ends and why (stop_ids: special tokens given as stop strings)."""
+    end = next((i for i, t in enumerate(tokens) if t in eos_ids or t in stop_ids), None)
     body = tokens if end is None else tokens[:end]
     text = tokenizer.decode(body, skip_special_tokens=True)
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
@@ -204,7 +247,7 @@ def _finish(tokenizer: Any, tokens: list[int], eos_ids: list[int], pad_id: int, 
                 lo = mid + 1
         return Sample(text[: min(hits)], "stop", 0, lo)
     if end is not None:
-        return Sample(text, "eos", 0, end + 1)
+        return Sample(text, "eos" if tokens[end] in eos_ids else "stop", 0, end + 1)
     if pad_id not in eos_ids:
         # The batch ran on after this row stopped (a stop string split oddly by decoding): drop the padding.
         while body and body[-1] == pad_id:
