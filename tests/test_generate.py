@@ -83,6 +83,17 @@ def test_chat_template_from_run_and_raw(family, request, tmp_path):
     assert all(r["response"].startswith("the ") and r["finish_reason"] == "eos" for r in chat)
     raw = _invoke([str(sft_full_run), "--prompt", "where is the fox?", "--raw", "--greedy", "--max-new-tokens", "20"])
     assert raw[0]["prompt_tokens"] < chat[1]["prompt_tokens"] and raw[0]["response"] != chat[1]["response"]
+    # Raw text is encoded as pretraining encodes it: with the BOS the tokenizer puts in front (chatml's <|bos|>).
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.core.chat import prompt_text
+    from rlhf_cli.core.generation import encode_prompts
+
+    tok = AutoTokenizer.from_pretrained(sft_full_run / "tokenizer")
+    trained = tok("where is the fox?", add_special_tokens=True)["input_ids"]
+    assert raw[0]["prompt_tokens"] == len(trained)
+    assert encode_prompts(tok, [prompt_text(tok, "where is the fox?", raw=True)])["input_ids"][0].tolist() == trained
+    assert prompt_text(tok, prompt_text(tok, "where is the fox?", raw=True), raw=True) == prompt_text(tok, "where is the fox?", raw=True)
 
 
 def test_lora_run_live_adapter_equals_merge(lora_chain_run):

@@ -101,12 +101,25 @@ def keep_answer(tokenizer: Any, ids: list[int], labels: list[int], max_length: i
 
 
 def prompt_text(tokenizer: Any, prompt: Any, raw: bool = False) -> str:
-    """What the model sees before it answers: the chat template with the generation prompt, or raw text."""
+    """What the model sees before it answers: the chat template with the generation prompt, or raw text.
+
+    Prompts are encoded as they are rendered (no special tokens added), so raw text gets the BOS its
+    tokenizer puts before a text here, as pretraining and text perplexity encode it: a Llama or Gemma base
+    sampled without its BOS is off the distribution it was trained on."""
     if raw:
         if not isinstance(prompt, str):
             raise DataError("--raw needs plain-text prompts, not message lists")
+        bos = getattr(tokenizer, "bos_token", None)
+        if bos and not prompt.startswith(bos) and _adds_bos(tokenizer):
+            return bos + prompt
         return prompt
     return tokenizer.apply_chat_template(as_messages(prompt, "user"), tokenize=False, add_generation_prompt=True)
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    """Whether encoding a text with special tokens puts the BOS in front of it."""
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id and ids != tokenizer("a", add_special_tokens=False)["input_ids"]
 
 
 def conversation_text(tokenizer: Any, prompt: Any, response: Any) -> str:
