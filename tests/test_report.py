@@ -409,3 +409,29 @@ def test_figures_of_runs_trained_again_since_are_marked_out_of_date(lora_run, sf
     ]
     page = (tmp_path / "report/report.html").read_text()
     assert "Out of date" in page and "after this eval: its figures are of the run before" in page
+
+
+def test_eval_files_from_two_directories_of_one_name_keep_both_figures(tmp_path):
+    """a/ev/eval.json and b/ev/eval.json given as files are named as their directories would be: both
+    evals' figures reach --json, neither overwrites the other."""
+    for side, reward in (("a", 1.0), ("b", 2.0)):
+        (tmp_path / side / "ev").mkdir(parents=True)
+        (tmp_path / side / "ev" / "eval.json").write_text(json.dumps({"metrics": {"reward": reward}}))
+    files = report([tmp_path / "a/ev/eval.json", tmp_path / "b/ev/eval.json"], tmp_path / "r1")
+    dirs = report([tmp_path / "a/ev", tmp_path / "b/ev"], tmp_path / "r2")
+    assert files.metrics == dirs.metrics
+    assert files.metrics["a/ev/reward"] == 1.0 and files.metrics["b/ev/reward"] == 2.0
+
+
+def test_a_best_of_all_file_shows_the_chosen_answer(tmp_path):
+    """`generate --best-of --all` writes every candidate; the side-by-side column shows the one marked best."""
+    rows = [{"index": 0, "sample": 0, "prompt": "p?", "response": "worse", "score": 0.1, "best": False},
+            {"index": 0, "sample": 1, "prompt": "p?", "response": "chosen", "score": 0.9, "best": True},
+            {"index": 0, "sample": 2, "prompt": "p?", "response": "other", "score": 0.5, "best": False}]
+    plain = [{"index": 0, "sample": 0, "prompt": "p?", "response": "first"},
+             {"index": 0, "sample": 1, "prompt": "p?", "response": "second"}]
+    report([_jsonl(tmp_path / "best.jsonl", rows), _jsonl(tmp_path / "plain.jsonl", plain)], tmp_path / "report")
+    (table,) = [t for t in _parse((tmp_path / "report/report.html").read_text()).tables if t["class"] == "sbs"]
+    prompt, best, first = table["rows"][1]
+    assert best.startswith("chosen") and "score 0.9" in best
+    assert first.startswith("first")

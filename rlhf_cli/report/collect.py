@@ -116,7 +116,8 @@ def collect(paths: list[Path], output: Path) -> tuple[list[Run], list[EvalResult
     runs: list[Run] = []
     evals: list[EvalResult] = []
     samples: list[Path] = []
-    names = _unique_names([Path(p) for p in paths])
+    # An eval.json given as a file is named as its directory would be, so two such files cannot share a name.
+    names = _unique_names([p.parent if p.name == "eval.json" and p.is_file() else p for p in map(Path, paths)])
     for path, name in zip(map(Path, paths), names):
         if not path.exists():
             raise DataError(f"{path}: not found (expected a run directory, an eval directory or a samples .jsonl file)")
@@ -128,7 +129,7 @@ def collect(paths: list[Path], output: Path) -> tuple[list[Run], list[EvalResult
             continue
         if path.is_file():
             if path.name == "eval.json":
-                evals.append(EvalResult(path.parent.name, path.parent, _read_eval(path)))
+                evals.append(EvalResult(name, path.parent, _read_eval(path)))
             elif path.suffix == ".jsonl":
                 samples.append(path)
             else:
@@ -343,8 +344,11 @@ def side_by_side_tables(sample_files: list[Path], evals: list[EvalResult]) -> li
         for path, title in zip(sample_files, titles):
             column = Column(title)
             for row in _read_samples(path):
-                # With several samples per prompt the first stands for the model.
-                column.answers.setdefault(_prompt_text(row["prompt"]), row)
+                # With several samples per prompt the first stands for the model, or the one best-of chose
+                # (`generate --best-of --all` writes every candidate, the chosen one marked "best").
+                prompt = _prompt_text(row["prompt"])
+                if prompt not in column.answers or row.get("best") is True:
+                    column.answers[prompt] = row
             columns.append(column)
         groups.append(("Side by side: generation samples", columns))
     for e in evals:
