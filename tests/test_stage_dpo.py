@@ -348,3 +348,39 @@ def test_held_out_figures_are_means_over_pairs_not_over_batches(tiny, tmp_path):
     shifted = mask[:, 1:].bool()
     entropy = out.entropy[shifted].mean().item()
     assert got["eval_entropy"] == pytest.approx(entropy, rel=1e-5)
+
+
+def test_a_kept_parent_adapter_on_a_4bit_base_starts_equal_to_its_reference(tiny, tmp_path):
+    """trl copies the starting adapter into its frozen "ref" in fp32, then rounds the trainable one to bf16 on
+    a quantized model: the policy must start from the unrounded weights, the reference's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from rlhf_cli.core import dpo
+    from rlhf_cli.core.chat import ensure_chat_template
+    from rlhf_cli.core.device import Precision
+    from rlhf_cli.recipe import DPOSpec, DPOTrainSpec
+
+    tok = AutoTokenizer.from_pretrained(tiny["model"])
+    ensure_chat_template(tok)
+    pairs, _ = dpo.pair_samples(tok, _pairs(tiny["preference_eval"], 4), 64)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8)
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"], quantization_config=quant, device_map={"": "cpu"},
+                                                 dtype=torch.bfloat16)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)  # a parent's trained adapter, not a fresh one
+            if p.requires_grad:
+                p.data = p.data.float()
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = dpo.dpo_args(DPOTrainSpec(batch_size=4, max_steps=1), DPOSpec(beta=0.1), tmp_path,
+                        precision=Precision(torch.bfloat16, None, "bf16"), has_eval=False, checkpointing=False, max_length=64)
+    trainer = dpo.dpo_trainer(model, args, tok, pairs, [])
+    params = dict(trainer.model.named_parameters())
+    for name, before in start.items():
+        assert params[name].dtype == torch.float32
+        assert torch.equal(params[name], before), name
+        assert torch.equal(params[name.replace(".default.", ".ref.")], before), name

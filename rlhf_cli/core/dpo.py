@@ -199,10 +199,16 @@ def dpo_trainer(model: Any, args: DPOConfig, tokenizer: Any, train: list[dict[st
                           train_dataset=Dataset.from_list(train),
                           eval_dataset=Dataset.from_list(held_out) if held_out else None)
     # trl casts a quantized model's trainable adapter to bf16 (QLoRA's recipe); ours stay fp32 so AdamW's
-    # small steps are not rounded away (core.lora.make_trainable). The optimizer does not exist yet.
-    for p in trainer.model.parameters():
+    # small steps are not rounded away (core.lora.make_trainable). The optimizer does not exist yet. The
+    # cast rounded a kept parent adapter, so it starts again from trl's fp32 "ref" copy, taken before the
+    # cast: policy and reference are the same model at step 0.
+    params = dict(trainer.model.named_parameters())
+    for name, p in params.items():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+            ref = params.get(name.replace(".default.", f".{REF_ADAPTER}.")) if ".default." in name else None
+            if ref is not None and ref.shape == p.shape and ref.dtype == torch.float32:
+                p.data.copy_(ref.data)
     _fast_ref_layers(trainer.model)
     return trainer
 
