@@ -6,6 +6,8 @@
       metrics.jsonl   one JSON object per logged step
       adapter/ | model/, tokenizer/, checkpoints/
       .lock           flock'ed by the one process that owns the run (and names it), for the life of that process
+      .replaced/      the completed run that --overwrite replaces, kept until the new run completes (put
+                      back if it fails)
 
 run.json and recipe.yaml are written atomically (temp file + rename). Only rank 0 writes, and only rank 0
 takes the lock. Every stage claims its directory through prepare_run, the one place that decides whether a
@@ -42,6 +44,7 @@ log = logging.getLogger("rlhf")
 SCHEMA_VERSION = 1
 MANIFEST = "run.json"
 LOCK = ".lock"
+REPLACED = ".replaced"
 Status = Literal["running", "completed", "failed", "interrupted"]
 ModelKind = Literal["adapter", "full", "reward-adapter", "reward-full"]
 _ABSENT = object()
@@ -178,6 +181,7 @@ class RunDir:
     stage: str
     manifest: dict[str, Any] = field(default_factory=dict)
     resume_from: Path | None = None
+    handed_back: bool = False  # failed, it gave the directory back to the completed run it was to replace
 
     @property
     def metrics_file(self) -> Path:
@@ -190,13 +194,23 @@ class RunDir:
     def update(self, **fields: Any) -> None:
         """Merge fields into run.json and rewrite it atomically (rank 0 only)."""
         self.manifest.update(fields)
-        if is_main_process():
+        if is_main_process() and not self.handed_back:
             atomic_write_json(self.path / MANIFEST, self.manifest)
 
     def finish(self, status: Status, metrics: dict[str, Any] | None = None, **fields: Any) -> None:
+        """The run's end in run.json. The completed run an --overwrite set aside (.replaced/) goes once this
+        run completes, and comes back when it fails: a failing command leaves what existed before."""
         if metrics is not None:
             fields["metrics"] = metrics
         self.update(status=status, finished_at=now(), **fields)
+        if not is_main_process() or not (self.path / REPLACED).is_dir():
+            return
+        if status == "completed":
+            shutil.rmtree(self.path / REPLACED)
+        elif status == "failed":
+            _put_back(self.path)
+            self.handed_back = True
+            log.warning("%s: the completed run this one was to replace is back in place", self.path)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         if not is_main_process():
@@ -298,6 +312,7 @@ def _claim(
     wanted = _wanted_checkpoint(path, resume)
     give_back = _hold(path) if is_main_process() else _nothing
     try:
+        _undo_torn_set_aside(path)
         old = read_manifest(path)
         resume_from = _resume_point(path, stage, old, recipe_json, resume=resume, wanted=wanted, overwrite=overwrite)
         if resume_from is not None and old is not None:
@@ -307,10 +322,12 @@ def _claim(
         give_back()
         raise
     if resume_from is None and old is not None:
-        _clear(path)
+        _clear(path, set_aside=old.get("status") == "completed")
     path.mkdir(parents=True, exist_ok=True)
 
     manifest = dict(old) if (resume_from is not None and old) else {}
+    for key in ("error", "checkpoint"):  # what an earlier session of the run said of how it ended
+        manifest.pop(key, None)
     manifest.update(
         schema_version=SCHEMA_VERSION,
         stage=stage,
@@ -652,18 +669,65 @@ def _nothing() -> None:
     pass
 
 
-def _clear(path: Path) -> None:
-    """Empty a run directory for a new run, keeping its lock. run.json stays until the new one replaces it,
-    so a crash here still leaves a run directory (never one that no longer counts as a run)."""
+def _clear(path: Path, *, set_aside: bool = False) -> None:
+    """Empty a run directory for a new run, keeping its lock and the completed run kept aside (.replaced/).
+    run.json stays until the new one replaces it, so a crash here still leaves a run directory (never one
+    that no longer counts as a run).
+
+    set_aside: the run there is a completed one (--overwrite): it moves into .replaced/ (renames, no copy)
+    instead of being deleted, and stays there until the new run completes (RunDir.finish)."""
     if not is_main_process():
         return
+    aside = path / REPLACED
+    if set_aside:
+        if aside.exists():
+            shutil.rmtree(aside)  # an older completed run, replaced since by the one set aside now
+        tmp = path / f"{REPLACED}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        for child in path.iterdir():
+            if child.name not in (MANIFEST, LOCK, tmp.name):
+                os.replace(child, tmp / child.name)
+        shutil.copy2(path / MANIFEST, tmp / MANIFEST)
+        os.replace(tmp, aside)  # whole or not at all: a crash before this leaves no half-kept run
+        return
     for child in path.iterdir():
-        if child.name in (MANIFEST, LOCK):
+        if child.name in (MANIFEST, LOCK, REPLACED):
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def _undo_torn_set_aside(path: Path) -> None:
+    """A claim killed while it moved a completed run aside (_clear) left part of it in .replaced.tmp: back in place."""
+    tmp = path / f"{REPLACED}.tmp"
+    if not is_main_process() or not tmp.is_dir():
+        return
+    for child in tmp.iterdir():
+        if not (path / child.name).exists():
+            os.replace(child, path / child.name)
+    shutil.rmtree(tmp)
+
+
+def _put_back(path: Path) -> None:
+    """The completed run in .replaced/ back in its place, the failed run that was to replace it gone.
+    run.json is put back last, in one rename: until then the directory is the failed run."""
+    aside = path / REPLACED
+    for child in path.iterdir():
+        if child.name in (MANIFEST, LOCK, REPLACED):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    for child in aside.iterdir():
+        if child.name != MANIFEST:
+            os.replace(child, path / child.name)
+    os.replace(aside / MANIFEST, path / MANIFEST)
+    aside.rmdir()
 
 
 # --------------------------------------------------------------------------- resolving models

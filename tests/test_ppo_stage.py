@@ -470,7 +470,8 @@ def test_an_update_that_overflows_ends_the_run_before_its_checkpoint(tiny, sft_f
     assert ("error: iteration 1: the policy or value weights are not finite after the update: lower ppo.lr (now 1e+39)"
             in result.output)
     assert not list(out.glob("checkpoints/*/COMPLETE"))
-    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and run["error"].startswith("iteration 1: the policy or value weights are not finite")
 
 
 def test_checkpoints_before_a_diverged_iteration_stay_as_they_were(tiny, sft_full_run, tmp_path, monkeypatch):

@@ -187,6 +187,72 @@ def test_overwrite_replaces_a_completed_run(tmp_path):
     assert not (path / "adapter").exists()
 
 
+def _completed_with_files(path: Path) -> dict[str, str | None]:
+    start(path).finish("completed", metrics={"loss": 1.0})
+    (path / "adapter").mkdir()
+    (path / "adapter" / "weights.bin").write_bytes(b"old")
+    (path / "metrics.jsonl").write_text('{"step": 1}\n')
+    return _content(path)
+
+
+def _content(path: Path) -> dict[str, str | None]:
+    return {k: v for k, v in tree(path).items() if k != ".lock"}
+
+
+def test_a_failing_overwrite_puts_the_completed_run_back(tmp_path):
+    """--overwrite keeps the completed run aside until its replacement completes: when that one fails, the
+    directory is again exactly the run that was there."""
+    path = tmp_path / "run"
+    before = _completed_with_files(path)
+    run = start(path, overwrite=True)
+    assert not (path / "adapter").exists() and (path / ".replaced" / "adapter" / "weights.bin").read_bytes() == b"old"
+    (path / "checkpoints").mkdir()
+    run.log_metrics({"step": 1, "loss": float("nan")})
+    run.finish("failed", error="loss is nan at step 1")
+    assert _content(path) == before
+    run.update(peak_memory_gb=1.0)  # a late write of the failed run does not land on the one put back
+    assert _content(path) == before
+
+
+def test_an_overwrite_that_completes_drops_the_run_it_replaced(tmp_path):
+    path = tmp_path / "run"
+    _completed_with_files(path)
+    start(path, overwrite=True).finish("completed")
+    assert sorted(os.listdir(path)) == [".lock", "recipe.yaml", "run.json"]
+
+
+def test_the_replaced_run_waits_through_an_interruption_of_its_replacement(tmp_path):
+    """Interrupted, the new run stays resumable and the completed one stays aside; the new run started over
+    and failed, it is the completed one that comes back."""
+    path = tmp_path / "run"
+    before = _completed_with_files(path)
+    start(path, overwrite=True).finish("interrupted")
+    assert (path / ".replaced" / "run.json").is_file()
+    again = start(path, resume="never")
+    assert (path / ".replaced" / "adapter").is_dir()
+    again.finish("failed", error="x")
+    assert _content(path) == before
+
+
+def test_a_claim_killed_while_setting_a_run_aside_is_undone_by_the_next(tmp_path):
+    path = tmp_path / "run"
+    before = _completed_with_files(path)
+    torn = path / ".replaced.tmp"
+    torn.mkdir()
+    os.replace(path / "adapter", torn / "adapter")  # killed after the first move
+    with pytest.raises(RecipeError, match="completed sft run"):
+        start(path)
+    assert _content(path) == before
+
+
+def test_a_resumed_run_drops_what_the_stopped_session_said_of_its_end(tmp_path):
+    path = tmp_path / "run"
+    start(path).finish("failed", error="ValueError: disk full", checkpoint=str(checkpoint(path, 2)))
+    run = start(path)
+    assert run.resume_from is not None
+    assert "error" not in read_manifest(path) and "checkpoint" not in read_manifest(path)
+
+
 def test_run_of_another_stage_is_refused(tmp_path):
     start(tmp_path / "run", stage="train-rm").finish("completed")
     with pytest.raises(RecipeError, match="holds a `train-rm` run, not `sft`"):
@@ -353,7 +419,7 @@ def test_the_lock_file_is_not_content_and_survives_overwrite(tmp_path):
     start(tmp_path).finish("completed")
     (tmp_path / "adapter").mkdir()
     start(tmp_path, overwrite=True)
-    assert sorted(os.listdir(tmp_path)) == [".lock", "recipe.yaml", "run.json"]
+    assert sorted(os.listdir(tmp_path)) == [".lock", ".replaced", "recipe.yaml", "run.json"]
     with open(tmp_path / ".lock") as other, pytest.raises(BlockingIOError):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # still held by this process
 

@@ -138,6 +138,51 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues_there(monkeypatch):
     assert state["global_step"] == 8
 
 
+def test_a_run_interrupted_on_its_last_step_resumes_to_the_straight_runs_result(monkeypatch):
+    """Stopped on the last step (its evaluation done, its checkpoint saved), the resumed run trains nothing
+    more: Trainer would have skipped the six steps' batches and trained a seventh. It reports the straight
+    run's figures, the evaluation of the interrupted session included, and no trace of the interruption."""
+    common = ["--set", "train.max_steps=6", "--set", "train.logging_steps=1", "--set", "train.save_steps=100",
+              "--set", "train.eval_steps=3", "--set", "train.lr_scheduler=constant"]
+    assert rlhf("sft", "sft.yaml", *common, "--output-dir", "runs/straight").code == 0
+    monkeypatch.setenv("RLHF_TEST_INTERRUPT_AT_STEP", "6")
+    assert rlhf("sft", "sft.yaml", *common).code == 130
+    monkeypatch.delenv("RLHF_TEST_INTERRUPT_AT_STEP")
+    out = rlhf("sft", "sft.yaml", *common)
+    assert out.code == 0, out
+
+    straight, resumed = manifest("runs/straight"), manifest("runs/tiny/sft")
+    assert resumed["resumed_from_step"] == 6 and resumed["metrics"]["steps"] == 6
+    for key in ("train_loss", "eval_loss", "eval_perplexity"):
+        assert resumed["metrics"][key] == pytest.approx(straight["metrics"][key], rel=1e-6), key
+    assert sorted(p.name for p in Path("runs/tiny/sft/checkpoints").iterdir()) == ["checkpoint-6"]
+    assert "error" not in resumed and "checkpoint" not in resumed  # the interrupted session's fields are gone
+    from safetensors.torch import load_file
+
+    a, b = (load_file(f"{run}/adapter/adapter_model.safetensors") for run in ("runs/straight", "runs/tiny/sft"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_overwrite_that_diverges_leaves_the_completed_run_as_it_was():
+    """A failing command leaves what existed before: --overwrite with an lr that makes the loss NaN exits 1,
+    and the completed run is there again, file for file."""
+    import hashlib
+
+    def content() -> dict[str, str]:
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path("runs/tiny/sft").rglob("*"))
+                if p.is_file() and p.name != ".lock"}
+
+    short = ["--set", "train.max_steps=3", "--set", "train.save_steps=2", "--set", "data.eval=null"]
+    assert rlhf("sft", "sft.yaml", *short).code == 0
+    before = content()
+    out = rlhf("sft", "sft.yaml", *short, "--overwrite", "--set", "train.lr=1e30", "--set", "train.logging_steps=1")
+    assert out.code == 1 and "nan" in out.stderr.lower(), out
+    assert content() == before and manifest("runs/tiny/sft")["status"] == "completed"
+    from rlhf_cli.runs import resolve_model
+
+    assert resolve_model("runs/tiny/sft").adapters  # a run other stages can load, adapter files checked
+
+
 def test_resume_on_data_changed_since_the_interrupt_is_refused(monkeypatch, tiny):
     # The checkpoint and the batches resume skips belong to the records the run started with.
     chat = Path("chat.jsonl")

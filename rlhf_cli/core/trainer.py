@@ -31,7 +31,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,6 @@ class Outcome:
     cpu_s: float  # CPU time of this process over all its threads (wall time suffers from other load)
     tokens: int
     tokens_per_s: float | None
-    last_eval: dict[str, float] = field(default_factory=dict)
     resumed_from_step: int | None = None
 
 
@@ -166,7 +165,6 @@ class RunCallback(TrainerCallback):
         self.stopping = False  # agreed by every rank: a signal may reach the processes at different steps
         self.progress: Progress | None = None
         self._eval_progress: Progress | None = None
-        self.last_eval: dict[str, float] = {}
         self._loss: float | None = None
         self._interrupt_at = int(os.environ.get("RLHF_TEST_INTERRUPT_AT_STEP", "0") or 0)
 
@@ -230,8 +228,8 @@ class RunCallback(TrainerCallback):
         if "eval_loss" in logs:
             if self.perplexity:
                 logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
-            self.last_eval = {k: v for k, v in logs.items() if k.startswith("eval_")}
-            log.info("step %d: %s", state.global_step, " ".join(f"{k}={v:.4g}" for k, v in self.last_eval.items()))
+            shown = {k: v for k, v in logs.items() if k.startswith("eval_")}
+            log.info("step %d: %s", state.global_step, " ".join(f"{k}={v:.4g}" for k, v in shown.items()))
         self.run.log_metrics({"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs, "time": time.time()})
 
     def on_save(self, args, state, control, **kwargs):
@@ -352,6 +350,8 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
         resumed = checkpoint_step(run.resume_from)
         run.truncate_metrics(resumed)
         log.info("resuming from %s (step %d)", run.resume_from, resumed)
+        if 0 < trainer.args.max_steps <= resumed:
+            _train_no_step(trainer)
     cpu0 = time.process_time()
     try:
         with _signals(callback.request_stop):
@@ -388,9 +388,16 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
         cpu_s=cpu_s,
         tokens=tokens,
         tokens_per_s=session_tokens / runtime if runtime > 0 and session_tokens > 0 else None,
-        last_eval=callback.last_eval,
         resumed_from_step=resumed,
     )
+
+
+def _train_no_step(trainer: Trainer) -> None:
+    """Make train() restore the checkpoint (weights, optimizer, state) and run no epoch: the checkpoint is
+    at max_steps already (interrupted on the last step, or failed after it), and Trainer, which counts the
+    epochs trained as global_step // steps per epoch, would skip those steps' batches and train one more
+    before it checks max_steps (transformers 5.3-5.23)."""
+    trainer._run_epoch = lambda *args, **kwargs: None
 
 
 class CountedDataset(torch.utils.data.Dataset):
@@ -423,8 +430,10 @@ def evaluate(trainer: Trainer, outcome: Outcome, *, perplexity: bool = False) ->
     """Final evaluation, unless the last logged evaluation already happened at the final step."""
     history = [h for h in trainer.state.log_history if "eval_loss" in h]
     if history and history[-1].get("step") == outcome.steps:
-        return outcome.last_eval
-    metrics = trainer.evaluate()
+        # Read from the state, which a resumed run restores: that evaluation may be the interrupted session's.
+        metrics = dict(history[-1])
+    else:
+        metrics = trainer.evaluate()
     for key, value in metrics.items():
         if key == "eval_loss" and not math.isfinite(value):
             raise TrainingError(f"eval_loss is {value} after training: the model diverged; lower train.lr")

@@ -19,7 +19,6 @@ from typing import Any
 
 from rlhf_cli.core.chat import prompt_text
 from rlhf_cli.core.data import percentiles
-from rlhf_cli.errors import Interrupted
 from rlhf_cli.ppo.build import Models, build_models, context_length, policy_tokenizer, ppo_precision
 from rlhf_cli.ppo.layout import LayoutPlan, plan_layout
 from rlhf_cli.ppo.loop import Prompts, train
@@ -113,12 +112,13 @@ def train_and_save(recipe: OnlineRecipe, checked: Checked, run_dir: RunDir) -> t
     from accelerate.utils import set_seed
 
     from rlhf_cli.core.loading import count_parameters
+    from rlhf_cli.core.trainer import failure_marked
     from rlhf_cli.runs import is_main_process
 
     method = method_of(recipe)
-    accelerator = Accelerator(gradient_accumulation_steps=method.spec.grad_accum)
-    set_seed(method.spec.seed)
-    try:
+    with failure_marked(run_dir):  # run.json says failed, with the error, or interrupted
+        accelerator = Accelerator(gradient_accumulation_steps=method.spec.grad_accum)
+        set_seed(method.spec.seed)
         models = build_models(recipe, checked.policy, checked.plan, critic=method.critic, reference=method.reference)
         trainable, total = count_parameters(models.actor)
         log.info("trainable parameters: %d of %d (%s)", trainable, total, "policy + value" if method.critic else "policy")
@@ -131,11 +131,6 @@ def train_and_save(recipe: OnlineRecipe, checked: Checked, run_dir: RunDir) -> t
             models.actor.save(policy_dir, run_dir.path / "value")  # without a critic nothing goes to value/
             checked.tokenizer.save_pretrained(run_dir.path / "tokenizer")
         accelerator.wait_for_everyone()
-    except Interrupted:
-        raise
-    except BaseException as e:
-        run_dir.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
-        raise
     return models, metrics
 
 
