@@ -323,6 +323,8 @@ def _claim(
         raise
     if resume_from is None and old is not None:
         _clear(path, set_aside=old.get("status") == "completed")
+    if resume_from is not None:
+        _drop_later_checkpoints(path, resume_from)
     path.mkdir(parents=True, exist_ok=True)
 
     manifest = dict(old) if (resume_from is not None and old) else {}
@@ -699,6 +701,21 @@ def _clear(path: Path, *, set_aside: bool = False) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def _drop_later_checkpoints(path: Path, point: Path) -> None:
+    """Checkpoints after the one a run resumes from belong to the continuation it replaces: left there,
+    --resume auto would later pick one of them (a step the resumed run never trained, beside metrics of
+    the new one), and the resumed run would save its own over theirs."""
+    if not is_main_process():
+        return
+    step = checkpoint_step(point)
+    later = sorted((d for d in path.joinpath("checkpoints").glob("checkpoint-*")
+                    if _CHECKPOINT.match(d.name) and checkpoint_step(d) > step), key=checkpoint_step)
+    if later:
+        log.warning("%s: resuming from %s drops the later %s", path, point.name, ", ".join(d.name for d in later))
+    for d in later:
+        shutil.rmtree(d)
 
 
 def _undo_torn_set_aside(path: Path) -> None:

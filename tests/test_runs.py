@@ -473,6 +473,8 @@ def test_resume_from_a_given_checkpoint(interrupted):
     three = checkpoint(path, 3)
     run = start(path, resume=str(three))
     assert run.resume_from == three
+    # checkpoint-5 was the continuation this run replaces: gone, so --resume auto cannot pick it later.
+    assert sorted(os.listdir(path / "checkpoints")) == ["checkpoint-3"]
     assert read_manifest(path)["resumed_from"] == str(three)
 
 

@@ -163,6 +163,23 @@ def test_a_run_interrupted_on_its_last_step_resumes_to_the_straight_runs_result(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resuming_from_an_earlier_checkpoint_drops_the_continuation_it_replaces(monkeypatch):
+    """Interrupted at 6, resumed from checkpoint-4 and interrupted at 5: --resume auto continues at 5, not at
+    the abandoned checkpoint-6, and the metrics are one unbroken curve."""
+    common = ["--set", "train.max_steps=8", "--set", "train.save_steps=2", "--set", "train.logging_steps=1",
+              "--set", "data.eval=null", "--set", "data.eval_fraction=0"]
+    monkeypatch.setenv("RLHF_TEST_INTERRUPT_AT_STEP", "6")
+    assert rlhf("sft", "sft.yaml", *common).code == 130
+    monkeypatch.setenv("RLHF_TEST_INTERRUPT_AT_STEP", "5")
+    assert rlhf("sft", "sft.yaml", *common, "--resume", "runs/tiny/sft/checkpoints/checkpoint-4").code == 130
+    assert sorted(p.name for p in Path("runs/tiny/sft/checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-5"]
+    monkeypatch.delenv("RLHF_TEST_INTERRUPT_AT_STEP")
+    out = rlhf("sft", "sft.yaml", *common)
+    assert out.code == 0, out
+    assert manifest("runs/tiny/sft")["resumed_from_step"] == 5
+    assert [s for s, _ in train_losses("runs/tiny/sft")] == list(range(1, 9))
+
+
 def test_an_overwrite_that_diverges_leaves_the_completed_run_as_it_was():
     """A failing command leaves what existed before: --overwrite with an lr that makes the loss NaN exits 1,
     and the completed run is there again, file for file."""
