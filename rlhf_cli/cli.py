@@ -90,7 +90,11 @@ _OS_FIXES = {
     errno.EEXIST: "a file is in the way of a directory: move it, or choose another --output-dir",
     errno.ENOTDIR: "a file is in the way of a directory: move it, or choose another --output-dir",
     errno.EISDIR: "is a directory, and a file is needed here: choose a file path",
+    errno.ENAMETOOLONG: "file name too long: choose a shorter path (--output-dir)",
 }
+# A missing file is a bug in general (ours, or a missing input that a DataError should have named), but
+# not when it is the path the command writes: mkdir of /proc/x, or under a parent that vanished.
+_CANNOT_CREATE = "no such file or directory, and it cannot be created there: choose another path (--output-dir)"
 # How libraries report a failed write without raising OSError: Rust ones (safetensors, tokenizers) print
 # the io::Error as "(os error N)"; torch.save's zip writer raises RuntimeError and drops the errno.
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
@@ -109,10 +113,18 @@ def machine_error(e: BaseException, where: str | None = None) -> str | None:
     else:
         return None
     fix = _OS_FIXES.get(code)
+    if code == errno.ENOENT and path is not None and where is not None and _is_on_the_way(path, where):
+        fix = _CANNOT_CREATE
     if fix is None:
         return None
     path = path or where
     return f"{path}: {fix}" if path else fix
+
+
+def _is_on_the_way(path: Any, where: str) -> bool:
+    """Whether `path` is `where` or one of the directories above it."""
+    path, target = Path(os.path.abspath(os.fsdecode(path))), Path(os.path.abspath(where))
+    return path == target or path in target.parents
 
 
 def _boundary(fn: Callable[[], Any], where: str | None = None) -> Any:

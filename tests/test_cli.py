@@ -374,10 +374,14 @@ def test_os_errors_while_writing_are_one_line_and_exit_1(sft_file, tmp_path, exp
         (OSError(errno.EISDIR, "Is a directory", "runs/.a.tmp", None, "runs/a"), "runs/a: is a directory"),
         (OSError(errno.EROFS, "Read-only file system", "/ro/run.json"), "/ro/run.json: read-only file system"),
         (OSError(errno.ENOENT, "No such file or directory", "x"), None),
+        (OSError(errno.ENOENT, "No such file or directory", "runs/x"), "runs/x: no such file or directory, and it cannot"),
+        (OSError(errno.ENOENT, "No such file or directory", "runs"), "runs: no such file or directory, and it cannot"),
+        (OSError(errno.ENOENT, "No such file or directory", "runs/x/run.json"), None),
         (RuntimeError("shape mismatch"), None),
         (ValueError("(os error 2) in a message of ours"), None),
     ],
-    ids=["safetensors", "torch-save", "rename-onto-dir", "read-only", "enoent-is-a-bug", "bug", "unknown-errno"],
+    ids=["safetensors", "torch-save", "rename-onto-dir", "read-only", "enoent-is-a-bug", "enoent-making-the-output",
+         "enoent-making-its-parent", "enoent-inside-the-output", "bug", "unknown-errno"],
 )
 def test_machine_errors_are_recognised_also_when_a_library_wraps_them(error, line):
     from rlhf_cli.cli import machine_error
@@ -461,6 +465,30 @@ def test_output_dir_that_is_a_file_is_one_line_and_exit_1(fake_stage, sft_file, 
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {taken}: a file is in the way") and "--output-dir" in line, line
     assert taken.read_bytes() == b"my notes\n"
+
+
+@pytest.mark.parametrize("where", ["long", "proc"])
+def test_an_output_dir_that_cannot_be_made_is_one_line_and_exit_1(fake_stage, sft_file, tmp_path, where):
+    """A name longer than the file system allows (ENAMETOOLONG), and a directory mkdir cannot create (ENOENT
+    from mkdir under /proc), name the path and the fix instead of a traceback."""
+    from rlhf_cli.runs import prepare_run
+
+    fake_stage("sft", lambda recipe, options: prepare_run(recipe.output_dir, "sft", "stage: sft\n", {}))
+    out, fix = {
+        "long": (str(tmp_path / ("a" * 300)), "file name too long: choose a shorter path (--output-dir)"),
+        "proc": ("/proc/rlhf-cannot-be-made", "no such file or directory, and it cannot be created there"),
+    }[where]
+    result = rlhf("sft", str(sft_file), "--output-dir", out)
+    assert result.exit_code == 1, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {out}: {fix}") and "--output-dir" in line, line
+
+
+def test_init_with_a_file_name_too_long_is_one_line_and_exit_1(tmp_path):
+    path = tmp_path / ("a" * 300 + ".yaml")
+    result = rlhf("init", "sft", "-o", str(path))
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().splitlines() == [f"error: {path}: file name too long: choose a shorter path (--output-dir)"]
 
 
 def test_prompts_that_are_not_utf8_are_one_line_and_exit_3(tmp_path):
