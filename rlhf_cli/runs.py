@@ -694,13 +694,7 @@ def _clear(path: Path, *, set_aside: bool = False) -> None:
         shutil.copy2(path / MANIFEST, tmp / MANIFEST)
         os.replace(tmp, aside)  # whole or not at all: a crash before this leaves no half-kept run
         return
-    for child in path.iterdir():
-        if child.name in (MANIFEST, LOCK, REPLACED):
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+    _empty(path)
 
 
 def _drop_later_checkpoints(path: Path, point: Path) -> None:
@@ -729,10 +723,8 @@ def _undo_torn_set_aside(path: Path) -> None:
     shutil.rmtree(tmp)
 
 
-def _put_back(path: Path) -> None:
-    """The completed run in .replaced/ back in its place, the failed run that was to replace it gone.
-    run.json is put back last, in one rename: until then the directory is the failed run."""
-    aside = path / REPLACED
+def _empty(path: Path) -> None:
+    """Delete what a run directory holds but run.json, its lock and the completed run kept aside."""
     for child in path.iterdir():
         if child.name in (MANIFEST, LOCK, REPLACED):
             continue
@@ -740,6 +732,13 @@ def _put_back(path: Path) -> None:
             shutil.rmtree(child)
         else:
             child.unlink()
+
+
+def _put_back(path: Path) -> None:
+    """The completed run in .replaced/ back in its place, the failed run that was to replace it gone.
+    run.json is put back last, in one rename: until then the directory is the failed run."""
+    aside = path / REPLACED
+    _empty(path)
     for child in aside.iterdir():
         if child.name != MANIFEST:
             os.replace(child, path / child.name)
