@@ -375,7 +375,8 @@ Metrics (--metric) and the keys they report (the names gates use):
   best_of_n    best_of_n_reward, sample_reward: reward of the best of --set best_of_n=N sampled answers; of one
   dpo_accuracy dpo_accuracy, dpo_margin: a DPO run's implicit reward against its starting model on --preference
 
-A table goes to stderr and the result as JSON to stdout; eval.json is written into --output-dir when given.
+A table goes to stderr and the result as JSON to stdout; eval.json is written into --output-dir when given:
+a new or empty directory, or an earlier eval's with --overwrite (never a run directory), checked first.
 Exit 0 when every gate holds, 4 naming the metric, its value and the gate otherwise."""
 
 
@@ -395,7 +396,8 @@ def eval_(
     num_samples: Annotated[Optional[int], typer.Option("--num-samples", "-n", help="Answers per prompt.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Same seed, same metrics.")] = None,
     set_: SetOpt = None,
-    output_dir: OutputDirOpt = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Directory to write eval.json into.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the eval.json of an earlier eval in --output-dir.")] = False,
     json_: Annotated[bool, typer.Option("--json", help="Accepted for symmetry: eval always prints JSON on stdout.")] = False,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -415,7 +417,8 @@ def eval_(
             "seed": seed,
         }
         # Metrics are eval's result: JSON on stdout always, the table on stderr for people.
-        result = _run_stage("eval", recipe, flags, set_, output_dir=output_dir, as_json=True, verbose=verbose)
+        result = _run_stage("eval", recipe, flags, set_, output_dir=output_dir, overwrite=overwrite, as_json=True,
+                            verbose=verbose)
         failed = (result.details.get("failed_gates") or []) if result is not None else []
         if failed:
             raise GateFailed(failed[0], details=failed[1:])

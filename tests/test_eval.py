@@ -8,7 +8,8 @@ from pathlib import Path
 
 import fixtures_runs
 import pytest
-from fixtures_runs import of_family, random_lora
+from fixtures_runs import of_family, random_lora, write_run
+from test_runs import tree
 from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
@@ -195,6 +196,113 @@ def test_a_reward_function_that_cannot_be_imported_exits_2_before_any_model_load
                                  "--metric", "reward_fn", "--reward-fn", "no_such_module_xyz:score"])
     assert result.exit_code == 2, result.stderr
     assert "reward function no_such_module_xyz:score: cannot import no_such_module_xyz" in result.stderr
+
+
+def _forbid_loading(monkeypatch) -> None:
+    """Loading a model (or importing a reward function) fails the test: what is refused is refused first."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the refusal")
+
+    for module, name in (("rlhf_cli.core.inference", "load_causal_lm"), ("rlhf_cli.core.reward", "load_scorer"),
+                         ("rlhf_cli.core.reward", "load_reward_model"), ("rlhf_cli.core.reward", "load_function")):
+        monkeypatch.setattr(f"{module}.{name}", loaded)
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch, tmp_path):
+    _forbid_loading(monkeypatch)
+    (tmp_path / "text.jsonl").write_text('{"text": "the cat is in the barn."}\n')
+
+
+def _perplexity_into(tmp_path: Path, out: Path, *extra: str) -> object:
+    return runner.invoke(app, ["eval", "--model", str(tmp_path / "run"), "--metric", "perplexity",
+                               "--text", str(tmp_path / "text.jsonl"),
+                               "--output-dir", str(out), *extra])
+
+
+def _refused(result, *words: str) -> None:
+    assert result.exit_code == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and all(w in result.stderr for w in words), result.stderr
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+@pytest.mark.parametrize("inside", ["", "evals"])
+def test_a_run_directory_or_a_folder_inside_one_is_never_an_eval_output_dir(tmp_path, no_model_loads, overwrite, inside):
+    """`rlhf eval --model runs/sft --output-dir runs/sft` wrote eval.json into the completed run, and again over it."""
+    (tmp_path / "run").mkdir()
+    run = write_run(tmp_path / "run", "sft", "base", {"kind": "full", "path": "model"})
+    out = run / inside if inside else run
+    before = tree(tmp_path)
+    result = _perplexity_into(tmp_path, out, *overwrite)
+    _refused(result, str(out), "run.json", "choose another --output-dir")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_folder_of_other_files_is_not_an_eval_output_dir(tmp_path, no_model_loads, overwrite):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (tmp_path / "run").mkdir()
+    before = tree(tmp_path)
+    _refused(_perplexity_into(tmp_path, out, *overwrite), f"{out} is not empty and holds no eval (eval.json)")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_a_file_as_output_dir_is_refused_before_any_model_loads(tmp_path, no_model_loads, below):
+    """It was found only when eval.json was written, after every metric had been computed."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "ppo.yaml").write_text("stage: ppo\n")
+    before = tree(tmp_path)
+    result = _perplexity_into(tmp_path, tmp_path / "ppo.yaml" / below if below else tmp_path / "ppo.yaml")
+    _refused(result, f"{tmp_path / 'ppo.yaml'} is a file, not a directory", "choose another --output-dir")
+    assert tree(tmp_path) == before
+
+
+def test_an_earlier_eval_is_replaced_only_with_overwrite(reward_run, tiny, tmp_path, monkeypatch):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "eval.json").write_text('{"stage": "eval", "metrics": {"rm_accuracy": 0.5}}\n')
+    before = tree(tmp_path)
+    args = ["--reward", str(reward_run), "--preference", str(tiny["preference_eval"]), "--metric", "rm_accuracy",
+            "--output-dir", str(out)]
+    with monkeypatch.context() as m:
+        _forbid_loading(m)
+        result = runner.invoke(app, ["eval", *args])
+    _refused(result, f"{out} holds an earlier eval (eval.json)", "--overwrite")
+    assert tree(tmp_path) == before
+    replaced, _ = _eval([*args, "--overwrite"])
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["metrics"] == replaced["metrics"] and saved["metrics"]["rm_accuracy"] != 0.5
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json"]
+
+
+@pytest.mark.parametrize("breaks", ["data", "disk"])
+def test_a_failing_eval_leaves_the_earlier_eval_json_as_it_was(reward_run, tiny, tmp_path, monkeypatch, breaks):
+    """eval.json is written last and atomically (temp file + rename): an eval that fails while it computes,
+    or while it writes, leaves the earlier eval's file whole and no temp file beside it."""
+    import errno
+    import os
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "eval.json").write_text('{"stage": "eval", "metrics": {"rm_accuracy": 0.5}}\n')
+    pairs = Path(tiny["preference_eval"])
+    if breaks == "data":
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_text(Path(tiny["preference_eval"]).read_text() + "{not json\n")
+    else:
+        def full(fd):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr("rlhf_cli.runs.os.fsync", full)
+    before = tree(tmp_path)
+    result = runner.invoke(app, ["eval", "--reward", str(reward_run), "--preference", str(pairs), "--metric", "rm_accuracy",
+                                 "--output-dir", str(out), "--overwrite"])
+    assert result.exit_code == (3 if breaks == "data" else 1), result.stderr
+    assert ("pairs.jsonl" if breaks == "data" else "no space left") in result.stderr
+    assert tree(tmp_path) == before
 
 
 def test_rm_accuracy_skips_pairs_the_scorer_cannot_tell_apart_as_train_rm_does(tiny_chatml):

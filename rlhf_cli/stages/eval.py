@@ -27,6 +27,8 @@ Metric -> output keys (METRIC_KEYS in recipe.py):
 With --output-dir, eval.json holds the result, the recipe (model.path, reference.path, ...) and
 `samples`: every answer judged, {prompt, response, finish_reason, completion_tokens, score?, reward_fn?,
 reference_response?, reference_score?, reference_reward_fn?}, which `rlhf report` shows side by side.
+The directory is checked before anything loads (check_output_dir): a new or empty one, or an earlier
+eval's with --overwrite; eval.json is written atomically at the end, so a failing eval leaves the earlier one.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from rlhf_cli.recipe import METRIC_KEYS, EvalRecipe, GenerationSpec
 from rlhf_cli.result import RunOptions, RunResult
 
 log = logging.getLogger("rlhf")
+EVAL_FILE = "eval.json"
 
 
 def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
@@ -50,6 +53,9 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     from rlhf_cli.core.reward import RewardModel, load_function, load_scorer, trained_max_length
     from rlhf_cli.runs import atomic_write_json, input_runs, package_versions
 
+    # Where the result goes is checked first: a refused --output-dir costs no model load and no metric.
+    if recipe.output_dir:
+        check_output_dir(Path(recipe.output_dir), overwrite=options.overwrite)
     wanted = set(recipe.metrics)
     # Which runs are judged, read before they load: a report tells an eval of a run trained again since.
     judged = input_runs(spec.path for spec in (recipe.model, recipe.reference, recipe.reward) if spec is not None)
@@ -170,8 +176,37 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     if recipe.output_dir:
         record = {**result.to_json(), "samples": samples, "recipe": recipe.model_dump(mode="json"),
                   "inputs": judged, "versions": package_versions()}
-        atomic_write_json(Path(recipe.output_dir) / "eval.json", record)
+        atomic_write_json(Path(recipe.output_dir) / EVAL_FILE, record)
     return result
+
+
+def check_output_dir(path: Path, *, overwrite: bool) -> None:
+    """May eval write eval.json into path? As a stage with its run directory (runs.prepare_run): a new or
+    empty directory, or an earlier eval's (one holding eval.json) with --overwrite, which replaces eval.json
+    only. A run directory, or a folder inside one, is never an eval's: run.json's owner clears it when the
+    run is trained again, and a reader of the run would take the eval for part of it. Any other non-empty
+    directory is the user's, --overwrite or not. Raises RecipeError (exit 2) naming the directory."""
+    from rlhf_cli.runs import MANIFEST
+
+    in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise RecipeError(f"{in_the_way} is a file, not a directory: choose another --output-dir for eval.json")
+    run = next((p for p in (path, *path.absolute().parents) if (p / MANIFEST).is_file()), None)
+    if run is not None:
+        where = f"{path} holds a run" if run == path else f"{path} is inside the run {run}"
+        raise RecipeError(f"{where} ({MANIFEST}); an eval writes {EVAL_FILE} into a directory of its own: "
+                          "choose another --output-dir")
+    if not path.is_dir():
+        return
+    if (path / EVAL_FILE).is_file():
+        if not overwrite:
+            raise RecipeError(f"{path} holds an earlier eval ({EVAL_FILE}): pass --overwrite to replace it, "
+                              "or choose another --output-dir")
+        return
+    # A temp file of a write that was killed (runs.atomic_write_text) is not the user's.
+    theirs = [c for c in path.iterdir() if not (c.name.startswith(f".{EVAL_FILE}.") and c.name.endswith(".tmp"))]
+    if theirs:
+        raise RecipeError(f"{path} is not empty and holds no eval ({EVAL_FILE}): choose a new or empty --output-dir")
 
 
 def _pair_gaps(scorer: Any, records: list[dict[str, Any]], source: str) -> tuple[list[float], int, int]:
