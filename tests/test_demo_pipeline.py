@@ -46,6 +46,20 @@ def test_without_a_seed_the_recipes_keep_their_own(tmp_path, monkeypatch):
     assert not any(c[0] == "eval" and "--seed" in c for c in calls)
 
 
+def test_a_demo_run_again_replaces_its_evals(tmp_path, monkeypatch):
+    """eval refuses an output dir holding an earlier eval.json without --overwrite; the demo's evals are
+    made again from the runs as they are each time."""
+    from rlhf_cli.demo import pipeline
+
+    round_two = pipeline.round_two  # _commands leaves it out
+    calls = _commands(tmp_path, monkeypatch, seed=None)
+    monkeypatch.setattr(pipeline, "_has_pairs", lambda path: True)
+    monkeypatch.setattr(pipeline, "_rlhf", lambda *args, **_: calls.append(args) or 0.0)
+    round_two(ROOT / "recipes/demo-tiny", force=False)
+    evals = [c for c in calls if c[0] == "eval"]
+    assert len(evals) == 4 and all("--overwrite" in c for c in evals), evals
+
+
 TRAINED = ("pretrain", "sft", "train-rm", "ppo", "dpo")
 
 

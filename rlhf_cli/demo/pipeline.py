@@ -162,10 +162,12 @@ def run(kind: str, recipes: Path, work: Path, force: bool = False, seed: int | N
         # Default --resume auto: an interrupted stage continues from its last checkpoint.
         times[stage] = _rlhf(stage, str(recipe), *sets, *(["--overwrite"] if action == "again" else []))
 
+    # Every eval is made again from the runs as they are now: each replaces the last demo's (--overwrite).
     eval_seed = ["--seed", str(seed)] if seed is not None else []
-    times["eval"] = _rlhf("eval", str(recipes / "eval.yaml"), "--output-dir", "runs/eval", *eval_seed)
+    times["eval"] = _rlhf("eval", str(recipes / "eval.yaml"), "--output-dir", "runs/eval", "--overwrite", *eval_seed)
     if dpo:
-        times["eval dpo"] = _rlhf("eval", str(recipes / "eval-dpo.yaml"), "--output-dir", "runs/eval_dpo", *eval_seed)
+        times["eval dpo"] = _rlhf("eval", str(recipes / "eval-dpo.yaml"), "--output-dir", "runs/eval_dpo", "--overwrite",
+                                  *eval_seed)
     for name in ("sft", "ppo"):
         times[f"generate {name}"] = _rlhf(
             "generate", f"runs/{name}", "--prompts", _prompts_eval(kind), "--seed", str(seed or 0), "--set",
@@ -199,7 +201,7 @@ def round_two(recipes: Path, force: bool) -> dict[str, float]:
                                       *(["--overwrite"] if _completed(Path("runs/rm2")) or force else []))
     for rm in ("rm", "rm2"):
         times[f"eval {rm} on round 2"] = _rlhf("eval", "--model", f"runs/{rm}", "--metric", "rm_accuracy", "--preference",
-                                               "round2_eval.jsonl", "--output-dir", f"runs/eval_{rm}_round2")
+                                               "round2_eval.jsonl", "--output-dir", f"runs/eval_{rm}_round2", "--overwrite")
     return times
 
 
