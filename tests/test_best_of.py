@@ -98,6 +98,29 @@ def test_compare_needs_exactly_one_judge(tmp_path):
         assert result.exit_code == 2 and "exactly one judge" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(("kind", "status", "code", "words"), [
+    ("full", "completed", 2, "is a causal-lm run, not a reward model: pass a train-rm run directory"),
+    ("reward-full", "failed", 3, "run is failed, not completed"),
+])
+def test_compare_checks_a_reward_model_before_sampling_any_answer(tmp_path, monkeypatch, kind, status, code, words):
+    """`compare runs/sft --reward runs/sft` sampled every answer before it found runs/sft is no reward model."""
+    from fixtures_runs import write_run
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the policy was loaded before the reward model was checked")
+
+    monkeypatch.setattr("rlhf_cli.core.inference.load_causal_lm", loaded)
+    judge = tmp_path / "judge"
+    (judge / "model").mkdir(parents=True)
+    (judge / "model" / "config.json").write_text("{}")
+    write_run(judge, "sft" if kind == "full" else "train-rm", "base", {"kind": kind, "path": "model"})
+    manifest = json.loads((judge / "run.json").read_text())
+    (judge / "run.json").write_text(json.dumps({**manifest, "status": status}))
+    result = runner.invoke(app, ["compare", str(judge), "--prompts", _prompts_file(tmp_path), "--reward", str(judge)])
+    assert result.exit_code == code and f"{judge}" in result.stderr and words in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def _prompts_file(folder: Path) -> str:
     path = folder / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))

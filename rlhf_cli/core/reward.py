@@ -148,6 +148,17 @@ def trained_max_length(resolved: Any) -> int | None:
     return int(value) if isinstance(value, int) else None
 
 
+def resolve_reward_model(path: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> Any:
+    """runs.resolve_model, refusing a run that is not a reward model. It reads run.json files only, so a
+    command that loads its reward model late (compare, after generating) can check it first."""
+    from rlhf_cli.runs import resolve_model
+
+    resolved = resolve_model(path, gguf_file, trust_remote_code)
+    if resolved.run_dir and resolved.kind != "reward":
+        raise RecipeError(f"{path} is a {resolved.kind} run, not a reward model: pass a train-rm run directory")
+    return resolved
+
+
 def load_reward_model(path: str, *, dtype: str = "auto", gguf_file: str | None = None, trust_remote_code: bool = False,
                       max_length: int | None = None, batch_size: int = 8) -> RewardModel:
     """A reward run (or any sequence-classification model), held the way it was trained.
@@ -166,11 +177,8 @@ def load_reward_model(path: str, *, dtype: str = "auto", gguf_file: str | None =
     from rlhf_cli.core.inference import live_adapters, run_quant
     from rlhf_cli.core.loading import load_model, load_tokenizer
     from rlhf_cli.core.lora import apply_adapters, fp32_trainable_modules
-    from rlhf_cli.runs import resolve_model
 
-    resolved = resolve_model(path, gguf_file, trust_remote_code)
-    if resolved.run_dir and resolved.kind != "reward":
-        raise RecipeError(f"{path} is a {resolved.kind} run, not a reward model: pass a train-rm run directory")
+    resolved = resolve_reward_model(path, gguf_file, trust_remote_code)
     tokenizer = load_tokenizer(resolved, padding_side="right")
     ensure_chat_template(tokenizer)
     quant = run_quant(resolved)

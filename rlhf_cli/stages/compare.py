@@ -28,16 +28,21 @@ def compare(recipe: CompareRecipe) -> Iterator[dict[str, Any]]:
     from rlhf_cli.core.chat import ensure_chat_template, prompt_text
     from rlhf_cli.core.data import prompts_of, read_records
     from rlhf_cli.core.inference import load_causal_lm
-    from rlhf_cli.core.reward import load_function, load_scorer
+    from rlhf_cli.core.reward import load_function, load_scorer, resolve_reward_model
     from rlhf_cli.recipe import is_function_ref
 
     prompts = prompts_of(read_records(recipe.prompts), recipe.prompts)
     if not prompts:
         raise DataError(f"{recipe.prompts}: no prompts")
-    # User code is imported first: a wrong reference fails before any model loads.
+    # The judge is checked before any model loads: user code is imported, a reward model is resolved
+    # through its run.json (a causal-lm run, an unfinished run, missing files), so a wrong --reward fails
+    # now, not after every answer was sampled. The reward model itself loads once the policy is freed.
     judge = None
     if recipe.reward is not None:
-        judge = load_function(recipe.reward) if is_function_ref(recipe.reward) else None
+        if is_function_ref(recipe.reward):
+            judge = load_function(recipe.reward)
+        else:
+            resolve_reward_model(recipe.reward)
     loaded = load_causal_lm(recipe.model, quant=recipe.quant)
     ensure_chat_template(loaded.tokenizer)
     texts = [prompt_text(loaded.tokenizer, p) for p in prompts]
