@@ -501,6 +501,65 @@ def test_prompts_that_are_not_utf8_are_one_line_and_exit_3(tmp_path):
     assert prompts.read_bytes() == b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n'
 
 
+@pytest.fixture
+def hub_unreachable(monkeypatch, tmp_path):
+    """Online mode with a hub that refuses connections (a closed local port) and an empty cache: what an
+    offline machine without HF_HUB_OFFLINE sees, without touching the network."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+
+
+@pytest.mark.parametrize("model", ["work/nope", "./work/nope", "ABS/nope"])
+def test_a_missing_local_model_is_named_without_asking_the_hub(tiny, tmp_path, monkeypatch, model):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path)
+    model = model.replace("ABS", str(tmp_path))
+    result = rlhf("sft", "--model", model, "--data", str(tiny["chat"]), "--dry-run")
+    assert result.exit_code == 3, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: {model}: no such file or directory (a local model directory, so not looked up on the hub)"]
+
+
+def test_a_hub_id_that_is_not_cached_and_not_reachable_is_one_line_without_retries(hub_unreachable):
+    # The real process and the real huggingface_hub: its retries would take 23 s per file and print a line each.
+    proc = rlhf_process("sft", "--model", "someone/nothing-here", "--data", "data/chat.jsonl", "--dry-run")
+    assert proc.returncode == 3, proc.stderr
+    [line] = [line for line in proc.stderr.strip().splitlines() if " INFO " not in line]
+    assert line.startswith("error: someone/nothing-here: neither a local path nor reachable on the hub (ConnectError"), line
+    assert "cached locally" in line
+
+
+def test_a_hub_dataset_that_is_not_cached_and_not_reachable_is_one_line(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from rlhf_cli.core.data import read_records
+
+    def unreachable(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(huggingface_hub, "is_offline_mode", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "repo_info", unreachable)
+    with pytest.raises(DataError) as e:
+        read_records("someone/dataset")
+    assert e.value.message.startswith("someone/dataset: neither a local path nor reachable on the hub (ConnectionError"), e.value.message
+
+
+@pytest.mark.parametrize(
+    ("ref", "local"),
+    [("./m", True), ("../m", True), ("/abs/m", True), ("~/m", True), (".assets/tiny/model", True), ("a/b/c", True),
+     ("work/m", True), ("someone/model", False), ("gpt2", False)],
+)
+def test_which_references_are_local_paths(tmp_path, monkeypatch, ref, local):
+    from rlhf_cli.core.hub import is_local_path
+
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert is_local_path(ref) is local
+
+
 def test_generate_with_a_closed_stdin_is_one_line_and_exit_3():
     proc = rlhf_process("generate", "some/model", "--prompts", "-", stdin_closed=True)
     assert proc.returncode == 3, proc.stderr

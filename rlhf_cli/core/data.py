@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli.core.hub import check_dataset_ref, is_local_path
 from rlhf_cli.errors import DataError
 
 log = logging.getLogger("rlhf")
@@ -70,9 +71,10 @@ def read_records(
         located = [r for f in files for r in _read_file(f)]
     elif path.is_file():
         located = _read_file(path)
-    elif path.suffix in SUFFIXES or source.startswith((".", "/", "~")):
+    elif path.suffix in SUFFIXES or is_local_path(source):
         raise DataError(f"{source}: data file not found")
     else:
+        check_dataset_ref(source)
         located = _read_hub(source, split)
     if not located:
         raise DataError(f"{source}: no records")

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from rlhf_cli.core.device import resolve_dtype
+from rlhf_cli.core.hub import check_resolved
 from rlhf_cli.core.lora import merge_adapters
 from rlhf_cli.errors import DataError, RecipeError, TrainingError
 from rlhf_cli.recipe import ModelSpec, QuantSpec
@@ -42,6 +43,7 @@ def resolve(spec: ModelSpec | Any, head: Head = "causal") -> ResolvedModel:
     tokenizer = getattr(spec, "tokenizer", None)
     if tokenizer:
         resolved = ResolvedModel(**{**resolved.__dict__, "tokenizer": tokenizer})
+    check_resolved(resolved)
     return resolved
 
 

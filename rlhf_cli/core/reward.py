@@ -151,11 +151,13 @@ def trained_max_length(resolved: Any) -> int | None:
 def resolve_reward_model(path: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> Any:
     """runs.resolve_model, refusing a run that is not a reward model. It reads run.json files only, so a
     command that loads its reward model late (compare, after generating) can check it first."""
+    from rlhf_cli.core.hub import check_resolved
     from rlhf_cli.runs import resolve_model
 
     resolved = resolve_model(path, gguf_file, trust_remote_code)
     if resolved.run_dir and resolved.kind != "reward":
         raise RecipeError(f"{path} is a {resolved.kind} run, not a reward model: pass a train-rm run directory")
+    check_resolved(resolved)
     return resolved
 
 

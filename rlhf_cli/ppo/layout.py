@@ -33,6 +33,7 @@ from typing import Any
 
 from rlhf_cli.core.chat import conversation_text
 from rlhf_cli.core.device import resolve_dtype
+from rlhf_cli.core.hub import check_resolved
 from rlhf_cli.core.loading import load_tokenizer
 from rlhf_cli.core.reward import RewardFn, load_function
 from rlhf_cli.errors import RecipeError
@@ -69,6 +70,7 @@ def plan_layout(recipe: OnlineRecipe, policy: ResolvedModel, policy_tokenizer: A
             f"--reward {src.path} is a {resolved.kind} run (run.json model.kind), not a reward model: "
             "pass a train-rm run directory, a sequence-classification model, or package.module:function"
         )
+    check_resolved(resolved)
     tokenizer = _reward_tokenizer(resolved, policy_tokenizer)
 
     def separate(why: str) -> LayoutPlan:

@@ -27,6 +27,7 @@ log = logging.getLogger("rlhf")
 def merge(run: str | Path, output: Path, *, dtype: str = "auto", overwrite: bool = False) -> RunResult:
     from rlhf_cli.core.chat import ensure_chat_template
     from rlhf_cli.core.device import DTYPES, dtype_name
+    from rlhf_cli.core.hub import check_resolved
     from rlhf_cli.core.inference import run_quant
     from rlhf_cli.core.loading import load_model, load_tokenizer
     from rlhf_cli.runs import resolve_model
@@ -38,6 +39,7 @@ def merge(run: str | Path, output: Path, *, dtype: str = "auto", overwrite: bool
     if not resolved.adapters:
         where = f"{run}/run.json says it is a full model" if resolved.run_dir else f"{run} is not a run directory"
         raise RecipeError(f"nothing to merge: {where}; it loads as it is")
+    check_resolved(resolved)
     source = Path(resolved.run_dir or run).resolve()
     if output.resolve() == source or output.resolve() in source.parents:
         raise RecipeError(f"--output {output} holds the run being merged: choose another directory")
