@@ -186,6 +186,84 @@ def _missing_hint(stage: str, loc: Loc) -> str:
     return ""
 
 
+# Names other tools give our keys (HF TrainingArguments, TRL, peft, axolotl, LLaMA-Factory): an unknown key
+# found here says what rlhf calls it, where a did-you-mean would guess by spelling (learning_rate ->
+# logging_steps). Each name maps to the keys it may mean, relative to its section, first match wins; a
+# target that is not a key of that section is skipped, so `rank` under `train` suggests nothing.
+RENAMED: dict[str, tuple[str, ...]] = {
+    "learning_rate": ("lr", "train.lr"),
+    "num_train_epochs": ("epochs", "train.epochs"),
+    "num_epochs": ("epochs", "train.epochs"),
+    "per_device_train_batch_size": ("batch_size", "train.batch_size", "mini_batch_size"),
+    "micro_batch_size": ("batch_size", "train.batch_size", "mini_batch_size"),
+    "train_batch_size": ("batch_size", "train.batch_size"),
+    "gradient_accumulation_steps": ("grad_accum", "train.grad_accum"),
+    "lr_scheduler_type": ("lr_scheduler", "train.lr_scheduler"),
+    "warmup_steps": ("warmup_ratio", "train.warmup_ratio"),
+    "warmup": ("warmup_ratio", "train.warmup_ratio"),
+    "max_steps": ("train.max_steps",),
+    "seed": ("train.seed",),
+    "evaluation_strategy": ("eval_steps", "train.eval_steps"),
+    "eval_strategy": ("eval_steps", "train.eval_steps"),
+    "save_strategy": ("save_steps", "train.save_steps"),
+    "rank": ("r",),
+    "lora_r": ("r", "lora.r"),
+    "lora_rank": ("r", "lora.r"),
+    "lora_alpha": ("alpha", "lora.alpha"),
+    "lora_dropout": ("dropout", "lora.dropout"),
+    "lora_target": ("target_modules", "lora.target_modules"),
+    "lora_target_modules": ("target_modules", "lora.target_modules"),
+    "max_seq_length": ("max_length", "data.max_length"),
+    "max_seq_len": ("max_length", "data.max_length"),
+    "cutoff_len": ("max_length", "data.max_length"),
+    "sequence_len": ("max_length", "data.max_length"),
+    "max_len": ("max_length", "data.max_length"),
+    "model_name_or_path": ("path", "model.path", "policy.path"),
+    "base_model": ("path", "model.path", "policy.path"),
+    "torch_dtype": ("dtype", "model.dtype"),
+    "load_in_4bit": ("quant.bits",),
+    "load_in_8bit": ("quant.bits",),
+    "bnb_4bit_quant_type": ("quant_type", "quant.quant_type"),
+    "bnb_4bit_use_double_quant": ("double_quant", "quant.double_quant"),
+    "bnb_4bit_compute_dtype": ("compute_dtype", "quant.compute_dtype"),
+    "dataset": ("data.train", "train"),
+    "datasets": ("data.train", "train"),
+    "loss_type": ("loss", "dpo.loss"),
+    "num_ppo_epochs": ("ppo_epochs",),
+    "cliprange": ("clip_range",),
+    "cliprange_value": ("value_clip_range",),
+    "init_kl_coef": ("kl_coef",),
+    "target_kl": ("kl_target",),
+    "num_generations": ("group_size",),
+    "epsilon": ("clip_range",),
+    "response_length": ("generation.max_new_tokens",),
+    "max_completion_length": ("generation.max_new_tokens",),
+    "max_new_tokens": ("generation.max_new_tokens",),
+    # TRL counts prompts over the whole run; rlhf counts rollouts of rollout_batch_size prompts each.
+    "total_episodes": ("iterations",),
+    "num_episodes": ("iterations",),
+}
+_RENAME_NOTES = {
+    ("total_episodes", "iterations"): " (rollouts of rollout_batch_size prompts each: total_episodes / rollout_batch_size)",
+    ("num_episodes", "iterations"): " (rollouts of rollout_batch_size prompts each: num_episodes / rollout_batch_size)",
+    ("load_in_4bit", "quant.bits"): ": 4",
+    ("load_in_8bit", "quant.bits"): ": 8",
+    ("warmup_steps", "warmup_ratio"): ", a fraction of the steps",
+    ("warmup_steps", "train.warmup_ratio"): ", a fraction of the steps",
+}
+
+
+def renamed_key(cls: type[BaseModel], loc: Loc) -> str | None:
+    """What rlhf calls the unknown key at `loc` when another tool's name for it is known, as a dotted key
+    with a short note; None otherwise."""
+    name = loc[-1].lower()
+    for target in RENAMED.get(name, ()):
+        parts = tuple(target.split("."))
+        if parts[-1] in _fields_at(cls, loc[:-1] + parts[:-1]):
+            return ".".join(loc[:-1] + parts) + _RENAME_NOTES.get((name, target), "")
+    return None
+
+
 def _model_of(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model inside an annotation like `LoraSpec | None`."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -214,15 +292,28 @@ def _clean_loc(loc: tuple[Any, ...]) -> Loc:
     return tuple(str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
 
 
+# More unknown keys than this (with no known other name) are one line: a file written for another tool, or
+# another command, would otherwise print one line per key (LLaMA-Factory's "keys are not used" list).
+MAX_UNKNOWN_LINES = 5
+
+
 def format_errors(
     err: ValidationError, cls: type[BaseModel], lines: dict[Loc, int], source: str, from_set: set[Loc]
 ) -> list[str]:
     out: list[str] = []
     seen: set[tuple[Loc, str]] = set()
-    for e in err.errors():
+    errors = err.errors()
+    unknown = [_clean_loc(e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
+    unknown = [loc for loc in unknown if renamed_key(cls, loc) is None]
+    if len(unknown) > MAX_UNKNOWN_LINES:
+        out.append(_unknown_summary(cls, unknown, lines, source, from_set))
+        errors = [e for e in errors if not (e["type"] == "extra_forbidden" and _clean_loc(e["loc"]) in unknown)]
+    for e in errors:
         loc = _clean_loc(e["loc"])
         key = ".".join(loc) or "(recipe)"
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and (ours := renamed_key(cls, loc)) is not None:
+            msg = f"unknown key; rlhf calls it {ours}"
+        elif e["type"] == "extra_forbidden":
             valid = _fields_at(cls, loc[:-1])
             close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
             hint = f"; did you mean {'.'.join(loc[:-1] + (close[0],))}?" if close else ""
@@ -240,6 +331,15 @@ def format_errors(
         where = _where(loc, lines, source, from_set)
         out.append(f"{where}: {key}: {msg}" if loc else f"{where}: {msg}")
     return out
+
+
+def _unknown_summary(cls: type[BaseModel], unknown: list[Loc], lines: dict[Loc, int], source: str, from_set: set[Loc]) -> str:
+    stage = str(cls.model_fields["stage"].default)
+    named = ", ".join(".".join(loc) for loc in unknown[:3])
+    return (
+        f"{_where(unknown[0], lines, source, from_set)}: {len(unknown)} unknown keys ({named} and {len(unknown) - 3} more): "
+        f"is this a recipe for rlhf {stage}? `rlhf init {stage}` writes one (top-level keys: {', '.join(cls.model_fields)})"
+    )
 
 
 def _where(loc: Loc, lines: dict[Loc, int], source: str, from_set: set[Loc]) -> str:
@@ -268,6 +368,7 @@ def load_recipe(
     source = str(path) if path else "command line"
     if path is not None:
         data, lines = read_yaml(path)
+        _refuse_manifest(path, data)
 
     file_stage = data.get("stage")
     if stage is None:
@@ -304,6 +405,12 @@ def load_recipe(
     except ValidationError as err:
         problems = format_errors(err, cls, lines, source, from_set)
         raise RecipeError(problems[0], details=problems[1:]) from None
+
+
+def _refuse_manifest(path: Path, data: dict[str, Any]) -> None:
+    """A run's run.json handed over as a recipe: its recipe is the recipe.yaml beside it."""
+    if path.name == "run.json" or {"schema_version", "status", "recipe"} <= set(data):
+        raise RecipeError(f"{path} is a run manifest (run.json), not a recipe: give its recipe, {path.parent / 'recipe.yaml'}")
 
 
 def dump_recipe(recipe: BaseModel) -> str:

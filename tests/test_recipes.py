@@ -128,6 +128,71 @@ def test_every_unknown_key_is_reported(tmp_path):
     assert "did you mean train?" in result.stderr and "did you mean lora.r?" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("recipe", "added", "says"),
+    [
+        (SFT, "train:\n  learning_rate: 1.0e-4\n", "train.learning_rate: unknown key; rlhf calls it train.lr"),
+        (SFT, "train:\n  num_train_epochs: 3\n", "train.num_train_epochs: unknown key; rlhf calls it train.epochs"),
+        (SFT, "train:\n  per_device_train_batch_size: 4\n", "train.per_device_train_batch_size: unknown key; rlhf calls it train.batch_size"),
+        (SFT, "train:\n  gradient_accumulation_steps: 4\n", "train.gradient_accumulation_steps: unknown key; rlhf calls it train.grad_accum"),
+        (SFT, "lora:\n  rank: 8\n", "lora.rank: unknown key; rlhf calls it lora.r"),
+        (SFT, "lora:\n  lora_alpha: 16\n", "lora.lora_alpha: unknown key; rlhf calls it lora.alpha"),
+        (SFT, "lora:\n  lora_dropout: 0.1\n", "lora.lora_dropout: unknown key; rlhf calls it lora.dropout"),
+        (SFT, "cutoff_len: 512\n", "cutoff_len: unknown key; rlhf calls it data.max_length"),
+        (SFT, "learning_rate: 1.0e-4\n", "learning_rate: unknown key; rlhf calls it train.lr"),
+        (PPO, "ppo:\n  total_episodes: 10\n", "ppo.total_episodes: unknown key; rlhf calls it ppo.iterations (rollouts of"),
+        (PPO, "ppo:\n  per_device_train_batch_size: 4\n", "ppo.per_device_train_batch_size: unknown key; rlhf calls it ppo.mini_batch_size"),
+    ],
+    ids=["learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "rank",
+         "lora_alpha", "lora_dropout", "top-level-cutoff_len", "top-level-learning_rate", "total_episodes",
+         "ppo-per_device_train_batch_size"],
+)
+def test_a_key_of_another_tool_says_what_rlhf_calls_it(tmp_path, recipe, added, says):
+    path = write(tmp_path, recipe + added)
+    result = rlhf("validate", str(path))
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()
+    last = added.strip().splitlines()[-1]
+    assert line.startswith(f"error: {path}:{line_of(path, last)}: {says}"), line
+
+
+def test_a_renamed_key_given_with_set_says_what_rlhf_calls_it(tmp_path):
+    result = rlhf("ppo", str(write(tmp_path, PPO)), "--set", "ppo.total_episodes=10")
+    assert result.exit_code == 2, result.output
+    assert "--set/flag: ppo.total_episodes: unknown key; rlhf calls it ppo.iterations" in result.stderr
+
+
+def test_an_alias_is_offered_only_where_its_key_exists(tmp_path):
+    # `rank` means lora.r; under train it is just unknown, with the ordinary list of valid keys.
+    result = rlhf("validate", str(write(tmp_path, SFT + "train:\n  rank: 8\n")))
+    assert result.exit_code == 2
+    assert "train.rank: unknown key (valid keys in train:" in result.stderr and "rlhf calls it" not in result.stderr
+
+
+def test_a_run_manifest_given_as_a_recipe_names_the_recipe_beside_it(tmp_path):
+    run = tmp_path / "runs" / "sft"
+    run.mkdir(parents=True)
+    manifest = {"schema_version": 1, "stage": "sft", "status": "completed", "recipe": "recipe.yaml",
+                "model": {"kind": "lora", "adapters": ["adapter"]}, "metrics": {}, "versions": {}}
+    (run / "run.json").write_text(json.dumps(manifest))
+    result = rlhf("validate", str(run / "run.json"))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {run / 'run.json'} is a run manifest (run.json), not a recipe: give its recipe, {run / 'recipe.yaml'}"]
+
+
+def test_many_unknown_keys_are_one_line(tmp_path):
+    # A config written for another tool: one line with the count, not one line per key.
+    foreign = "".join(f"{k}: 1\n" for k in ("model_type", "optimizer", "flash_attention", "bf16", "val_set_size", "strict"))
+    path = write(tmp_path, SFT + foreign)
+    result = rlhf("validate", str(path))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}:{line_of(path, 'model_type')}: 6 unknown keys (model_type, optimizer, flash_attention and 3 more): "
+        "is this a recipe for rlhf sft? `rlhf init sft` writes one (top-level keys: stage, model, quant, lora, data, train, "
+        "output_dir)"]
+
+
 @pytest.mark.parametrize("stage", ["ppo", "grpo"])
 @pytest.mark.parametrize("key", ["eval: data/held.jsonl", "eval_fraction: 0.1", "eval_max_samples: 8"])
 def test_an_online_stage_refuses_held_out_prompts_it_would_never_use(tmp_path, stage, key):
