@@ -157,9 +157,13 @@ def test_corrupt_parquet_is_a_data_error(tmp_path):
         ({"messages": ["hi"]}, "messages: message 1: expected a {role, content} object, got 'hi'"),
         ({"text": ["a", "b"]}, "text: expected a string, got ['a', 'b']"),
         ({"prompt": {"role": "user"}}, "prompt: expected a string or a list of {role, content} messages"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "bogus", "content": "a"}]},
+         "messages: message 2: role 'bogus' is not a chat role; use one of system, user, assistant"),
+        ({"prompt": "p", "chosen": [{"role": "gpt", "content": "a"}], "rejected": "r"},
+         "chosen: message 1: role 'gpt' is not a chat role"),
     ],
     ids=["content-number", "chosen-number", "messages-string", "messages-number", "messages-empty",
-         "message-string", "text-list", "prompt-object"],
+         "message-string", "text-list", "prompt-object", "unknown-role", "sharegpt-role"],
 )
 def test_wrong_types_name_file_line_and_column(tmp_path, record, message):
     path = tmp_path / "d.jsonl"

@@ -277,6 +277,16 @@ def test_malformed_jsonl_is_exit_3_with_file_and_line(tmp_path):
     assert not Path("runs").exists()
 
 
+def test_conversations_without_an_assistant_turn_say_so_not_raise_max_length(tmp_path):
+    path = tmp_path / "no-answer.jsonl"
+    path.write_text('{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}\n' * 3)
+    out = rlhf("sft", "sft.yaml", "--data", str(path), "--set", "data.eval=null", "--dry-run")
+    assert out.code == 3, out
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: {path}: no record has an assistant turn (role: assistant), the answer SFT learns; add one to each "
+        "conversation, or train on raw text with rlhf pretrain")
+
+
 def test_missing_columns_is_exit_3_listing_them(tmp_path):
     path = tmp_path / "cols.jsonl"
     path.write_text('{"question": "a", "answer": "b"}\n')

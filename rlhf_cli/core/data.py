@@ -261,6 +261,9 @@ def check_columns(records: list[dict[str, Any]], fmt: str, source: str) -> None:
 
 # Columns the stages read as text: `text` a string, `messages` a message list, the others either.
 TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected")
+# The roles chat templates know (OpenAI's, plus tool-call turns). Another role is a typo or another tool's
+# name (ShareGPT's human/gpt): templates render it as a turn nobody trained on, and it is never an answer.
+ROLES = ("system", "user", "assistant", "tool", "function", "ipython", "developer")
 
 
 def check_types(record: dict[str, Any], where: str) -> None:
@@ -303,6 +306,8 @@ def _text_problem(value: Any, column: str) -> str | None:
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 return f"message {n}: {key}: expected a string, got {reprlib.repr(message.get(key))}"
+        if message["role"] not in ROLES:
+            return f"message {n}: role {message['role']!r} is not a chat role; use one of {', '.join(ROLES[:3])} (or {', '.join(ROLES[3:])})"
     return None
 
 

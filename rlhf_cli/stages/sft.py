@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from rlhf_cli.recipe import SFTRecipe
 from rlhf_cli.result import RunOptions, RunResult
@@ -35,7 +36,7 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
     train_set, stats = batches.chat_samples(tokenizer, train_records, fmt, d.max_length, d.completion_only_loss)
     eval_set, _ = batches.chat_samples(tokenizer, eval_records, fmt, d.max_length, d.completion_only_loss)
     if not train_set:
-        raise _no_samples(recipe)
+        raise _no_samples(recipe, train_records, fmt)
     longest = min(d.max_length, max(stats.lengths))
     # A padded batch is batch_size rows of its longest sample; a padding-free one is its samples' tokens, at
     # most those of the batch_size longest samples.
@@ -92,9 +93,16 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
     return RunResult(stage="sft", status="completed", output_dir=str(run_dir.path), metrics=metrics, details=details)
 
 
-def _no_samples(recipe: SFTRecipe) -> Exception:
+def _no_samples(recipe: SFTRecipe, records: list[dict[str, Any]], fmt: str) -> Exception:
+    from rlhf_cli.core.chat import record_messages
     from rlhf_cli.errors import DataError
 
+    if not any(m["role"] == "assistant" for r in records for m in record_messages(r, fmt)):
+        # Nothing to learn whatever the length: SFT trains on the assistant's turns only.
+        return DataError(
+            f"{recipe.data.train}: no record has an assistant turn (role: assistant), the answer SFT learns; "
+            "add one to each conversation, or train on raw text with rlhf pretrain"
+        )
     return DataError(
         f"{recipe.data.train}: no sample has an answer token left within data.max_length {recipe.data.max_length}: "
         "raise data.max_length"
