@@ -70,6 +70,24 @@ def test_missing_columns_list_what_is_there_and_what_is_needed():
         check_columns([{"prompt": "a", "completion": "b"}, {"prompt": "c"}], "prompt_completion", "d.jsonl")
 
 
+@pytest.mark.parametrize(
+    ("allowed", "declared", "example"),
+    [
+        (("preference", "ranked"), "auto", "{question: prompt, good: chosen, bad: rejected}"),  # train-rm
+        (("preference",), "auto", "{question: prompt, good: chosen, bad: rejected}"),  # dpo, eval --preference
+        (("text",), "auto", "{content: text}"),  # pretrain
+        (("prompt", "messages"), "auto", "{question: prompt}"),  # ppo, grpo
+        (("messages", "prompt_completion"), "auto", "{instruction: prompt, output: completion}"),  # sft
+        (("preference",), "preference", "{question: prompt, good: chosen, bad: rejected}"),
+    ],
+    ids=["train-rm", "dpo", "pretrain", "ppo", "sft", "declared-preference"],
+)
+def test_wrong_columns_get_a_rename_example_of_the_stages_format(allowed, declared, example):
+    with pytest.raises(DataError) as e:
+        detect_format([{"q": "a", "answer": "b"}], "d.jsonl", allowed, declared)
+    assert e.value.message.endswith(f"(rename with data.fields, e.g. {example})"), e.value.message
+
+
 def test_fields_rename_columns_and_auto_detect_says_what_it_found(tmp_path, caplog):
     path = _write(tmp_path / "d.jsonl", [{"instruction": "q", "output": "a"}])
     records = read_records(str(path), fields={"instruction": "prompt", "output": "completion"})

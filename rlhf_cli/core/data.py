@@ -39,6 +39,18 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
+# A data.fields rename that fits each format, for the error that asks for one: the columns data sets of
+# that kind often have instead of ours.
+RENAME_EXAMPLES: dict[str, str] = {
+    "preference": "{question: prompt, good: chosen, bad: rejected}",
+    "ranked": "{question: prompt, answers: responses}",
+    "messages": "{instruction: prompt, output: completion}",
+    "prompt_completion": "{instruction: prompt, output: completion}",
+    "text": "{content: text}",
+    "prompt": "{question: prompt}",
+}
+
+
 class Records(list):
     """The records read_records returns: a list of dicts that also knows where each one came from
     ("file:line" or "file: record N"), so a check made later names the file of a folder, not the folder."""
@@ -199,7 +211,7 @@ def detect_format(records: list[dict[str, Any]], source: str, allowed: Iterable[
         if not set(needed) <= columns:
             raise DataError(
                 f"{source}: format {declared} needs columns {', '.join(needed)}; records have: {', '.join(sorted(columns))}"
-                " (rename with data.fields)"
+                f" (rename with data.fields, e.g. {RENAME_EXAMPLES[declared]})"
             )
         return declared
     for fmt in allowed:
@@ -209,7 +221,7 @@ def detect_format(records: list[dict[str, Any]], source: str, allowed: Iterable[
     wanted = " or ".join("+".join(FORMAT_COLUMNS[f]) for f in allowed)
     raise DataError(
         f"{source}: needs columns {wanted}; records have: {', '.join(sorted(columns))} "
-        "(rename with data.fields, e.g. {instruction: prompt, output: completion})"
+        f"(rename with data.fields, e.g. {RENAME_EXAMPLES[allowed[0]]})"
     )
 
 
