@@ -665,7 +665,12 @@ class EvalRecipe(Strict):
         if m - {"rm_accuracy"} and self.model is None:
             raise ValueError("model is missing: name the model to evaluate (--model RUN)")
         if m & {"reward", "win_rate", "best_of_n"} and self.reward is None:
-            raise ValueError("reward, win_rate and best_of_n need a reward model: set reward.path (--reward RUN)")
+            # A reward function is scored by metric reward_fn; `reward` is the reward model's score.
+            scored_by_fn = "reward" in m and self.reward_fn is not None
+            raise ValueError(
+                "reward, win_rate and best_of_n need a reward model: set reward.path (--reward RUN)"
+                + (f"; to score with reward_fn {self.reward_fn}, use --metric reward_fn" if scored_by_fn else "")
+            )
         if "rm_accuracy" in m and self.reward is None and self.model is None:
             raise ValueError("rm_accuracy needs a reward model: set reward.path (--reward RUN), or --model RUN of a train-rm run")
         if m & {"win_rate", "kl"} and self.reference is None:

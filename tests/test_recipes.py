@@ -511,3 +511,13 @@ def test_a_train_block_without_lr_keeps_the_stages_learning_rate():
     flags = {"model.path": "m", "data.train": "p.jsonl"}
     for stage, lr in (("dpo", 5e-6), ("train-rm", 5e-5), ("pretrain", 5e-4), ("sft", 2e-4)):
         assert load_recipe(stage, None, flags=flags, sets=["train.max_steps=3"]).train.lr == lr, stage
+
+
+@pytest.mark.parametrize("reward_fn", [True, False])
+def test_eval_reward_without_a_reward_model_points_to_reward_fn_when_one_is_given(reward_fn):
+    args = ["eval", "--model", "runs/sft", "--metric", "reward", "--prompts", "p.jsonl"]
+    result = rlhf(*args, *(["--reward-fn", "mypkg.mod:fn"] if reward_fn else []))
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert "need a reward model: set reward.path (--reward RUN)" in line
+    assert line.endswith("; to score with reward_fn mypkg.mod:fn, use --metric reward_fn") is reward_fn, line
