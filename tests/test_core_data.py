@@ -178,7 +178,7 @@ def test_corrupt_parquet_is_a_data_error(tmp_path):
         ({"messages": [{"role": "user", "content": "q"}, {"role": "bogus", "content": "a"}]},
          "messages: message 2: role 'bogus' is not a chat role; use one of system, user, assistant"),
         ({"prompt": "p", "chosen": [{"role": "gpt", "content": "a"}], "rejected": "r"},
-         "chosen: message 1: role 'gpt' is not a chat role"),
+         "chosen: message 1: role 'gpt' is another tool's name; rlhf calls it 'assistant'"),
     ],
     ids=["content-number", "chosen-number", "messages-string", "messages-number", "messages-empty",
          "message-string", "text-list", "prompt-object", "unknown-role", "sharegpt-role"],

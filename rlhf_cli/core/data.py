@@ -276,6 +276,8 @@ TEXT_COLUMNS = ("prompt", "completion", "chosen", "rejected")
 # The roles chat templates know (OpenAI's, plus tool-call turns). Another role is a typo or another tool's
 # name (ShareGPT's human/gpt): templates render it as a turn nobody trained on, and it is never an answer.
 ROLES = ("system", "user", "assistant", "tool", "function", "ipython", "developer")
+# Other tools' names for the roles, named in the error so the fix is one rename.
+ROLE_NAMES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 
 
 def check_types(record: dict[str, Any], where: str) -> None:
@@ -318,8 +320,11 @@ def _text_problem(value: Any, column: str) -> str | None:
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 return f"message {n}: {key}: expected a string, got {reprlib.repr(message.get(key))}"
-        if message["role"] not in ROLES:
-            return f"message {n}: role {message['role']!r} is not a chat role; use one of {', '.join(ROLES[:3])} (or {', '.join(ROLES[3:])})"
+        role = message["role"]
+        if role in ROLE_NAMES:
+            return f"message {n}: role {role!r} is another tool's name; rlhf calls it {ROLE_NAMES[role]!r}"
+        if role not in ROLES:
+            return f"message {n}: role {role!r} is not a chat role; use one of {', '.join(ROLES[:3])} (or {', '.join(ROLES[3:])})"
     return None
 
 
