@@ -162,25 +162,99 @@ def test_update_statistics_reduce_to_the_per_step_values_in_one_read():
 
 
 def test_update_statistics_are_over_every_process(monkeypatch):
-    """Only the main process logs: its clipfrac and losses were its own micro-steps', not the run's."""
+    """Only the main process logs: its clipfrac and losses were its own micro-steps', not the run's. Two
+    processes are played in turn: the first one's reduced tensors are what the second one's all_reduce meets."""
     import torch
     import torch.distributed as dist
 
     from rlhf_cli.core import distributed
     from rlhf_cli.ppo.loop import reduce_stats
 
-    other = {"policy_loss": torch.tensor(0.5), "clipfrac": torch.tensor(0.25), "ratio_max": torch.tensor(4.0)}
-
-    def all_reduce(t, op):  # the other process's reduced statistics, in key order
-        theirs = torch.stack(list(other.values()))
-        t.copy_(t + theirs if op == dist.ReduceOp.SUM else torch.maximum(t, theirs))
-
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    sent: list[torch.Tensor] = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op: sent.append(t.clone()))
+    theirs = {"policy_loss": [torch.tensor(0.5)], "clipfrac": [torch.tensor(0.25)], "ratio_max": [torch.tensor(4.0)]}
+    their_weights = {"policy_loss": [torch.tensor(6.0)], "clipfrac": [torch.tensor(6.0)], "ratio_max": [torch.tensor(6.0)]}
+    reduce_stats(theirs, [torch.tensor(0.1)], their_weights)
+    other = iter(sent)
+
+    def all_reduce(t, op):
+        o = next(other)
+        t.copy_(t + o if op == dist.ReduceOp.SUM else torch.maximum(t, o))
+
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     mine = {"policy_loss": [torch.tensor(0.25), torch.tensor(-0.75)], "clipfrac": [torch.tensor(0.0), torch.tensor(0.5)],
             "ratio_max": [torch.tensor(1.5), torch.tensor(3.0)]}
-    out, _ = reduce_stats(mine, [torch.tensor(0.1)])
-    assert out == pytest.approx({"policy_loss": (-0.25 + 0.5) / 2, "clipfrac": (0.25 + 0.25) / 2, "ratio_max": 4.0})
+    w = [torch.tensor(3.0), torch.tensor(1.0)]
+    out, _ = reduce_stats(mine, [torch.tensor(0.1)], {k: w for k in mine})
+    # Token-weighted over both processes: 3 + 1 tokens here, 6 there.
+    assert out == pytest.approx({"policy_loss": (0.75 - 0.75 + 3.0) / 10, "clipfrac": (0.5 + 1.5) / 10, "ratio_max": 4.0})
+
+
+@pytest.mark.parametrize("critic", [True, False])
+def test_update_statistics_are_over_the_tokens_they_were_taken_on(critic):
+    """Micro-batches of 8, 1, 7 and 1 tokens: clipfrac, the losses and the value figures of an update
+    are those of the whole rollout (with a learning rate of 0, the same numbers), not means of micro-batch
+    means; explained_variance was NaN, each one-token micro-batch's returns having no variance."""
+    import torch
+    from accelerate import Accelerator
+    from torch import nn
+
+    from rlhf_cli.core.generation import token_logprobs
+    from rlhf_cli.ppo import algo
+    from rlhf_cli.ppo.loop import UpdateContext, ppo_update
+    from rlhf_cli.ppo.method import Method
+    from rlhf_cli.ppo.rollout import Rollout
+    from rlhf_cli.recipe import GRPOSpec, PPOSpec
+
+    vocab, P, R = 11, 2, 8
+
+    class Actor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out, self.v = nn.Embedding(vocab, 8), nn.Linear(8, vocab), nn.Linear(8, 1)
+
+        def policy_logits(self, ids, mask, pos, n):
+            return self.out(self.emb(ids))[:, -n - 1 : -1]
+
+        def values(self, ids, mask, pos, n):
+            return self.v(self.emb(ids))[:, -n - 1 : -1].squeeze(-1)
+
+        def forward(self, ids, mask, pos, n):
+            return self.policy_logits(ids, mask, pos, n), self.values(ids, mask, pos, n) if critic else None
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    lengths = torch.tensor([8, 1, 7, 1])
+    mask = torch.arange(R)[None] < lengths[:, None]
+    resp = torch.where(mask, torch.randint(1, vocab, (4, R), generator=g), 0)
+    ids = torch.cat([torch.randint(1, vocab, (4, P), generator=g), resp], 1)
+    attn = torch.cat([torch.ones(4, P, dtype=torch.long), mask.long()], 1)
+    rollout = Rollout(ids, attn, (attn.cumsum(1) - 1).clamp(min=0), resp, mask, torch.ones(4, dtype=torch.bool),
+                      [""] * 4, 0.0)
+    actor = Actor()
+    with torch.no_grad():
+        logp = token_logprobs(actor.policy_logits(ids, attn, None, R), resp)
+        values = actor.values(ids, attn, None, R)
+    old = logp - torch.where(torch.rand(4, R, generator=g) < 0.5, 0.5, 0.0)
+    adv, ret = torch.randn(4, R, generator=g), torch.randn(4, R, generator=g)
+    sizes = {"rollout_batch_size": 4, "mini_batch_size": 4, "grad_accum": 4, "ppo_epochs": 2, "lr": 1e-3}
+    spec = PPOSpec(**sizes) if critic else GRPOSpec(**sizes, group_size=2)
+    method = Method("ppo", spec, spec, "gae", 1, "reward", "k1") if critic else Method("grpo", spec, None, "rloo", 2, "reward", "k1")
+    acc = Accelerator(gradient_accumulation_steps=4, cpu=True)
+    optimizer = torch.optim.SGD(actor.parameters(), lr=0.0)
+    model, optimizer = acc.prepare(actor, optimizer)
+    update = UpdateContext(model, optimizer, acc, list(actor.parameters()), method, torch.Generator().manual_seed(0),
+                           mini=4, micro=1, temperature=1.0, max_new_tokens=R, lr=0.0)
+    batch = {"old_logp": old, "advantages": adv, **({"old_values": values, "returns": ret} if critic else {})}
+    stats = ppo_update(update, rollout, batch, 1)
+
+    loss, pg = algo.policy_loss(logp, old, adv, mask, spec.clip_range)
+    expected = {"policy_loss": float(loss), **{k: float(pg[k]) for k in ("clipfrac", "approx_kl", "ratio_mean", "ratio_max")}}
+    if critic:
+        vloss, vf = algo.value_loss(values, values, ret, mask, spec.value_clip_range)
+        expected.update(value_loss=float(vloss), **{k: float(v) for k, v in vf.items()})
+    assert stats == pytest.approx(expected, rel=1e-5)
 
 
 def test_a_token_mean_loss_is_the_mini_batchs_whatever_grad_accum_and_processes():

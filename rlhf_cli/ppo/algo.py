@@ -516,17 +516,28 @@ def value_loss(
     err_clipped = (v_clipped - ret).square()
     loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), m)
     with torch.no_grad():
-        # Biased variances (the n cancels) computed without the entry-count check of masked_whiten, so a
-        # degenerate batch logs NaN instead of raising mid-training.
-        resid, centred = ret - v, ret - masked_mean(ret, m)
-        var_resid = masked_mean((resid - masked_mean(resid, m)).square(), m)
-        ev = 1 - var_resid / masked_mean(centred.square(), m)
         stats = {
             "vf_clipfrac": masked_mean((err_clipped > err).to(dtype), m),
-            "explained_variance": ev,
+            "explained_variance": explained_variance(v, ret, m),
             "value_mean": masked_mean(v, m),
         }
     return loss, {k: t.detach() for k, t in stats.items()}
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """``1 - Var(R - v) / Var(R)`` over real tokens, a 0-d tensor: 1 is perfect, 0 no better than a constant.
+
+    A figure of the whole set it is given, not a mean: the returns of one short answer hardly vary, so
+    averaging it over small batches reads far below (or NaN for one-token batches) the value model's
+    figure over the rollout. Biased variances (the n cancels) without the entry-count check of
+    masked_whiten, so a degenerate batch gives NaN instead of raising mid-training.
+    """
+    m = _as_bool(mask, values)
+    dtype = _compute_dtype(values, returns)
+    v, ret = torch.where(m, values.to(dtype), 0), torch.where(m, returns.to(dtype), 0)
+    resid, centred = ret - v, ret - masked_mean(ret, m)
+    var_resid = masked_mean((resid - masked_mean(resid, m)).square(), m)
+    return 1 - var_resid / masked_mean(centred.square(), m)
 
 
 # --------------------------------------------------------------------------------------------------

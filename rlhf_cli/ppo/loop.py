@@ -339,7 +339,13 @@ def ppo_update(update: UpdateContext, rollout: Rollout, batch: dict[str, Tensor]
     actor = acc.unwrap_model(model)
     n, R = rollout.response_ids.shape
     agg, budget = method.aggregation, update.max_new_tokens
-    sums: dict[str, list[float]] = defaultdict(list)
+    sums: dict[str, list[Tensor]] = defaultdict(list)
+    # What each micro-step's statistic weighs in the reported mean: its tokens for a token mean, so the figure
+    # is the mean over every token it was taken on, not a mean of micro-batch means that weighs a token of a
+    # short micro-batch more; 1 for the surrogate averaged per answer or over the budget (micro-batches hold
+    # as many answers).
+    weights: dict[str, list[Tensor]] = defaultdict(list)
+    per_answer = {"policy_loss", "kl_loss"} if agg != "token" else set()
 
     # A token mean is over the mini-batch's tokens on every rank: each micro-batch's mean weighs by its share.
     row_tokens = rollout.mask.sum(1).float()
@@ -359,6 +365,9 @@ def ppo_update(update: UpdateContext, rollout: Rollout, batch: dict[str, Tensor]
         assert method.ppo is not None
         loss, stats = algo.value_loss(values, batch["old_values"][idx], batch["returns"][idx], rollout.mask[idx],
                                       method.ppo.value_clip_range)
+        predicted[idx] = values.detach().to(predicted.dtype)
+        # Taken over each epoch's predictions at once instead (see algo.explained_variance).
+        stats.pop("explained_variance")
         return method.ppo.vf_coef * loss * share, {"value_loss": loss.detach(), **stats}
 
     # Losses and statistics stay tensors until the iteration's end: reading one (float, .item(), a Python
@@ -371,6 +380,7 @@ def ppo_update(update: UpdateContext, rollout: Rollout, batch: dict[str, Tensor]
 
     for epoch in range(spec.ppo_epochs):
         perm = torch.randperm(n, generator=update.shuffle).to(rollout.response_ids.device)
+        predicted = torch.zeros_like(batch["returns"]) if method.critic else None  # this epoch's value predictions
         shares = iter(token_shares(row_tokens, perm, mini, micro, acc))
         for start in range(0, n - mini + 1, mini):
             for m in range(start, start + mini, micro):
@@ -395,9 +405,14 @@ def ppo_update(update: UpdateContext, rollout: Rollout, batch: dict[str, Tensor]
                         acc.clip_grad_norm_(update.params, spec.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
+                tokens = row_tokens[idx].sum()
                 for k, v in {**pg, **vf}.items():
                     sums[k].append(v.detach())
-    out, finite_at = reduce_stats(sums, [loss for _, _, loss in losses])
+                    weights[k].append(torch.ones_like(tokens) if k in per_answer else tokens)
+        if predicted is not None:
+            sums["explained_variance"].append(algo.explained_variance(predicted, batch["returns"], rollout.mask))
+            weights["explained_variance"].append(row_tokens.sum())
+    out, finite_at = reduce_stats(sums, [loss for _, _, loss in losses], weights)
     # Every rank decides together (a rank that raised alone would leave the others in a collective); a
     # non-finite loss made non-finite weights too, which the caller's check would find before any save.
     if distributed.any_rank(finite_at is not None):
@@ -426,21 +441,32 @@ def token_shares(row_tokens: Tensor, perm: Tensor, mini: int, micro: int, acc: A
     return (per_micro * (mini // micro * acc.num_processes) / per_mini.clamp_min(1)[:, None]).flatten()
 
 
-def reduce_stats(sums: dict[str, list[Tensor]], losses: list[Tensor]) -> tuple[dict[str, float], int | None]:
-    """The means of an update's per-micro-step statistics (ratio_max: their maximum) over every process, and
-    the index of this process's first non-finite loss (None if all are finite), read from the device in one
-    transfer. Every process runs as many micro-steps, so the mean of the processes' means is the mean."""
+def reduce_stats(sums: dict[str, list[Tensor]], losses: list[Tensor],
+                 weights: dict[str, list[Tensor]] | None = None) -> tuple[dict[str, float], int | None]:
+    """The weighted means of an update's per-micro-step statistics (ratio_max: their maximum) over every
+    process, and the index of this process's first non-finite loss (None if all are finite), read from the
+    device in one transfer. ``weights`` holds each value's weight (its tokens for a token mean); without
+    one, a value weighs 1."""
     keys = list(sums)
-    parts = [torch.stack(sums[k]).float().amax() if k == "ratio_max" else torch.stack(sums[k]).float().mean() for k in keys]
-    if parts and distributed.world_size() > 1:
-        import torch.distributed as dist
+    peak = [k == "ratio_max" for k in keys]
+    nums, dens = [], []
+    for k in keys:
+        x = torch.stack(sums[k]).float()
+        w = torch.stack(weights[k]).float().to(x.device) if weights and k in weights else torch.ones_like(x)
+        nums.append(x.amax() if k == "ratio_max" else (x * w).sum())
+        dens.append(w.sum())
+    parts = nums
+    if nums:
+        num, den = torch.stack(nums), torch.stack(dens)
+        is_peak = torch.tensor(peak, device=num.device)
+        if distributed.world_size() > 1:
+            import torch.distributed as dist
 
-        peak = [k == "ratio_max" for k in keys]
-        stacked = torch.stack(parts)
-        means, maxes = torch.where(torch.tensor(peak, device=stacked.device), 0.0, stacked), stacked.clone()
-        dist.all_reduce(means, op=dist.ReduceOp.SUM)
-        dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-        parts = list(torch.where(torch.tensor(peak, device=stacked.device), maxes, means / distributed.world_size()))
+            summed, maxes = torch.cat([torch.where(is_peak, 0.0, num), den]), num.clone()
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+            num, den = torch.where(is_peak, maxes, summed[: len(keys)]), summed[len(keys):]
+        parts = list(torch.where(is_peak, num, num / den.clamp_min(1e-12)))
     device = parts[0].device if parts else torch.device("cpu")
     flags = (~torch.isfinite(torch.stack(losses).float())).float() if losses else torch.zeros(0)
     values = torch.cat([torch.stack(parts) if parts else torch.zeros(0), flags.to(device)]).tolist()
