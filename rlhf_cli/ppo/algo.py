@@ -314,7 +314,10 @@ def group_advantages(scores: Tensor, group_size: int, kind: Advantage) -> Tensor
         return g.reshape(-1)
     if group_size < 2:
         raise ValueError(f"advantage {kind!r} needs at least 2 answers per prompt, got group_size {group_size}")
-    centred = g - g.mean(1, keepdim=True)
+    # A float mean of equal scores can miss them by an ulp, which grpo's 1 / (std + eps) would blow up to a
+    # spurious push on every answer of the group (7e-5 for eight scores of 0.1): no spread, no advantage.
+    same = (g == g[:, :1]).all(1, keepdim=True)
+    centred = torch.where(same, 0, g - g.mean(1, keepdim=True))
     if kind == "grpo":
         out = centred / (g.std(1, keepdim=True) + GROUP_STD_EPS)
     elif kind == "dr_grpo":
