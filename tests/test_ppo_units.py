@@ -301,3 +301,19 @@ def test_a_token_mean_loss_is_the_mini_batchs_whatever_grad_accum_and_processes(
         rows = [perms[r][start:start + mini] for r in (0, 1)]
         whole = aggregate(torch.cat([terms[r][rows[r]] for r in (0, 1)]), torch.cat([masks[r][rows[r]] for r in (0, 1)]), "token")
         assert (sum(steps) / 2).item() == pytest.approx(whole.item(), rel=1e-5)
+
+
+def test_the_entropy_figure_is_over_every_processs_tokens():
+    """Two processes, 10 answer tokens of entropy 1 here and 2 of entropy 3 there: 16 / 12 nats, not the
+    mean of the two processes' means (2.0)."""
+    import types
+
+    import torch
+
+    from rlhf_cli.ppo.loop import _token_mean
+
+    mask = torch.arange(6)[None] < torch.tensor([[6], [4]])
+    theirs = torch.tensor([6.0, 2.0])
+    acc = types.SimpleNamespace(num_processes=2, reduce=lambda t, reduction: t + theirs if reduction == "sum" else (t + theirs) / 2)
+    assert _token_mean(acc, torch.where(mask, 1.0, float("nan")), mask) == pytest.approx(16 / 12)
+    assert _token_mean(types.SimpleNamespace(num_processes=1), torch.full((2, 6), 2.0), mask) == pytest.approx(2.0)

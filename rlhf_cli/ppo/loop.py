@@ -227,7 +227,7 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
                 same, spread = algo.group_reward_stats(scores, method.group_size)
                 record.update(zero_std_groups=_mean(acc, same), group_reward_std=_mean(acc, spread))
             record.update({
-                "entropy": _mean(acc, algo.masked_mean(entropy, mask)),
+                "entropy": _token_mean(acc, entropy, mask),
                 **stats,
                 "response_length": _mean(acc, mask.sum(1).float()),
                 "eos_fraction": _mean(acc, rollout.ended.float()),
@@ -514,6 +514,14 @@ def _mean(acc: Any, t: Tensor) -> float:
 
 def _sum(acc: Any, t: Tensor) -> float:
     return float(acc.reduce(t, reduction="sum") if acc.num_processes > 1 else t)
+
+
+def _token_mean(acc: Any, x: Tensor, mask: Tensor) -> float:
+    """Mean of x over the real tokens of every process (processes sample answers of unequal lengths)."""
+    total = torch.stack([torch.where(mask, x.float(), 0).sum(), mask.sum().float()])
+    if acc.num_processes > 1:
+        total = acc.reduce(total, reduction="sum")
+    return float(total[0] / total[1].clamp_min(1))
 
 
 # --------------------------------------------------------------------------- checkpoints
