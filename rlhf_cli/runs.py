@@ -130,6 +130,17 @@ def mark_complete(folder: Path) -> None:
     atomic_write_json(folder / "COMPLETE", {"files": sizes})
 
 
+def prune_checkpoints(root: Path, keep: int | None) -> None:
+    """Keep the `keep` newest marked checkpoints under root (all with None); older ones go. Call it only
+    once the newest is marked COMPLETE, so the checkpoint a resume needs is never the one deleted."""
+    if not keep:
+        return
+    done = sorted((int(m.group(1)), p) for p in Path(root).glob("checkpoint-*")
+                  if (m := _CHECKPOINT.match(p.name)) and (p / "COMPLETE").exists())
+    for _, p in done[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def checkpoint_damage(folder: Path) -> str | None:
     """What makes a checkpoint unusable (no COMPLETE marker, a listed file missing or of another size), or
     None when it is whole. Markers without a file list (older checkpoints) are trusted as they are."""

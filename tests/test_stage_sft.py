@@ -438,3 +438,34 @@ def test_the_held_out_loss_is_the_mean_over_its_label_tokens(tiny_chatml, tmp_pa
     batch_means = [perplexity(model, tok, records[i:i + 4], "messages", max_length=512, batch_size=4).nll
                    for i in range(0, 9, 4)]
     assert not math.isclose(loss, sum(batch_means) / len(batch_means), rel_tol=1e-5)  # what it was
+
+
+def test_an_old_checkpoint_goes_only_once_the_new_one_is_marked_complete(monkeypatch):
+    """save_total_limit 1 and a process that dies after checkpoint-4 is written but before its COMPLETE
+    marker: checkpoint-2 is still there, and --resume auto continues from it to the end."""
+    from rlhf_cli.core import trainer as fitting
+    from rlhf_cli.runs import latest_checkpoint
+
+    marked = []
+    real = fitting.mark_complete
+
+    def dies_at_the_second(folder):
+        marked.append(Path(folder).name)
+        if len(marked) == 2:
+            raise RuntimeError("killed")
+        real(folder)
+
+    monkeypatch.setattr(fitting, "mark_complete", dies_at_the_second)
+    common = ["--set", "train.max_steps=6", "--set", "train.save_steps=2", "--set", "train.save_total_limit=1",
+              "--set", "data.eval=null"]
+    with pytest.raises(RuntimeError, match="killed"):
+        rlhf("sft", "sft.yaml", *common)
+    run = Path("runs/tiny/sft")
+    assert marked == ["checkpoint-2", "checkpoint-4"]
+    assert latest_checkpoint(run) == run / "checkpoints" / "checkpoint-2"
+
+    monkeypatch.setattr(fitting, "mark_complete", real)
+    out = rlhf("sft", "sft.yaml", *common, "--resume", "auto")
+    assert out.code == 0, out
+    assert manifest(run)["resumed_from_step"] == 2 and out.json["metrics"]["steps"] == 6
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-6"]

@@ -50,7 +50,15 @@ from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.recipe import QuantSpec, TrainSpec
 from rlhf_cli.recipe_load import dump_recipe
 from rlhf_cli.result import RunOptions
-from rlhf_cli.runs import ResolvedModel, RunDir, checkpoint_step, is_main_process, mark_complete, prepare_run
+from rlhf_cli.runs import (
+    ResolvedModel,
+    RunDir,
+    checkpoint_step,
+    is_main_process,
+    mark_complete,
+    prepare_run,
+    prune_checkpoints,
+)
 
 log = logging.getLogger("rlhf")
 
@@ -167,6 +175,8 @@ class RunCallback(TrainerCallback):
         self._eval_progress: Progress | None = None
         self._loss: float | None = None
         self._interrupt_at = int(os.environ.get("RLHF_TEST_INTERRUPT_AT_STEP", "0") or 0)
+        # train.save_total_limit, applied here rather than by Trainer (see fit).
+        self.keep: int | None = None
 
     def request_stop(self, signum: int, _frame: Any = None) -> None:
         if self.stop_signal is not None:
@@ -181,7 +191,7 @@ class RunCallback(TrainerCallback):
         self.progress.__enter__()
 
     def on_step_end(self, args, state, control, **kwargs):
-        # Trainer saves (and rotates old checkpoints out) right after this call: stop before a diverged
+        # Trainer saves right after this call (and old checkpoints then go): stop before a diverged
         # step can be saved. Every step, not only logged ones: a NaN loss makes NaN weights at once.
         loss = _loss_since_log(self.trainer)
         trained = [p for p in kwargs["model"].parameters() if p.requires_grad]
@@ -239,6 +249,7 @@ class RunCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 mark_complete(folder)
+                prune_checkpoints(folder.parent, self.keep)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -342,6 +353,9 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
         trainer.remove_callback(cb)
     callback = RunCallback(run, description, trainer, perplexity=perplexity)
     trainer.add_callback(callback)
+    # Trainer deletes old checkpoints (save_total_limit) inside its save, before on_save marks the new one
+    # COMPLETE: a process killed in between would leave no checkpoint to resume from. They go once it is marked.
+    callback.keep, trainer.args.save_total_limit = trainer.args.save_total_limit, None
     # Counts the samples this process reads: each rank trains on its own shard (DistributedSampler).
     trainer.train_dataset = counted = CountedDataset(trainer.train_dataset)
 

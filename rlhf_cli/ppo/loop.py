@@ -44,7 +44,7 @@ from rlhf_cli.ppo.build import Models
 from rlhf_cli.ppo.method import Method, method_of
 from rlhf_cli.ppo.rollout import Rollout, sample_rollout, token_stats
 from rlhf_cli.recipe import OnlineRecipe
-from rlhf_cli.runs import RunDir, atomic_write_json, is_main_process, mark_complete
+from rlhf_cli.runs import RunDir, atomic_write_json, is_main_process, mark_complete, prune_checkpoints
 
 log = logging.getLogger("rlhf")
 
@@ -532,7 +532,7 @@ def save_checkpoint(run: RunDir, actor: Any, optimizer: Any, kl_ctl: Any, shuffl
     """checkpoints/checkpoint-N/: adapters (or weights), value head, optimizer, KL controller, RNG, position.
 
     COMPLETE is written last, so a crash mid-save leaves a checkpoint that resume skips; train() calls this
-    only once the iteration's weights were found finite, so _prune rotates finite checkpoints only.
+    only once the iteration's weights were found finite, so only finite checkpoints are kept.
     """
     path = run.checkpoints / f"checkpoint-{state.iteration}"
     if is_main_process():
@@ -554,7 +554,7 @@ def save_checkpoint(run: RunDir, actor: Any, optimizer: Any, kl_ctl: Any, shuffl
     acc.wait_for_everyone()
     if is_main_process():
         mark_complete(path)
-        _prune(run.checkpoints, keep)
+        prune_checkpoints(run.checkpoints, keep)
     return path
 
 
@@ -592,9 +592,3 @@ def _set_host_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-
-
-def _prune(root: Path, keep: int) -> None:
-    done = sorted((int(p.name.split("-")[1]), p) for p in root.glob("checkpoint-*") if (p / "COMPLETE").exists())
-    for _, p in done[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
