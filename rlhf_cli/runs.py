@@ -16,6 +16,7 @@ directory may be used, cleared or resumed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import difflib
 import fcntl
@@ -591,6 +592,22 @@ def _refuse_changed_recipe(path: Path, old: dict[str, Any], new: dict[str, Any])
 # Run directories this process holds, each with its lock file's descriptor. They stay open until the process
 # ends, so the kernel releases the lock on any exit (SIGKILL included), and at no other time.
 _HELD: dict[Path, int] = {}
+
+
+def hold(path: Path) -> Callable[[], None]:
+    """An output directory that is not a run's (eval's), owned by this process as a run directory is: created
+    if need be and locked, or RecipeError naming its holder. The returned call releases it and removes the
+    lock file this call made (and the directories it made, while they are empty)."""
+    made = [p for p in (path, *path.parents) if not p.exists()]
+    undo = _hold(path)
+
+    def release() -> None:
+        undo()
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+    return release
 
 
 def _hold(path: Path) -> Callable[[], None]:

@@ -260,6 +260,34 @@ def test_a_file_as_output_dir_is_refused_before_any_model_loads(tmp_path, no_mod
     assert tree(tmp_path) == before
 
 
+def test_an_output_dir_another_eval_holds_is_refused_and_left_as_it_was(tmp_path, no_model_loads):
+    """Two evals into one new --output-dir both passed its check, and the one that ended last overwrote the
+    other's eval.json without --overwrite. The directory is now held while an eval runs."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "eval"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from rlhf_cli.runs import hold; "
+         f"hold(Path({str(out)!r})); print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        (tmp_path / "run").mkdir()
+        before = tree(tmp_path)
+        _refused(_perplexity_into(tmp_path, out), f"{out} is in use by another process (pid {holder.pid}")
+        assert tree(tmp_path) == before
+    finally:
+        holder.communicate("")
+
+
+def test_a_failing_eval_removes_the_output_dir_it_made(tmp_path, no_model_loads):
+    (tmp_path / "run").mkdir()
+    result = _perplexity_into(tmp_path, tmp_path / "new" / "eval")
+    assert isinstance(result.exception, AssertionError)  # no_model_loads: the load fails
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "text.jsonl"]
+
+
 def test_an_earlier_eval_is_replaced_only_with_overwrite(reward_run, tiny, tmp_path, monkeypatch):
     out = tmp_path / "eval"
     out.mkdir()

@@ -28,7 +28,8 @@ With --output-dir, eval.json holds the result, the recipe (model.path, reference
 `samples`: every answer judged, {prompt, response, finish_reason, completion_tokens, score?, reward_fn?,
 reference_response?, reference_score?, reference_reward_fn?}, which `rlhf report` shows side by side.
 The directory is checked before anything loads (check_output_dir): a new or empty one, or an earlier
-eval's with --overwrite; eval.json is written atomically at the end, so a failing eval leaves the earlier one.
+eval's with --overwrite. The eval holds it (runs.hold: a second eval there is refused) and writes eval.json
+atomically at the end, so a failing eval leaves the earlier one.
 """
 
 from __future__ import annotations
@@ -46,6 +47,24 @@ EVAL_FILE = "eval.json"
 
 
 def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
+    if not recipe.output_dir:
+        return _evaluate(recipe, options)
+    from rlhf_cli.runs import hold
+
+    # Where the result goes is checked first: a refused --output-dir costs no model load and no metric.
+    out = Path(recipe.output_dir)
+    check_output_dir(out, overwrite=options.overwrite)
+    # Held for the whole eval, so a second eval into it is refused at once rather than overwriting this one's
+    # eval.json at the end; released (and a directory made for it removed, while empty) however it ends.
+    release = hold(out)
+    try:
+        check_output_dir(out, overwrite=options.overwrite)  # again, held: an eval that ended meanwhile wrote there
+        return _evaluate(recipe, options)
+    finally:
+        release()
+
+
+def _evaluate(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     from rlhf_cli.core.checks import check_disagrees, distinct_rate, one_answer, paired_gain, rank_correlation
     from rlhf_cli.core.data import detect_format, prompts_of, read_records
     from rlhf_cli.core.inference import load_causal_lm
@@ -53,9 +72,6 @@ def run(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     from rlhf_cli.core.reward import RewardModel, load_function, load_scorer, trained_max_length
     from rlhf_cli.runs import atomic_write_json, input_runs, package_versions
 
-    # Where the result goes is checked first: a refused --output-dir costs no model load and no metric.
-    if recipe.output_dir:
-        check_output_dir(Path(recipe.output_dir), overwrite=options.overwrite)
     wanted = set(recipe.metrics)
     # Which runs are judged, read before they load: a report tells an eval of a run trained again since.
     judged = input_runs(spec.path for spec in (recipe.model, recipe.reference, recipe.reward) if spec is not None)
@@ -186,7 +202,7 @@ def check_output_dir(path: Path, *, overwrite: bool) -> None:
     only. A run directory, or a folder inside one, is never an eval's: run.json's owner clears it when the
     run is trained again, and a reader of the run would take the eval for part of it. Any other non-empty
     directory is the user's, --overwrite or not. Raises RecipeError (exit 2) naming the directory."""
-    from rlhf_cli.runs import MANIFEST
+    from rlhf_cli.runs import LOCK, MANIFEST
 
     in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if in_the_way is not None:
@@ -204,7 +220,9 @@ def check_output_dir(path: Path, *, overwrite: bool) -> None:
                               "or choose another --output-dir")
         return
     # A temp file of a write that was killed (runs.atomic_write_text) is not the user's.
-    theirs = [c for c in path.iterdir() if not (c.name.startswith(f".{EVAL_FILE}.") and c.name.endswith(".tmp"))]
+    # Nor is the lock of the eval that holds the directory (runs.hold).
+    theirs = [c for c in path.iterdir()
+              if c.name != LOCK and not (c.name.startswith(f".{EVAL_FILE}.") and c.name.endswith(".tmp"))]
     if theirs:
         raise RecipeError(f"{path} is not empty and holds no eval ({EVAL_FILE}): choose a new or empty --output-dir")
 
