@@ -469,3 +469,21 @@ def test_an_old_checkpoint_goes_only_once_the_new_one_is_marked_complete(monkeyp
     assert out.code == 0, out
     assert manifest(run)["resumed_from_step"] == 2 and out.json["metrics"]["steps"] == 6
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-6"]
+
+
+def test_a_run_interrupted_on_an_epochs_last_step_still_evaluates_that_epoch(monkeypatch):
+    """Two epochs of 3 steps, held-out eval at each epoch's end, interrupted on step 3: the resumed run
+    starts epoch 2, so the epoch-1 eval was never made (metrics.jsonl had step 6's only)."""
+    def evals(run):
+        return [(m["step"], round(m["eval_loss"], 6)) for m in metrics(run) if "eval_loss" in m]
+
+    common = ["--set", "train.max_steps=null", "--set", "train.epochs=2", "--set", "data.max_samples=48",
+              "--set", "train.save_steps=100"]
+    assert rlhf("sft", "sft.yaml", *common, "--output-dir", "runs/straight").code == 0
+    monkeypatch.setenv("RLHF_TEST_INTERRUPT_AT_STEP", "3")
+    assert rlhf("sft", "sft.yaml", *common).code == 130
+    monkeypatch.delenv("RLHF_TEST_INTERRUPT_AT_STEP")
+    assert rlhf("sft", "sft.yaml", *common, "--resume", "auto").code == 0
+    straight = evals("runs/straight")
+    assert [step for step, _ in straight] == [3, 6]
+    assert evals("runs/tiny/sft") == straight

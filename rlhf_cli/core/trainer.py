@@ -222,8 +222,11 @@ class RunCallback(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.stopping:
-            # The checkpoint was written at the step; no end-of-epoch evaluation on the way out.
-            control.should_evaluate = False
+            # The checkpoint was written at the step. Stopped mid-epoch, the loop broke early and no epoch
+            # ended: no evaluation on the way out. Stopped on an epoch's last step (state.epoch whole), its
+            # evaluation runs as it would have: the resumed run starts the next epoch and never makes it up.
+            if not float(state.epoch or 0.0).is_integer():
+                control.should_evaluate = False
             control.should_save = False
         return control
 
