@@ -164,6 +164,10 @@ def test_interrupt_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(lo
     assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in straight], rel=1e-4)
     state = json.loads((Path("runs/tiny/dpo/checkpoints/checkpoint-6") / "trainer_state.json").read_text())
     assert state["global_step"] == 6
+    # trl's running token count went on from the checkpoint's (it restarted from 0 at step 4)
+    tokens = [[m["num_tokens"] for m in metrics(run) if "num_tokens" in m and "loss" in m]
+              for run in ("runs/tiny/dpo", "runs/straight")]
+    assert len(tokens[0]) == 6 and tokens[0] == tokens[1] and tokens[0] == sorted(set(tokens[0]))
 
 
 def test_dry_run_reads_message_lists_with_an_implicit_prompt_and_counts_truncation(tmp_path):

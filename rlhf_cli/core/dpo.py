@@ -188,6 +188,12 @@ class _DPOTrainer(DPOTrainer):
                     continue  # num_tokens: one running total, not a mean per batch
                 w = [tokens[self._PER_TOKEN[key]] if key in self._PER_TOKEN else pairs for pairs, tokens in weights]
                 figures[key] = [sum(v * x for v, x in zip(values, w)) / max(sum(w), 1.0)]
+        # trl's running num_tokens starts at 0 in each process, so a resumed run's restarted from 0. It counts
+        # what Trainer's num_input_tokens_seen counts (non-padding tokens, over every process), which a
+        # checkpoint keeps.
+        for mode in ("train", "eval"):
+            if "num_tokens" in self._metrics[mode]:
+                self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
         super().log(logs, start_time)
 
 
