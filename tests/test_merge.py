@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +75,34 @@ def test_refuses_non_empty_output_without_overwrite(lora_run, tmp_path):
     assert "not a model directory" in stderr and (out / "notes.txt").read_text() == "keep me"
     _, stderr = _merge(lora_run, lora_run.parent, "--overwrite", code=2)
     assert "holds the run being merged" in stderr
+
+
+def test_overwrite_keeps_the_earlier_merge_until_the_new_one_is_in_place(lora_run, tmp_path, monkeypatch):
+    """--overwrite deleted the earlier merged model before moving the new one in: interrupted while it
+    deleted (seconds for a real model), both were gone. Now the earlier one is deleted last."""
+    import shutil
+
+    out = tmp_path / "merged"
+    _merge(lora_run, out, "--dtype", "fp32")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = shutil.rmtree
+
+    def interrupted(path, *args, **kwargs):
+        if ".tmp" in str(path):  # the clean-up of a temp directory
+            return real(path, *args, **kwargs)
+        # the earlier model's removal, stopped half-way
+        next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("rlhf_cli.stages.merge.shutil.rmtree", interrupted)
+    result = runner.invoke(app, ["merge", str(lora_run), "--output", str(out), "--dtype", "bf16", "--overwrite"])
+    assert result.exit_code != 0
+    monkeypatch.setattr("rlhf_cli.stages.merge.shutil.rmtree", real)
+    merged = {p.name: p.read_bytes() for p in out.iterdir()}
+    # Either model whole: the new one (bf16, interrupted only while the old copy went) or the earlier one.
+    assert set(merged) == set(before)
+    assert merged != before and json.loads(merged["config.json"])["dtype"] == "bfloat16"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.") and p.name.endswith(".tmp")]
 
 
 def test_qlora_run_merges_into_dequantized_base(qlora_run, tmp_path, caplog):

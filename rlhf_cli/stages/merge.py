@@ -70,9 +70,7 @@ def merge(run: str | Path, output: Path, *, dtype: str = "auto", overwrite: bool
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        os.replace(tmp, output)
+        _swap_in(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -85,6 +83,23 @@ def merge(run: str | Path, output: Path, *, dtype: str = "auto", overwrite: bool
         "dequantized_base": quantized,
     }
     return RunResult("merge", "completed", str(output), details=details)
+
+
+def _swap_in(tmp: Path, output: Path) -> None:
+    """tmp becomes output. An earlier merged model there is renamed aside first and deleted only once the
+    new one is in place: deleting a model takes seconds, and a Ctrl-C meanwhile lost both the earlier model
+    and the new one. Until the new one is in, a failure puts the earlier one back."""
+    if not output.exists():
+        os.replace(tmp, output)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".old", dir=output.parent)) / output.name
+    output.rename(aside)
+    try:
+        os.replace(tmp, output)
+    except BaseException:
+        aside.rename(output)
+        raise
+    shutil.rmtree(aside.parent, ignore_errors=True)
 
 
 def _base_dtype(resolved: Any) -> Any:
