@@ -139,3 +139,14 @@ def test_eval_reports_best_of_n_beside_a_single_sample(sft_full_run, reward_run,
     assert d["best_of_n"] == 6 and d["best_of_n_temperature"] == 1.0  # eval's greedy default: sampled at 1
     assert m["best_of_n_reward"] > m["sample_reward"], m
     assert "eval best-of-6 answers" in result.stderr
+
+
+@pytest.mark.stage
+def test_eval_best_of_n_alone_loads_its_reward_model(tiny, tmp_path):
+    # Any sequence-classification model scores; the tiny base gets a fresh one-output head.
+    result = runner.invoke(app, ["eval", "--model", str(tiny["model"]), "--reward", str(tiny["model"]),
+                                 "--prompts", _prompts_file(tmp_path), "--metric", "best_of_n", "--set", "best_of_n=2",
+                                 "--set", "generation.max_new_tokens=4", "--json"])
+    assert result.exit_code == 0, result.stderr
+    m = json.loads(result.stdout)["metrics"]
+    assert set(m) == {"best_of_n_reward", "sample_reward"} and m["best_of_n_reward"] >= m["sample_reward"], m

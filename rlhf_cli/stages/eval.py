@@ -85,7 +85,7 @@ def _evaluate(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     reward_fn = load_function(recipe.reward_fn) if "reward_fn" in wanted and recipe.reward_fn else None
     policy = load_causal_lm(recipe.model) if wanted - {"rm_accuracy"} else None
     scorer = None
-    if wanted & {"reward", "win_rate", "rm_accuracy"}:
+    if wanted & {"reward", "win_rate", "rm_accuracy", "best_of_n"}:
         # `rlhf eval --model runs/rm --metric rm_accuracy`: the model given is the reward model.
         r = recipe.reward or recipe.model
         assert r is not None
