@@ -31,6 +31,13 @@ def test_best_index_prefers_the_first_of_equal_scores():
     assert best_index([-1.0]) == 0
 
 
+def test_best_index_never_keeps_an_answer_scored_nan():
+    nan = float("nan")
+    assert best_index([nan, 1.0, 0.5]) == 1
+    assert best_index([0.5, nan, 1.0]) == 2
+    assert best_index([nan, nan]) == 0
+
+
 @pytest.mark.stage
 def test_best_of_raises_the_reward_over_single_samples(sft_full_run, reward_run):
     """The best of 6 answers scores at least as high as every candidate, and above the average sample."""

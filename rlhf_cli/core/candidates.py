@@ -13,6 +13,7 @@ Touvron et al. 2023 use it to build the next round's data).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,5 +42,7 @@ def score_groups(scorer: Callable[[list[Any], list[str]], list[float]], prompts:
 
 
 def best_index(scores: Sequence[float]) -> int:
-    """The first of the highest scores: ties go to the earlier sample, so the choice is reproducible."""
-    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+    """The first of the highest scores: ties go to the earlier sample, so the choice is reproducible. A NaN
+    score (a reward function that could not judge) ranks below every number: compared as it is, NaN is
+    neither above nor below anything, and an answer scored NaN before the others would be kept."""
+    return max(range(len(scores)), key=lambda i: (-math.inf if math.isnan(scores[i]) else scores[i], -i))

@@ -301,7 +301,7 @@ def _answer(loaded: Any, prompts: list[Any], spec: GenerationSpec, recipe: EvalR
 def _best_of_n(policy: Any, scorer: Any, prompts: list[Any], recipe: EvalRecipe, details: dict[str, Any]) -> tuple[float, float]:
     """(mean over prompts of the best of n sampled answers' rewards, mean reward of a single sampled answer):
     best-of-n is the cheapest use of a reward model and the baseline a PPO policy is read against."""
-    from rlhf_cli.core.candidates import sample_groups, score_groups
+    from rlhf_cli.core.candidates import best_index, sample_groups, score_groups
 
     spec = recipe.generation
     if spec.temperature == 0:  # n greedy answers would be one answer n times
@@ -313,7 +313,8 @@ def _best_of_n(policy: Any, scorer: Any, prompts: list[Any], recipe: EvalRecipe,
     _name_progress(scorer, f"eval reward (best-of-{n})")
     scores = score_groups(scorer, prompts, groups)
     details.update(best_of_n=n, best_of_n_temperature=spec.temperature)
-    return sum(max(g) for g in scores) / len(scores), sum(map(sum, scores)) / sum(map(len, scores))
+    # The answer `rlhf generate --best-of` would keep (best_index), so this figure is that command's.
+    return sum(g[best_index(g)] for g in scores) / len(scores), sum(map(sum, scores)) / sum(map(len, scores))
 
 
 def _dpo_accuracy(policy: Any, recipe: EvalRecipe, records: list[dict[str, Any]], source: str,
