@@ -29,6 +29,7 @@ import typer
 from rlhf_cli import __version__
 from rlhf_cli.errors import GateFailed, RecipeError, RlhfError
 from rlhf_cli.recipe import RECIPE_CLASSES, STAGES, is_function_ref
+from rlhf_cli.result import finite
 
 app = typer.Typer(
     name="rlhf",
@@ -477,7 +478,7 @@ def generate(
             return
         stage = importlib.import_module("rlhf_cli.stages.generate")
         for record in stage.generate(recipe, prompt or [], prompts):
-            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            sys.stdout.write(json.dumps(finite(record), ensure_ascii=False) + "\n")
             sys.stdout.flush()
 
     _boundary(go)

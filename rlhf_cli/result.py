@@ -29,14 +29,15 @@ class RunResult:
     def to_json(self) -> dict[str, Any]:
         """As JSON data; an undefined number (NaN, inf: a correlation over answers of one length) is null,
         since strict JSON parsers reject NaN."""
-        return _finite(asdict(self))
+        return finite(asdict(self))
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
+    """JSON data with every NaN and inf as null: what rlhf writes as JSON (stdout, eval.json) stays strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value

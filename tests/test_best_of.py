@@ -157,3 +157,18 @@ def test_eval_best_of_n_alone_loads_its_reward_model(tiny, tmp_path):
     assert result.exit_code == 0, result.stderr
     m = json.loads(result.stdout)["metrics"]
     assert set(m) == {"best_of_n_reward", "sample_reward"} and m["best_of_n_reward"] >= m["sample_reward"], m
+
+
+@pytest.mark.stage
+def test_a_best_of_line_stays_strict_json_when_every_answer_scores_nan(tiny, tmp_path, monkeypatch):
+    (tmp_path / "unsure_best_of.py").write_text("def judge(prompts, responses):\n    return [float('nan')] * len(responses)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(app, ["generate", str(tiny["model"]), "--prompt", "where is the cat?", "-n", "2", "--best-of",
+                                 "--reward", "unsure_best_of:judge", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.stderr
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    [line] = [json.loads(line, parse_constant=refuse) for line in result.stdout.splitlines()]
+    assert line["score"] is None and line["sample"] == 0

@@ -364,3 +364,25 @@ def test_rm_accuracy_skips_pairs_the_scorer_cannot_tell_apart_as_train_rm_does(t
     assert stats.no_signal == 2
     assert sum(g > 0 for g in gaps) / len(gaps) == pytest.approx(float((margins > 0).float().mean()))
     assert sorted(gaps) == pytest.approx(sorted(margins.tolist()), abs=1e-5)
+
+
+def _strict_json(text: str) -> object:
+    """json.loads as strict parsers (jq, JavaScript, Go) read: NaN and Infinity are not JSON."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.stage
+def test_eval_json_stays_strict_json_when_a_sample_scores_nan(tiny, few_prompts, tmp_path, monkeypatch):
+    (tmp_path / "unsure_eval.py").write_text(
+        "def judge(prompts, responses):\n    return [float('nan') if i == 0 else 1.0 for i in range(len(responses))]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out, _ = _eval(["--model", str(tiny["model"]), "--reward-fn", "unsure_eval:judge", "--prompts", str(few_prompts),
+                    "--metric", "reward_fn", "--set", "data.max_samples=3", "--set", "generation.max_new_tokens=4",
+                    "--output-dir", str(tmp_path / "ev"), "--json"])
+    assert out["metrics"]["reward_fn"] is None
+    record = _strict_json((tmp_path / "ev" / "eval.json").read_text())
+    assert [s["reward_fn"] for s in record["samples"]] == [None, 1.0, 1.0]

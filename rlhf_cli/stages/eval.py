@@ -40,7 +40,7 @@ from typing import Any
 
 from rlhf_cli.errors import RecipeError
 from rlhf_cli.recipe import METRIC_KEYS, EvalRecipe, GenerationSpec
-from rlhf_cli.result import RunOptions, RunResult
+from rlhf_cli.result import RunOptions, RunResult, finite
 
 log = logging.getLogger("rlhf")
 EVAL_FILE = "eval.json"
@@ -192,7 +192,8 @@ def _evaluate(recipe: EvalRecipe, options: RunOptions) -> RunResult:
     if recipe.output_dir:
         record = {**result.to_json(), "samples": samples, "recipe": recipe.model_dump(mode="json"),
                   "inputs": judged, "versions": package_versions()}
-        atomic_write_json(Path(recipe.output_dir) / EVAL_FILE, record)
+        # A sample's score may be NaN (a reward function that could not judge it), as a metric may.
+        atomic_write_json(Path(recipe.output_dir) / EVAL_FILE, finite(record))
     return result
 
 
