@@ -39,6 +39,13 @@ def test_rankings_scores_and_unranked_rows():
             comparison_of(bad, "ranked", "f.jsonl: record 7")
 
 
+def test_a_score_of_words_or_a_ranking_of_words_names_its_record():
+    row = {"prompt": "p", "responses": ["a", "b", "c"]}
+    for bad in ({**row, "scores": ["high", 1, 0]}, {**row, "ranking": [0, "b"]}, {**row, "ranking": [0, True]}):
+        with pytest.raises(DataError, match="record 3"):
+            comparison_of(bad, "ranked", "f.jsonl: record 3")
+
+
 def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_answers(tiny):
     from transformers import AutoTokenizer
 

@@ -73,13 +73,18 @@ def comparison_of(record: dict[str, Any], fmt: str, where: str = "") -> Comparis
         raise DataError(f"{where}: responses must be a list of 2 or more answers")
     ranking, scores = record.get("ranking"), record.get("scores")
     if ranking:
-        if sorted(set(ranking)) != sorted(ranking) or not all(isinstance(i, int) and 0 <= i < len(responses) for i in ranking):
+        # Types first: a ranking that mixes numbers and text cannot be sorted to look for repeats.
+        if not all(type(i) is int and 0 <= i < len(responses) for i in ranking) or len(set(ranking)) != len(ranking):
             raise DataError(f"{where}: ranking {ranking} must list answer indices 0..{len(responses) - 1}, best first, each once")
         return _shared_turns(record.get("prompt"), responses, pairs_from_ranking(ranking))
     if scores:
-        if len(scores) != len(responses):
-            raise DataError(f"{where}: {len(scores)} scores for {len(responses)} responses")
-        return _shared_turns(record.get("prompt"), responses, pairs_from_scores([float(s) for s in scores]))
+        try:
+            numbers = [float(s) for s in scores]
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: scores {scores} must all be numbers, one per response (higher is better)") from None
+        if len(numbers) != len(responses):
+            raise DataError(f"{where}: {len(numbers)} scores for {len(responses)} responses")
+        return _shared_turns(record.get("prompt"), responses, pairs_from_scores(numbers))
     return None
 
 
