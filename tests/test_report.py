@@ -435,3 +435,22 @@ def test_a_best_of_all_file_shows_the_chosen_answer(tmp_path):
     prompt, best, first = table["rows"][1]
     assert best.startswith("chosen") and "score 0.9" in best
     assert first.startswith("first")
+
+
+def test_summary_json_stays_strict_json_when_an_input_holds_nan(tmp_path):
+    """An eval.json written with NaN sample scores, and a run whose final metrics hold one, still give a
+    summary.json that strict parsers read."""
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "eval.json").write_text(json.dumps({
+        "metrics": {"reward": 0.5}, "recipe": {"model": {"path": "m"}, "reference": {"path": "r"}},
+        "samples": [{"prompt": "p?", "response": "a", "score": math.nan, "reference_response": "b",
+                     "reference_score": math.inf}]}))
+    run = _write_run(tmp_path / "rm", "train-rm", [{"step": 1, "loss": 0.6}], {"eval_accuracy": 0.7, "eval_margin": math.nan})
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    report([tmp_path / "ev", run], tmp_path / "report")
+    summary = json.loads((tmp_path / "report/summary.json").read_text(), parse_constant=refuse)
+    assert summary["runs"][0]["final_metrics"]["eval_margin"] is None
+    assert summary["side_by_side"][0]["rows"][0]["answers"][0]["score"] is None

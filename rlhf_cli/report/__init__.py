@@ -20,7 +20,7 @@ from pathlib import Path
 
 from rlhf_cli.errors import DataError, RecipeError
 from rlhf_cli.report import collect, page, plots
-from rlhf_cli.result import RunResult
+from rlhf_cli.result import RunResult, finite
 
 log = logging.getLogger("rlhf")
 
@@ -65,7 +65,8 @@ def report(runs: list[Path], output: Path) -> RunResult:
             "side_by_side": tables,
             "plots": [name for p in figures.values() for name, _ in p],
         }
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        # Inputs may hold NaN (a run's final metrics, an older eval's sample scores): null keeps it strict JSON.
+        (tmp / "summary.json").write_text(json.dumps(finite(summary), indent=2, default=str) + "\n", encoding="utf-8")
         html = page.render(summary, found_runs, evals, figures, tables)
         (tmp / "report.html").write_text(html, encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; a report is meant to be shared
