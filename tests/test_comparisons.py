@@ -39,6 +39,12 @@ def test_rankings_scores_and_unranked_rows():
             comparison_of(bad, "ranked", "f.jsonl: record 7")
 
 
+def test_an_answer_not_scored_yet_takes_part_in_no_pair():
+    row = {"prompt": "p", "responses": ["a", "b", "c"]}
+    assert comparison_of({**row, "scores": [0.1, None, 0.9]}, "ranked").pairs == [(2, 0)]
+    assert comparison_of({**row, "scores": [0.1, float("nan"), 0.9]}, "ranked").pairs == [(2, 0)]
+
+
 def test_a_score_of_words_or_a_ranking_of_words_names_its_record():
     row = {"prompt": "p", "responses": ["a", "b", "c"]}
     for bad in ({**row, "scores": ["high", 1, 0]}, {**row, "ranking": [0, "b"]}, {**row, "ranking": [0, True]}):

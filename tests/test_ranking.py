@@ -28,6 +28,13 @@ def test_scores_give_pairs_and_ties_give_none():
     assert sorted(pairs_from_scores([3, 1, 2, 0])) == [(0, 1), (0, 2), (0, 3), (1, 3), (2, 1), (2, 3)]
 
 
+def test_an_answer_scored_nan_gives_no_pair_and_takes_none_from_the_others():
+    nan = float("nan")
+    assert pairs_from_scores([0.1, nan, 0.9]) == [(2, 0)]
+    assert sorted(pairs_from_scores([0.5, nan, 0.1, 0.9])) == [(0, 2), (3, 0), (3, 2)]
+    assert pairs_from_scores([nan, nan]) == []
+
+
 def test_k3_loss_is_the_mean_of_its_three_pairs():
     rewards = torch.tensor([1.0, 0.0, -1.0])
     loss = ranking_loss(rewards, [pairs_from_ranking([0, 1, 2])])

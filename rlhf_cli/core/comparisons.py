@@ -20,6 +20,7 @@ An empty prompt cell counts as none (dpo's split_pair reads pairs alike).
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -79,7 +80,8 @@ def comparison_of(record: dict[str, Any], fmt: str, where: str = "") -> Comparis
         return _shared_turns(record.get("prompt"), responses, pairs_from_ranking(ranking))
     if scores:
         try:
-            numbers = [float(s) for s in scores]
+            # null (like NaN) is an answer not scored yet: it takes part in no pair (pairs_from_scores).
+            numbers = [math.nan if s is None else float(s) for s in scores]
         except (TypeError, ValueError):
             raise DataError(f"{where}: scores {scores} must all be numbers, one per response (higher is better)") from None
         if len(numbers) != len(responses):

@@ -12,6 +12,7 @@ its pairs are correlated and, shuffled as separate samples, overfit within one e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from itertools import combinations
 
@@ -28,8 +29,11 @@ def pairs_from_ranking(ranking: Sequence[int]) -> list[Pair]:
 
 
 def pairs_from_scores(scores: Sequence[float]) -> list[Pair]:
-    """Every (better, worse) pair by score, higher is better; equal scores give no pair."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    """Every (better, worse) pair by score, higher is better; equal scores give no pair, nor does a NaN score
+    (an answer nobody scored: a missing value read from Parquet or pandas)."""
+    # NaN sorted last: compared as it is, it is neither above nor below anything and leaves the sort unsorted,
+    # so that pairs of the answers that were scored are lost.
+    order = sorted(range(len(scores)), key=lambda i: (math.isnan(scores[i]), -scores[i]))
     return [(a, b) for a, b in combinations(order, 2) if scores[a] > scores[b]]
 
 
