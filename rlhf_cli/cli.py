@@ -520,7 +520,8 @@ def compare(
             return
         stage = importlib.import_module("rlhf_cli.stages.compare")
         for record in stage.compare(recipe):
-            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            # A score the judge could not give (NaN) is null: strict JSON, and an answer train-rm pairs with none.
+            sys.stdout.write(json.dumps(finite(record), ensure_ascii=False) + "\n")
             sys.stdout.flush()
 
     _boundary(go)

@@ -172,3 +172,23 @@ def test_a_best_of_line_stays_strict_json_when_every_answer_scores_nan(tiny, tmp
 
     [line] = [json.loads(line, parse_constant=refuse) for line in result.stdout.splitlines()]
     assert line["score"] is None and line["sample"] == 0
+
+
+@pytest.mark.stage
+def test_compare_writes_a_score_its_judge_could_not_give_as_null_which_pairs_with_nothing(tiny, tmp_path, monkeypatch):
+    from rlhf_cli.core.comparisons import comparison_of
+
+    (tmp_path / "half_sure.py").write_text(
+        "def judge(prompts, responses):\n    return [float('nan') if i % 3 == 1 else float(i) for i in range(len(responses))]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(app, ["compare", str(tiny["model"]), "--prompts", _prompts_file(tmp_path), "-n", "3",
+                                 "--reward", "half_sure:judge", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.stderr
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in result.stdout.splitlines()]
+    assert rows[0]["scores"] == [0.0, None, 2.0]
+    assert comparison_of(rows[0], "ranked").pairs == [(2, 0)]
