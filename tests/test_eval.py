@@ -386,3 +386,15 @@ def test_eval_json_stays_strict_json_when_a_sample_scores_nan(tiny, few_prompts,
     assert out["metrics"]["reward_fn"] is None
     record = _strict_json((tmp_path / "ev" / "eval.json").read_text())
     assert [s["reward_fn"] for s in record["samples"]] == [None, 1.0, 1.0]
+
+
+def test_a_reward_function_judges_conversational_pairs_by_their_answers_text(great_fn, tmp_path):
+    """A function takes strings: pairs given as message lists reach it as the answers' contents."""
+    rows = [{"chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": "it is great."}],
+             "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": "it is fine."}]}
+            for q in ("where is the cat?", "where is the dog?", "where is the owl?")]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, _ = _eval(["--reward", great_fn, "--preference", str(path), "--metric", "rm_accuracy", "--json"])
+    assert out["metrics"] == {"rm_accuracy": 1.0, "rm_margin": 1.0}
+    assert out["details"]["preference_pairs"] == 3

@@ -101,6 +101,13 @@ def _shared_turns(prompt: Any, responses: list[Any], pairs: list[Pair]) -> Compa
     return Comparison(prompt, responses, pairs)
 
 
+def answer_text(response: Any) -> str:
+    """An answer as the text a reward function judges (RewardFn takes strings): a message list's contents."""
+    if isinstance(response, list):
+        return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in response)
+    return str(response)
+
+
 def encode_answers(tokenizer: Any, prompt: Any, responses: list[Any], max_length: int) -> tuple[list[list[int]], bool]:
     """Token ids of each prompt + answer transcript within max_length; True when anything was cut.
 

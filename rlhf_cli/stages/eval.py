@@ -234,7 +234,7 @@ def _pair_gaps(scorer: Any, records: list[dict[str, Any]], source: str) -> tuple
     one input to the scorer (the same text, or for a reward model the same transcript within its
     max_length), as train-rm skips them (core.comparisons.comparison_samples). Scored, such a pair's gap is
     0 and would count as a wrong ranking."""
-    from rlhf_cli.core.comparisons import comparison_of, encode_answers
+    from rlhf_cli.core.comparisons import answer_text, comparison_of, encode_answers
     from rlhf_cli.core.data import adopt_prompt_alias, detect_format
     from rlhf_cli.core.reward import RewardModel
     from rlhf_cli.errors import DataError
@@ -245,7 +245,7 @@ def _pair_gaps(scorer: Any, records: list[dict[str, Any]], source: str) -> tuple
     kept, skipped = [], 0
     for c in (c for c in found if c is not None and c.pairs):
         inputs = (encode_answers(scorer.tokenizer, c.prompt, c.responses, scorer.max_length)[0]
-                  if isinstance(scorer, RewardModel) else [str(r) for r in c.responses])
+                  if isinstance(scorer, RewardModel) else [answer_text(r) for r in c.responses])
         pairs = [(b, w) for b, w in c.pairs if inputs[b] != inputs[w]]
         skipped += len(c.pairs) - len(pairs)
         if pairs:
@@ -259,7 +259,8 @@ def _pair_gaps(scorer: Any, records: list[dict[str, Any]], source: str) -> tuple
     if isinstance(scorer, RewardModel):
         scores = iter(scorer.score_ids([ids for _, _, inputs in kept for ids in inputs]))
     else:
-        scores = iter(scorer([c.prompt for c, _, _ in kept for _ in c.responses], [r for c, _, _ in kept for r in c.responses]))
+        # A reward function judges text: an answer given as messages is handed over as their contents.
+        scores = iter(scorer([c.prompt for c, _, _ in kept for _ in c.responses], [t for _, _, inputs in kept for t in inputs]))
     gaps = []
     for c, pairs, _ in kept:
         mine = [next(scores) for _ in c.responses]
