@@ -212,6 +212,9 @@ def test_the_independent_check_stands_beside_the_reward_model_win_rate(pipeline,
         (0.2629, 0.03, "confirmed"),
         (-0.1371, 0.03, "not confirmed"),
         (0.0654, None, "confirmed"),  # an eval.json from before the error was recorded: the plain comparison
+        # recorded as null (NaN on one prompt): it was called confirmed on that one prompt
+        (0.0654, "null", "inconclusive: the independent check differs by +0.0025 on fewer than 2 prompts"),
+        (0.0654, float("nan"), "inconclusive: the independent check differs by +0.0025 on fewer than 2 prompts"),
     ],
 )
 def test_a_check_gain_within_its_noise_is_inconclusive_not_confirmed(tmp_path, fn, se, verdict):
@@ -219,7 +222,8 @@ def test_a_check_gain_within_its_noise_is_inconclusive_not_confirmed(tmp_path, f
 
     # The demo's DPO eval of one day: VADER 0.0654 against SFT's 0.0629 over 40 prompts was called confirmed.
     metrics = {"win_rate": 0.625, "reward": -1.60, "reference_reward": -1.65, "reward_fn": fn,
-               "reference_reward_fn": 0.0629, **({"reward_fn_gain_se": se} if se is not None else {})}
+               "reference_reward_fn": 0.0629,
+               **({"reward_fn_gain_se": None if se == "null" else se} if se is not None else {})}
     row = independent_check(EvalResult("eval_dpo", tmp_path, {"metrics": metrics}))
     assert row is not None and row["verdict"].startswith(verdict), row["verdict"]
 

@@ -275,6 +275,10 @@ def independent_check(e: EvalResult) -> dict[str, Any] | None:
         row["verdict"] = "no independent check (eval ran without --reward-fn)"
     elif not rm_gain and not row["win_rate"] > 0.5:
         row["verdict"] = "the reward model sees no gain"
+    elif "reward_fn_gain_se" in e.metrics and m["reward_fn_gain_se"] is None:
+        # Recorded but undefined (null: NaN under 2 prompts): one prompt's difference says nothing either way.
+        row["verdict"] = (f"inconclusive: the independent check differs by {row['reward_fn'] - row['reference_reward_fn']:+.3g} "
+                          "on fewer than 2 prompts, too few for a standard error")
     elif (se := m.get("reward_fn_gain_se")) is not None and abs(row["reward_fn"] - row["reference_reward_fn"]) <= 2 * se:
         # Older eval.json files lack the error: they keep the plain comparison below.
         row["verdict"] = (f"inconclusive: the independent check differs by {row['reward_fn'] - row['reference_reward_fn']:+.3g}, "
