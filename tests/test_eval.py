@@ -398,3 +398,15 @@ def test_a_reward_function_judges_conversational_pairs_by_their_answers_text(gre
     out, _ = _eval(["--reward", great_fn, "--preference", str(path), "--metric", "rm_accuracy", "--json"])
     assert out["metrics"] == {"rm_accuracy": 1.0, "rm_margin": 1.0}
     assert out["details"]["preference_pairs"] == 3
+
+
+def test_rm_accuracy_says_how_many_rows_were_not_ranked_yet(great_fn, tmp_path):
+    """The figure is over the ranked rows: a file half filled in was scored on half, without a word."""
+    rows = [{"prompt": q, "responses": ["it is great.", "it is fine.", "no."], "ranking": [0, 1, 2]}
+            for q in ("where is the cat?", "where is the dog?")]
+    rows += [{"prompt": "where is the owl?", "responses": ["it is great.", "it is fine."]}] * 3
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, stderr = _eval(["--reward", great_fn, "--preference", str(path), "--metric", "rm_accuracy", "--json"])
+    assert out["details"]["preference_pairs"] == 6
+    assert f"{path}: 3 of 5 rows have no ranking or scores yet and are skipped" in stderr

@@ -242,6 +242,9 @@ def _pair_gaps(scorer: Any, records: list[dict[str, Any]], source: str) -> tuple
     fmt = detect_format(records, source, allowed=("preference", "ranked"))
     records = adopt_prompt_alias(records, fmt, source)
     found = [comparison_of(r, fmt, f"{source}: record {n}") for n, r in enumerate(records, 1)]
+    if unranked := found.count(None):
+        # as train-rm says it: the figure is over the ranked rows only
+        log.warning("%s: %d of %d rows have no ranking or scores yet and are skipped", source, unranked, len(records))
     kept, skipped = [], 0
     for c in (c for c in found if c is not None and c.pairs):
         inputs = (encode_answers(scorer.tokenizer, c.prompt, c.responses, scorer.max_length)[0]
