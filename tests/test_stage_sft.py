@@ -487,3 +487,20 @@ def test_a_run_interrupted_on_an_epochs_last_step_still_evaluates_that_epoch(mon
     straight = evals("runs/straight")
     assert [step for step, _ in straight] == [3, 6]
     assert evals("runs/tiny/sft") == straight
+
+
+@pytest.mark.parametrize("padding_free", ["true", "false"])
+def test_tokens_seen_counts_the_samples_tokens_not_padding(tiny, padding_free):
+    # One epoch over chats of different lengths: every sample is read once, so the tokens trained on are
+    # the data's tokens, whether the batches are flattened or padded to their longest sample.
+    rows = [json.loads(line) for line in Path(tiny["chat"]).read_text().splitlines()[:7]]
+    rows.append({"messages": [{"role": "user", "content": "where is the cat?"},
+                              {"role": "assistant", "content": "the cat is in the house. " * 4}]})
+    Path("chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = rlhf("sft", "sft.yaml", "--data", "chats.jsonl", "--set", "data.eval=null", "--set", "data.eval_fraction=0",
+               "--set", "train.max_steps=null", "--set", "train.epochs=1", "--set", "train.batch_size=4",
+               "--set", f"data.padding_free={padding_free}", "--output-dir", "runs/tokens")
+    assert out.code == 0, out
+    m = manifest(Path("runs/tokens"))
+    assert m["data"]["samples"] == 8 and m["metrics"]["steps"] == 2
+    assert m["tokens_seen"] == m["data"]["tokens"]

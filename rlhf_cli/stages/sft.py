@@ -60,8 +60,10 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
     }
     _warn_truncation(stats.truncated, len(train_records), d.max_length)
     # Built before anything is written: settings the machine cannot run (fp16 on a CPU) fail here.
+    # tokens_seen and tokens/s count the samples' tokens: a padded batch's pad positions are no training tokens.
     args = fitting.training_args(recipe.train, Path(recipe.output_dir) / "checkpoints", precision=plan.precision,
-                                 has_eval=bool(eval_set), gradient_checkpointing=plan.checkpointing)
+                                 has_eval=bool(eval_set), gradient_checkpointing=plan.checkpointing,
+                                 count_tokens="all" if d.padding_free else "non_padding")
     if options.dry_run:
         return RunResult(stage="sft", status="dry-run", output_dir=None, details=details)
 
