@@ -107,6 +107,26 @@ def test_eval_split_is_seeded_and_disjoint():
     assert split_eval(ROWS, [ROWS[0]], 0.25, seed=1) == (ROWS, [ROWS[0]])
 
 
+def test_a_record_held_out_takes_its_copies_out_of_train():
+    # Each record four times: split by position, every held-out record had copies left in train.
+    rows = [{"prompt": f"q{i % 50}", "completion": "a"} for i in range(200)]
+    train, held = split_eval(rows, None, 0.1, seed=42)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert len(held) >= 20 and len(train) + len(held) == 200
+    # Without duplicates the split is what it always was.
+    assert split_eval(ROWS, None, 0.25, seed=1)[1] == [ROWS[i] for i in sorted(_first_shuffled(20, 5, seed=1))]
+    # All copies of one record: nothing would be left to train on, so nothing is held out.
+    assert split_eval([ROWS[0]] * 4, None, 0.25, seed=1) == ([ROWS[0]] * 4, [])
+
+
+def _first_shuffled(n: int, k: int, seed: int) -> list[int]:
+    import random
+
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order[:k]
+
+
 def test_read_splits_checks_the_eval_file_too(tmp_path):
     train = _write(tmp_path / "t.jsonl", ROWS)
     bad_eval = _write(tmp_path / "e.jsonl", [{"text": "x"}])

@@ -346,7 +346,10 @@ def split_eval(
     fraction: float,
     seed: int,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, eval): the given eval set, or a seeded `fraction` held out of train."""
+    """(train, eval): the given eval set, or a seeded `fraction` held out of train.
+
+    A record held out takes its copies with it: a duplicate left in train would make the held-out loss
+    one on trained data."""
     if eval_records is not None:
         return records, eval_records
     if fraction <= 0 or len(records) < 2:
@@ -354,8 +357,16 @@ def split_eval(
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_eval = max(1, int(round(len(records) * fraction)))
-    held = set(order[:n_eval])
+    keys = [_record_key(r) for r in records]
+    held_keys = {keys[i] for i in order[:n_eval]}
+    held = {i for i, key in enumerate(keys) if key in held_keys}
+    if len(held) == len(records):
+        return records, []  # every record is a copy of one held out: nothing would be left to train on
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
+
+
+def _record_key(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
 
 
 def as_messages(value: Any, role: str) -> list[dict[str, str]]:
@@ -434,7 +445,7 @@ def fingerprint(*splits: list[Any]) -> str:
     digest = hashlib.sha256()
     for records in splits:
         for record in records:
-            digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False, default=str).encode())
+            digest.update(_record_key(record).encode())
             digest.update(b"\n")
         digest.update(b"\x00")  # where one split ends: moving a record from train to eval changes the id
     return digest.hexdigest()[:16]
