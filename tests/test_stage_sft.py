@@ -504,3 +504,23 @@ def test_tokens_seen_counts_the_samples_tokens_not_padding(tiny, padding_free):
     m = manifest(Path("runs/tokens"))
     assert m["data"]["samples"] == 8 and m["metrics"]["steps"] == 2
     assert m["tokens_seen"] == m["data"]["tokens"]
+
+
+def test_the_answers_first_word_is_trained_after_a_generation_prompt_ending_in_a_space(tiny):
+    # "Assistant: " + "the cat ...": byte-level BPE makes " the" one token, which starts on the prompt's space.
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.core.chat import render_conversation
+
+    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\\n' }}"
+        "{% else %}{{ 'Assistant: ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
+    )
+    answer = "the cat is in the garden"
+    messages = [{"role": "user", "content": "where is the cat?"}, {"role": "assistant", "content": answer}]
+    rendered = render_conversation(tok, messages, 1000)
+    trained = [t for t, label in zip(rendered.input_ids, rendered.labels) if label != -100]
+    assert tok.decode(trained) == " " + answer + tok.eos_token
+    assert "User" not in tok.decode(trained) and "Assistant" not in tok.decode(trained)

@@ -81,7 +81,10 @@ def render_conversation(
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = []
     for tok_id, (start, end) in zip(ids, offsets):
-        inside = any(s <= start < e or (start == end and s < end <= e) for s, e in spans)
+        # A token that holds any of a span's characters is trained (as trl's {% generation %} masks count
+        # them): after a generation prompt ending in a space ("Assistant: "), the answer's first word is one
+        # token with that space, which starts before the span.
+        inside = any(start < e and end > s or (start == end and s < end <= e) for s, e in spans)
         labels.append(tok_id if (inside or not completion_only) else -100)
     truncated = len(ids) > max_length
     ids, labels = keep_answer(tokenizer, ids, labels, max_length)
