@@ -524,3 +524,17 @@ def test_the_answers_first_word_is_trained_after_a_generation_prompt_ending_in_a
     trained = [t for t, label in zip(rendered.input_ids, rendered.labels) if label != -100]
     assert tok.decode(trained) == " " + answer + tok.eos_token
     assert "User" not in tok.decode(trained) and "Assistant" not in tok.decode(trained)
+
+
+def test_a_conversation_opening_with_an_answer_trains_the_answer_and_not_what_the_template_puts_before_it(tiny_chatml):
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.core.chat import render_conversation
+
+    tok = AutoTokenizer.from_pretrained(tiny_chatml["tokenizer"])
+    messages = [{"role": "assistant", "content": "hello there"}, {"role": "user", "content": "where is the cat?"},
+                {"role": "assistant", "content": "the cat is in the garden"}]
+    rendered = render_conversation(tok, messages, 1000)
+    trained = tok.decode([t for t, label in zip(rendered.input_ids, rendered.labels) if label != -100])
+    # Both answers with their end of turn; not the BOS, the template's default system turn or a role marker.
+    assert trained == "hello there<|im_end|>\nthe cat is in the garden<|im_end|>\n"

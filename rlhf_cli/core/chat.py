@@ -69,7 +69,8 @@ def render_conversation(
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+        before = (tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i
+                  else _opening(tokenizer, m))
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not full.startswith(upto) or not upto.startswith(before):
             raise DataError(
@@ -89,6 +90,16 @@ def render_conversation(
     truncated = len(ids) > max_length
     ids, labels = keep_answer(tokenizer, ids, labels, max_length)
     return Rendered(ids, labels, truncated)
+
+
+_PLACEHOLDER = "rlhfanswerplaceholder"
+
+
+def _opening(tokenizer: Any, message: dict[str, str]) -> str:
+    """What the template renders before the content of a conversation's opening assistant message (BOS, a
+    default system turn, the role marker): no empty conversation renders, so a placeholder answer shows it."""
+    text = tokenizer.apply_chat_template([{**message, "content": _PLACEHOLDER}], tokenize=False)
+    return text[: max(text.find(_PLACEHOLDER), 0)]
 
 
 def keep_answer(tokenizer: Any, ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int]]:
