@@ -37,7 +37,7 @@ def test_pretrain_from_scratch_then_continue(tiny):
     tok = AutoTokenizer.from_pretrained("runs/tiny/pretrain/tokenizer")
     recipe = load_recipe("pretrain", Path("runs/tiny/pretrain/recipe.yaml"))
     _, held, _ = read_splits(recipe.data, ("text",), recipe.train.seed)
-    blocks, _ = text_blocks(tok, held, recipe.data.max_length)
+    blocks, _ = text_blocks(tok, held, recipe.data.max_length, keep_tail=True)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=run["precision"]["compute"] == "bf16"):
         loss = model(**FlatCollator()(blocks)).loss.item()
     assert loss == pytest.approx(m["eval_loss"], abs=0.05)
@@ -49,3 +49,22 @@ def test_pretrain_from_scratch_then_continue(tiny):
     again = manifest("runs/tiny/pretrain2")
     assert again["parent_run"].endswith("runs/tiny/pretrain")
     assert train_losses("runs/tiny/pretrain2")[0][1] < losses[0][1] - 1.5
+
+
+def test_the_held_out_text_is_scored_on_all_its_tokens(tiny):
+    # Training drops the stream's last partial block (GPT-2 style); the held-out set keeps it, so eval_loss
+    # covers every held-out token.
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.core.data import read_splits
+    from rlhf_cli.recipe_load import load_recipe
+
+    out = rlhf("pretrain", "pretrain.yaml", "--dry-run")
+    assert out.code == 0, out
+    recipe = load_recipe("pretrain", Path(__file__).parents[1] / "recipes" / "tiny" / "pretrain.yaml")
+    _, held, _ = read_splits(recipe.data, ("text",), recipe.train.seed)
+    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    tokens = sum(len(tok(r["text"])["input_ids"]) + 1 for r in held)  # each document and its EOS
+    assert tokens % 64  # a partial last block
+    assert out.json["details"]["eval_blocks"] == -(-tokens // 64)
+    assert out.json["details"]["train"]["tokens"] % 64 == 0  # training blocks stay full

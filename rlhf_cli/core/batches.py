@@ -73,13 +73,14 @@ def chat_samples(
 
 
 def text_blocks(
-    tokenizer: Any, records: list[dict[str, Any]], max_length: int, packing: bool = True
+    tokenizer: Any, records: list[dict[str, Any]], max_length: int, packing: bool = True, keep_tail: bool = False
 ) -> tuple[list[dict[str, list[int]]], Stats]:
     """Raw text for causal-LM training.
 
     packing: documents joined with EOS and cut into max_length blocks (GPT-2 style; nothing is padded or
-    truncated, a trailing partial block is kept only when it is the only one). Without packing each
-    document is one sample, truncated at max_length and counted.
+    truncated, a trailing partial block is kept only when it is the only one, or with keep_tail: a held-out
+    set is scored on all its tokens). Without packing each document is one sample, truncated at max_length
+    and counted.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -95,7 +96,7 @@ def text_blocks(
         docs.append(ids)
     if packing:
         stream = [t for ids in docs for t in ids]
-        n_blocks = max(1, len(stream) // max_length)
+        n_blocks = -(-len(stream) // max_length) if keep_tail else max(1, len(stream) // max_length)
         blocks = [stream[i * max_length : (i + 1) * max_length] for i in range(n_blocks)]
     else:
         stats.truncated = sum(len(ids) > max_length for ids in docs)

@@ -36,7 +36,8 @@ def run(recipe: PretrainRecipe, options: RunOptions) -> RunResult:
     train_records, eval_records, _ = read_splits(recipe.data, ("text",), recipe.train.seed)
     d = recipe.data
     train_set, stats = batches.text_blocks(tokenizer, train_records, d.max_length, d.packing)
-    eval_set, _ = batches.text_blocks(tokenizer, eval_records, d.max_length, d.packing) if eval_records else ([], None)
+    eval_set, _ = (batches.text_blocks(tokenizer, eval_records, d.max_length, d.packing, keep_tail=True)
+                   if eval_records else ([], None))
     if not train_set:
         raise _too_short(recipe)
 
