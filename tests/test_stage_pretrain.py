@@ -68,3 +68,18 @@ def test_the_held_out_text_is_scored_on_all_its_tokens(tiny):
     assert tokens % 64  # a partial last block
     assert out.json["details"]["eval_blocks"] == -(-tokens // 64)
     assert out.json["details"]["train"]["tokens"] % 64 == 0  # training blocks stay full
+
+
+def test_documents_are_separated_by_one_eos_when_the_tokenizer_ends_texts_with_it(tiny):
+    from tokenizers import processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from rlhf_cli.core.batches import text_blocks
+
+    backend = AutoTokenizer.from_pretrained(tiny["tokenizer"]).backend_tokenizer
+    eos = backend.token_to_id("<|end|>")
+    backend.post_processor = processors.TemplateProcessing(single="$A <|end|>", special_tokens=[("<|end|>", eos)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|end|>", pad_token="<pad>")
+    blocks, stats = text_blocks(tok, [{"text": "the cat"}, {"text": "the dog"}], 64)
+    assert tok.decode(blocks[0]["input_ids"]) == "the cat<|end|>the dog<|end|>"
+    assert stats.lengths == [3, 3]

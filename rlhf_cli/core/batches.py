@@ -91,7 +91,9 @@ def text_blocks(
         text = record["text"]
         if not isinstance(text, str):
             raise DataError(f"text column holds {type(text).__name__}, expected a string")
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"] + [eos]
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if not ids or ids[-1] != eos:  # a post-processor may end texts with EOS already: one between documents
+            ids = ids + [eos]
         stats.lengths.append(len(ids))
         docs.append(ids)
     if packing:
