@@ -107,6 +107,22 @@ def test_eval_split_is_seeded_and_disjoint():
     assert split_eval(ROWS, [ROWS[0]], 0.25, seed=1) == (ROWS, [ROWS[0]])
 
 
+def test_a_rename_onto_a_column_that_stays_is_an_error_whatever_the_column_order():
+    from rlhf_cli.core.data import rename
+
+    # Which of two "completion" columns survived depended on the order of the record's keys.
+    for record in ({"completion": "old", "output": "new", "prompt": "q"}, {"prompt": "q", "output": "new", "completion": "old"}):
+        with pytest.raises(DataError, match="renames more than one column to completion"):
+            rename(record, {"output": "completion"}, "d.jsonl")
+    with pytest.raises(DataError, match="to prompt"):
+        rename({"a": "x", "b": "y"}, {"a": "prompt", "b": "prompt"}, "d.jsonl")
+    # A swap, or a rename of both, is fine.
+    assert rename({"prompt": "p", "completion": "c"}, {"prompt": "completion", "completion": "prompt"}, "d") == {
+        "completion": "p", "prompt": "c"}
+    assert rename({"completion": "old", "output": "new"}, {"output": "completion", "completion": "draft"}, "d") == {
+        "draft": "old", "completion": "new"}
+
+
 def test_a_record_held_out_takes_its_copies_out_of_train():
     # Each record four times: split by position, every held-out record had copies left in train.
     rows = [{"prompt": f"q{i % 50}", "completion": "a"} for i in range(200)]

@@ -106,6 +106,15 @@ def rename(record: dict[str, Any], fields: dict[str, str], source: str) -> dict[
         raise DataError(
             f"{source}: data.fields renames {', '.join(missing)} but records have only: {', '.join(sorted(record))}"
         )
+    # A column renamed onto one that stays would keep whichever of the two comes last in the record.
+    kept = [k for k in record if k not in fields]
+    clash = sorted({new for new in fields.values() if new in kept}
+                   | {new for new in fields.values() if list(fields.values()).count(new) > 1})
+    if clash:
+        raise DataError(
+            f"{source}: data.fields renames more than one column to {', '.join(clash)}; records have: "
+            f"{', '.join(sorted(record))} (rename the other one too, e.g. {{{clash[0]}: {clash[0]}_old}})"
+        )
     return {fields.get(k, k): v for k, v in record.items()}
 
 
