@@ -538,3 +538,24 @@ def test_a_conversation_opening_with_an_answer_trains_the_answer_and_not_what_th
     trained = tok.decode([t for t, label in zip(rendered.input_ids, rendered.labels) if label != -100])
     # Both answers with their end of turn; not the BOS, the template's default system turn or a role marker.
     assert trained == "hello there<|im_end|>\nthe cat is in the garden<|im_end|>\n"
+
+
+def test_tokens_per_second_leaves_out_the_evaluations_run_during_training(monkeypatch):
+    import time
+
+    from rlhf_cli.core.trainer import CausalTrainer
+
+    evaluation_loop = CausalTrainer.evaluation_loop
+
+    def slow(self, *args, **kwargs):
+        time.sleep(1.0)
+        return evaluation_loop(self, *args, **kwargs)
+
+    monkeypatch.setattr(CausalTrainer, "evaluation_loop", slow)
+    out = rlhf("sft", "sft.yaml", "--set", "train.max_steps=4", "--set", "train.eval_steps=2",
+               "--set", "train.batch_size=4", "--output-dir", "runs/speed")
+    assert out.code == 0, out
+    m = manifest(Path("runs/speed"))
+    evaluations_during_training = 2  # after steps 2 and 4, each over a second
+    training_s = m["tokens_seen"] / m["metrics"]["train_tokens_per_s"]
+    assert training_s <= m["train_runtime_s"] - evaluations_during_training * 1.0

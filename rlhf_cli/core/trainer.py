@@ -177,6 +177,7 @@ class RunCallback(TrainerCallback):
         self._interrupt_at = int(os.environ.get("RLHF_TEST_INTERRUPT_AT_STEP", "0") or 0)
         # train.save_total_limit, applied here rather than by Trainer (see fit).
         self.keep: int | None = None
+        self.eval_s = 0.0  # this session's held-out evaluations, which Trainer's train_runtime includes
 
     def request_stop(self, signum: int, _frame: Any = None) -> None:
         if self.stop_signal is not None:
@@ -231,6 +232,7 @@ class RunCallback(TrainerCallback):
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        self.eval_s += float((logs or {}).get("eval_runtime", 0.0))
         logs = {k: v for k, v in (logs or {}).items() if not k.endswith(_NOISE)}
         if "train_loss" in logs:
             return  # the end-of-training summary, not a step
@@ -396,6 +398,8 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
         peak_memory_gb=round(peak_memory_bytes() / 2**30, 3))
     runtime = float(result.metrics.get("train_runtime", 0.0))
     cpu_s = time.process_time() - cpu0
+    # Tokens per second of training: the evaluations run during train() are no training time.
+    training_s = runtime - callback.eval_s
     tokens = int(trainer.state.num_input_tokens_seen)
     session_tokens = tokens - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
     return Outcome(
@@ -404,7 +408,7 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
         runtime_s=runtime,
         cpu_s=cpu_s,
         tokens=tokens,
-        tokens_per_s=session_tokens / runtime if runtime > 0 and session_tokens > 0 else None,
+        tokens_per_s=session_tokens / training_s if training_s > 0 and session_tokens > 0 else None,
         resumed_from_step=resumed,
     )
 
