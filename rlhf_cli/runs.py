@@ -333,40 +333,53 @@ def _claim(
     except BaseException:
         give_back()
         raise
-    if resume_from is None and old is not None:
-        _clear(path, set_aside=old.get("status") == "completed")
-    if resume_from is not None:
-        _drop_later_checkpoints(path, resume_from)
-    path.mkdir(parents=True, exist_ok=True)
+    set_aside = resume_from is None and old is not None and old.get("status") == "completed"
+    aside = False  # the completed run is whole in .replaced/
+    try:
+        if resume_from is None and old is not None:
+            _clear(path, set_aside=set_aside)
+            aside = set_aside
+        if resume_from is not None:
+            _drop_later_checkpoints(path, resume_from)
+        path.mkdir(parents=True, exist_ok=True)
 
-    manifest = dict(old) if (resume_from is not None and old) else {}
-    for key in ("error", "checkpoint"):  # what an earlier session of the run said of how it ended
-        manifest.pop(key, None)
-    manifest.update(
-        schema_version=SCHEMA_VERSION,
-        stage=stage,
-        status="running",
-        started_at=manifest.get("started_at", now()),
-        finished_at=None,
-        base_model=base_model,
-        # Absolute, so later stages and reports find the parent from any working directory.
-        parent_run=str(Path(parent_run).resolve()) if parent_run else None,
-        recipe=recipe_json,
-        fingerprint=_fingerprint_id(recipe_json),
-        # A new id for every claim: what a later run records of this one to tell that it was trained again.
-        run_id=uuid.uuid4().hex,
-        inputs=input_runs([parent_run, *(model.run_dir for model in inputs if model is not None)]),
-        data_fingerprint=data_fingerprint,
-        versions=package_versions(),
-        command=" ".join(sys.argv),
-    )
-    if resume_from is not None:
-        manifest["resumed_from"] = str(resume_from)
-    run = RunDir(path=path, stage=stage, manifest=manifest, resume_from=resume_from)
-    if is_main_process():
-        # run.json first: from then on the directory is a run, whatever else is cut short.
-        run.update()
-        atomic_write_text(path / "recipe.yaml", recipe_yaml)
+        manifest = dict(old) if (resume_from is not None and old) else {}
+        for key in ("error", "checkpoint"):  # what an earlier session of the run said of how it ended
+            manifest.pop(key, None)
+        manifest.update(
+            schema_version=SCHEMA_VERSION,
+            stage=stage,
+            status="running",
+            started_at=manifest.get("started_at", now()),
+            finished_at=None,
+            base_model=base_model,
+            # Absolute, so later stages and reports find the parent from any working directory.
+            parent_run=str(Path(parent_run).resolve()) if parent_run else None,
+            recipe=recipe_json,
+            fingerprint=_fingerprint_id(recipe_json),
+            # A new id for every claim: what a later run records of this one to tell that it was trained again.
+            run_id=uuid.uuid4().hex,
+            inputs=input_runs([parent_run, *(model.run_dir for model in inputs if model is not None)]),
+            data_fingerprint=data_fingerprint,
+            versions=package_versions(),
+            command=" ".join(sys.argv),
+        )
+        if resume_from is not None:
+            manifest["resumed_from"] = str(resume_from)
+        run = RunDir(path=path, stage=stage, manifest=manifest, resume_from=resume_from)
+        if is_main_process():
+            # run.json first: from then on the directory is a run, whatever else is cut short.
+            run.update()
+            atomic_write_text(path / "recipe.yaml", recipe_yaml)
+    except BaseException:
+        # Cut short after the completed run went aside (a full disk, Ctrl-C), the claim puts it back: left in
+        # .replaced/ under its own run.json, the next --overwrite would delete it as a run replaced long ago.
+        if aside:
+            _put_back(path)
+        elif set_aside:
+            _undo_torn_set_aside(path)
+        give_back()
+        raise
     return run
 
 

@@ -234,6 +234,28 @@ def test_the_replaced_run_waits_through_an_interruption_of_its_replacement(tmp_p
     assert _content(path) == before
 
 
+@pytest.mark.parametrize("failing", ["run.json", "recipe.yaml"])
+def test_an_overwrite_whose_claim_cannot_write_puts_the_completed_run_back(tmp_path, monkeypatch, failing):
+    """A full disk while the claim writes the new run's files: the completed run it had set aside is back in
+    place, not left in .replaced/ under its own run.json for the next --overwrite to delete."""
+    path = tmp_path / "run"
+    before = _completed_with_files(path)
+    write = runs.atomic_write_text
+
+    def disk_full(target: Path, text: str) -> None:
+        if target.name == failing:
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        write(target, text)
+
+    monkeypatch.setattr(runs, "atomic_write_text", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        start(path, overwrite=True)
+    assert _content(path) == before
+    monkeypatch.setattr(runs, "atomic_write_text", write)
+    start(path, overwrite=True).finish("failed", error="x")  # the retry failing too still keeps it
+    assert _content(path) == before
+
+
 def test_a_claim_killed_while_setting_a_run_aside_is_undone_by_the_next(tmp_path):
     path = tmp_path / "run"
     before = _completed_with_files(path)
