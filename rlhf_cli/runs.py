@@ -214,15 +214,18 @@ class RunDir:
         run completes, and comes back when it fails: a failing command leaves what existed before."""
         if metrics is not None:
             fields["metrics"] = metrics
-        self.update(status=status, finished_at=now(), **fields)
-        if not is_main_process() or not (self.path / REPLACED).is_dir():
-            return
-        if status == "completed":
-            shutil.rmtree(self.path / REPLACED)
-        elif status == "failed":
+        replacing = is_main_process() and not self.handed_back and (self.path / REPLACED).is_dir()
+        if status == "failed" and replacing:
+            # The put-back brings the completed run's own run.json: the failed one is not written, so a full
+            # disk (often the very failure) cannot keep the completed run aside.
+            self.manifest.update(status=status, finished_at=now(), **fields)
             _put_back(self.path)
             self.handed_back = True
             log.warning("%s: the completed run this one was to replace is back in place", self.path)
+            return
+        self.update(status=status, finished_at=now(), **fields)
+        if status == "completed" and replacing:
+            shutil.rmtree(self.path / REPLACED)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         if not is_main_process():

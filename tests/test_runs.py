@@ -214,6 +214,22 @@ def test_a_failing_overwrite_puts_the_completed_run_back(tmp_path):
     assert _content(path) == before
 
 
+def test_an_overwrite_failing_on_a_full_disk_still_puts_the_completed_run_back(tmp_path, monkeypatch):
+    """The disk filled up during training: run.json of the failed run cannot be written, and need not be, as
+    the completed run comes back with its own."""
+    path = tmp_path / "run"
+    before = _completed_with_files(path)
+    run = start(path, overwrite=True)
+    (path / "checkpoints").mkdir()
+
+    def disk_full(target: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(runs, "atomic_write_text", disk_full)
+    run.finish("failed", error="OSError: [Errno 28] No space left on device")
+    assert _content(path) == before
+
+
 def test_an_overwrite_that_completes_drops_the_run_it_replaced(tmp_path):
     path = tmp_path / "run"
     _completed_with_files(path)
