@@ -149,3 +149,44 @@ def test_the_plan_of_a_stage_says_why(tmp_path, monkeypatch):
     claim("sft", sft_yaml, overwrite=True).finish("completed")
     assert plan_stage("train-rm", rm_yaml, Path("runs/rm"), []) == (
         "again", f"{Path('runs/sft').resolve()} was trained again (finished {json.loads(Path('runs/sft/run.json').read_text())['finished_at']})")
+
+
+STEP = """
+import pathlib, signal, sys, time
+def save_and_stop(*_):
+    time.sleep(1.0)  # a checkpoint being written
+    pathlib.Path(sys.argv[1]).write_text("saved")
+    sys.exit(130)
+signal.signal(signal.SIGINT, save_and_stop)
+pathlib.Path(sys.argv[2]).write_text("started")
+time.sleep(60)
+"""
+
+
+def test_ctrl_c_lets_the_running_step_save_its_checkpoint(tmp_path):
+    """Ctrl-C reaches the whole process group: the pipeline waits for the step it runs to save and exit 130,
+    and stops with that code, rather than killing the step mid-save."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    saved, started = tmp_path / "saved", tmp_path / "started"
+    (tmp_path / "step.py").write_text(STEP)
+    # Stands in for `python -m rlhf_cli ...`: the step the pipeline runs.
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'step.py'} {saved} {started}\n")
+    fake.chmod(0o755)
+    parent = (f"import sys; from rlhf_cli.demo import pipeline; sys.executable = {str(fake)!r}; "
+              "pipeline._rlhf('sft', 'recipe.yaml')")
+    proc = subprocess.Popen([sys.executable, "-c", parent], cwd=ROOT, start_new_session=True,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends
+    _, err = proc.communicate(timeout=30)
+    assert saved.read_text() == "saved", err
+    assert proc.returncode == 130, err
+    assert "step failed (exit 130): rlhf sft recipe.yaml" in err

@@ -58,11 +58,22 @@ def _rlhf(*args: str, stdout: Path | None = None, stdin: Path | None = None) -> 
         shown += f" > {stdout}"
     _say(f"\n$ {shown}")
     t0, cpu0 = time.monotonic(), _children_cpu()
+    interrupted = False
     with open(stdout, "w") if stdout else open(os.devnull, "w") as out, open(stdin) if stdin else open(os.devnull) as inp:
-        proc = subprocess.run(cmd, stdout=out if stdout else None, stdin=inp)
-    if proc.returncode != 0:
-        _say(f"step failed (exit {proc.returncode}): {shown}")
-        raise SystemExit(proc.returncode)
+        proc = subprocess.Popen(cmd, stdout=out if stdout else None, stdin=inp)
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:
+                # Ctrl-C reaches the step too (one process group): it saves a checkpoint and exits 130.
+                # Waiting for it keeps that checkpoint; subprocess.run would kill the step 0.25 s later.
+                interrupted = True
+    if interrupted and code == 0:
+        code = 130  # the step finished meanwhile; the pipeline still stops where it was asked to
+    if code != 0:
+        _say(f"step failed (exit {code}): {shown}")
+        raise SystemExit(code)
     CPU_SECONDS[shown] = _children_cpu() - cpu0
     return time.monotonic() - t0
 
