@@ -190,3 +190,30 @@ def test_ctrl_c_lets_the_running_step_save_its_checkpoint(tmp_path):
     assert saved.read_text() == "saved", err
     assert proc.returncode == 130, err
     assert "step failed (exit 130): rlhf sft recipe.yaml" in err
+
+
+def test_round_two_trains_its_reward_model_anew_over_an_interrupted_one(tmp_path, monkeypatch):
+    """An interrupted round-2 reward run was trained from the round-1 model (and answers) of its time: when
+    round 1 was trained again since, the demo's command must start it over, not resume it (refused)."""
+    from rlhf_cli.demo import pipeline
+    from rlhf_cli.runs import prepare_run
+
+    monkeypatch.chdir(tmp_path)
+
+    def claim(out: str, **kw):
+        return prepare_run(out, "train-rm", "", {"stage": "train-rm", "output_dir": out}, **kw)
+
+    claim("runs/rm").finish("completed")
+    rm2 = claim("runs/rm2", parent_run="runs/rm")
+    (tmp_path / "runs/rm2/checkpoints/checkpoint-30").mkdir(parents=True)
+    (tmp_path / "runs/rm2/checkpoints/checkpoint-30/COMPLETE").touch()
+    rm2.finish("interrupted")
+    claim("runs/rm", overwrite=True).finish("completed")  # round 1 trained again
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(pipeline, "_rlhf", lambda *args, **_: calls.append(args) or 0.0)
+    monkeypatch.setattr(pipeline, "_has_pairs", lambda ranked: True)
+    pipeline.round_two(ROOT / "recipes/demo-tiny", force=False)
+    (cmd,) = [c for c in calls if c[0] == "train-rm"]
+    resume = cmd[cmd.index("--resume") + 1] if "--resume" in cmd else "auto"
+    run = claim("runs/rm2", parent_run="runs/rm", resume=resume, overwrite="--overwrite" in cmd)
+    assert run.resume_from is None

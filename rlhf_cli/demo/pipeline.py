@@ -207,8 +207,10 @@ def round_two(recipes: Path, force: bool) -> dict[str, float]:
             _say(f"round 2 stops here: the judge scores every answer in {out} alike (a policy collapsed to a few "
                  "strings), so there is no comparison to learn from")
             return times
-    # round2.jsonl was made just now, from the PPO policy as it is: the reward model it trains is made anew.
-    times["train-rm round 2"] = _rlhf("train-rm", str(recipes / "train-rm-round2.yaml"),
+    # round2.jsonl was made just now, from the PPO policy as it is: the reward model it trains is made anew,
+    # also over an interrupted one, whose checkpoints belong to an earlier file and round-1 model (resuming
+    # them would be refused).
+    times["train-rm round 2"] = _rlhf("train-rm", str(recipes / "train-rm-round2.yaml"), "--resume", "never",
                                       *(["--overwrite"] if _completed(Path("runs/rm2")) or force else []))
     for rm in ("rm", "rm2"):
         times[f"eval {rm} on round 2"] = _rlhf("eval", "--model", f"runs/{rm}", "--metric", "rm_accuracy", "--preference",
