@@ -98,6 +98,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def write_leftover(name: str, target: str) -> bool:
+    """Whether a file named `name` is the temp file of an atomic_write_text of `target` that was killed."""
+    return name.startswith(f".{target}.") and name.endswith(".tmp")
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
@@ -456,8 +461,10 @@ def _refuse_changed_data(path: Path, old: dict[str, Any], data_fingerprint: str 
 
 def _refuse_non_run(path: Path) -> None:
     """Only a run directory (one holding run.json) or an empty one may be claimed: anything else is the
-    user's, and no flag makes it ours."""
-    if path.is_dir() and not (path / MANIFEST).is_file() and any(child.name != LOCK for child in path.iterdir()):
+    user's, and no flag makes it ours. A lock and the temp file of a first run.json whose claim was killed are
+    ours: such a directory counts as empty."""
+    if path.is_dir() and not (path / MANIFEST).is_file() and any(
+            child.name != LOCK and not write_leftover(child.name, MANIFEST) for child in path.iterdir()):
         raise RecipeError(f"{path} is not empty and holds no run (no {MANIFEST}): choose a new or empty --output-dir")
 
 

@@ -358,6 +358,20 @@ def test_empty_existing_directory_is_used(tmp_path):
     assert read_manifest(tmp_path)["status"] == "running"
 
 
+def test_a_directory_left_by_a_claim_killed_while_writing_its_first_run_json_is_claimed_again(tmp_path):
+    """A claim killed mid-write leaves its lock and run.json's temp file: nothing of the user's, so the next
+    claim goes ahead rather than refusing the directory as someone else's, --overwrite or not."""
+    path = tmp_path / "run"
+    path.mkdir()
+    (path / ".lock").write_text("")
+    (path / ".run.json.k2j3h4.tmp").write_text('{"schema_ver')
+    assert read_manifest(start(path).path)["status"] == "running"
+    (path / "notes.txt").write_text("mine")
+    (path / "run.json").unlink()
+    with pytest.raises(RecipeError, match="holds no run"):
+        start(path)
+
+
 
 
 # --------------------------------------------------------------------------- one owner at a time

@@ -203,7 +203,7 @@ def check_output_dir(path: Path, *, overwrite: bool) -> None:
     only. A run directory, or a folder inside one, is never an eval's: run.json's owner clears it when the
     run is trained again, and a reader of the run would take the eval for part of it. Any other non-empty
     directory is the user's, --overwrite or not. Raises RecipeError (exit 2) naming the directory."""
-    from rlhf_cli.runs import LOCK, MANIFEST
+    from rlhf_cli.runs import LOCK, MANIFEST, write_leftover
 
     in_the_way = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
     if in_the_way is not None:
@@ -223,7 +223,7 @@ def check_output_dir(path: Path, *, overwrite: bool) -> None:
     # A temp file of a write that was killed (runs.atomic_write_text) is not the user's.
     # Nor is the lock of the eval that holds the directory (runs.hold).
     theirs = [c for c in path.iterdir()
-              if c.name != LOCK and not (c.name.startswith(f".{EVAL_FILE}.") and c.name.endswith(".tmp"))]
+              if c.name != LOCK and not write_leftover(c.name, EVAL_FILE)]
     if theirs:
         raise RecipeError(f"{path} is not empty and holds no eval ({EVAL_FILE}): choose a new or empty --output-dir")
 
