@@ -71,6 +71,23 @@ def test_truncation_cuts_the_prompt_from_the_left_and_keeps_the_answers(tiny):
         assert whole[:head] == kept[:head] and whole[len(whole) - 40 + head:] == kept[head:]
 
 
+def test_length_figures_are_the_transcripts_before_truncation(tiny):
+    """train-rm's dry-run length percentiles say how long the data is, so that max_length can be chosen
+    (sft and dpo count alike): lengths read after the cut all equalled max_length."""
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.core.chat import ensure_chat_template
+    from rlhf_cli.core.comparisons import comparison_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    ensure_chat_template(tokenizer)
+    record = {"prompt": "where is the cat? " * 6, "chosen": "the cat is in the barn. it is great.", "rejected": "no."}
+    full, _ = encode_answers(tokenizer, record["prompt"], [record["chosen"], record["rejected"]], max_length=10_000)
+    samples, stats, lengths = comparison_samples(tokenizer, [record], "preference", max_length=24)
+    assert stats.truncated == 1 and all(len(ids) <= 24 for ids in samples[0]["response_ids"])
+    assert lengths == [len(ids) for ids in full] and min(lengths) > 24
+
+
 def test_message_pairs_without_a_prompt_lose_their_shared_turns_first(tiny):
     """trl's conversational pairs carry the context in both lists: those turns are the prompt, so a pair too
     long for max_length is cut as the same pair with a prompt column is, and both answers survive."""

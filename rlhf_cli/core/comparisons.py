@@ -116,6 +116,12 @@ def encode_answers(tokenizer: Any, prompt: Any, responses: list[Any], max_length
     with an empty answer, so each answer is encoded the same whatever its siblings: train-rm, eval and
     every other scorer cut alike (encode_for_scoring).
     """
+    ids, lengths = _encode_within(tokenizer, prompt, responses, max_length)
+    return ids, any(n > max_length for n in lengths)
+
+
+def _encode_within(tokenizer: Any, prompt: Any, responses: list[Any], max_length: int) -> tuple[list[list[int]], list[int]]:
+    """encode_answers' ids, and each transcript's length before it was cut."""
     encode = lambda r: tokenizer(conversation_text(tokenizer, prompt, r), add_special_tokens=False)["input_ids"]  # noqa: E731
     rows = [encode(r) for r in responses]
     empty = encode("")
@@ -128,7 +134,7 @@ def encode_answers(tokenizer: Any, prompt: Any, responses: list[Any], max_length
             cut = min(excess, max(shared - head, 0))
             ids = ids[:head] + ids[head + cut :]
         out.append(ids[:max_length])
-    return out, any(len(ids) > max_length for ids in rows)
+    return out, [len(ids) for ids in rows]
 
 
 def encode_for_scoring(tokenizer: Any, prompt: Any, response: Any, max_length: int) -> list[int]:
@@ -160,22 +166,24 @@ class ComparisonStats:
 
 def comparison_samples(tokenizer: Any, records: list[dict[str, Any]], fmt: str, max_length: int,
                        source: str = "") -> tuple[list[dict[str, Any]], ComparisonStats, list[int]]:
-    """(samples, stats, transcript lengths): one sample per prompt with every answer's ids and its pairs."""
+    """(samples, stats, transcript lengths): one sample per prompt with every answer's ids and its pairs. The
+    lengths are the transcripts' before truncation (as core.batches.Stats counts them), so they show how much
+    of the data max_length cuts."""
     samples, stats, lengths = [], ComparisonStats(), []
     for n, record in enumerate(records, 1):
         comparison = comparison_of(record, fmt, f"{source}: record {n}")
         if comparison is None:
             stats.unranked += 1
             continue
-        ids, cut = encode_answers(tokenizer, comparison.prompt, comparison.responses, max_length)
-        stats.truncated += cut
+        ids, full = _encode_within(tokenizer, comparison.prompt, comparison.responses, max_length)
+        stats.truncated += max(full) > max_length
+        lengths.extend(full)
         # A pair whose transcripts are equal within max_length carries no signal.
         pairs = [(b, w) for b, w in comparison.pairs if ids[b] != ids[w]]
         if not pairs:
             stats.no_signal += 1
             continue
         samples.append({"response_ids": ids, "pairs": pairs})
-        lengths.extend(len(r) for r in ids)
         stats.prompts += 1
         stats.answers += len(ids)
         stats.pairs += len(pairs)
