@@ -88,6 +88,28 @@ def test_length_figures_are_the_transcripts_before_truncation(tiny):
     assert lengths == [len(ids) for ids in full] and min(lengths) > 24
 
 
+def test_pairs_made_equal_by_the_cut_are_told_from_ties_and_repeats(tiny):
+    """train-rm's warning and error say how many prompts truncation left without a pair that differs: not
+    the rows skipped for tied scores or for two copies of one answer, which no max_length would save."""
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.core.chat import ensure_chat_template
+    from rlhf_cli.core.comparisons import comparison_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    ensure_chat_template(tokenizer)
+    long = "the cat is in the barn. " * 6
+    records = [
+        {"prompt": "where is the cat?", "responses": ["in the barn.", "in the house."], "scores": [1, 1]},
+        {"prompt": "where is the cat?", "responses": ["in the barn.", "in the barn."], "scores": [1, 0]},
+        {"prompt": "where is the cat?", "responses": [long + "it is great.", long + "no."], "scores": [1, 0]},
+    ]
+    _, stats, _ = comparison_samples(tokenizer, records, "ranked", max_length=20)
+    assert stats.no_signal == 3 and stats.truncated == 1 and stats.cut_equal == 1
+    _, stats, _ = comparison_samples(tokenizer, records, "ranked", max_length=1000)
+    assert stats.no_signal == 2 and stats.truncated == 0 and stats.cut_equal == 0
+
+
 def test_message_pairs_without_a_prompt_lose_their_shared_turns_first(tiny):
     """trl's conversational pairs carry the context in both lists: those turns are the prompt, so a pair too
     long for max_length is cut as the same pair with a prompt column is, and both answers survive."""
@@ -201,6 +223,12 @@ def test_identical_pairs_are_named_as_such(tmp_path):
     path.write_text(json.dumps({"prompt": "p", "chosen": "same answer", "rejected": "same answer"}) + "\n")
     out = rlhf("train-rm", "train-rm.yaml", "--data", str(path), "--set", "data.eval_fraction=0")
     assert out.code == 3 and "identical" in out.stderr and "max_length" not in out.stderr, out
+    # A long ranking of tied answers is cut too, but no max_length would give it a pair.
+    path = tmp_path / "tied.jsonl"
+    path.write_text(json.dumps({"prompt": "where is the cat? " * 20, "responses": ["in the barn.", "in the house."],
+                                "scores": [1, 1]}) + "\n")
+    out = rlhf("train-rm", "train-rm.yaml", "--data", str(path), "--set", "data.eval=null", "--set", "data.eval_fraction=0")
+    assert out.code == 3 and "ties" in out.stderr and "raise data.max_length" not in out.stderr, out
 
 
 @pytest.mark.stage

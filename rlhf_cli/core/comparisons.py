@@ -116,12 +116,12 @@ def encode_answers(tokenizer: Any, prompt: Any, responses: list[Any], max_length
     with an empty answer, so each answer is encoded the same whatever its siblings: train-rm, eval and
     every other scorer cut alike (encode_for_scoring).
     """
-    ids, lengths = _encode_within(tokenizer, prompt, responses, max_length)
-    return ids, any(n > max_length for n in lengths)
+    ids, whole = _encode_within(tokenizer, prompt, responses, max_length)
+    return ids, any(len(r) > max_length for r in whole)
 
 
-def _encode_within(tokenizer: Any, prompt: Any, responses: list[Any], max_length: int) -> tuple[list[list[int]], list[int]]:
-    """encode_answers' ids, and each transcript's length before it was cut."""
+def _encode_within(tokenizer: Any, prompt: Any, responses: list[Any], max_length: int) -> tuple[list[list[int]], list[list[int]]]:
+    """encode_answers' ids, and each transcript's ids before they were cut."""
     encode = lambda r: tokenizer(conversation_text(tokenizer, prompt, r), add_special_tokens=False)["input_ids"]  # noqa: E731
     rows = [encode(r) for r in responses]
     empty = encode("")
@@ -134,7 +134,7 @@ def _encode_within(tokenizer: Any, prompt: Any, responses: list[Any], max_length
             cut = min(excess, max(shared - head, 0))
             ids = ids[:head] + ids[head + cut :]
         out.append(ids[:max_length])
-    return out, [len(ids) for ids in rows]
+    return out, rows
 
 
 def encode_for_scoring(tokenizer: Any, prompt: Any, response: Any, max_length: int) -> list[int]:
@@ -158,6 +158,7 @@ class ComparisonStats:
     truncated: int = 0
     unranked: int = 0  # ranked rows still waiting for a ranking (skipped)
     no_signal: int = 0  # every pair tied, or identical within max_length (skipped)
+    cut_equal: int = 0  # of those, prompts whose answers differ but became equal within max_length
     tokens: int = 0
 
     def summary(self) -> dict[str, int]:
@@ -175,13 +176,14 @@ def comparison_samples(tokenizer: Any, records: list[dict[str, Any]], fmt: str, 
         if comparison is None:
             stats.unranked += 1
             continue
-        ids, full = _encode_within(tokenizer, comparison.prompt, comparison.responses, max_length)
-        stats.truncated += max(full) > max_length
-        lengths.extend(full)
+        ids, whole = _encode_within(tokenizer, comparison.prompt, comparison.responses, max_length)
+        stats.truncated += max(len(r) for r in whole) > max_length
+        lengths.extend(len(r) for r in whole)
         # A pair whose transcripts are equal within max_length carries no signal.
         pairs = [(b, w) for b, w in comparison.pairs if ids[b] != ids[w]]
         if not pairs:
             stats.no_signal += 1
+            stats.cut_equal += any(whole[b] != whole[w] for b, w in comparison.pairs)
             continue
         samples.append({"response_ids": ids, "pairs": pairs})
         stats.prompts += 1

@@ -43,7 +43,7 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
     if stats.truncated:
         log.warning("%d of %d prompts have answers longer than data.max_length %d: their prompts are cut from the left "
                     "(%d left no pair that differs and are skipped)", stats.truncated, len(train_records), d.max_length,
-                    stats.no_signal)
+                    stats.cut_equal)
 
     # 2. How the model will be held: dtype, trainable parameters, parent adapters, memory.
     longest = min(d.max_length, max(lengths))
@@ -107,6 +107,6 @@ def _no_pairs(recipe: RewardRecipe, stats: Any) -> Exception:
     where = recipe.data.train
     if stats.unranked and not stats.no_signal:
         return DataError(f"{where}: no row is ranked yet ({stats.unranked} rows): fill in their ranking or scores")
-    if stats.truncated:
+    if stats.cut_equal:
         return DataError(f"{where}: no pair differs within data.max_length {recipe.data.max_length}: raise data.max_length")
     return DataError(f"{where}: every pair compares two identical answers (or ties): nothing to learn from")
