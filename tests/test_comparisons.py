@@ -110,6 +110,32 @@ def test_pairs_made_equal_by_the_cut_are_told_from_ties_and_repeats(tiny):
     assert stats.no_signal == 2 and stats.truncated == 0 and stats.cut_equal == 0
 
 
+def test_answers_that_repeat_the_prompt_column_render_it_once(tiny):
+    """HuggingFaceH4/ultrafeedback_binarized: a prompt column, and chosen/rejected as whole conversations that
+    open with that prompt. train-rm, dpo and eval read it as the same pair without the repeat (they rendered
+    the user turn twice, and dpo trained on the second copy as if it were part of the answer)."""
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.core.chat import ensure_chat_template
+    from rlhf_cli.core.comparisons import comparison_samples
+    from rlhf_cli.core.dpo import pair_samples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    ensure_chat_template(tokenizer)
+    user = {"role": "user", "content": "where is the fish?"}
+    good, bad = {"role": "assistant", "content": "in the forest. it is great."}, {"role": "assistant", "content": "no."}
+    for prompt in (user["content"], [user]):
+        whole = {"prompt": prompt, "chosen": [user, good], "rejected": [user, bad]}
+        plain = {"prompt": prompt, "chosen": [good], "rejected": [bad]}
+        assert comparison_of(whole, "preference").responses == [[good], [bad]]
+        assert comparison_samples(tokenizer, [whole], "preference", 64)[0] == comparison_samples(tokenizer, [plain], "preference", 64)[0]
+        assert pair_samples(tokenizer, [whole], 64)[0] == pair_samples(tokenizer, [plain], 64)[0]
+    # Answers that open with another turn are kept as they are.
+    other = {"role": "user", "content": "and the owl?"}
+    assert comparison_of({"prompt": "where is the fish?", "chosen": [other, good], "rejected": [other, bad]},
+                         "preference").responses == [[other, good], [other, bad]]
+
+
 def test_message_pairs_without_a_prompt_lose_their_shared_turns_first(tiny):
     """trl's conversational pairs carry the context in both lists: those turns are the prompt, so a pair too
     long for max_length is cut as the same pair with a prompt column is, and both answers survive."""

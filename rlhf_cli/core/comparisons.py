@@ -14,6 +14,8 @@ HH-RLHF as it ships (Bai et al. 2022) has no prompt column: chosen and rejected 
 "\n\nHuman: ...\n\nAssistant: ...". Such a pair is split into turns, the turns both sides share become
 the prompt, and each side's last assistant turn its response. Message lists without a prompt (trl's
 conversational pairs) are split the same way: the leading messages all answers share are the prompt.
+Answers that are whole conversations beside a prompt column, opening with the prompt's turns
+(HuggingFaceH4/ultrafeedback_binarized), lose those turns: the prompt is rendered once.
 An empty prompt cell counts as none (dpo's split_pair reads pairs alike).
 """
 
@@ -90,10 +92,23 @@ def comparison_of(record: dict[str, Any], fmt: str, where: str = "") -> Comparis
     return None
 
 
+def without_repeated_prompt(prompt: Any, responses: list[Any]) -> list[Any]:
+    """Answers given as whole conversations that open with the prompt's own turns, as they follow a prompt
+    column in HuggingFaceH4/ultrafeedback_binarized: those turns are dropped, else the transcript would
+    hold the prompt twice (train-rm, dpo and eval read pairs through here)."""
+    if not isinstance(prompt, (str, list)) or not prompt or not all(isinstance(r, list) for r in responses):
+        return responses
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if all(len(r) > len(turns) and r[: len(turns)] == turns for r in responses):
+        return [r[len(turns) :] for r in responses]
+    return responses
+
+
 def _shared_turns(prompt: Any, responses: list[Any], pairs: list[Pair]) -> Comparison:
     """Without a prompt, the leading messages that every answer's conversation shares are the prompt (as
     dpo splits its pairs): so a transcript too long for max_length loses the start of that context, not
     the end of an answer."""
+    responses = without_repeated_prompt(prompt, responses)
     if prompt in (None, "") and all(isinstance(r, list) for r in responses):
         n = _common_prefix(responses)
         if n and all(len(r) > n for r in responses):

@@ -38,7 +38,7 @@ from rlhf_cli.core import attention
 from rlhf_cli.core import trainer as fitting
 from rlhf_cli.core.batches import Stats
 from rlhf_cli.core.chat import conversation_text, prompt_text
-from rlhf_cli.core.comparisons import split_hh_pair
+from rlhf_cli.core.comparisons import split_hh_pair, without_repeated_prompt
 from rlhf_cli.core.device import Precision
 from rlhf_cli.core.lora import fast_lora_layers
 from rlhf_cli.recipe import DPOSpec, TrainSpec
@@ -69,6 +69,7 @@ def split_pair(tokenizer: Any, record: dict[str, Any]) -> tuple[list[int], list[
     hh = split_hh_pair(chosen, rejected) if prompt in (None, "") else None
     if hh is not None:  # HH-RLHF transcripts: the shared turns are the prompt (core.comparisons)
         prompt, chosen, rejected = hh
+    chosen, rejected = without_repeated_prompt(prompt, [chosen, rejected])
     if prompt in (None, "") and isinstance(chosen, list) and isinstance(rejected, list):
         n = _common_prefix(chosen, rejected)
         prompt, chosen, rejected = chosen[:n] or None, chosen[n:], rejected[n:]
