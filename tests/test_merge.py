@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import fixtures_runs
 import pytest
 import torch
+from fixtures_runs import of_family
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -15,6 +17,9 @@ from rlhf_cli.demo.tiny import CHAT_TEMPLATE
 
 pytestmark = pytest.mark.stage
 runner = CliRunner()
+# Reward runs of each tokenizer family (fixtures_runs.FAMILY_FIXTURES).
+family, tiny_chatml = fixtures_runs.family, fixtures_runs.tiny_chatml
+chatml_sft_run, chatml_reward_run = fixtures_runs.chatml_sft_run, fixtures_runs.chatml_reward_run
 
 
 def _inputs(tokenizer):
@@ -137,6 +142,30 @@ def test_reward_run_merges_into_a_sequence_classifier(reward_run, tiny, tmp_path
     run_scorer = load_reward_model(str(reward_run), dtype="fp32")
     with torch.no_grad():
         assert torch.allclose(merged(**enc).logits, run_scorer.model(**enc).logits, atol=1e-4)
+
+
+def test_a_merged_reward_model_scores_padded_rows_as_rlhf_does(family, request, tmp_path):
+    """transformers pools a merged reward model at the rightmost token that is not config.pad_token_id: the
+    chatml family's base config names <|endoftext|> there while its tokenizer pads with <|pad|>, so without
+    the tokenizer's pad id in the saved config a short row of a padded batch was scored on padding."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_cli.core.comparisons import encode_for_scoring
+    from rlhf_cli.core.reward import load_reward_model
+
+    run = of_family(request, family, "reward")
+    out = tmp_path / "rm"
+    _merge(run, out, "--dtype", "fp32")
+    merged = AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompts, answers = ["where is the cat?", "where is the owl?"], ["the cat is in the garden, I think.", "owl."]
+    rows = [encode_for_scoring(tokenizer, p, a, 1024) for p, a in zip(prompts, answers)]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():
+        scores = merged(input_ids=ids, attention_mask=mask).logits[:, 0]
+    assert scores.tolist() == pytest.approx(load_reward_model(str(run), dtype="fp32")(prompts, answers), abs=1e-4)
 
 
 def test_a_run_directory_that_does_not_exist_is_named_as_missing(tmp_path):

@@ -64,6 +64,11 @@ def merge(run: str | Path, output: Path, *, dtype: str = "auto", overwrite: bool
     tokenizer = load_tokenizer(resolved)
     if head == "causal":
         ensure_chat_template(tokenizer)
+    else:
+        # transformers pools a sequence classifier at the rightmost token that is not config.pad_token_id;
+        # the base's pad id (or load_model's stand-in) may not be the id the tokenizer pads with, and then
+        # every padded row of a batch is scored on padding. train-rm saves its full models the same way.
+        model.config.pad_token_id = tokenizer.pad_token_id
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
