@@ -282,6 +282,32 @@ def test_varlen_call_matches_per_sample_attention(monkeypatch, n_heads, n_kv, st
     assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused_from", [512, 8])
+def test_packed_attention_keeps_a_sliding_window(no_cuda, monkeypatch, fused_from):
+    """A sliding-window model (Mistral here; Gemma 2/3's local layers) gives each packed sample what it gives
+    that sample alone, also where the sample is longer than the window (matmul and fused-kernel paths); a
+    softcapped layer goes to sdpa, which refuses softcap, instead of being computed without it."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from rlhf_cli.core import attention
+
+    monkeypatch.setattr(attention, "_FUSED_FROM", fused_from)
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4, attn_implementation="sdpa")
+    model = MistralForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (1, 20))
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=ids[:, :12]).logits, model(input_ids=ids[:, 12:]).logits], dim=1)
+        assert attention.use_packed_attention(model)
+        packed = model(input_ids=ids, position_ids=torch.cat([torch.arange(12), torch.arange(8)])[None]).logits
+    assert torch.allclose(packed, alone, atol=1e-5), (packed - alone).abs().max()
+
+    q = k = v = torch.randn(1, 2, 6, 8)
+    with pytest.raises(ValueError, match="softcap"):
+        attention.packed_attention(None, q, k, v, None, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), softcap=50.0)
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_reward_scores_do_not_depend_on_padding(tiny, side):
     """pad, eos and the config's pad are three ids (Qwen2.5-style): training, eval and PPO's shared

@@ -104,26 +104,37 @@ def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
         and position_ids is not None
         and query.shape[2] == key.shape[2] == position_ids.shape[1]
         and not kwargs.get("output_attentions")
+        and kwargs.get("softcap") is None  # sdpa refuses it too, with its own message
     )
     bounds = _segment_bounds(position_ids) if packed else []
     if len(bounds) < 3 or bounds[0] != 0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if query.is_cuda and not dropout and query.dtype in (torch.float16, torch.bfloat16) and _torch_varlen():
+    # A sliding-window layer (Mistral, Gemma 2/3's local layers) sees only the last `window` tokens, itself
+    # included, as sdpa's mask has it; causal attention alone would let longer samples see further back.
+    window = kwargs.get("sliding_window")
+    windowed = window is not None and max(b - a for a, b in zip(bounds[:-1], bounds[1:])) > window
+    if (query.is_cuda and not dropout and not windowed and query.dtype in (torch.float16, torch.bfloat16)
+            and _torch_varlen()):
         return _varlen_packed(query, key, value, bounds, scale), None
     n_rep = query.shape[1] // key.shape[1]
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
-        if end - start >= _FUSED_FROM:
+        n = end - start
+        hidden = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        if window is not None and n > window:
+            hidden |= torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-window)
+        if n >= _FUSED_FROM:
+            banded = window is not None and n > window
             outs.append(torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scale, dropout_p=dropout, enable_gqa=n_rep > 1))
+                q, k, v, attn_mask=~hidden if banded else None, is_causal=not banded, scale=scale,
+                dropout_p=dropout, enable_gqa=n_rep > 1))
             continue
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         scores = torch.matmul(q, k.transpose(2, 3)) * scale
-        future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1)
-        probs = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
         if dropout:
             probs = torch.nn.functional.dropout(probs, p=dropout, training=True)
         outs.append(torch.matmul(probs, v))
