@@ -81,6 +81,36 @@ def test_lora_freezes_the_base_and_counts_add_up(tiny):
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
 
 
+def test_a_qlora_models_gradients_survive_an_evaluation_pass(tiny):
+    """bitsandbytes repacks a 4-bit weight for its no-autograd CPU kernel (on AVX512-BF16 CPUs) the first
+    time the layer runs in eval mode on a no-grad input, as Trainer's evaluation does; a model made
+    trainable keeps its weights as they train, so the next training step gets the gradients it had."""
+    from rlhf_cli.core.loading import load_model
+    from rlhf_cli.core.lora import make_trainable
+    from rlhf_cli.recipe import QuantSpec
+
+    base = load_model(ResolvedModel(base=str(tiny["model"])), dtype=torch.bfloat16, quant=QuantSpec(bits=4))
+    model = make_trainable(base, lora=LoraSpec(r=4, dropout=0.0), task="CAUSAL_LM", quantized=True,
+                           checkpointing=False, seed=0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # a non-zero update, so every layer passes a gradient down
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+
+    def gradients() -> list[torch.Tensor]:
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    before = gradients()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    after = gradients()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
 def test_flat_batches_give_the_padded_loss(tiny, tiny_model):
     from rlhf_cli.core.chat import ensure_chat_template
 

@@ -194,8 +194,7 @@ def generate_batch(
     """Sample one answer per prompt (one `model.generate` call with the KV cache).
 
     The model samples in eval mode (no dropout) and gets its mode back afterwards; eval_mode=False leaves
-    the modes as the caller set them (PPO sets them once: no dropout, bitsandbytes 4-bit layers in train
-    mode, which model.eval() would undo).
+    the modes as the caller set them (PPO sets them once, without dropout).
     """
     from transformers import StoppingCriteriaList
 

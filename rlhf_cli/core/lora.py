@@ -165,8 +165,20 @@ def make_trainable(
         model.requires_grad_(True)
     for module in model.modules():
         fp32_trainable_modules(module)
+    if quantized:
+        keep_4bit_weights_trainable(model)
     fast_lora_layers(model)
     return model
+
+
+def keep_4bit_weights_trainable(model: Any) -> None:
+    """Work around bitsandbytes 0.50 on CPUs with AVX512-BF16: a Linear4bit in eval mode that sees a no-grad
+    input (an evaluation pass, generation) repacks its weight for an inference kernel that has no autograd,
+    and from then on passes no gradient to its input, so the LoRA layers below it train on wrong gradients.
+    A model that trains keeps the trainable layout; its eval passes then run the training kernel."""
+    for module in model.modules():
+        if type(module).__module__.startswith("bitsandbytes") and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def on_cpu(model: Any) -> bool:

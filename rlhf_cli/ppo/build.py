@@ -22,7 +22,7 @@ from torch import nn
 from rlhf_cli.core.chat import ensure_chat_template
 from rlhf_cli.core.device import Precision, plan_precision
 from rlhf_cli.core.loading import load_model, load_tokenizer
-from rlhf_cli.core.lora import attach_lora, fast_lora_layers, on_cpu
+from rlhf_cli.core.lora import attach_lora, fast_lora_layers, keep_4bit_weights_trainable, on_cpu
 from rlhf_cli.core.reward import RewardFn, load_reward_model, trained_max_length
 from rlhf_cli.errors import DataError
 from rlhf_cli.ppo.adapter_files import add_frozen_adapter
@@ -32,16 +32,6 @@ from rlhf_cli.recipe import OnlineRecipe
 from rlhf_cli.runs import ResolvedModel
 
 log = logging.getLogger("rlhf")
-
-
-def keep_4bit_layers_in_train_mode(model: nn.Module) -> None:
-    """Work around bitsandbytes 0.50 on CPU: a Linear4bit in eval mode that sees a no-grad input (as in
-    generation) repacks its weight for an inference kernel that has no autograd, and from then on passes
-    no gradient to its input, so every LoRA layer below it silently stops learning. Train mode skips the
-    repacking; a Linear4bit has no dropout, so nothing else changes."""
-    for module in model.modules():
-        if type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and type(module).__module__.startswith("bitsandbytes"):
-            module.train()
 
 
 def use_eager_attention_for_short_sequences(model: Any, max_length: int) -> None:
@@ -173,7 +163,7 @@ def build_models(recipe: OnlineRecipe, policy_res: ResolvedModel, plan: LayoutPl
     if isinstance(actor, SharedActor):
         actor.eval()
         if recipe.quant.bits is not None:
-            keep_4bit_layers_in_train_mode(actor)
+            keep_4bit_weights_trainable(actor)
         fast_lora_layers(actor.peft)
         actor.freeze_all_but_trainable()
     name = "shared-base+separate-reward" if recipe.lora is not None and plan.reward == "separate" else actor.layout
