@@ -317,3 +317,28 @@ def test_the_entropy_figure_is_over_every_processs_tokens():
     acc = types.SimpleNamespace(num_processes=2, reduce=lambda t, reduction: t + theirs if reduction == "sum" else (t + theirs) / 2)
     assert _token_mean(acc, torch.where(mask, 1.0, float("nan")), mask) == pytest.approx(16 / 12)
     assert _token_mean(types.SimpleNamespace(num_processes=1), torch.full((2, 6), 2.0), mask) == pytest.approx(2.0)
+
+
+def test_only_the_policy_and_value_adapters_train_on_a_model_with_a_module_named_value():
+    """RWKV calls two of its projections `value`: the frozen parent and reward adapters on them stay frozen
+    (the parent is active in every policy pass, so a trainable copy would learn and move the reference)."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    from rlhf_cli.ppo.roles import SharedActor, new_value_head
+
+    torch.manual_seed(0)
+    model = RwkvForCausalLM(RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                       intermediate_size=64))
+    config = LoraConfig(r=2, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft = get_peft_model(model, config, adapter_name="policy")
+    for name in ("value", "parent0", "reward"):
+        peft.add_adapter(name, copy.deepcopy(config))
+    actor = SharedActor(peft, new_value_head(32, "cpu"), parents=["parent0"])
+    actor.freeze_all_but_trainable()
+    trained = {n.split(".")[-2] for n, p in peft.named_parameters() if p.requires_grad}
+    assert trained == {"policy", "value"}
+    assert sum(p.requires_grad for n, p in peft.named_parameters() if ".value.lora_" in n) > 0  # RWKV's own `value`

@@ -105,7 +105,7 @@ class SharedActor(nn.Module):
     def freeze_all_but_trainable(self) -> None:
         """Once every adapter is loaded: policy, value and the value head train; nothing else does."""
         for name, p in self.peft.named_parameters():
-            p.requires_grad = "lora_" in name and any(f".{a}." in name for a in self.trainable_adapters)
+            p.requires_grad = _lora_adapter_of(name) in self.trainable_adapters
         if self.value_head is not None:
             self.value_head.requires_grad_(True)
         self._layers = adapter_switchable_layers(self.peft)
@@ -156,6 +156,13 @@ class SharedActor(nn.Module):
         if self.value_head is not None:
             load_adapter_weights(self.peft, VALUE, value_dir)
             load_head(self.value_head, value_dir / VALUE_HEAD_FILE)
+
+
+def _lora_adapter_of(name: str) -> str | None:
+    """The adapter a LoRA parameter belongs to (peft names them <module>.lora_A.<adapter>.weight), None for
+    other parameters; read from its place in the name, since a module may itself be called `value` (RWKV)."""
+    parts = name.split(".")
+    return next((parts[i + 1] for i in range(len(parts) - 1) if parts[i].startswith("lora_")), None)
 
 
 class SeparateActor(nn.Module):
