@@ -338,6 +338,21 @@ def test_packed_attention_keeps_a_sliding_window(no_cuda, monkeypatch, fused_fro
         attention.packed_attention(None, q, k, v, None, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), softcap=50.0)
 
 
+def test_a_reward_run_on_a_bf16_base_keeps_its_fp32_score_head(reward_run):
+    """peft makes the adapter's score head a copy of the base's: on a bf16 base the copy was bf16, so the
+    fp32 head train-rm saved was rounded as it loaded (scores off by ~6e-4), whatever the fp32 cast after."""
+    from safetensors.torch import load_file
+
+    from rlhf_cli.core.reward import load_reward_model, score_head
+
+    saved = load_file(str(reward_run / "adapter" / "adapter_model.safetensors"))["base_model.model.score.weight"]
+    assert saved.dtype == torch.float32
+    scorer = load_reward_model(str(reward_run), dtype="bf16")
+    head = score_head(scorer.model).modules_to_save["default"]
+    assert head.weight.dtype == torch.float32 and torch.equal(head.weight, saved)
+    assert len(scorer(["where is the cat?"], ["the cat is in the garden."])) == 1  # fp32 head on bf16 states
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_reward_scores_do_not_depend_on_padding(tiny, side):
     """pad, eos and the config's pad are three ids (Qwen2.5-style): training, eval and PPO's shared

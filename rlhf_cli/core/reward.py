@@ -186,10 +186,13 @@ def load_reward_model(path: str, *, dtype: str = "auto", gguf_file: str | None =
     quant = run_quant(resolved)
     live = live_adapters(resolved, quant, merge=False)
     base = replace(resolved, adapters=resolved.adapters[: len(resolved.adapters) - len(live)])
-    model = apply_adapters(load_model(base, dtype=resolve_dtype(dtype), quant=quant, head="reward"), live)
+    model = load_model(base, dtype=resolve_dtype(dtype), quant=quant, head="reward")
+    # Before the adapters load: peft copies the base's head for the adapter's own, and a bf16 copy would
+    # round the fp32 head train-rm saved as it loads it. The copies keep the fp32 inputs hook.
     for module in model.modules():
         if type(module).__name__ == "Linear" and module.out_features == 1:
             fp32_trainable_modules(module, all_params=True)
+    model = apply_adapters(model, live)
     trained = trained_max_length(resolved)
     if max_length:
         length, source = max_length, "given"
