@@ -93,6 +93,12 @@ def _load(base: str, adapter: str | None, bits: int | None):
         # The 4-bit base as the run quantized it (NF4, double quantization): the SFT model at that precision.
         kwargs.update(quantization_config=bnb_config(QuantSpec(bits=bits), torch.float32), device_map={"": "cpu"})
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    if bits:
+        from rlhf_cli.core.lora import keep_4bit_weights_trainable
+
+        # With the kernel a training run's 4-bit layers use (trl's reference pass included): the inference
+        # kernel bitsandbytes picks on AVX512-BF16 CPUs rounds differently, by up to 6e-3 on these sums.
+        keep_4bit_weights_trainable(model)
     return (PeftModel.from_pretrained(model, adapter) if adapter else model).eval()
 
 
