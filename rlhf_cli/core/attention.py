@@ -94,6 +94,15 @@ def _segment_bounds(position_ids: torch.Tensor) -> list[int]:
     return [*starts, position_ids.shape[1]]
 
 
+def _hidden(n: int, window: int | None, device: Any) -> torch.Tensor:
+    """What each of a sample's n tokens may not see: the future, and with a window what lies `window` or more
+    tokens back. Built only where it is used: the fused causal kernel needs none."""
+    hidden = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+    if window is not None:
+        hidden |= torch.ones(n, n, dtype=torch.bool, device=device).tril(-window)
+    return hidden
+
+
 def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      position_ids: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -123,15 +132,13 @@ def packed_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     for start, end in zip(bounds[:-1], bounds[1:]):
         q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
         n = end - start
-        hidden = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-        if window is not None and n > window:
-            hidden |= torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-window)
+        banded = window is not None and n > window
         if n >= _FUSED_FROM:
-            banded = window is not None and n > window
             outs.append(torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=~hidden if banded else None, is_causal=not banded, scale=scale,
-                dropout_p=dropout, enable_gqa=n_rep > 1))
+                q, k, v, attn_mask=~_hidden(n, window, q.device) if banded else None, is_causal=not banded,
+                scale=scale, dropout_p=dropout, enable_gqa=n_rep > 1))
             continue
+        hidden = _hidden(n, window if banded else None, q.device)
         k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         scores = torch.matmul(q, k.transpose(2, 3)) * scale
         probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
