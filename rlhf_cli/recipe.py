@@ -707,7 +707,7 @@ class GenerateRecipe(Strict):
     quant: QuantSpec = Field(default_factory=QuantSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     num_samples: int = Field(1, ge=1, description="Responses per prompt.")
-    batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
+    batch_size: int = Field(8, ge=1, description="Answers sampled per generate call (num_samples per prompt).")
     seed: int = Field(42, description="Same seed, same output.")
     raw: bool = Field(False, description="Send prompts as they are, without the chat template.")
     merge: bool = Field(False, description="Merge LoRA adapters into the base in memory (faster generation).")
@@ -741,7 +741,7 @@ class CompareRecipe(Strict):
     for_labelling: bool = Field(
         False, description="Write the answers shuffled with an empty ranking for people to fill in, instead of scores."
     )
-    batch_size: int = Field(8, ge=1, description="Prompts per generate call.")
+    batch_size: int = Field(8, ge=1, description="Answers sampled per generate call (num_samples per prompt).")
     seed: int = Field(42, description="Same seed, same answers and order.")
 
     @model_validator(mode="after")
