@@ -458,3 +458,17 @@ def test_summary_json_stays_strict_json_when_an_input_holds_nan(tmp_path):
     summary = json.loads((tmp_path / "report/summary.json").read_text(), parse_constant=refuse)
     assert summary["runs"][0]["final_metrics"]["eval_margin"] is None
     assert summary["side_by_side"][0]["rows"][0]["answers"][0]["score"] is None
+
+
+def test_samples_with_unicode_line_separators_in_answers_are_read_whole(tmp_path):
+    """`generate` writes JSON with ensure_ascii=False, so U+2028 or U+0085 in an answer stay raw inside
+    its line: they do not end the line, and the answer reaches the page whole."""
+    rows = [{"index": 0, "sample": 0, "prompt": "p?", "response": "one\u2028two"},
+            {"index": 1, "sample": 0, "prompt": "q?", "response": "three\x85four"}]
+    path = tmp_path / "s.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    result = report([path], tmp_path / "report")
+    assert result.details["side_by_side_rows"] == 2
+    summary = json.loads((tmp_path / "report/summary.json").read_text())
+    answers = [row["answers"][0]["response"] for row in summary["side_by_side"][0]["rows"]]
+    assert answers == ["one\u2028two", "three\x85four"]

@@ -171,7 +171,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for lineno, line in enumerate(_lines(path.read_text(encoding="utf-8", errors="replace")), 1):
         if not line.strip():
             continue
         try:
@@ -182,6 +182,12 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def _lines(text: str) -> list[str]:
+    """JSONL lines. Not str.splitlines: it also splits at U+2028, U+0085 and the like, which JSON written
+    with ensure_ascii=False (as `rlhf generate` writes it) keeps raw inside strings."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def _read_eval(path: Path) -> dict[str, Any]:
@@ -196,7 +202,7 @@ def _read_eval(path: Path) -> dict[str, Any]:
 
 def _read_samples(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(_lines(path.read_text(encoding="utf-8")), 1):
         if not line.strip():
             continue
         try:
