@@ -472,3 +472,14 @@ def test_samples_with_unicode_line_separators_in_answers_are_read_whole(tmp_path
     summary = json.loads((tmp_path / "report/summary.json").read_text())
     answers = [row["answers"][0]["response"] for row in summary["side_by_side"][0]["rows"]]
     assert answers == ["one\u2028two", "three\x85four"]
+
+
+def test_inputs_that_are_not_utf8_name_the_file_and_exit_3(tmp_path):
+    """A samples file or eval.json in another encoding is a data error naming its line, not a traceback."""
+    (tmp_path / "latin.jsonl").write_bytes('{"prompt": "café", "response": "oui"}\n'.encode("latin-1"))
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "eval.json").write_bytes('{"metrics": {"reward": 1.0}, "note": "café"}'.encode("latin-1"))
+    for path in (tmp_path / "latin.jsonl", tmp_path / "ev"):
+        result = CliRunner().invoke(app, ["report", str(path), "--output", str(tmp_path / "report")])
+        assert result.exit_code == 3, result.output
+        assert f"{path.name if path.is_file() else 'eval.json'}:1: not UTF-8" in result.stderr

@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli.core.data import decode_utf8
 from rlhf_cli.errors import DataError
 from rlhf_cli.runs import changed_inputs, read_manifest
 
@@ -192,7 +193,7 @@ def _lines(text: str) -> list[str]:
 
 def _read_eval(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(decode_utf8(path.read_bytes(), str(path)))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: eval.json is not valid JSON ({e.msg})") from None
     if not isinstance(data, dict):
@@ -202,7 +203,7 @@ def _read_eval(path: Path) -> dict[str, Any]:
 
 def _read_samples(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for lineno, line in enumerate(_lines(path.read_text(encoding="utf-8")), 1):
+    for lineno, line in enumerate(_lines(decode_utf8(path.read_bytes(), str(path))), 1):
         if not line.strip():
             continue
         try:
