@@ -483,3 +483,15 @@ def test_inputs_that_are_not_utf8_name_the_file_and_exit_3(tmp_path):
         result = CliRunner().invoke(app, ["report", str(path), "--output", str(tmp_path / "report")])
         assert result.exit_code == 3, result.output
         assert f"{path.name if path.is_file() else 'eval.json'}:1: not UTF-8" in result.stderr
+
+
+def test_runs_whose_names_clash_two_folders_up_keep_their_own_metrics_and_figures(tmp_path):
+    """x/a/sft and y/a/sft are told apart by as many parent folders as it takes: each keeps its own final
+    loss in --json and its own figure on the page, where both were "a/sft" and one overwrote the other."""
+    a = _write_run(tmp_path / "x/a/sft", "sft", [{"step": s, "loss": 2.0 - 0.1 * s} for s in range(1, 6)], {"loss": 1.5})
+    b = _write_run(tmp_path / "y/a/sft", "sft", [{"step": s, "loss": 9.0 - 0.1 * s} for s in range(1, 6)], {"loss": 8.5})
+    result = report([a, b], tmp_path / "report")
+    assert result.metrics == {"x/a/sft/sft_loss": 1.5, "y/a/sft/sft_loss": 8.5}
+    html = (tmp_path / "report/report.html").read_text()
+    images = html.split('<img src="')[1:]
+    assert [i.split('"')[0] for i in images] == ["01-x-a-sft-loss.png", "02-y-a-sft-loss.png"]

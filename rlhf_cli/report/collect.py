@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -162,9 +163,18 @@ def is_report(path: Path) -> bool:
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
-    """Directory or file names, with the parent folder added where two would clash."""
-    names = [p.name or str(p) for p in paths]
-    return [f"{p.parent.name}/{n}" if names.count(n) > 1 and p.parent.name else n for p, n in zip(paths, names)]
+    """Directory or file names, with as many parent folders added as tell apart two that would clash
+    (x/a/sft and y/a/sft): runs, their figures and their metrics are keyed by these names."""
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    depth = [1] * len(parts)
+    while True:
+        names = ["/".join(pp[-d:]).lstrip("/") or "/" for pp, d in zip(parts, depth)]
+        clash = [i for i, n in enumerate(names)
+                 if depth[i] < len(parts[i]) and any(m == n and parts[j] != parts[i] for j, m in enumerate(names))]
+        if not clash:
+            return names
+        for i in clash:
+            depth[i] += 1
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
