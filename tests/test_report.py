@@ -495,3 +495,25 @@ def test_runs_whose_names_clash_two_folders_up_keep_their_own_metrics_and_figure
     html = (tmp_path / "report/report.html").read_text()
     images = html.split('<img src="')[1:]
     assert [i.split('"')[0] for i in images] == ["01-x-a-sft-loss.png", "02-y-a-sft-loss.png"]
+
+
+def test_a_rerun_replaces_only_the_reports_own_files(tmp_path):
+    """A samples file saved inside the report folder (and read by the rerun) and notes beside the page stay;
+    the old report's figures that the rerun does not draw go. Before, the whole folder was replaced."""
+    run = _write_run(tmp_path / "sft", "sft", [{"step": s, "loss": 2.0 - 0.1 * s} for s in range(1, 6)], {"loss": 1.5})
+    out = tmp_path / "report"
+    report([run], out)
+    assert (out / "01-sft-loss.png").is_file()
+    samples = _jsonl(out / "ppo.jsonl", [{"prompt": "p?", "response": "from the folder"}])
+    (out / "notes.md").write_text("keep me\n")
+    report([samples], out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md", "ppo.jsonl", "report.html", "summary.json"]
+    assert (out / "notes.md").read_text() == "keep me\n"
+    assert "from the folder" in (out / "report.html").read_text()
+
+    # A file of the user's with a name the report writes is refused, and everything stays as it was.
+    (out / "01-sft-loss.png").write_bytes(b"mine")
+    with pytest.raises(RecipeError, match="01-sft-loss.png"):
+        report([run], out)
+    assert (out / "01-sft-loss.png").read_bytes() == b"mine" and (out / "notes.md").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -86,12 +86,30 @@ def report(runs: list[Path], output: Path) -> RunResult:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    """Move the finished report into place; the old one is removed only after the new one is there."""
+    """Move the finished report into place; the old one is removed only after the new one is there. What
+    else its folder holds (a samples file saved beside the report, notes) moves into the new one: only the
+    report's own files are replaced."""
     if not target.exists():
         os.replace(new, target)
         return
+    others = [p.name for p in target.iterdir() if p.name not in _own_files(target)]
+    clash = [name for name in others if (new / name).exists()]
+    if clash:
+        raise RecipeError(f"--output {target}: holds {clash[0]}, which the report would write over; move it or choose another --output")
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     os.replace(target, old)
     os.replace(new, target)
+    for name in others:
+        os.replace(old / name, target / name)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _own_files(report_dir: Path) -> set[str]:
+    """The files an earlier report wrote: its page, its summary and the figures that summary lists."""
+    own = {"report.html", "summary.json"}
+    try:
+        plotted = json.loads((report_dir / "summary.json").read_text(encoding="utf-8")).get("plots")
+    except (OSError, ValueError, AttributeError):
+        return own
+    return own | {name for name in plotted if isinstance(name, str)} if isinstance(plotted, list) else own
 
