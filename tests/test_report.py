@@ -517,3 +517,23 @@ def test_a_rerun_replaces_only_the_reports_own_files(tmp_path):
         report([run], out)
     assert (out / "01-sft-loss.png").read_bytes() == b"mine" and (out / "notes.md").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_prompts_that_differ_only_in_their_system_turn_are_rows_of_their_own(tmp_path):
+    """Two conversations ending in the same user turn were one row, keyed on that turn, and the second
+    answer was dropped; a lone user turn still matches the same prompt given as text."""
+    def chat(system: str) -> list[dict]:
+        return [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]
+
+    a = _jsonl(tmp_path / "a.jsonl", [{"prompt": chat("Answer in French."), "response": "bonjour"},
+                                      {"prompt": chat("Answer in English."), "response": "hello"},
+                                      {"prompt": [{"role": "user", "content": "bye"}], "response": "au revoir"}])
+    b = _jsonl(tmp_path / "b.jsonl", [{"prompt": chat("Answer in English."), "response": "hi there"},
+                                      {"prompt": chat("Answer in French."), "response": "salut"},
+                                      {"prompt": "bye", "response": "goodbye"}])
+    result = report([a, b], tmp_path / "report")
+    assert result.details["side_by_side_rows"] == 3
+    summary = json.loads((tmp_path / "report/summary.json").read_text())
+    rows = {row["prompt"]: [ans["response"] for ans in row["answers"]] for row in summary["side_by_side"][0]["rows"]}
+    assert rows == {"system: Answer in French.\nuser: hi": ["bonjour", "salut"],
+                    "system: Answer in English.\nuser: hi": ["hello", "hi there"], "bye": ["au revoir", "goodbye"]}

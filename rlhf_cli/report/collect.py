@@ -347,12 +347,15 @@ def _duration_s(start: Any, end: Any) -> float | None:
 
 
 def _prompt_text(prompt: Any) -> str:
+    """A prompt as its side-by-side row shows it, and the key its answers are matched on: a lone user turn
+    as its text, a longer conversation turn by turn (two prompts that differ only in their system turn
+    are two rows, not one whose second answer is dropped)."""
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list):  # messages: show the last user turn
-        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-        if users and isinstance(users[-1], str):
-            return users[-1]
+    if isinstance(prompt, list) and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in prompt):
+        if len(prompt) == 1 and prompt[0].get("role") == "user":
+            return prompt[0]["content"]
+        return "\n".join(f"{m.get('role')}: {m['content']}" for m in prompt)
     return json.dumps(prompt, ensure_ascii=False)
 
 
