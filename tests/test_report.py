@@ -537,3 +537,13 @@ def test_prompts_that_differ_only_in_their_system_turn_are_rows_of_their_own(tmp
     rows = {row["prompt"]: [ans["response"] for ans in row["answers"]] for row in summary["side_by_side"][0]["rows"]}
     assert rows == {"system: Answer in French.\nuser: hi": ["bonjour", "salut"],
                     "system: Answer in English.\nuser: hi": ["hello", "hi there"], "bye": ["au revoir", "goodbye"]}
+
+
+def test_a_run_given_twice_is_reported_once_under_its_own_keys(tmp_path):
+    """`rlhf report runs/sft runs/*` names runs/sft twice: it is one run, and its keys stay unprefixed."""
+    sft = _write_run(tmp_path / "runs/sft", "sft", [{"step": s, "loss": 2.0 - 0.1 * s} for s in range(1, 6)], {"loss": 1.5})
+    rm = _write_run(tmp_path / "runs/rm", "train-rm", [{"step": s, "loss": 0.7 - 0.01 * s} for s in range(1, 6)],
+                    {"accuracy": 0.7})
+    result = report([sft, rm, tmp_path / "runs/../runs/sft"], tmp_path / "report")
+    assert result.metrics == {"rm_train_accuracy": 0.7, "sft_loss": 1.5}
+    assert result.details["runs"] == 2 and result.details["plots"] == 2

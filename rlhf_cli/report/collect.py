@@ -118,6 +118,12 @@ def collect(paths: list[Path], output: Path) -> tuple[list[Run], list[EvalResult
     runs: list[Run] = []
     evals: list[EvalResult] = []
     samples: list[Path] = []
+    # A path given twice (`rlhf report runs/sft runs/*`) is read once: a second copy would prefix every
+    # one of its metric keys with its name, as if two runs gave them.
+    first: dict[Path, Path] = {}
+    for p in map(Path, paths):
+        first.setdefault(p.resolve(), p)
+    paths = list(first.values())
     # An eval.json given as a file is named as its directory would be, so two such files cannot share a name.
     names = _unique_names([p.parent if p.name == "eval.json" and p.is_file() else p for p in map(Path, paths)])
     for path, name in zip(map(Path, paths), names):
