@@ -280,7 +280,8 @@ def test_side_by_side_rows_are_the_shared_prompts_and_text_is_escaped(pipeline, 
     prompt, answer, reference = evaluated["rows"][1]
     assert prompt == first["prompt"]
     assert answer.startswith(first["response"]) and f"score {first['score']:.4g}" in answer
-    assert reference == f"{first['reference_response']}score {first['reference_score']:.4g}"
+    assert reference == (f"{first['reference_response']}score {first['reference_score']:.4g}"
+                         f" · reward_fn {first['reference_reward_fn']:.4g}")
     assert "<script>" not in page
     assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in page  # jinja2's autoescape (markupsafe)
 
@@ -547,3 +548,17 @@ def test_a_run_given_twice_is_reported_once_under_its_own_keys(tmp_path):
     result = report([sft, rm, tmp_path / "runs/../runs/sft"], tmp_path / "report")
     assert result.metrics == {"rm_train_accuracy": 0.7, "sft_loss": 1.5}
     assert result.details["runs"] == 2 and result.details["plots"] == 2
+
+
+def test_the_reference_answers_show_their_independent_check_score_too(tmp_path):
+    """eval.json's samples hold reference_reward_fn beside reward_fn: both columns show the rule-based score."""
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "eval.json").write_text(json.dumps({
+        "metrics": {"reward": 0.5}, "recipe": {"model": {"path": "runs/ppo"}, "reference": {"path": "runs/sft"}},
+        "samples": [{"prompt": "p?", "response": "a", "score": 0.9, "reward_fn": 0.75,
+                     "reference_response": "b", "reference_score": 0.2, "reference_reward_fn": 0.25}]}))
+    report([tmp_path / "ev"], tmp_path / "report")
+    summary = json.loads((tmp_path / "report/summary.json").read_text())
+    model, reference = summary["side_by_side"][0]["rows"][0]["answers"]
+    assert (model["score"], model["reward_fn"]) == (0.9, 0.75)
+    assert (reference["score"], reference["reward_fn"]) == (0.2, 0.25)

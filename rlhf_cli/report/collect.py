@@ -393,7 +393,8 @@ def side_by_side_tables(sample_files: list[Path], evals: list[EvalResult]) -> li
                 model.answers.setdefault(prompt, s)
             if isinstance(s.get("reference_response"), str):
                 reference.answers.setdefault(prompt, {"response": s["reference_response"],
-                                                      "score": s.get("reference_score")})
+                                                      "score": s.get("reference_score"),
+                                                      "reward_fn": s.get("reference_reward_fn")})
         groups.append((f"Side by side: eval samples of {e.name}", [c for c in (model, reference) if c.answers]))
 
     tables = []
