@@ -157,6 +157,20 @@ def _drop_stdout() -> None:
     os.close(devnull)
 
 
+def _write_jsonl(record: dict[str, Any]) -> None:
+    """One JSONL line on stdout, flushed. UTF-8 whatever the locale: JSONL is UTF-8, and a latin-1 or cp1252
+    stdout cannot encode an emoji in an answer (it stopped the stream there). A score that could not be
+    given (NaN) is null: strict JSON, and an answer train-rm pairs with none."""
+    line = (json.dumps(finite(record), ensure_ascii=False) + "\n").encode("utf-8")
+    sys.stdout.flush()
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a text-only stream put in its place
+        sys.stdout.write(line.decode("utf-8"))
+    else:
+        buffer.write(line)
+        buffer.flush()
+
+
 def _debug_traceback() -> None:
     if os.environ.get("RLHF_DEBUG"):
         traceback.print_exc()
@@ -478,8 +492,7 @@ def generate(
             return
         stage = importlib.import_module("rlhf_cli.stages.generate")
         for record in stage.generate(recipe, prompt or [], prompts):
-            sys.stdout.write(json.dumps(finite(record), ensure_ascii=False) + "\n")
-            sys.stdout.flush()
+            _write_jsonl(record)
 
     _boundary(go)
 
@@ -520,9 +533,7 @@ def compare(
             return
         stage = importlib.import_module("rlhf_cli.stages.compare")
         for record in stage.compare(recipe):
-            # A score the judge could not give (NaN) is null: strict JSON, and an answer train-rm pairs with none.
-            sys.stdout.write(json.dumps(finite(record), ensure_ascii=False) + "\n")
-            sys.stdout.flush()
+            _write_jsonl(record)
 
     _boundary(go)
 

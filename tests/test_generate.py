@@ -186,3 +186,21 @@ def test_a_reward_run_given_as_the_language_model_is_a_usage_error(tiny, reward_
         f"error: {reward_run} is a reward model run (run.json model.kind), not a language model: pass an sft, dpo, "
         "ppo or pretrain run, or a causal LM directory (a reward model goes to --reward)"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "compare"])
+def test_jsonl_is_utf8_whatever_the_stdout_encoding(command, monkeypatch, tmp_path):
+    """On a latin-1 (or cp1252) stdout an emoji in an answer raised UnicodeEncodeError and stopped the stream;
+    JSONL lines are UTF-8 bytes whatever the locale."""
+    import rlhf_cli.stages.compare as compare_stage
+    import rlhf_cli.stages.generate as generate_stage
+
+    record = {"prompt": "hi", "response": "café 😀", "score": float("nan")}
+    monkeypatch.setattr(generate_stage, "generate", lambda recipe, prompts, prompts_file: iter([record, record]))
+    monkeypatch.setattr(compare_stage, "compare", lambda recipe: iter([record, record]))
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    args = {"generate": ["m", "-p", "hi"], "compare": ["m", "--prompts", str(tmp_path / "p.jsonl"), "--reward", "x.y:z"]}
+    result = CliRunner(charset="latin-1").invoke(app, [command, *args[command]])
+    assert result.exit_code == 0, (result.exception, result.stderr)
+    lines = result.stdout_bytes.decode("utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == [{**record, "score": None}] * 2
