@@ -49,6 +49,18 @@ class ScratchConfig(Strict):
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
                 "pick sizes where hidden_size = num_heads x head_dim"
             )
+        # Rotary embeddings turn pairs of dimensions: an odd head_dim has no pair for its last one.
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(
+                f"head_dim {self.hidden_size // self.num_heads} (hidden_size / num_heads) is odd, and rotary "
+                "position embeddings need an even one: pick hidden_size and num_heads with an even quotient"
+            )
+        # Grouped-query attention shares each key/value head among an equal number of query heads.
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}: "
+                "set model.config.num_kv_heads to a divisor of num_heads, or null"
+            )
         return self
 
 

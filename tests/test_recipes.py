@@ -521,3 +521,21 @@ def test_eval_reward_without_a_reward_model_points_to_reward_fn_when_one_is_give
     [line] = result.stderr.strip().splitlines()
     assert "need a reward model: set reward.path (--reward RUN)" in line
     assert line.endswith("; to score with reward_fn mypkg.mod:fn, use --metric reward_fn") is reward_fn, line
+
+
+@pytest.mark.parametrize(
+    ("sets", "says"),
+    [
+        # Llama's attention repeats each key/value head num_heads / num_kv_heads times: 4 / 3 failed in the
+        # first forward, with a traceback, after the run directory was claimed.
+        (["model.config.num_kv_heads=3"], "num_heads 4 is not a multiple of num_kv_heads 3"),
+        # head_dim 15: transformers refused the config with a traceback when the model was built.
+        (["model.config.hidden_size=60"], "head_dim 15 (hidden_size / num_heads) is odd"),
+    ],
+)
+def test_a_scratch_model_shape_the_attention_cannot_run_is_a_recipe_error(sets, says):
+    base = ["model.path=tiny", "model.init=from_config", "model.tokenizer=tok", "lora=null", "data.train=t.jsonl",
+            "model.config={hidden_size: 64, num_layers: 2, num_heads: 4, num_kv_heads: 2}"]
+    load_recipe("pretrain", None, sets=base)
+    with pytest.raises(RecipeError, match=re.escape(says)):
+        load_recipe("pretrain", None, sets=[*base, *sets])
