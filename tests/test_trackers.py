@@ -55,3 +55,28 @@ def test_a_tracker_that_is_not_installed_names_the_key_and_the_fix(monkeypatch):
     with pytest.raises(RecipeError, match=r"^ppo.report_to lists wandb, which is not installed: pip install wandb, or remove it$"):
         check_installed(["wandb"], "ppo.report_to")
     check_installed([], "ppo.report_to")
+
+
+def test_the_trainer_stages_keep_wandb_offline_and_mlflow_inside_the_run(tmp_path, monkeypatch):
+    # transformers' WandbCallback calls wandb.init(project=...) and MLflowCallback reads MLFLOW_TRACKING_URI:
+    # with nothing in the environment wandb synced to its servers and mlflow wrote ./mlruns.
+    import importlib.util
+
+    import torch
+
+    from rlhf_cli.core.device import Precision
+    from rlhf_cli.core.trainer import training_args
+    from rlhf_cli.recipe import TrainSpec
+
+    for name in ("WANDB_MODE", "WANDB_DIR", "MLFLOW_TRACKING_URI", "TENSORBOARD_LOGGING_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name in ("wandb", "mlflow") else real(name, *a))
+    run = tmp_path / "run"
+    training_args(TrainSpec(max_steps=1, report_to=["wandb", "mlflow", "tensorboard"]), run / "checkpoints",
+                  precision=Precision(torch.float32, None, "fp32"), has_eval=False)
+    import os
+
+    assert os.environ["WANDB_MODE"] == "offline" and os.environ["WANDB_DIR"] == str(run)
+    assert os.environ["MLFLOW_TRACKING_URI"] == (run / "mlruns").resolve().as_uri()
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(run / "tensorboard")

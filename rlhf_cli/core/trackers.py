@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -30,6 +31,19 @@ def check_installed(names: list[str], key: str) -> None:
     for name in names:
         if not any(importlib.util.find_spec(m) for m in MODULES[name]):
             raise RecipeError(f"{key} lists {name}, which is not installed: pip install {name}, or remove it")
+
+
+def point_trainer_trackers(names: list[str], run_path: Path) -> None:
+    """Where transformers' Trainer callbacks write: they read only the environment, and left alone wandb
+    syncs to its servers and mlflow writes into the working directory. Set here to what Trackers uses."""
+    run_path = Path(run_path)
+    if "tensorboard" in names:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_path / "tensorboard")
+    if "wandb" in names:
+        os.environ["WANDB_MODE"] = "offline"
+        os.environ["WANDB_DIR"] = str(run_path)
+    if "mlflow" in names:
+        os.environ["MLFLOW_TRACKING_URI"] = (run_path / "mlruns").resolve().as_uri()
 
 
 class Trackers:

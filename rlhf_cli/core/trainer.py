@@ -45,7 +45,7 @@ from rlhf_cli.core.loading import count_parameters
 from rlhf_cli.core.lora import track_optimizer
 from rlhf_cli.core.memory import out_of_memory
 from rlhf_cli.core.plan import TrainingPlan
-from rlhf_cli.core.trackers import check_installed
+from rlhf_cli.core.trackers import check_installed, point_trainer_trackers
 from rlhf_cli.errors import Interrupted, RecipeError, TrainingError
 from rlhf_cli.recipe import QuantSpec, TrainSpec
 from rlhf_cli.recipe_load import dump_recipe
@@ -139,9 +139,8 @@ def training_args(
 
 def _trackers(names: list[str], output_dir: Path) -> list[str]:
     check_installed(names, "train.report_to")
-    if "tensorboard" in names:
-        # Next to metrics.jsonl rather than inside checkpoints/.
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(output_dir).parent / "tensorboard"))
+    # output_dir is the run's checkpoints/: the trackers write next to metrics.jsonl, in the run directory.
+    point_trainer_trackers(names, Path(output_dir).parent)
     return list(names)
 
 
