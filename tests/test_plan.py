@@ -49,3 +49,26 @@ def test_dpo_tokens_count_chosen_and_rejected_of_every_pair():
     assert _part(eight, "activations") == pytest.approx(2 * 8 * 50 * 30 * 80 * 576, abs=ROUNDING)  # CPU, measured
     on_gpu = estimate_memory(**SMOL, tokens_per_step=tokens_per_step(8, lengths, 256), head_tile=TILE, on_gpu=True)
     assert _part(on_gpu, "activations") == pytest.approx(2 * 8 * 50 * 30 * 34 * 576, abs=ROUNDING)  # Korthikanti et al.
+
+
+def test_a_quantized_base_keeps_its_embeddings_and_head_in_the_load_dtype(tiny):
+    # bitsandbytes quantizes frozen Linear layers only. The tiny Llama holds most of its parameters in the
+    # embeddings: 4-bit storage of every parameter put its weights at 0.65x what the loaded model holds.
+    import torch
+
+    from rlhf_cli.core.loading import count_parameters, load_model, resolve
+    from rlhf_cli.core.lora import attach_lora
+    from rlhf_cli.core.plan import empty_model, stored_weight_bytes
+    from rlhf_cli.recipe import LoraSpec, ModelSpec, QuantSpec
+
+    spec = ModelSpec(path=str(tiny["model"]))
+    resolved = resolve(spec)
+    loaded = load_model(resolved, dtype=torch.bfloat16, quant=QuantSpec(bits=4))
+    held = sum(p.numel() * p.element_size() for p in loaded.parameters())
+    planned = attach_lora(empty_model(resolved, spec, head="causal"), LoraSpec(r=8), task="CAUSAL_LM", quantized=False,
+                          gradient_checkpointing=False)
+    adapters, total = count_parameters(planned)
+    estimate = total * stored_weight_bytes(planned, 4, 2) - adapters * 2  # the adapters are not in `loaded`
+    # The estimate adds the block constants (0.07 byte per quantized weight) that are no parameters.
+    assert held <= estimate <= 1.1 * held
+    assert stored_weight_bytes(planned, None, 2) == 2

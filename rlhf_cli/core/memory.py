@@ -4,7 +4,8 @@
                     vocab=49152, tokens_per_step=2048, checkpointing=False)
 
 Assumptions, stated so the figure can be judged:
-- weights: total_params x weight_bytes (4-bit: 0.5 byte plus ~0.07 for block constants; 8-bit: 1 byte);
+- weights: total_params x weight_bytes, a mean (4-bit: 0.5 byte plus ~0.07 for block constants; 8-bit: 1 byte;
+  for the quantized Linear layers only, the rest at the load dtype: core.plan.stored_weight_bytes);
 - every trainable parameter holds an fp32 value, an fp32 gradient and two fp32 AdamW moments: 16 bytes
   (for a full fine-tune the fp32 weights are these 4 bytes, so weight_bytes is 0 on top);
 - activations kept for backward, per token and layer: on a GPU 34 x hidden x act_bytes / 2 bytes

@@ -87,6 +87,20 @@ def empty_model(resolved: ResolvedModel, spec: ModelSpec, *, head: str, tokenize
         return cls.from_config(config, trust_remote_code=resolved.trust_remote_code)
 
 
+def stored_weight_bytes(model: Any, bits: int | None, load_bytes: int) -> float:
+    """Mean bytes per parameter as loaded. bitsandbytes quantizes the frozen Linear layers only: the
+    embeddings, norms and output head stay in the load dtype (transformers skips the output head), and they
+    hold a large share of a small model's or a large vocabulary's parameters."""
+    if bits is None:
+        return float(load_bytes)
+    head = model.get_output_embeddings()
+    skip = {id(p) for p in head.parameters()} if head is not None else set()
+    quantized = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)
+                    and not m.weight.requires_grad and id(m.weight) not in skip)
+    total = sum(p.numel() for p in model.parameters())
+    return (quantized * weight_bytes_for(bits, load_bytes) + (total - quantized) * load_bytes) / max(total, 1)
+
+
 def plan_training(
     resolved: ResolvedModel,
     spec: ModelSpec,
@@ -128,7 +142,7 @@ def plan_training(
         return estimate_memory(
             total_params=total,
             trainable_params=trainable,
-            weight_bytes=weight_bytes_for(quant.bits, precision.load.itemsize),
+            weight_bytes=stored_weight_bytes(model, quant.bits, precision.load.itemsize),
             hidden=hidden,
             layers=layers,
             vocab=vocab,
