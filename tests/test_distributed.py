@@ -544,8 +544,11 @@ def test_dpo_two_processes_match_one(tiny, lora_run, tmp_path):
     import torch
 
     recipe = REPO / "recipes" / "tiny" / "dpo.yaml"
+    # 10 held-out pairs in global batches of 8: two processes pad their last batch with 6 repeated pairs.
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(Path(tiny["preference_eval"]).read_text().splitlines(keepends=True)[:10]))
     sets = ["train.max_steps=4", "train.logging_steps=1", "train.save_steps=2", f"model.path={lora_run}",
-            f"data.train={tiny['preference']}", f"data.eval={tiny['preference_eval']}", "lora.dropout=0.0",
+            f"data.train={tiny['preference']}", f"data.eval={held_out}", "lora.dropout=0.0",
             # fp32: bf16 matmuls round by the kernel the CPU has (AMX, AVX512-BF16), and the two layouts
             # (one batch of 8 pairs, two of 4) then part by more than the tolerance on some CPUs.
             "model.dtype=fp32"]
@@ -572,3 +575,8 @@ def test_dpo_two_processes_match_one(tiny, lora_run, tmp_path):
     gaps = update_gaps(tmp_path / "one" / "adapter", tmp_path / "two" / "adapter")
     assert gaps and max(gaps.values()) < 0.05, gaps
     assert len([line for line in two.stdout.splitlines() if line.startswith("{")]) == 1
+    # The per-pair held-out figures are over the 10 pairs once each, as one process counts them (the
+    # repeated pairs counted, eval_accuracy was 13/16 for 8/10).
+    for key in ("eval_accuracy", "eval_margin", "eval_rewards/chosen", "eval_rewards/rejected", "eval_logps/chosen",
+                "eval_logps/rejected"):
+        assert two_m["metrics"][key] == pytest.approx(one_m["metrics"][key], rel=1e-3, abs=1e-4), key

@@ -170,15 +170,23 @@ class _DPOTrainer(DPOTrainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        if not self.model.training:  # trl's own test for an evaluation batch
-            mask = inputs["completion_mask"][:, 1:]  # the answer tokens trl scores (shifted)
-            chosen, rejected = mask.chunk(2, dim=0)
-            counts = torch.stack([mask.sum(), chosen.sum(), rejected.sum()]).float()
-            pairs = torch.tensor([float(chosen.shape[0])], device=mask.device)
-            # gathered as trl gathers each figure: pairs with gather, token counts with gather_for_metrics
-            self._eval_weights.append((float(self.accelerator.gather(pairs).sum()),
-                                       self.accelerator.gather_for_metrics(counts[None]).sum(0).tolist()))
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.model.training:  # trl's own test for an evaluation batch
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mask = inputs["completion_mask"][:, 1:]  # the answer tokens trl scores (shifted)
+        chosen, rejected = mask.chunk(2, dim=0)
+        counts = torch.stack([mask.sum(), chosen.sum(), rejected.sum()]).float()
+        # Under several processes the last evaluation batch is padded with pairs from the start of the held-out
+        # set, and trl gathers its per-pair figures (rewards/*, logps/*) with plain gather, which keeps them:
+        # 10 pairs in global batches of 8 were 16, eval_accuracy 13/16 for 8/10. Its per-pair gathers drop
+        # them here as gather_for_metrics does; token counts are gathered as trl gathers them.
+        gather = self.accelerator.gather
+        self.accelerator.gather = lambda data: _without_padding(self.accelerator, gather(data))
+        try:
+            pairs = self.accelerator.gather(torch.ones(chosen.shape[0], device=mask.device))
+            self._eval_weights.append((float(pairs.sum()), self.accelerator.gather_for_metrics(counts[None]).sum(0).tolist()))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            del self.accelerator.gather  # the class's own again
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         weights, self._eval_weights = self._eval_weights, []
@@ -196,6 +204,17 @@ class _DPOTrainer(DPOTrainer):
             if "num_tokens" in self._metrics[mode]:
                 self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
         super().log(logs, start_time)
+
+
+def _without_padding(accelerator: Any, gathered: Any) -> Any:
+    """Gathered per-sample rows without the samples accelerate repeats to even out the last batch (the rows
+    are in rank order, the repeats after the `remainder` real ones: gather_for_metrics' rule)."""
+    from accelerate.utils import recursively_apply
+
+    state = accelerator.gradient_state
+    if not state.end_of_dataloader or state.remainder <= 0:
+        return gathered
+    return recursively_apply(lambda t: t[: state.remainder] if t.ndim else t, gathered)
 
 
 def dpo_trainer(model: Any, args: DPOConfig, tokenizer: Any, train: list[dict[str, Any]], held_out: list[dict[str, Any]],
