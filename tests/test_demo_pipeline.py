@@ -217,3 +217,21 @@ def test_round_two_trains_its_reward_model_anew_over_an_interrupted_one(tmp_path
     resume = cmd[cmd.index("--resume") + 1] if "--resume" in cmd else "auto"
     run = claim("runs/rm2", parent_run="runs/rm", resume=resume, overwrite="--overwrite" in cmd)
     assert run.resume_from is None
+
+
+def test_round_two_sees_pairs_only_where_two_answers_got_different_scores(tmp_path):
+    from rlhf_cli.demo.pipeline import _has_pairs
+
+    ranked = tmp_path / "round2.jsonl"
+
+    def write(*rows):
+        ranked.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+
+    # An answer holding U+2028 (compare keeps it raw) is one line, not two halves of invalid JSON.
+    write({"prompt": "p", "responses": ["a\u2028b", "c"], "scores": [0.5, 0.5]},
+          {"prompt": "q", "responses": ["d", "e"], "scores": [0.1, 0.2]})
+    assert _has_pairs(ranked)
+    # A score the judge could not give (null) pairs with no other: one valid score per prompt is no pair.
+    write({"prompt": "p", "responses": ["a", "b"], "scores": [0.5, None]},
+          {"prompt": "q", "responses": ["c", "d"], "scores": [None, None]})
+    assert not _has_pairs(ranked)

@@ -219,9 +219,10 @@ def round_two(recipes: Path, force: bool) -> dict[str, float]:
 
 
 def _has_pairs(ranked: Path) -> bool:
-    """Whether some prompt's answers got different scores (ties give no pair)."""
-    rows = [json.loads(line) for line in ranked.read_text().splitlines() if line.strip()]
-    return any(len(set(r["scores"])) > 1 for r in rows)
+    """Whether some prompt's answers got different scores (ties give no pair, nor a score the judge could not
+    give: null). Lines split at newlines only: compare writes UTF-8 JSON that keeps U+2028 and the like raw."""
+    rows = [json.loads(line) for line in ranked.read_bytes().decode("utf-8").split("\n") if line.strip()]
+    return any(len({s for s in r["scores"] if s is not None}) > 1 for r in rows)
 
 
 def _prompts_eval(kind: str) -> str:
