@@ -192,3 +192,25 @@ def test_compare_writes_a_score_its_judge_could_not_give_as_null_which_pairs_wit
     rows = [json.loads(line, parse_constant=refuse) for line in result.stdout.splitlines()]
     assert rows[0]["scores"] == [0.0, None, 2.0]
     assert comparison_of(rows[0], "ranked").pairs == [(2, 0)]
+
+
+@pytest.mark.stage
+def test_compare_keeps_every_pair_of_an_answer_its_judge_scored_infinite(tiny, tmp_path, monkeypatch):
+    """-inf ("never") was written as null, as NaN is: the worst answer then lost every pair it is the worse of."""
+    from rlhf_cli.core.comparisons import comparison_of
+    from rlhf_cli.core.ranking import pairs_from_scores
+
+    (tmp_path / "strict_judge.py").write_text(
+        "import math\ndef judge(prompts, responses):\n    return [[1.0, -math.inf, 0.5, math.inf][i % 4] for i in range(len(responses))]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(app, ["compare", str(tiny["model"]), "--prompts", _prompts_file(tmp_path), "-n", "4",
+                                 "--reward", "strict_judge:judge", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.stderr
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    row = json.loads(result.stdout.splitlines()[0], parse_constant=refuse)
+    assert comparison_of(row, "ranked").pairs == pairs_from_scores([1.0, -float("inf"), 0.5, float("inf")])
+    assert len(comparison_of(row, "ranked").pairs) == 6

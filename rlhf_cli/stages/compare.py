@@ -14,7 +14,9 @@ first. train-rm reads both; rows still unranked are skipped and counted.
 
 from __future__ import annotations
 
+import math
 import random
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,4 +63,10 @@ def compare(recipe: CompareRecipe) -> Iterator[dict[str, Any]]:
         del loaded  # the policy's memory is free before the reward model loads
         judge = load_scorer(recipe.reward)
     for prompt, group, scores in zip(prompts, groups, score_groups(judge, prompts, groups)):
-        yield {"prompt": prompt, "responses": [s.text for s in group], "scores": scores}
+        yield {"prompt": prompt, "responses": [s.text for s in group], "scores": [_orderable(s) for s in scores]}
+
+
+def _orderable(score: float) -> float:
+    """An infinite score (a judge's "never" or "always") as the largest float of its sign: strict JSON has no
+    inf, and written as null, like NaN, the answer would take part in no pair; this keeps every pair it makes."""
+    return math.copysign(sys.float_info.max, score) if math.isinf(score) else score
