@@ -760,6 +760,9 @@ class CompareRecipe(Strict):
     def _one_judge(self) -> CompareRecipe:
         if (self.reward is None) == (not self.for_labelling):
             raise ValueError("give exactly one judge: reward (--reward runs/rm or package.module:function) or --for-labelling")
+        if self.generation.temperature == 0:
+            raise ValueError("generation.temperature is 0: the num_samples answers to a prompt would be one greedy answer "
+                             "repeated, with no pair to learn from; sample them, e.g. --temperature 1.0")
         return self
 
 

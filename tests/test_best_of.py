@@ -105,6 +105,15 @@ def test_compare_needs_exactly_one_judge(tmp_path):
         assert result.exit_code == 2 and "exactly one judge" in result.stderr, result.stderr
 
 
+def test_compare_refuses_greedy_answers(tmp_path):
+    """At temperature 0 the K answers of a prompt are one answer K times: a file with no pair in it."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "x"}\n')
+    for judge in (["--for-labelling"], ["--reward", GREAT]):
+        result = runner.invoke(app, ["compare", "m", "--prompts", str(prompts), "--temperature", "0", *judge])
+        assert result.exit_code == 2 and "generation.temperature is 0" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize(("kind", "status", "code", "words"), [
     ("full", "completed", 2, "is a causal-lm run, not a reward model: pass a train-rm run directory"),
     ("reward-full", "failed", 3, "run is failed, not completed"),
