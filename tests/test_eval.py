@@ -410,3 +410,14 @@ def test_rm_accuracy_says_how_many_rows_were_not_ranked_yet(great_fn, tmp_path):
     out, stderr = _eval(["--reward", great_fn, "--preference", str(path), "--metric", "rm_accuracy", "--json"])
     assert out["details"]["preference_pairs"] == 6
     assert f"{path}: 3 of 5 rows have no ranking or scores yet and are skipped" in stderr
+
+
+def test_a_preference_file_whose_later_row_is_of_another_format_names_that_row(great_fn, tmp_path):
+    """The first row decides the format; a later row without its columns is a data error, not a traceback."""
+    rows = [{"prompt": "where is the cat?", "responses": ["it is great.", "it is fine."], "ranking": [0, 1]},
+            {"prompt": "where is the dog?", "chosen": "it is great.", "rejected": "it is fine."}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = runner.invoke(app, ["eval", "--reward", great_fn, "--preference", str(path), "--metric", "rm_accuracy"])
+    assert result.exit_code == 3, result.stderr
+    assert f"{path}:2 lacks responses" in result.stderr

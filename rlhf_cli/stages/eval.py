@@ -235,12 +235,13 @@ def _pair_gaps(scorer: Any, records: list[dict[str, Any]], source: str) -> tuple
     max_length), as train-rm skips them (core.comparisons.comparison_samples). Scored, such a pair's gap is
     0 and would count as a wrong ranking."""
     from rlhf_cli.core.comparisons import answer_text, comparison_of, encode_answers
-    from rlhf_cli.core.data import adopt_prompt_alias, detect_format
+    from rlhf_cli.core.data import adopt_prompt_alias, check_columns, detect_format
     from rlhf_cli.core.reward import RewardModel
     from rlhf_cli.errors import DataError
 
     fmt = detect_format(records, source, allowed=("preference", "ranked"))
     records = adopt_prompt_alias(records, fmt, source)
+    check_columns(records, fmt, source)  # the first record alone decided the format
     found = [comparison_of(r, fmt, f"{source}: record {n}") for n, r in enumerate(records, 1)]
     if unranked := found.count(None):
         # as train-rm says it: the figure is over the ranked rows only
@@ -328,7 +329,7 @@ def _dpo_accuracy(policy: Any, recipe: EvalRecipe, records: list[dict[str, Any]]
     where beta * (log pi(y|x) - log pi_ref(y|x)) is higher for the chosen answer, and the mean margin of
     those rewards. The pairs are tokenized as dpo trained on them; the reference is --reference, or the
     model the DPO run started from (its parent run, else its base)."""
-    from rlhf_cli.core.data import adopt_prompt_alias, detect_format
+    from rlhf_cli.core.data import adopt_prompt_alias, check_columns, detect_format
     from rlhf_cli.core.dpo import pair_samples
     from rlhf_cli.core.inference import load_causal_lm
     from rlhf_cli.core.metrics import answer_logprobs
@@ -338,6 +339,7 @@ def _dpo_accuracy(policy: Any, recipe: EvalRecipe, records: list[dict[str, Any]]
 
     fmt = detect_format(records, source, allowed=("preference",))
     records = adopt_prompt_alias(records, fmt, source)
+    check_columns(records, fmt, source)
     manifest = read_manifest(policy.resolved.run_dir) if policy.resolved.run_dir else None
     dpo_run = manifest if manifest and manifest.get("stage") == "dpo" else None
     reference_spec = recipe.reference
