@@ -4,6 +4,7 @@ trained model did (through core.reward.load_reward_model, without knowing head o
 from __future__ import annotations
 
 import json
+import re
 import statistics
 
 import fixtures_runs
@@ -96,3 +97,18 @@ def test_the_memory_estimate_of_a_reward_model_counts_no_vocabulary_logits():
     est = rlhf("train-rm", "train-rm.yaml", "--dry-run").json["details"]["memory_estimate"]
     assert est["parts_gib"]["logits"] * 1024**3 <= est["tokens_per_step"] * 13 + 1024**3 / 2000
     assert est["parts_gib"]["activations"] > 0
+
+
+def test_the_truncation_warning_counts_the_ranked_prompts_it_speaks_of(tmp_path):
+    """Rows still waiting for a ranking are skipped before any is tokenized: "2 of 4 prompts", not "2 of 7"."""
+    long = "great " * 60
+    rows = [{"prompt": f"q{i}", "responses": [f"{long}{i}" if i < 2 else "it is great.", "no."], "ranking": [0, 1]}
+            for i in range(4)]
+    rows += [{"prompt": f"u{i}", "responses": ["it is great.", "no."], "ranking": []} for i in range(3)]
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = rlhf("train-rm", "train-rm.yaml", "--data", str(path), "--set", "data.eval=null",
+               "--set", "data.eval_fraction=0", "--dry-run")
+    assert out.code == 0, out
+    said = re.search(r"(\d+) of (\d+) (?:ranked )?prompts have answers longer than data.max_length 64", out.stderr)
+    assert said and said.groups() == ("2", "4"), out.stderr

@@ -41,8 +41,8 @@ def run(recipe: RewardRecipe, options: RunOptions) -> RunResult:
     if not train_set:
         raise _no_pairs(recipe, stats)
     if stats.truncated:
-        log.warning("%d of %d prompts have answers longer than data.max_length %d: their prompts are cut from the left "
-                    "(%d left no pair that differs and are skipped)", stats.truncated, len(train_records), d.max_length,
+        log.warning("%d of %d ranked prompts have answers longer than data.max_length %d: their prompts are cut from the left "
+                    "(%d left no pair that differs and are skipped)", stats.truncated, len(train_records) - stats.unranked, d.max_length,
                     stats.cut_equal)
 
     # 2. How the model will be held: dtype, trainable parameters, parent adapters, memory.
