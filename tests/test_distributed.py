@@ -108,9 +108,9 @@ SFT_SETS = ["data.max_samples=160", "train.max_steps=null", "train.epochs=1", "t
             "train.save_steps=5", "lora.dropout=0.0"]
 
 
-def sft_args(tiny: dict, out: Path, batch: int) -> list[str]:
+def sft_args(tiny: dict, out: Path, batch: int, held_out: Path | None = None) -> list[str]:
     sets = [*SFT_SETS, f"train.batch_size={batch}", f"model.path={tiny['model']}", f"data.train={tiny['chat']}",
-            f"data.eval={tiny['chat_eval']}"]
+            f"data.eval={held_out or tiny['chat_eval']}"]
     return ["sft", str(SFT_RECIPE), "--output-dir", str(out), "--json", *[a for s in sets for a in ("--set", s)]]
 
 
@@ -119,15 +119,20 @@ def sft_pair(tiny, tmp_path_factory):
     import torch
 
     root = tmp_path_factory.mktemp("dist-sft")
+    # The first held-out answer is unlike every other (a loss far above theirs): counted twice, it shows.
+    chats = [json.loads(line) for line in Path(tiny["chat_eval"]).read_text().splitlines()]
+    chats[0]["messages"][-1]["content"] = " ".join(["zebra purple quantum"] * 6)
+    held_out = root / "chat_eval.jsonl"
+    held_out.write_text("".join(json.dumps(c) + "\n" for c in chats))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = invoke(*sft_args(tiny, root / "one", batch=16))
+        single = invoke(*sft_args(tiny, root / "one", batch=16, held_out=held_out))
     finally:
         torch.set_num_threads(threads)
     assert single.exit_code == 0, single.output
     t0 = time.monotonic()
-    two = accelerate(root, *sft_args(tiny, root / "two", batch=8))
+    two = accelerate(root, *sft_args(tiny, root / "two", batch=8, held_out=held_out))
     seconds = time.monotonic() - t0
     assert two.returncode == 0, two.stderr[-3000:]
     return {"root": root, "one": root / "one", "two": root / "two", "launch": two, "seconds": seconds}
@@ -147,8 +152,9 @@ def test_sft_two_processes_split_the_data_and_match_one(sft_pair):
     assert a + b == d1["samples_per_rank"][0] == 160
     # Same global batch, same number of optimizer steps (twice as many if every rank read all samples).
     assert one["metrics"]["steps"] == two["metrics"]["steps"] == 10
-    # Per-token loss averaged over both ranks (not halved by a token count taken over both ranks).
-    assert two["metrics"]["eval_loss"] == pytest.approx(one["metrics"]["eval_loss"], rel=0.05)
+    # Per-token loss over both ranks (not halved by a token count taken over both ranks), over the 50
+    # held-out chats once: accelerate completes the last batch of 16 with 14 repeats, which count nowhere.
+    assert two["metrics"]["eval_loss"] == pytest.approx(one["metrics"]["eval_loss"], rel=1e-3)
     assert two["metrics"]["train_loss"] == pytest.approx(one["metrics"]["train_loss"], rel=0.1)
     # One writer: one line per logged step, one result on stdout, one adapter shaped like the single run's.
     steps = [r["step"] for r in metric_rows(sft_pair["two"]) if "loss" in r]
@@ -531,6 +537,29 @@ def test_finiteness_and_sums_on_one_process(env):
     assert not distributed.all_finite([torch.ones(3), torch.tensor([1.0, float("inf")])])
     assert not distributed.all_finite([torch.tensor(float("nan"))])
     assert distributed.total(2.5) == 2.5
+
+
+def test_held_out_repeats_found_in_padded_and_flattened_batches():
+    """5 held-out samples in global batches of 2 x 2: the last is sample 4 and three repeats, rank 0 holding
+    the real one; a flattened row holds its samples one after another."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rlhf_cli.core.trainer import _repeated_samples
+
+    def acc(rank: int, end: bool = True, remainder: int = 1):
+        return SimpleNamespace(num_processes=2, process_index=rank,
+                               gradient_state=SimpleNamespace(end_of_dataloader=end, remainder=remainder))
+
+    rows = {"labels": torch.ones(2, 3, dtype=torch.long)}
+    assert _repeated_samples(acc(0), rows).tolist() == [[False] * 3, [True] * 3]
+    assert _repeated_samples(acc(1), rows).all()
+    assert _repeated_samples(acc(0, end=False), rows) is None and _repeated_samples(acc(1, remainder=0), rows) is None
+    assert _repeated_samples(acc(1, remainder=3), rows).tolist() == [[False] * 3, [True] * 3]
+    flat = {"labels": torch.ones(1, 5, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1]])}
+    assert _repeated_samples(acc(0), flat).tolist() == [[False, False, False, True, True]]
+    assert _repeated_samples(acc(0, remainder=2), flat) is None
 
 
 # --------------------------------------------------------------------------- dpo: two processes against one

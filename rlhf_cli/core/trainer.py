@@ -541,8 +541,18 @@ class CausalTrainer(Trainer):
         return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        evaluating = self._eval_sums is not None and not model.training
+        repeats = _repeated_samples(self.accelerator, inputs) if evaluating else None
+        if repeats is not None and repeats.any():
+            # Under several processes accelerate completes the last held-out batch with samples from the
+            # start of the set: their labels count in no sum (gather_for_metrics' rule). A batch of repeats
+            # alone keeps its labels, for a finite loss, and adds nothing.
+            if repeats.all():
+                evaluating = False
+            else:
+                inputs = {**inputs, "labels": inputs["labels"].masked_fill(repeats, -100)}
         loss, outputs = causal_lm_loss(model, inputs, num_items_in_batch)
-        if self._eval_sums is not None and not model.training:
+        if evaluating:
             # causal_lm_loss divides this batch's NLL sum by num_items (the label count of every process,
             # where Trainer passes it) or else by this batch's own label count.
             count = (inputs["labels"][:, 1:] != -100).sum()
@@ -554,6 +564,26 @@ class CausalTrainer(Trainer):
             # scale back up, as Trainer.compute_loss does.
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+
+def _repeated_samples(accelerator: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
+    """Where this process's batch holds samples accelerate repeated to even out the last batch (a bool
+    mask shaped like the labels), or None when it holds none.
+
+    Each process's last batch has as many samples, and the global batch is the processes' in rank order,
+    the `remainder` real samples first; a flattened row (FlatCollator) holds its samples one after another,
+    each starting at position 0.
+    """
+    state = accelerator.gradient_state
+    if accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+        return None
+    labels = inputs["labels"]
+    flat = labels.shape[0] == 1 and "position_ids" in inputs
+    sample = (inputs["position_ids"] == 0).long().cumsum(1) - 1 if flat else \
+        torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
+    per_process = int(sample.max()) + 1
+    real = state.remainder - accelerator.process_index * per_process
+    return sample >= real if real < per_process else None
 
 
 # --------------------------------------------------------------------------- reward model training
