@@ -15,3 +15,37 @@ def nan_on_rank_1(prompts, responses):
     if os.environ.get("RANK") == "1":
         return [float("nan")] * len(responses)
     return answer_length(prompts, responses)
+
+
+def explained_variance_on_rank(rank: int, store: str, out: str) -> None:
+    """One of two gloo processes: the explained variance of its half of a rollout, reduced over both."""
+    import torch
+    import torch.distributed as dist
+
+    from rlhf_cli.ppo.algo import explained_variance
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+
+    def reduce(t):
+        dist.all_reduce(t)
+        return t
+
+    try:
+        values, returns, mask = (t.chunk(2)[rank] for t in rollout_for_explained_variance())
+        torch.save(explained_variance(values, returns, mask, reduce=reduce), f"{out}/ev-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def rollout_for_explained_variance():
+    """Values, returns and a mask of 8 answers: rank 1's returns sit 2 higher, and the value model predicts
+    each half's mean, so within a half it explains nothing and over the whole rollout about 0.6."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    returns = torch.randn(8, 6, generator=g)
+    returns[4:] += 2.0
+    values = torch.cat([returns[:4].mean().expand(4, 6), returns[4:].mean().expand(4, 6)])
+    mask = torch.ones(8, 6, dtype=torch.bool)
+    mask[1, 4:] = mask[6, 2:] = False
+    return values, returns, mask

@@ -539,6 +539,22 @@ def test_finiteness_and_sums_on_one_process(env):
     assert distributed.total(2.5) == 2.5
 
 
+def test_explained_variance_over_two_processes_is_the_rollouts(tmp_path):
+    """PPO's explained_variance under DDP is the figure of the whole rollout, not the mean of each rank's."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from rlhf_cli.ppo.algo import explained_variance
+    from tests.dist_support import explained_variance_on_rank, rollout_for_explained_variance
+
+    mp.start_processes(explained_variance_on_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    whole = float(explained_variance(*rollout_for_explained_variance()))
+    assert whole == pytest.approx(0.6, abs=0.1)
+    # Each rank's own figure is 0: its predictions are its half's mean.
+    assert [float(torch.load(tmp_path / f"ev-{r}.pt")) for r in (0, 1)] == pytest.approx([whole, whole], rel=1e-6)
+
+
 def test_held_out_repeats_found_in_padded_and_flattened_batches():
     """5 held-out samples in global batches of 2 x 2: the last is sample 4 and three repeats, rank 0 holding
     the real one; a flattened row holds its samples one after another."""

@@ -527,20 +527,28 @@ def value_loss(
     return loss, {k: t.detach() for k, t in stats.items()}
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, reduce: Reduce | None = None) -> Tensor:
     """``1 - Var(R - v) / Var(R)`` over real tokens, a 0-d tensor: 1 is perfect, 0 no better than a constant.
 
     A figure of the whole set it is given, not a mean: the returns of one short answer hardly vary, so
     averaging it over small batches reads far below (or NaN for one-token batches) the value model's
-    figure over the rollout. Biased variances (the n cancels) without the entry-count check of
-    masked_whiten, so a degenerate batch gives NaN instead of raising mid-training.
+    figure over the rollout. With ``reduce`` (see ``Reduce``) the set is every rank's tokens: each rank's
+    own figure, averaged, misses the spread between ranks. Biased variances (the n cancels) without the
+    entry-count check of masked_whiten, so a degenerate batch gives NaN instead of raising mid-training.
     """
     m = _as_bool(mask, values)
     dtype = _compute_dtype(values, returns)
     v, ret = torch.where(m, values.to(dtype), 0), torch.where(m, returns.to(dtype), 0)
-    resid, centred = ret - v, ret - masked_mean(ret, m)
-    var_resid = masked_mean((resid - masked_mean(resid, m)).square(), m)
-    return 1 - var_resid / masked_mean(centred.square(), m)
+    resid = ret - v
+
+    def summed(*parts: Tensor) -> Tensor:
+        total = torch.stack([torch.where(m, x, 0).sum() for x in parts])
+        return reduce(total) if reduce is not None else total
+
+    count, ret_sum, resid_sum = summed(m.to(dtype), ret, resid)
+    ret_mean, resid_mean = ret_sum / count, resid_sum / count
+    var_resid, var_ret = summed((resid - resid_mean).square(), (ret - ret_mean).square())
+    return 1 - var_resid / var_ret
 
 
 # --------------------------------------------------------------------------------------------------

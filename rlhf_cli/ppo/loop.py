@@ -410,7 +410,8 @@ def ppo_update(update: UpdateContext, rollout: Rollout, batch: dict[str, Tensor]
                     sums[k].append(v.detach())
                     weights[k].append(torch.ones_like(tokens) if k in per_answer else tokens)
         if predicted is not None:
-            sums["explained_variance"].append(algo.explained_variance(predicted, batch["returns"], rollout.mask))
+            sums["explained_variance"].append(algo.explained_variance(
+                predicted, batch["returns"], rollout.mask, reduce=acc.reduce if acc.num_processes > 1 else None))
             weights["explained_variance"].append(row_tokens.sum())
     out, finite_at = reduce_stats(sums, [loss for _, _, loss in losses], weights)
     # Every rank decides together (a rank that raised alone would leave the others in a collective); a
