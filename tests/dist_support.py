@@ -49,3 +49,13 @@ def rollout_for_explained_variance():
     mask = torch.ones(8, 6, dtype=torch.bool)
     mask[1, 4:] = mask[6, 2:] = False
     return values, returns, mask
+
+
+def answer_length_recorded(prompts, responses):
+    """answer_length, with each process's answers appended to $RLHF_TEST_ANSWERS-<rank>.jsonl."""
+    import json
+    import os
+
+    with open(f"{os.environ['RLHF_TEST_ANSWERS']}-{os.environ.get('RANK', '0')}.jsonl", "a") as f:
+        f.write(json.dumps({"prompts": prompts, "responses": responses}) + "\n")
+    return answer_length(prompts, responses)

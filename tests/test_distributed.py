@@ -280,6 +280,26 @@ def test_ppo_two_processes_share_the_rollout_and_match_one(tiny, sft_full_run, t
     assert len([line for line in two.stdout.splitlines() if line.startswith("{")]) == 1
 
 
+@pytest.mark.dist
+@pytest.mark.stage
+def test_ppo_processes_draw_their_own_answers_to_one_prompt(tiny, sft_full_run, tmp_path, monkeypatch):
+    """One prompt, so both processes sample for it: with the same random stream on both, rank 1 repeated
+    rank 0's answers word for word, and half of the rollout was work done twice."""
+    prompts = tmp_path / "one-prompt.jsonl"
+    prompts.write_text(Path(tiny["prompts"]).read_text().splitlines()[0] + "\n")
+    monkeypatch.setenv("RLHF_TEST_ANSWERS", str(tmp_path / "answers"))
+    args = ppo_args(tiny, sft_full_run, tmp_path / "run")
+    args[args.index("tests.dist_support:answer_length")] = "tests.dist_support:answer_length_recorded"
+    args[args.index(str(tiny["prompts"]))] = str(prompts)
+    args[args.index("ppo.iterations=2")] = "ppo.iterations=1"
+    result = accelerate(tmp_path, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = {r: [json.loads(line)["responses"] for line in (tmp_path / f"answers-{r}.jsonl").read_text().splitlines()]
+               for r in (0, 1)}
+    assert len(answers[0][0]) == len(answers[1][0]) == 4
+    assert answers[0] != answers[1], answers
+
+
 GRPO_SETS = {"grpo.iterations": 2, "grpo.rollout_batch_size": 16, "grpo.group_size": 4, "grpo.mini_batch_size": 8,
              "grpo.ppo_epochs": 2, "grpo.lr": 3e-3, "grpo.advantage": "reinforce_pp", "generation.max_new_tokens": 8,
              "lora.r": 8, "lora.alpha": 16}

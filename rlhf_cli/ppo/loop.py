@@ -130,6 +130,11 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
     kl_ctl = (algo.make_kl_controller(spec.kl_coef, method.ppo.kl_target, method.ppo.kl_horizon) if method.ppo is not None
               else algo.FixedKLController(spec.kl_coef))
     shuffle = torch.Generator().manual_seed(spec.seed)
+    if rank > 0:
+        # Each process samples from its own stream (rank 0 keeps the single process's): with seed's stream
+        # on all of them, a prompt sampled by two processes got the same answers twice. The weights were
+        # built before, from the one seed, as on every rank.
+        torch.manual_seed(spec.seed + 1_000_003 * rank)
     state = State()
     if run.resume_from is not None:
         state = load_checkpoint(run.resume_from, actor, optimizer, kl_ctl, shuffle, rank)
