@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -176,10 +177,7 @@ def test_a_best_of_line_stays_strict_json_when_every_answer_scores_nan(tiny, tmp
                                  "--reward", "unsure_best_of:judge", "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.stderr
 
-    def refuse(name: str) -> None:
-        raise ValueError(f"{name} is not JSON")
-
-    [line] = [json.loads(line, parse_constant=refuse) for line in result.stdout.splitlines()]
+    [line] = _strict_rows(result.stdout)
     assert line["score"] is None and line["sample"] == 0
 
 
@@ -187,18 +185,7 @@ def test_a_best_of_line_stays_strict_json_when_every_answer_scores_nan(tiny, tmp
 def test_compare_writes_a_score_its_judge_could_not_give_as_null_which_pairs_with_nothing(tiny, tmp_path, monkeypatch):
     from rlhf_cli.core.comparisons import comparison_of
 
-    (tmp_path / "half_sure.py").write_text(
-        "def judge(prompts, responses):\n    return [float('nan') if i % 3 == 1 else float(i) for i in range(len(responses))]\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    result = runner.invoke(app, ["compare", str(tiny["model"]), "--prompts", _prompts_file(tmp_path), "-n", "3",
-                                 "--reward", "half_sure:judge", "--max-new-tokens", "3"])
-    assert result.exit_code == 0, result.stderr
-
-    def refuse(name: str) -> None:
-        raise ValueError(f"{name} is not JSON")
-
-    rows = [json.loads(line, parse_constant=refuse) for line in result.stdout.splitlines()]
+    rows = _compare_with_judge(tiny, tmp_path, monkeypatch, "[float('nan') if i % 3 == 1 else float(i) for i in range(n)]", 3)
     assert rows[0]["scores"] == [0.0, None, 2.0]
     assert comparison_of(rows[0], "ranked").pairs == [(2, 0)]
 
@@ -209,17 +196,26 @@ def test_compare_keeps_every_pair_of_an_answer_its_judge_scored_infinite(tiny, t
     from rlhf_cli.core.comparisons import comparison_of
     from rlhf_cli.core.ranking import pairs_from_scores
 
-    (tmp_path / "strict_judge.py").write_text(
-        "import math\ndef judge(prompts, responses):\n    return [[1.0, -math.inf, 0.5, math.inf][i % 4] for i in range(len(responses))]\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    result = runner.invoke(app, ["compare", str(tiny["model"]), "--prompts", _prompts_file(tmp_path), "-n", "4",
-                                 "--reward", "strict_judge:judge", "--max-new-tokens", "3"])
-    assert result.exit_code == 0, result.stderr
+    row = _compare_with_judge(tiny, tmp_path, monkeypatch, "[[1.0, -math.inf, 0.5, math.inf][i % 4] for i in range(n)]", 4)[0]
+    assert comparison_of(row, "ranked").pairs == pairs_from_scores([1.0, -float("inf"), 0.5, float("inf")])
+    assert len(comparison_of(row, "ranked").pairs) == 6
 
+
+def _strict_rows(stdout: str) -> list[dict]:
+    """JSONL as strict parsers (jq, JavaScript, Go) read it: NaN and Infinity are not JSON."""
     def refuse(name: str) -> None:
         raise ValueError(f"{name} is not JSON")
 
-    row = json.loads(result.stdout.splitlines()[0], parse_constant=refuse)
-    assert comparison_of(row, "ranked").pairs == pairs_from_scores([1.0, -float("inf"), 0.5, float("inf")])
-    assert len(comparison_of(row, "ranked").pairs) == 6
+    return [json.loads(line, parse_constant=refuse) for line in stdout.splitlines()]
+
+
+def _compare_with_judge(tiny, tmp_path, monkeypatch, scores: str, n: int) -> list[dict]:
+    """`rlhf compare -n N` with a judge whose scores are the expression `scores` of n (the answers' count)."""
+    module = "judge_" + re.sub(r"\W", "_", tmp_path.name)  # one module name per test: imports are cached
+    (tmp_path / f"{module}.py").write_text(
+        f"import math\ndef judge(prompts, responses):\n    n = len(responses)\n    return {scores}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(app, ["compare", str(tiny["model"]), "--prompts", _prompts_file(tmp_path), "-n", str(n),
+                                 "--reward", f"{module}:judge", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.stderr
+    return _strict_rows(result.stdout)
