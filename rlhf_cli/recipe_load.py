@@ -63,6 +63,14 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# No recipe value is a date: a run named `output_dir: runs/2024-01-01` or `--set output_dir=2024-01-01`
+# means the text written, which PyYAML would otherwise turn into a date that no string field accepts.
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 # Values a recipe may expand to through anchors and aliases; real recipes hold a few hundred. A few nested
 # aliases ("billion laughs") expand to billions, which every later walk (key lines, validation) would visit.
 MAX_VALUES = 100_000

@@ -303,6 +303,14 @@ def test_set_nested_list_and_float_values(tmp_path):
     assert recipe.data.fields == {"instruction": "prompt"}
 
 
+def test_dates_are_read_as_the_text_written(tmp_path):
+    # YAML 1.1 reads 2024-01-01 as a date, which no string field accepts: a dated run name was exit 2.
+    path = write(tmp_path, SFT.replace("data/chat.jsonl", "data/2024-01-01") + "output_dir: runs/2024-01-01\n")
+    assert load_recipe("sft", path).data.train == "data/2024-01-01"
+    recipe = load_recipe("sft", path, sets=["output_dir=2024-01-01", "data.train=2024-01-01 10:00:00"])
+    assert recipe.output_dir == "2024-01-01" and recipe.data.train == "2024-01-01 10:00:00"
+
+
 def test_set_null_removes_a_section(tmp_path):
     recipe = load_recipe("sft", write(tmp_path, SFT + "lora:\n  r: 8\n"), sets=["lora=null"])
     assert recipe.lora is None
