@@ -86,6 +86,7 @@ class Progress:
         self._t0 = time.monotonic()
         self._last_log = 0.0
         self._every = max(1, self.total // 20)
+        self._next_log = start + self._every
         self._bar = None
         self._task = None
         self._enabled = enabled and _rank() == 0
@@ -125,8 +126,11 @@ class Progress:
             self._bar.update(self._task, completed=done, info=_fmt(fields))
             return
         now = time.monotonic()
-        if done >= self.total or done % self._every == 0 or now - self._last_log > 30:
+        # Work often advances a batch at a time, so a line is due once `done` passes the next twentieth,
+        # not only when it lands on a multiple of one.
+        if done >= self.total or done >= self._next_log or now - self._last_log > 30:
             self._last_log = now
+            self._next_log = done + self._every - (done - self._start_done) % self._every
             rate = (done - self._start_done) / max(now - self._t0, 1e-9)
             eta = (self.total - done) / rate if rate > 0 else 0.0
             log.info(

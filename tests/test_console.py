@@ -31,3 +31,17 @@ def test_setup_logging_neither_samples_the_machine_nor_sets_the_wait_policy(fres
     fresh.setattr(console, "open", no_sampling, raising=False)
     console.setup_logging()
     assert "OMP_WAIT_POLICY" not in console.os.environ
+
+
+def test_progress_logs_each_twentieth_when_work_advances_in_batches(fresh, monkeypatch, capsys):
+    # Off a terminal a line is due about every 5 %. Batches of 7 of 100 samples pass a twentieth at every
+    # batch but land on a multiple of 5 only at 35 and 70, which were the only lines before the end.
+    monkeypatch.setattr(console, "stderr_is_terminal", lambda: False)
+    monkeypatch.setattr(console.time, "monotonic", lambda: 0.0)  # no 30 s heartbeat
+    console.setup_logging()
+    with console.Progress(total=100, description="generate", unit="sample") as bar:
+        for done in range(7, 100, 7):
+            bar.update(done)
+        bar.update(100)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "generate sample" in line]
+    assert [int(line.split("generate sample ")[1].split("/")[0]) for line in lines] == [*range(7, 100, 7), 100]
