@@ -559,3 +559,23 @@ def test_tokens_per_second_leaves_out_the_evaluations_run_during_training(monkey
     evaluations_during_training = 2  # after steps 2 and 4, each over a second
     training_s = m["tokens_seen"] / m["metrics"]["train_tokens_per_s"]
     assert training_s <= m["train_runtime_s"] - evaluations_during_training * 1.0
+
+
+def test_a_prompt_given_as_messages_is_context_even_where_it_holds_an_earlier_answer(tiny):
+    # prompt/completion trains the completion alone: an assistant turn inside the prompt is context, for
+    # training and for the held-out perplexity alike.
+    from transformers import AutoTokenizer
+
+    from rlhf_cli.core.batches import chat_samples
+    from rlhf_cli.core.metrics import encode_for_perplexity
+
+    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    record = {"prompt": [{"role": "user", "content": "where is the cat?"},
+                         {"role": "assistant", "content": "the cat is in the barn."},
+                         {"role": "user", "content": "and the dog?"}],
+              "completion": "the dog is in the park."}
+    samples, stats = chat_samples(tok, [record], "prompt_completion", 1000)
+    ids, labels = samples[0]["input_ids"], samples[0]["labels"]
+    assert tok.decode([t for t, label in zip(ids, labels) if label != -100]) == "the dog is in the park.<|end|>"
+    assert stats.loss_tokens == len(tok("the dog is in the park.<|end|>", add_special_tokens=False)["input_ids"])
+    assert encode_for_perplexity(tok, record, "prompt_completion", 1000)[1] == labels

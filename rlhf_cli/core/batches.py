@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from rlhf_cli.core.chat import keep_answer, record_messages, render_conversation
+from rlhf_cli.core.chat import keep_answer, prompt_turns, record_messages, render_conversation
 from rlhf_cli.core.data import percentiles
 from rlhf_cli.errors import DataError
 
@@ -56,7 +56,8 @@ def chat_samples(
     samples, stats = [], Stats()
     for record in records:
         # Rendered uncut so the length statistics show how long samples really are; cut here, counted.
-        full = render_conversation(tokenizer, record_messages(record, fmt), 1 << 30, completion_only)
+        full = render_conversation(tokenizer, record_messages(record, fmt), 1 << 30, completion_only,
+                                   prompt_turns(record, fmt))
         stats.lengths.append(len(full.input_ids))
         stats.truncated += len(full.input_ids) > max_length
         ids, labels = keep_answer(tokenizer, full.input_ids, full.labels, max_length)

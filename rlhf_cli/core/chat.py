@@ -46,6 +46,13 @@ def record_messages(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
     raise DataError(f"cannot build a conversation from format {fmt}")
 
 
+def prompt_turns(record: dict[str, Any], fmt: str) -> int:
+    """How many of record_messages' leading messages are the prompt: context the model reads, not an answer
+    it learns, even where a prompt given as messages holds earlier assistant turns (trl's prompt-completion
+    loss is the completion's alone)."""
+    return len(as_messages(record["prompt"], "user")) if fmt == "prompt_completion" else 0
+
+
 @dataclass
 class Rendered:
     input_ids: list[int]
@@ -55,9 +62,10 @@ class Rendered:
 
 # Not trl's assistant_only_loss: it needs {% generation %} marks or a template it knows (bench/library_choices.py).
 def render_conversation(
-    tokenizer: Any, messages: list[dict[str, str]], max_length: int, completion_only: bool = True
+    tokenizer: Any, messages: list[dict[str, str]], max_length: int, completion_only: bool = True, context: int = 0
 ) -> Rendered:
-    """Tokenize a conversation; labels cover assistant turns only when completion_only. Past max_length
+    """Tokenize a conversation; labels cover assistant turns only when completion_only, and of those only the
+    turns after the first `context` messages (the prompt, see prompt_turns). Past max_length
     the conversation loses its start before any trained token, so the answer survives.
 
     Assistant spans are found by rendering each prefix of the conversation: the text added by an
@@ -67,7 +75,7 @@ def render_conversation(
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < context:
             continue
         before = (tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i
                   else _opening(tokenizer, m))

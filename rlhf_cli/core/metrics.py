@@ -33,9 +33,10 @@ def encode_for_perplexity(tokenizer: Any, record: dict[str, Any], fmt: str, max_
     if fmt == "text":
         ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
         return ids[:max_length], ids[:max_length], len(ids) > max_length
-    from rlhf_cli.core.chat import record_messages, render_conversation
+    from rlhf_cli.core.chat import prompt_turns, record_messages, render_conversation
 
-    rendered = render_conversation(tokenizer, record_messages(record, fmt), max_length, completion_only=True)
+    rendered = render_conversation(tokenizer, record_messages(record, fmt), max_length, completion_only=True,
+                                   context=prompt_turns(record, fmt))
     return rendered.input_ids, rendered.labels, rendered.truncated
 
 
