@@ -46,6 +46,12 @@ def test_txt_files_are_documents_split_on_blank_lines(tmp_path):
     assert [r["text"] for r in records] == ["first doc\nstill first", "second doc", "one line", "another line"]
 
 
+def test_a_line_of_spaces_between_paragraphs_separates_txt_documents(tmp_path):
+    # Editors leave spaces on blank lines; read as no blank line at all, every line became a document.
+    (tmp_path / "a.txt").write_text("first doc\nstill first\n  \t\nsecond doc\r\n \r\nthird\n")
+    assert [r["text"] for r in read_records(str(tmp_path / "a.txt"))] == ["first doc\nstill first", "second doc", "third"]
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n\n{"text": "broken"\n')

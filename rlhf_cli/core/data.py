@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import random
+import re
 import reprlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -132,6 +133,9 @@ def decode_utf8(data: bytes, source: str) -> str:
 Located = list[tuple[str, dict[str, Any]]]  # (where: "file:line" or "file: record N", record)
 
 
+_BLANK_LINE = re.compile(r"\n[ \t\f\v]*\n")
+
+
 def _read_file(path: Path) -> Located:
     suffix = path.suffix
     if suffix == ".parquet":
@@ -147,8 +151,9 @@ def _read_file(path: Path) -> Located:
         return _read_jsonl(path, text)
     if suffix == ".json":
         return _read_json(path, text)
-    # .txt: blank lines separate documents; a file without blank lines is one document per line.
-    docs = [d.strip() for d in text.split("\n\n")] if "\n\n" in text else text.splitlines()
+    # .txt: blank lines separate documents (a line of spaces is blank too); a file without blank lines is one
+    # document per line.
+    docs = [d.strip() for d in _BLANK_LINE.split(text)] if _BLANK_LINE.search(text) else text.splitlines()
     return [(f"{path}: document {i}", {"text": d}) for i, d in enumerate((d for d in docs if d.strip()), 1)]
 
 
