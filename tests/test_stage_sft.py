@@ -287,6 +287,19 @@ def test_conversations_without_an_assistant_turn_say_so_not_raise_max_length(tmp
         "conversation, or train on raw text with rlhf pretrain")
 
 
+def test_conversations_skipped_for_want_of_an_assistant_turn_are_named_in_a_warning(tiny, tmp_path):
+    rows = [json.loads(line) for line in Path(tiny["chat"]).read_text().splitlines()[:10]]
+    for row in rows[:3]:
+        row["messages"] = row["messages"][:1]
+    path = tmp_path / "some-unanswered.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = rlhf("sft", "sft.yaml", "--data", str(path), "--set", "data.eval=null", "--set", "data.eval_fraction=0",
+               "--dry-run")
+    assert out.code == 0, out
+    assert out.json["details"]["train"]["dropped"] == 3 and out.json["details"]["train"]["samples"] == 7
+    assert "3 of 10 samples have no answer token to learn" in out.stderr
+
+
 def test_missing_columns_is_exit_3_listing_them(tmp_path):
     path = tmp_path / "cols.jsonl"
     path.write_text('{"question": "a", "answer": "b"}\n')

@@ -58,7 +58,7 @@ def run(recipe: SFTRecipe, options: RunOptions) -> RunResult:
         **plan.as_json(),
         "sample": batches.show_loss_mask(tokenizer, train_set[0]["input_ids"], train_set[0]["labels"]),
     }
-    _warn_truncation(stats.truncated, len(train_records), d.max_length)
+    _warn_truncation(stats.truncated, stats.dropped, len(train_records), d.max_length)
     # Built before anything is written: settings the machine cannot run (fp16 on a CPU) fail here.
     # tokens_seen and tokens/s count the samples' tokens: a padded batch's pad positions are no training tokens.
     args = fitting.training_args(recipe.train, Path(recipe.output_dir) / "checkpoints", precision=plan.precision,
@@ -111,6 +111,9 @@ def _no_samples(recipe: SFTRecipe, records: list[dict[str, Any]], fmt: str) -> E
     )
 
 
-def _warn_truncation(truncated: int, n: int, max_length: int) -> None:
+def _warn_truncation(truncated: int, dropped: int, n: int, max_length: int) -> None:
     if truncated:
         log.warning("%d of %d samples are longer than data.max_length %d and are cut", truncated, n, max_length)
+    if dropped:
+        log.warning("%d of %d samples have no answer token to learn (no assistant turn, or its tokens cut at "
+                    "data.max_length %d) and are skipped", dropped, n, max_length)
