@@ -82,6 +82,24 @@ def test_refuses_non_empty_output_without_overwrite(lora_run, tmp_path):
     assert "holds the run being merged" in stderr
 
 
+def test_overwrite_never_replaces_the_base_the_run_is_built_on(tiny, tmp_path):
+    # `--output <base> --overwrite` wrote base + adapters over the base: the run then loaded its adapters on
+    # top of their own merge, and so did every other run trained on that base.
+    import shutil
+
+    from fixtures_runs import random_lora
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny["model"], base)
+    run = random_lora(random_lora(base, tmp_path / "a", seed=1), tmp_path / "b", seed=2)
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    _, stderr = _merge(run, base, "--overwrite", code=2)
+    assert f"holds {base}, which the run is built on" in stderr
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+    _, stderr = _merge(run, tmp_path, "--overwrite", code=2)  # a folder above the base and the parent run
+    assert "which the run is built on" in stderr or "holds the run being merged" in stderr
+
+
 def test_overwrite_keeps_the_earlier_merge_until_the_new_one_is_in_place(lora_run, tmp_path, monkeypatch):
     """--overwrite deleted the earlier merged model before moving the new one in: interrupted while it
     deleted (seconds for a real model), both were gone. Now the earlier one is deleted last."""

@@ -41,8 +41,14 @@ def merge(run: str | Path, output: Path, *, dtype: str = "auto", overwrite: bool
         raise RecipeError(f"nothing to merge: {where}; it loads as it is")
     check_resolved(resolved)
     source = Path(resolved.run_dir or run).resolve()
-    if output.resolve() == source or output.resolve() in source.parents:
+    if _holds(output, source):
         raise RecipeError(f"--output {output} holds the run being merged: choose another directory")
+    # Replacing what the merge reads (its base, a parent run) would leave every run trained on it loading
+    # the merged weights under its adapters, which then count twice.
+    read = [resolved.base, resolved.tokenizer, *(str(Path(a).parent) for a in resolved.adapters)]
+    held = next((Path(p) for p in read if p and Path(p).exists() and _holds(output, Path(p).resolve())), None)
+    if held is not None:
+        raise RecipeError(f"--output {output} holds {held}, which the run is built on: choose another directory")
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         if not overwrite:
             raise RecipeError(f"{output} exists and is not empty: pass --overwrite to replace it, or choose another --output")
@@ -88,6 +94,11 @@ def merge(run: str | Path, output: Path, *, dtype: str = "auto", overwrite: bool
         "dequantized_base": quantized,
     }
     return RunResult("merge", "completed", str(output), details=details)
+
+
+def _holds(output: Path, path: Path) -> bool:
+    out = output.resolve()
+    return out == path or out in path.parents
 
 
 def _swap_in(tmp: Path, output: Path) -> None:
