@@ -52,6 +52,16 @@ def test_a_line_of_spaces_between_paragraphs_separates_txt_documents(tmp_path):
     assert [r["text"] for r in read_records(str(tmp_path / "a.txt"))] == ["first doc\nstill first", "second doc", "third"]
 
 
+def test_a_folder_reads_its_data_files_not_hidden_copies_or_folders_named_like_files(tmp_path):
+    # Jupyter keeps a copy of every file it edits under .ipynb_checkpoints: read too, each record counted twice.
+    (tmp_path / "chat.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "chat-checkpoint.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    (tmp_path / "._chat.jsonl").write_bytes(b"\x00\x05\x16\x07")
+    (tmp_path / "older.json").mkdir()
+    assert [r["text"] for r in read_records(str(tmp_path))] == ["a", "b"]
+
+
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n\n{"text": "broken"\n')

@@ -78,7 +78,9 @@ def read_records(
     are checked here, where its line is still known."""
     path = Path(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES)
+        # Hidden files and folders are tools' copies (.ipynb_checkpoints, macOS ._ files), not more data.
+        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not files:
             raise DataError(f"{source}: folder holds no {'/'.join(SUFFIXES)} files")
         located = [r for f in files for r in _read_file(f)]
