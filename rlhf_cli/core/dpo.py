@@ -164,39 +164,44 @@ class _DPOTrainer(DPOTrainer):
         return None
 
     # trl logs one mean per evaluation batch and averages those means, so a small last batch weighs as much
-    # as a full one (5 pairs in batches of 4: the fifth pair counted as four). Each batch's means are weighed
-    # here by what they are means over: pairs, or the answer tokens of the token-level figures.
-    _PER_TOKEN = {"entropy": 0, "logits/chosen": 1, "logits/rejected": 2, "mean_token_accuracy": 1}
+    # as a full one (5 pairs in batches of 4: the fifth pair counted as four). Each batch's per-pair means are
+    # weighed here by their pairs; the token-level figures are sums over the answer tokens, divided once.
+    _PER_TOKEN = {"entropy": (0, 1), "logits/chosen": (2, 3), "logits/rejected": (4, 5), "mean_token_accuracy": (6, 3)}
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         if self.model.training:  # trl's own test for an evaluation batch
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        mask = inputs["completion_mask"][:, 1:]  # the answer tokens trl scores (shifted)
-        chosen, rejected = mask.chunk(2, dim=0)
-        counts = torch.stack([mask.sum(), chosen.sum(), rejected.sum()]).float()
         # Under several processes the last evaluation batch is padded with pairs from the start of the held-out
         # set, and trl gathers its per-pair figures (rewards/*, logps/*) with plain gather, which keeps them:
         # 10 pairs in global batches of 8 were 16, eval_accuracy 13/16 for 8/10. Its per-pair gathers drop
-        # them here as gather_for_metrics does; token counts are gathered as trl gathers them.
+        # them here as gather_for_metrics does. Its token-level figures are each process's token sums, which
+        # hold the repeats: those are summed here from the same head outputs, without the repeated pairs.
         gather = self.accelerator.gather
+        pairs = inputs["completion_mask"].shape[0] // 2
+        policy = _Forward(model)
         self.accelerator.gather = lambda data: _without_padding(self.accelerator, gather(data))
         try:
-            pairs = self.accelerator.gather(torch.ones(chosen.shape[0], device=mask.device))
-            self._eval_weights.append((float(pairs.sum()), self.accelerator.gather_for_metrics(counts[None]).sum(0).tolist()))
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss = super().compute_loss(policy, inputs, return_outputs, num_items_in_batch)
         finally:
             del self.accelerator.gather  # the class's own again
+        real = torch.arange(pairs, device=inputs["completion_mask"].device) < fitting.real_samples(self.accelerator, pairs)
+        sums = _token_sums(policy.outputs, inputs["completion_mask"][:, 1:] * real.repeat(2)[:, None])
+        self._eval_weights.append((float(gather(real.float()).sum()), gather(sums[None]).sum(0).tolist()))
+        return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         weights, self._eval_weights = self._eval_weights, []
         figures = self._metrics["eval"]
         if not self.model.training and weights:
+            sums = [sum(column) for column in zip(*(tokens for _, tokens in weights))]
             for key, values in figures.items():
-                if len(values) != len(weights):
-                    continue  # num_tokens: one running total, not a mean per batch
-                w = [tokens[self._PER_TOKEN[key]] if key in self._PER_TOKEN else pairs for pairs, tokens in weights]
-                figures[key] = [sum(v * x for v, x in zip(values, w)) / max(sum(w), 1.0)]
+                if key in self._PER_TOKEN:
+                    total, count = (sums[i] for i in self._PER_TOKEN[key])
+                    figures[key] = [total / count if count > 0 else 0.0]
+                elif len(values) == len(weights):  # not num_tokens: one running total, not a mean per batch
+                    w = [pairs for pairs, _ in weights]
+                    figures[key] = [sum(v * x for v, x in zip(values, w)) / max(sum(w), 1.0)]
         # trl's running num_tokens starts at 0 in each process, so a resumed run's restarted from 0. It counts
         # what Trainer's num_input_tokens_seen counts (non-padding tokens, over every process), which a
         # checkpoint keeps.
@@ -204,6 +209,35 @@ class _DPOTrainer(DPOTrainer):
             if "num_tokens" in self._metrics[mode]:
                 self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
         super().log(logs, start_time)
+
+
+class _Forward:
+    """The policy as trl calls it, keeping the outputs of its first forward (the policy's; trl runs a
+    reference through self.model or ref_model)."""
+
+    def __init__(self, model: Any):
+        self.model, self.outputs = model, None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        outputs = self.model(*args, **kwargs)
+        if self.outputs is None:
+            self.outputs = outputs
+        return outputs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def _token_sums(outputs: Any, mask: torch.Tensor) -> torch.Tensor:
+    """The sums behind trl's token-level figures, over the answer tokens `mask` marks ([chosen; rejected]
+    rows, shifted): entropy and its tokens, chosen and rejected mean logits and their tokens, chosen top-1
+    hits (DPOTrainer._compute_loss's definitions)."""
+    T = mask.shape[1]  # prompt-learning PEFT prepends virtual tokens to the outputs
+    mask = mask.float()
+    entropy, mean_logits, top1 = (x[:, -T:].float() for x in (outputs.entropy, outputs.mean_logits, outputs.is_top1))
+    (chosen, rejected), (chosen_logits, rejected_logits) = mask.chunk(2), mean_logits.chunk(2)
+    return torch.stack([(entropy * mask).sum(), mask.sum(), (chosen_logits * chosen).sum(), chosen.sum(),
+                        (rejected_logits * rejected).sum(), rejected.sum(), (top1.chunk(2)[0] * chosen).sum()]).double()
 
 
 def _without_padding(accelerator: Any, gathered: Any) -> Any:

@@ -568,11 +568,8 @@ class CausalTrainer(Trainer):
 
 def _repeated_samples(accelerator: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
     """Where this process's batch holds samples accelerate repeated to even out the last batch (a bool
-    mask shaped like the labels), or None when it holds none.
-
-    Each process's last batch has as many samples, and the global batch is the processes' in rank order,
-    the `remainder` real samples first; a flattened row (FlatCollator) holds its samples one after another,
-    each starting at position 0.
+    mask shaped like the labels), or None when it holds none (real_samples' rule). A flattened row
+    (FlatCollator) holds its samples one after another, each starting at position 0.
     """
     state = accelerator.gradient_state
     if accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
@@ -582,8 +579,21 @@ def _repeated_samples(accelerator: Any, inputs: dict[str, Any]) -> torch.Tensor 
     sample = (inputs["position_ids"] == 0).long().cumsum(1) - 1 if flat else \
         torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)
     per_process = int(sample.max()) + 1
-    real = state.remainder - accelerator.process_index * per_process
+    real = real_samples(accelerator, per_process)
     return sample >= real if real < per_process else None
+
+
+def real_samples(accelerator: Any, per_process: int) -> int:
+    """How many of the `per_process` samples of this process's evaluation batch are real, the first ones;
+    the others are repeats accelerate added to even out the last batch under several processes.
+
+    Each process's last batch has as many samples, and the global batch is the processes' in rank order,
+    the `remainder` real samples first (gather_for_metrics' rule).
+    """
+    state = accelerator.gradient_state
+    if accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+        return per_process
+    return min(max(state.remainder - accelerator.process_index * per_process, 0), per_process)
 
 
 # --------------------------------------------------------------------------- reward model training
