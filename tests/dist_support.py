@@ -59,3 +59,23 @@ def answer_length_recorded(prompts, responses):
     with open(f"{os.environ['RLHF_TEST_ANSWERS']}-{os.environ.get('RANK', '0')}.jsonl", "a") as f:
         f.write(json.dumps({"prompts": prompts, "responses": responses}) + "\n")
     return answer_length(prompts, responses)
+
+
+def answer_length_slow_sampling_on_rank_1(prompts, responses):
+    """answer_length; from its first call on, rank 1 takes a second longer to sample each rollout (a process
+    whose answers run longer than the others')."""
+    import os
+    import time
+
+    from rlhf_cli.ppo import rollout
+
+    if os.environ.get("RANK") == "1" and not hasattr(rollout.generate_batch, "slowed"):
+        sample = rollout.generate_batch
+
+        def slowed(*args, **kwargs):
+            time.sleep(1.0)
+            return sample(*args, **kwargs)
+
+        slowed.slowed = True
+        rollout.generate_batch = slowed
+    return answer_length(prompts, responses)

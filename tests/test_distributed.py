@@ -300,6 +300,22 @@ def test_ppo_processes_draw_their_own_answers_to_one_prompt(tiny, sft_full_run, 
     assert answers[0] != answers[1], answers
 
 
+@pytest.mark.dist
+@pytest.mark.stage
+def test_ppo_phase_times_are_the_slowest_processes(tiny, sft_full_run, tmp_path):
+    """Rank 1 samples its second rollout a second slower than rank 0: the run spent that second, so
+    time_generation holds it and tokens_per_s_generation is every process's answer tokens over it (rank 0's
+    own 0.05 s gave 1,200 tokens/s where the run sampled 61)."""
+    args = ppo_args(tiny, sft_full_run, tmp_path / "run")
+    args[args.index("tests.dist_support:answer_length")] = "tests.dist_support:answer_length_slow_sampling_on_rank_1"
+    result = accelerate(tmp_path, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = metric_rows(tmp_path / "run")[-1]
+    assert last["step"] == 2 and last["time_generation"] >= 1.0, last
+    answer_tokens = last["response_length"] * PPO_SETS["ppo.rollout_batch_size"]
+    assert last["tokens_per_s_generation"] == pytest.approx(answer_tokens / last["time_generation"], rel=1e-6)
+
+
 GRPO_SETS = {"grpo.iterations": 2, "grpo.rollout_batch_size": 16, "grpo.group_size": 4, "grpo.mini_batch_size": 8,
              "grpo.ppo_epochs": 2, "grpo.lr": 3e-3, "grpo.advantage": "reinforce_pp", "generation.max_new_tokens": 8,
              "lora.r": 8, "lora.alpha": 16}

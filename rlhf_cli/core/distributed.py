@@ -228,6 +228,20 @@ def total(value: float) -> float:
     return float(t.item())
 
 
+def longest(values: list[float]) -> list[float]:
+    """Each value's largest over the ranks, on every rank: a phase the processes run side by side (their
+    rollout's sampling, say) lasts, for the run, as long as its slowest process."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    import torch
+    import torch.distributed as dist
+
+    init()
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [float(v) for v in t.tolist()]
+
+
 def report(samples_this_rank: int, **extra: Any) -> dict[str, Any]:
     """run.json `distributed`: how the run was launched and how many samples each rank processed
     (a collective: every rank calls it)."""

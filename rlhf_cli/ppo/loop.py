@@ -220,6 +220,9 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
             kl_ctl.update(_mean(acc, seq_kl), spec.rollout_batch_size)
             all_scores = acc.gather(raw_scores) if world > 1 else raw_scores
             gen_tokens = _sum(acc, mask.sum().float())
+            # The processes sample, score and train side by side: a phase took the run as long as its slowest
+            # process, and the throughputs are every process's tokens over that time.
+            t_gen, t_score, t_train = distributed.longest([rollout.seconds, t_score, t_train])
             record: dict[str, float] = {
                 "step": it,
                 "score_mean": float(all_scores.mean()),
@@ -238,12 +241,12 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
                 "eos_fraction": _mean(acc, rollout.ended.float()),
                 # Cut at max_new_tokens and, unless missing_eos_penalty is set, scored as finished turns.
                 "truncated_fraction": _mean(acc, (~rollout.ended).float()),
-                "time_generation": rollout.seconds,
+                "time_generation": t_gen,
                 "time_scoring": t_score,
                 "time_training": t_train,
                 # CPU seconds of this process (all its threads): the work done, whatever else shares the machine.
                 "cpu_seconds": time.process_time() - cpu0,
-                "tokens_per_s_generation": gen_tokens / max(rollout.seconds, 1e-9),
+                "tokens_per_s_generation": gen_tokens / max(t_gen, 1e-9),
                 "tokens_per_s_training": spec.ppo_epochs * _sum(acc, rollout.attention_mask.sum().float()) / max(t_train, 1e-9),
             })
             if state.score_start is None:
