@@ -117,9 +117,24 @@ def test_qlora_trains_4bit_on_cpu_and_keeps_a_parent_adapter(tiny, trained_model
 
 
 def test_interrupt_saves_a_checkpoint_and_resume_continues_there(monkeypatch):
+    import time
+
+    from rlhf_cli.core import trainer as fitting
+
     common = ["--set", "train.max_steps=8", "--set", "train.logging_steps=1", "--set", "train.save_steps=100"]
     monkeypatch.setenv("RLHF_TEST_INTERRUPT_AT_STEP", "3")
+    step_end = fitting.RunCallback.on_step_end
+
+    def slow_step(self, *args, **kwargs):  # the first session's steps take 1 s, half of it CPU work
+        start = time.process_time()
+        while time.process_time() - start < 0.5:
+            pass
+        time.sleep(0.5)
+        return step_end(self, *args, **kwargs)
+
+    monkeypatch.setattr(fitting.RunCallback, "on_step_end", slow_step)
     out = rlhf("sft", "sft.yaml", *common)
+    monkeypatch.setattr(fitting.RunCallback, "on_step_end", step_end)
     assert out.code == 130, out
     assert "--resume auto" in out.stderr
     run = manifest("runs/tiny/sft")
@@ -133,6 +148,8 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues_there(monkeypatch):
     assert out.code == 0, out
     run = manifest("runs/tiny/sft")
     assert run["status"] == "completed" and run["resumed_from_step"] == 3
+    # The run's training time, both sessions: the second alone took well under the first's 3 s.
+    assert run["train_runtime_s"] >= 3.0 and run["train_cpu_s"] >= 1.5, run
     assert [s for s, _ in train_losses("runs/tiny/sft")] == list(range(1, 9))
     state = json.loads((Path("runs/tiny/sft/checkpoints/checkpoint-8") / "trainer_state.json").read_text())
     assert state["global_step"] == 8

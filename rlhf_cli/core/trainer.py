@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -53,6 +54,7 @@ from rlhf_cli.result import RunOptions
 from rlhf_cli.runs import (
     ResolvedModel,
     RunDir,
+    atomic_write_json,
     checkpoint_step,
     is_main_process,
     mark_complete,
@@ -68,6 +70,8 @@ _CHECKPOINTING = (
     if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
     else "gradient_checkpointing"
 )
+# In each checkpoint: the run's training time up to it, which a resumed run's run.json adds to its own.
+TRAINING_TIME = "training_time.json"
 # Timing details Trainer adds to every log; tokens/s stays.
 _NOISE = ("_runtime", "_samples_per_second", "_steps_per_second")
 
@@ -153,8 +157,8 @@ class Outcome:
 
     steps: int
     train_loss: float | None
-    runtime_s: float
-    cpu_s: float  # CPU time of this process over all its threads (wall time suffers from other load)
+    runtime_s: float  # over every session of the run, as steps and tokens are
+    cpu_s: float  # CPU time of this process over all its threads (wall time suffers from other load), every session
     tokens: int
     tokens_per_s: float | None
     resumed_from_step: int | None = None
@@ -177,6 +181,9 @@ class RunCallback(TrainerCallback):
         # train.save_total_limit, applied here rather than by Trainer (see fit).
         self.keep: int | None = None
         self.eval_s = 0.0  # this session's held-out evaluations, which Trainer's train_runtime includes
+        # Training time of the sessions before this one (from the checkpoint resumed), and this one's start.
+        self.before = {"runtime_s": 0.0, "cpu_s": 0.0}
+        self.started = (time.perf_counter(), time.process_time())
 
     def request_stop(self, signum: int, _frame: Any = None) -> None:
         if self.stop_signal is not None:
@@ -252,8 +259,17 @@ class RunCallback(TrainerCallback):
         if is_main_process():
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
+                atomic_write_json(folder / TRAINING_TIME, self.training_time())
                 mark_complete(folder)
                 prune_checkpoints(folder.parent, self.keep)
+
+    def training_time(self, session_s: float | None = None) -> dict[str, float]:
+        """The run's training time so far: the sessions before this one and this one (`session_s`, else
+        the time since it started)."""
+        wall, cpu = self.started
+        session_s = time.perf_counter() - wall if session_s is None else session_s
+        return {"runtime_s": self.before["runtime_s"] + session_s,
+                "cpu_s": self.before["cpu_s"] + time.process_time() - cpu}
 
     def close(self) -> None:
         if self.progress is not None:
@@ -370,7 +386,10 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
         log.info("resuming from %s (step %d)", run.resume_from, resumed)
         if 0 < trainer.args.max_steps <= resumed:
             _train_no_step(trainer)
-    cpu0 = time.process_time()
+        saved = run.resume_from / TRAINING_TIME  # absent from checkpoints older than this file
+        if saved.is_file():
+            callback.before = {k: float(v) for k, v in json.loads(saved.read_text()).items()}
+    callback.started = (time.perf_counter(), time.process_time())
     try:
         with _signals(callback.request_stop):
             result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
@@ -396,16 +415,16 @@ def fit(trainer: Trainer, run: RunDir, description: str, *, perplexity: bool = F
         counted.read, global_batch_size=args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps),
         peak_memory_gb=round(peak_memory_bytes() / 2**30, 3))
     runtime = float(result.metrics.get("train_runtime", 0.0))
-    cpu_s = time.process_time() - cpu0
-    # Tokens per second of training: the evaluations run during train() are no training time.
+    total = callback.training_time(session_s=runtime)
+    # Tokens per second of this session's training: the evaluations run during train() are no training time.
     training_s = runtime - callback.eval_s
     tokens = int(trainer.state.num_input_tokens_seen)
     session_tokens = tokens - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
     return Outcome(
         steps=step,
         train_loss=_last_train_loss(trainer),
-        runtime_s=runtime,
-        cpu_s=cpu_s,
+        runtime_s=total["runtime_s"],
+        cpu_s=total["cpu_s"],
         tokens=tokens,
         tokens_per_s=session_tokens / training_s if training_s > 0 and session_tokens > 0 else None,
         resumed_from_step=resumed,
