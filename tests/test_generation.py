@@ -123,6 +123,12 @@ def test_finish_on_token_lists(tiny):
     assert "garden" in tok.decode(body[: s.completion_tokens]) and "garden" not in tok.decode(body[: s.completion_tokens - 1])
     s = gen._finish(tok, body, [eos], pad, ["dog"])
     assert (s.finish_reason, s.completion_tokens) == ("length", len(body))
+    # A row that ran to max_new_tokens sampled its trailing pad tokens (pad != eos): they count. Only a stop
+    # string finishes a row that generate then pads.
+    s = gen._finish(tok, body + [pad, pad], [eos], pad, [])
+    assert (s.text, s.finish_reason, s.completion_tokens) == ("the cat is in the garden. it is great.", "length", len(body) + 2)
+    s = gen._finish(tok, body + [pad, pad], [eos], pad, ["dog"])
+    assert (s.finish_reason, s.completion_tokens) == ("length", len(body))
 
 
 @pytest.mark.stage

@@ -247,8 +247,10 @@ def _finish(tokenizer: Any, tokens: list[int], eos_ids: list[int], pad_id: int, 
         return Sample(text[: min(hits)], "stop", 0, lo)
     if end is not None:
         return Sample(text, "eos" if tokens[end] in eos_ids else "stop", 0, end + 1)
-    if pad_id not in eos_ids:
+    if stop and pad_id not in eos_ids:
         # The batch ran on after this row stopped (a stop string split oddly by decoding): drop the padding.
+        # Without stop strings only an end id finishes a row, so a pad token here is one the model sampled:
+        # it stays in the answer PPO scores and trains on.
         while body and body[-1] == pad_id:
             body = body[:-1]
     return Sample(text, "length", 0, len(body))
