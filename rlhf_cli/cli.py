@@ -12,15 +12,18 @@ Stage modules (which import torch inside run()) are imported only when their com
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import importlib
 import inspect
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -64,8 +67,6 @@ DataOpt = Annotated[Optional[str], typer.Option("--data", "-d", help="Training d
 
 
 def _fail(message: str, details: list[str], code: int) -> None:
-    import signal
-
     from rich.console import Console
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -132,7 +133,8 @@ def _boundary(fn: Callable[[], Any], where: str | None = None) -> Any:
     """Expected failures -> one line on stderr + their exit code. RLHF_DEBUG=1 adds the traceback.
     `where`: the path the command writes, named by an error of the machine that names no file."""
     try:
-        return fn()
+        with _sigterm_interrupts():
+            return fn()
     except RlhfError as e:
         _debug_traceback()
         _fail(e.message, e.details, e.exit_code)
@@ -148,6 +150,26 @@ def _boundary(fn: Callable[[], Any], where: str | None = None) -> Any:
             raise
         _debug_traceback()
         _fail(line, [], 1)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a scheduler's preemption, `docker stop`, a CI timeout) stops a command as Ctrl-C does, outside
+    the training loops too (which install their own handlers for both): while a model loads or the final
+    model is saved, run.json says interrupted and the exit is 130, where the default action killed the
+    process and left a run that still said running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may install a handler
+        return
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _drop_stdout() -> None:

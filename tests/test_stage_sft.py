@@ -155,6 +155,34 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues_there(monkeypatch):
     assert state["global_step"] == 8
 
 
+def test_sigterm_while_the_model_loads_marks_the_run_interrupted_and_exits_130():
+    """SIGTERM outside the training loop (here while the model loads, the run directory claimed) stops the
+    real process as Ctrl-C does: run.json says interrupted and the exit is 130."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal\n"
+        "from rlhf_cli.core import loading\n"
+        "load = loading.load_model\n"
+        "def load_model(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return load(*args, **kwargs)\n"
+        "loading.load_model = load_model\n"
+        "from rlhf_cli.cli import main\n"
+        "main()\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("RLHF_DEBUG", None)
+    done = subprocess.run([sys.executable, "-c", script, "sft", str(repo / "recipes/tiny/sft.yaml"), "-o", "runs/term"],
+                          env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert done.returncode == 130, (done.returncode, done.stderr[-2000:])
+    assert "error: interrupted" in done.stderr
+    assert manifest("runs/term")["status"] == "interrupted"
+
+
 def test_a_run_interrupted_on_its_last_step_resumes_to_the_straight_runs_result(monkeypatch):
     """Stopped on the last step (its evaluation done, its checkpoint saved), the resumed run trains nothing
     more: Trainer would have skipped the six steps' batches and trained a seventh. It reports the straight
