@@ -198,6 +198,9 @@ def test_resume_continues_bit_identically(tiny, runs, uninterrupted, monkeypatch
     assert [r["score_mean"] for r in metrics(broken)] == [r["score_mean"] for r in metrics(uninterrupted)]
     assert (broken / "adapter" / "adapter_model.safetensors").read_bytes() == (
         uninterrupted / "adapter" / "adapter_model.safetensors").read_bytes()
+    # The responses sampled are the whole run's, the stopped session's with the resumed one's.
+    straight = json.loads((uninterrupted / "run.json").read_text())
+    assert manifest["distributed"]["samples_per_rank"] == straight["distributed"]["samples_per_rank"] == [5 * 32]
 
 
 def test_tensorboard_gets_every_iterations_scalars(tiny, runs):

@@ -175,6 +175,9 @@ def test_resume_continues_bit_identically(tiny, runs, fn_run, monkeypatch):
     # Optimizer, KL controller, RNG and prompt position restored: the same weights as the uninterrupted run.
     assert (broken / "adapter" / "adapter_model.safetensors").read_bytes() == (
         fn_run / "adapter" / "adapter_model.safetensors").read_bytes()
+    # The responses sampled are the whole run's, the stopped session's with the resumed one's.
+    straight = json.loads((fn_run / "run.json").read_text())
+    assert manifest["distributed"]["samples_per_rank"] == straight["distributed"]["samples_per_rank"]
 
 
 def test_policy_adapter_loads_with_plain_peft_and_through_the_run(runs, fn_run):

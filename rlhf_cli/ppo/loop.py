@@ -80,6 +80,8 @@ class State:
     score_start: float | None = None
     high_clip_streak: int = 0
     last: dict[str, float] = field(default_factory=dict)
+    # Responses this process sampled in every session of the run (each rank samples for its share of the prompts).
+    samples: int = 0
 
 
 class StopRequest:
@@ -148,7 +150,6 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
     vocab = actor.generator().get_output_embeddings().weight.shape[0]
     whiten_reduce = acc.reduce if world > 1 else None
     stop = StopRequest()
-    generated = 0  # responses sampled by this process (each rank samples for its share of the prompts)
     trackers = Trackers(spec.report_to if is_main_process() else [], run.path, first_step=state.iteration + 1,
                         config=recipe.model_dump(mode="json"))
 
@@ -161,7 +162,7 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
             picked = [i for i in order.take(state.prompt_position, method.prompts_per_rollout)[rank::world]
                       for _ in range(method.group_size)]
             batch_prompts = [prompts.raw[i] for i in picked]
-            generated += len(picked)
+            state.samples += len(picked)
 
             # 1. rollout: sample from the current policy, computed exactly as it is scored and trained
             with lora_arithmetic(actor, "exact"), actor.compute():
@@ -269,7 +270,7 @@ def train(recipe: OnlineRecipe, models: Models, tokenizer: Any, prompts: Prompts
                 run.finish("interrupted", metrics=summary(state))
                 why = signal.Signals(stop.signal).name if stop.signal is not None else "signal on another process"
                 raise Interrupted(f"stopped after iteration {it} ({why}); checkpoint saved: continue with --resume auto")
-    run.update(distributed=distributed.report(generated, global_batch_size=spec.rollout_batch_size))
+    run.update(distributed=distributed.report(state.samples, global_batch_size=spec.rollout_batch_size))
     return summary(state)
 
 
@@ -544,6 +545,7 @@ def save_checkpoint(run: RunDir, actor: Any, optimizer: Any, kl_ctl: Any, shuffl
     only once the iteration's weights were found finite, so only finite checkpoints are kept.
     """
     path = run.checkpoints / f"checkpoint-{state.iteration}"
+    samples = distributed.gather_ints(state.samples)  # a collective: every rank saves
     if is_main_process():
         if path.exists():
             shutil.rmtree(path)
@@ -553,6 +555,7 @@ def save_checkpoint(run: RunDir, actor: Any, optimizer: Any, kl_ctl: Any, shuffl
         atomic_write_json(path / "state.json", {
             "iteration": state.iteration, "prompt_position": state.prompt_position, "score_start": state.score_start,
             "high_clip_streak": state.high_clip_streak, "last": state.last, "kl_controller": kl_ctl.state_dict(),
+            "samples_per_rank": samples,
         })
     acc.wait_for_everyone()
     # Every rank has its own RNG streams; tensors and JSON only, so loading needs no pickle.
@@ -581,8 +584,11 @@ def load_checkpoint(path: Path, actor: Any, optimizer: Any, kl_ctl: Any, shuffle
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         _set_host_rng_state(json.loads((path / f"rng-{rank}.json").read_text()))
+    # A rank the saved run did not have (more processes now), or a checkpoint from before the count was kept, starts at 0.
+    samples = meta.get("samples_per_rank") or []
     return State(iteration=meta["iteration"], prompt_position=meta["prompt_position"], score_start=meta["score_start"],
-                 high_clip_streak=meta["high_clip_streak"], last=meta["last"])
+                 high_clip_streak=meta["high_clip_streak"], last=meta["last"],
+                 samples=samples[rank] if rank < len(samples) else 0)
 
 
 def _host_rng_state() -> dict[str, Any]:
