@@ -32,7 +32,7 @@ import typer
 from rlhf_cli import __version__
 from rlhf_cli.errors import GateFailed, RecipeError, RlhfError
 from rlhf_cli.recipe import RECIPE_CLASSES, STAGES, is_function_ref
-from rlhf_cli.result import finite
+from rlhf_cli.result import jsonl_line
 
 app = typer.Typer(
     name="rlhf",
@@ -180,10 +180,9 @@ def _drop_stdout() -> None:
 
 
 def _write_jsonl(record: dict[str, Any]) -> None:
-    """One JSONL line on stdout, flushed. UTF-8 whatever the locale: JSONL is UTF-8, and a latin-1 or cp1252
-    stdout cannot encode an emoji in an answer (it stopped the stream there). A score that could not be
-    given (NaN) is null: strict JSON, and an answer train-rm pairs with none."""
-    line = (json.dumps(finite(record), ensure_ascii=False) + "\n").encode("utf-8")
+    """One JSONL line on stdout (result.jsonl_line), flushed. A score that could not be given (NaN) is null:
+    strict JSON, and an answer train-rm pairs with none."""
+    line = jsonl_line(record)
     sys.stdout.flush()
     buffer = getattr(sys.stdout, "buffer", None)
     if buffer is None:  # a text-only stream put in its place
@@ -533,6 +532,11 @@ def compare(
     temperature: Annotated[Optional[float], typer.Option("--temperature")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed")] = None,
+    output: Annotated[
+        Optional[str],
+        typer.Option("--output", "-o", help="Append the lines to this JSONL file instead of stdout; run again to "
+                     "continue an interrupted run (the prompts it holds are skipped)."),
+    ] = None,
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
@@ -543,6 +547,7 @@ def compare(
         flags = {
             "model.path": model,
             "prompts": prompts,
+            "output": output,
             "num_samples": num_samples,
             "reward": reward,
             "for_labelling": for_labelling or None,
@@ -557,7 +562,7 @@ def compare(
         for record in stage.compare(recipe):
             _write_jsonl(record)
 
-    _boundary(go)
+    _boundary(go, where=output)
 
 
 # --------------------------------------------------------------------------- tools

@@ -755,6 +755,11 @@ class CompareRecipe(Strict):
     )
     batch_size: int = Field(8, ge=1, description="Answers sampled per generate call (num_samples per prompt).")
     seed: int = Field(42, description="Same seed, same answers and order.")
+    output: str | None = Field(
+        None, min_length=1,
+        description="JSONL file to append the lines to, each batch's once done (null: stdout). When it exists, the "
+        "prompts whose lines it holds are skipped: the same command run again continues an interrupted run.",
+    )
 
     @model_validator(mode="after")
     def _one_judge(self) -> CompareRecipe:

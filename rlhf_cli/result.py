@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -41,3 +42,9 @@ def finite(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [finite(v) for v in value]
     return value
+
+
+def jsonl_line(record: dict[str, Any]) -> bytes:
+    """One JSONL line as rlhf writes it, to stdout or a file: UTF-8 whatever the locale (a latin-1 or cp1252
+    stdout cannot encode an emoji in an answer), and strict JSON, a NaN score null."""
+    return (json.dumps(finite(record), ensure_ascii=False) + "\n").encode("utf-8")

@@ -219,3 +219,180 @@ def _compare_with_judge(tiny, tmp_path, monkeypatch, scores: str, n: int) -> lis
                                  "--reward", f"{module}:judge", "--max-new-tokens", "3"])
     assert result.exit_code == 0, result.stderr
     return _strict_rows(result.stdout)
+
+
+def test_group_batches_yields_each_batch_s_groups_and_a_resumed_run_s_are_a_full_run_s(monkeypatch):
+    """Groups come out as the generate call that completes them returns; started at prompt s, the groups are
+    those of a run from prompt 0, also where a batch holds answers of two prompts (batch size not a multiple of n)."""
+    from types import SimpleNamespace
+
+    import rlhf_cli.core.candidates as candidates
+
+    calls = []
+
+    def batches(model, tokenizer, prompts, spec, *, batch_size, seed, first_batch=0):
+        for b, start in enumerate(range(0, len(prompts), batch_size)):
+            if b >= first_batch:
+                calls.append(b)
+                yield SimpleNamespace(samples=[(i, b) for i in range(start, min(start + batch_size, len(prompts)))])
+
+    monkeypatch.setattr(candidates, "sample_batches", batches)
+    texts = [f"p{i}" for i in range(5)]
+    for n, batch_size in ((3, 4), (2, 2), (2, 5), (4, 3)):
+        def run(start, n=n, batch_size=batch_size):
+            calls.clear()
+            return list(candidates.group_batches(None, None, texts, n=n, spec=None, batch_size=batch_size, seed=0,
+                                                 start=start))
+        full = run(0)
+        assert [[a for a, _ in g] for _, gs in full for g in gs] == [list(range(i * n, i * n + n)) for i in range(5)]
+        assert len(full) == len({-(-(i * n + n) // batch_size) for i in range(5)})  # one yield per completing batch
+        for start in range(1, 6):
+            resumed = run(start)
+            assert [g for _, gs in resumed for g in gs] == [g for _, gs in full for g in gs][start:]
+            assert [first for first, _ in resumed][:1] == ([start] if start < 5 else [])
+            assert calls[:1] == ([start * n // batch_size] if start < 5 else [])  # finished batches are not sampled
+
+
+def _prompts_arg(tmp_path) -> list[str]:
+    return ["--prompts", _prompts_file(tmp_path), "-n", "3", "--max-new-tokens", "4", "--set", "batch_size=4"]
+
+
+def _strict_lines(path: Path) -> list[dict]:
+    return _strict_rows(path.read_text())
+
+
+@pytest.mark.stage
+def test_compare_writes_each_batch_s_lines_before_the_next_batch_is_judged(tiny, tmp_path, monkeypatch):
+    """A judge that fails at the third prompt: the lines of the first two were on stdout already (every
+    answer was sampled and judged before the first line came out)."""
+    (tmp_path / "judge_fails_at_owl.py").write_text(
+        "def judge(prompts, responses):\n    assert 'where is the owl?' not in prompts, 'judge down'\n"
+        "    return [float(len(r)) for r in responses]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = runner.invoke(app, ["compare", str(tiny["model"]), *_prompts_arg(tmp_path), "--reward", "judge_fails_at_owl:judge"])
+    assert result.exit_code == 1 and "judge down" in str(result.exception)
+    rows = _strict_rows(result.stdout)
+    assert [r["prompt"] for r in rows] == PROMPTS[:2]
+    assert all(r["scores"] == [float(len(a)) for a in r["responses"]] and len(r["responses"]) == 3 for r in rows)
+
+
+@pytest.mark.stage
+def test_compare_output_keeps_the_finished_lines_and_a_rerun_completes_them(tiny, tmp_path, monkeypatch):
+    """Interrupted by a failing judge, then a torn last line: the rerun appends the missing prompts' lines,
+    and the file is byte for byte an uninterrupted run's."""
+    (tmp_path / "judge_moody.py").write_text(
+        "import os\ndef judge(prompts, responses):\n"
+        "    assert os.environ.get('JUDGE_REFUSES') not in prompts, 'judge down'\n"
+        "    return [float(len(r) % 5) for r in responses]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["compare", str(tiny["model"]), *_prompts_arg(tmp_path), "--reward", "judge_moody:judge"]
+    whole = tmp_path / "whole.jsonl"
+    assert runner.invoke(app, [*args, "--output", str(whole)]).exit_code == 0
+    out = tmp_path / "round2.jsonl"
+    monkeypatch.setenv("JUDGE_REFUSES", PROMPTS[2])
+    result = runner.invoke(app, [*args, "--output", str(out)])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert [r["prompt"] for r in _strict_lines(out)] == PROMPTS[:2]
+    assert out.read_text() == "".join(whole.read_text().splitlines(keepends=True)[:2])
+    with out.open("a") as f:
+        f.write('{"prompt": "where is the ow')  # killed while writing a line
+    monkeypatch.delenv("JUDGE_REFUSES")
+    result = runner.invoke(app, [*args, "--output", str(out)])
+    assert result.exit_code == 0 and result.stdout == "", result.stderr
+    assert out.read_text() == whole.read_text()
+    assert [r["prompt"] for r in _strict_lines(out)] == PROMPTS
+    assert runner.invoke(app, [*args, "--output", str(out)]).exit_code == 0  # complete: nothing to add
+    assert out.read_text() == whole.read_text()
+
+
+@pytest.mark.stage
+def test_an_interrupted_labelling_run_continues_with_the_shuffles_of_an_uninterrupted_one(tiny, tmp_path, monkeypatch):
+    import rlhf_cli.core.generation as generation
+
+    args = ["compare", str(tiny["model"]), *_prompts_arg(tmp_path), "--for-labelling"]
+    whole = tmp_path / "whole.jsonl"
+    assert runner.invoke(app, [*args, "--output", str(whole)]).exit_code == 0
+    real, calls = generation.generate_batch, []
+
+    def ctrl_c_at_the_third_batch(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(generation, "generate_batch", ctrl_c_at_the_third_batch)
+    out = tmp_path / "to_rank.jsonl"
+    result = runner.invoke(app, [*args, "--output", str(out)])
+    assert result.exit_code == 130 and f"{out} holds the lines of 2 of 4 prompts" in result.stderr, result.stderr
+    assert len(_strict_lines(out)) == 2
+    assert runner.invoke(app, [*args, "--output", str(out)]).exit_code == 0
+    assert out.read_text() == whole.read_text()
+
+
+@pytest.mark.stage
+def test_a_reward_model_run_resumes_its_sampled_answers_then_its_scores(tiny, tmp_path, monkeypatch):
+    """Phase 1 (sampling) keeps its answers in FILE.answers.jsonl; phase 2 (scoring) appends to FILE. Stopped in
+    either, the rerun samples and scores only what is missing; the answers file goes once FILE is complete."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import rlhf_cli.core.generation as generation
+    import rlhf_cli.core.reward as reward
+
+    # A score head saved with the model: the tiny base alone would get a freshly drawn one at each load.
+    judge = tmp_path / "judge"
+    AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=1).save_pretrained(judge)
+    AutoTokenizer.from_pretrained(tiny["model"]).save_pretrained(judge)
+    args = ["compare", str(tiny["model"]), *_prompts_arg(tmp_path), "--reward", str(judge)]
+    whole = tmp_path / "whole.jsonl"
+    assert runner.invoke(app, [*args, "--output", str(whole)]).exit_code == 0
+    out = tmp_path / "round2.jsonl"
+    answers = tmp_path / "round2.jsonl.answers.jsonl"
+
+    def stop_at(module, name, call):
+        real, calls = getattr(module, name), []
+
+        def stopping(*a, **kw):
+            calls.append(1)
+            if len(calls) == call:
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+
+        monkeypatch.setattr(module, name, stopping)
+        return calls
+
+    stop_at(generation, "generate_batch", 3)  # sampling: the first two prompts' answers are done
+    assert runner.invoke(app, [*args, "--output", str(out)]).exit_code == 130
+    assert out.read_text() == "" and [r["prompt"] for r in _strict_lines(answers)] == PROMPTS[:2]
+    monkeypatch.undo()
+    sampled = stop_at(generation, "generate_batch", 0)
+    stop_at(reward, "score_rows", 3)  # scoring: one prompt a slice (batch_size 4 // 3 answers)
+    assert runner.invoke(app, [*args, "--output", str(out)]).exit_code == 130
+    assert len(sampled) == 2  # the batches from the third prompt's first answer on
+    assert [r["prompt"] for r in _strict_lines(answers)] == PROMPTS
+    assert out.read_text() == "".join(whole.read_text().splitlines(keepends=True)[:2])
+    monkeypatch.undo()
+    loaded = stop_at(generation, "generate_batch", 0)
+    assert runner.invoke(app, [*args, "--output", str(out)]).exit_code == 0
+    assert loaded == [] and not answers.exists()
+    assert out.read_text() == whole.read_text()
+
+
+def test_compare_refuses_an_output_written_for_other_prompts_or_settings(tmp_path, monkeypatch):
+    def loaded(*args, **kwargs):
+        raise AssertionError("the policy was loaded before the output file was checked")
+
+    monkeypatch.setattr("rlhf_cli.core.inference.load_causal_lm", loaded)
+    prompts = _prompts_file(tmp_path)
+    out = tmp_path / "round2.jsonl"
+    for lines, words in (
+        ([{"prompt": PROMPTS[1], "responses": ["a", "b", "c"], "scores": [1, 2, 3]}], "line 1 answers another prompt"),
+        ([{"prompt": PROMPTS[0], "responses": ["a", "b"], "scores": [1, 2]}], "line 1 holds 2 answers with scores"),
+        ([{"prompt": PROMPTS[0], "responses": ["a", "b", "c"], "ranking": []}], "line 1 holds 3 answers with ranking"),
+        ([{"prompt": p, "responses": ["a", "b", "c"], "scores": [1, 2, 3]} for p in PROMPTS * 2], "holds 8 lines"),
+    ):
+        text = "".join(json.dumps(line) + "\n" for line in lines)
+        out.write_text(text)
+        result = runner.invoke(app, ["compare", "m", "--prompts", prompts, "-n", "3", "--reward", GREAT, "--output", str(out)])
+        assert result.exit_code == 2 and words in result.stderr and str(out) in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert out.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl", "round2.jsonl"]

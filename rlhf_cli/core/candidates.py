@@ -14,26 +14,54 @@ Touvron et al. 2023 use it to build the next round's data).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from rlhf_cli.core.generation import Sample, sample_texts
+from rlhf_cli.core.generation import Sample, sample_batches
 from rlhf_cli.recipe import GenerationSpec
 
 
 def sample_groups(model: Any, tokenizer: Any, texts: Sequence[str], *, n: int, spec: GenerationSpec,
                   batch_size: int, seed: int, on_batch: Callable[[int], None] | None = None) -> list[list[Sample]]:
     """n sampled answers to each rendered prompt, grouped by prompt."""
+    return [g for _, groups in group_batches(model, tokenizer, texts, n=n, spec=spec, batch_size=batch_size, seed=seed,
+                                             on_batch=on_batch) for g in groups]
+
+
+def group_batches(model: Any, tokenizer: Any, texts: Sequence[str], *, n: int, spec: GenerationSpec, batch_size: int,
+                  seed: int, start: int = 0, on_batch: Callable[[int], None] | None = None,
+                  ) -> Iterator[tuple[int, list[list[Sample]]]]:
+    """The groups of texts[start:] as each generate call completes them: (index of the first, groups).
+
+    A run resumed at `start` samples from the batch that holds that prompt's first answer, with the seed the
+    batch has in a run from prompt 0, so its answers are that run's; the groups before `start` are dropped."""
+    if start >= len(texts):
+        return
     expanded = [t for t in texts for _ in range(n)]
-    flat = list(sample_texts(model, tokenizer, expanded, spec, batch_size=batch_size, seed=seed, on_batch=on_batch))
-    return [flat[i : i + n] for i in range(0, len(flat), n)]
+    first_batch = start * n // batch_size
+    rows: list[Sample] = []
+    done = -(-first_batch * batch_size // n)  # the first group that begins in first_batch
+    skip = done * n - first_batch * batch_size  # the answers before it: of a group begun in an earlier batch
+    for b, batch in enumerate(sample_batches(model, tokenizer, expanded, spec, batch_size=batch_size, seed=seed,
+                                             first_batch=first_batch), start=first_batch):
+        rows.extend(batch.samples[skip:])
+        skip = 0
+        full = len(rows) // n
+        groups, rows = [rows[i * n : (i + 1) * n] for i in range(full)], rows[full * n :]
+        kept = groups[max(start - done, 0) :]
+        if kept:
+            yield done + len(groups) - len(kept), kept
+        done += full
+        if on_batch is not None:
+            on_batch(min((b + 1) * batch_size, len(expanded)))
 
 
 def score_groups(scorer: Callable[[list[Any], list[str]], list[float]], prompts: Sequence[Any],
-                 groups: Sequence[Sequence[Sample]]) -> list[list[float]]:
-    """Every answer's score, in one call of the scorer (a reward model batches across prompts)."""
+                 groups: Sequence[Sequence[Sample | str]]) -> list[list[float]]:
+    """Every answer's score (answers as samples or texts), in one call of the scorer (a reward model batches
+    across prompts)."""
     flat_prompts = [p for p, group in zip(prompts, groups) for _ in group]
-    flat = scorer(flat_prompts, [s.text for group in groups for s in group])
+    flat = scorer(flat_prompts, [a if isinstance(a, str) else a.text for group in groups for a in group])
     out, start = [], 0
     for group in groups:
         out.append(list(flat[start : start + len(group)]))

@@ -281,10 +281,14 @@ def sample_texts(
 
 
 def sample_batches(
-    model: Any, tokenizer: Any, prompts: Sequence[str], spec: GenerationSpec, *, batch_size: int, seed: int
+    model: Any, tokenizer: Any, prompts: Sequence[str], spec: GenerationSpec, *, batch_size: int, seed: int,
+    first_batch: int = 0,
 ) -> Iterator[GeneratedBatch]:
-    """Like sample_texts, but the tensors too (for log-probs of the sampled tokens)."""
+    """Like sample_texts, but the tensors too (for log-probs of the sampled tokens). first_batch: begin at
+    that batch (a resumed run), sampled with the seed it has in a run from the start."""
     for n, start in enumerate(range(0, len(prompts), batch_size)):
+        if n < first_batch:
+            continue
         torch.manual_seed(_batch_seed(seed, n))
         yield generate_batch(model, tokenizer, prompts[start : start + batch_size], spec)
 
