@@ -396,3 +396,18 @@ def test_compare_refuses_an_output_written_for_other_prompts_or_settings(tmp_pat
         assert result.exit_code == 2 and words in result.stderr and str(out) in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
         assert out.read_text() == text and sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl", "round2.jsonl"]
+
+
+def test_a_jsonl_file_drops_its_torn_last_line_and_has_one_writer(tmp_path):
+    from rlhf_cli.core.jsonl import JsonlFile
+    from rlhf_cli.errors import RecipeError
+
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
+    out = JsonlFile(path)
+    assert out.records == [{"a": 1}, {"a": 2}] and path.read_text().endswith('{"a": ')  # cut only when appending
+    with pytest.raises(RecipeError, match="being written by another process"):
+        JsonlFile(path)
+    out.append({"a": 3})
+    out.close()
+    assert path.read_text() == '{"a": 1}\n{"a": 2}\n{"a": 3}\n'
