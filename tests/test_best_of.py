@@ -362,7 +362,7 @@ def test_a_reward_model_run_resumes_its_sampled_answers_then_its_scores(tiny, tm
 
     stop_at(generation, "generate_batch", 3)  # sampling: the first two prompts' answers are done
     assert runner.invoke(app, [*args, "--output", str(out)]).exit_code == 130
-    assert out.read_text() == "" and [r["prompt"] for r in _strict_lines(answers)] == PROMPTS[:2]
+    assert not out.exists() and [r["prompt"] for r in _strict_lines(answers)] == PROMPTS[:2]
     monkeypatch.undo()
     sampled = stop_at(generation, "generate_batch", 0)
     stop_at(reward, "score_rows", 3)  # scoring: one prompt a slice (batch_size 4 // 3 answers)
@@ -411,3 +411,12 @@ def test_a_jsonl_file_drops_its_torn_last_line_and_has_one_writer(tmp_path):
     out.append({"a": 3})
     out.close()
     assert path.read_text() == '{"a": 1}\n{"a": 2}\n{"a": 3}\n'
+
+
+def test_a_compare_that_fails_before_its_first_line_leaves_no_output_file(tiny, tmp_path):
+    # A folder that holds no model: found, and refused only when the policy loads, after the file opened.
+    (tmp_path / "not-a-model").mkdir()
+    out = tmp_path / "round2.jsonl"
+    result = runner.invoke(app, ["compare", str(tmp_path / "not-a-model"), *_prompts_arg(tmp_path),
+                                 "--reward", "rlhf_cli.demo.rewards:tiny_judge", "--output", str(out)])
+    assert result.exit_code != 0 and not out.exists()

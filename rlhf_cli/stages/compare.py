@@ -38,7 +38,6 @@ log = logging.getLogger("rlhf")
 def compare(recipe: CompareRecipe) -> Iterator[dict[str, Any]]:
     """The lines of the prompts still to do: yielded, or with recipe.output appended to that file."""
     from rlhf_cli.core.data import prompts_of, read_records
-    from rlhf_cli.core.jsonl import JsonlFile
     from rlhf_cli.core.reward import load_function, resolve_reward_model
     from rlhf_cli.recipe import is_function_ref
 
@@ -59,14 +58,12 @@ def compare(recipe: CompareRecipe) -> Iterator[dict[str, Any]]:
         return
     reward_model = recipe.reward is not None and judge is None
     with ExitStack() as stack:
-        out = JsonlFile(recipe.output, lock_hint="choose another --output")
-        stack.callback(out.close)
+        out = _opened(stack, Path(recipe.output), lock_hint="choose another --output")
         _check_done(out, recipe, prompts, "ranking" if recipe.for_labelling else "scores")
         done = len(out.records)
         answers = None
         if reward_model and done < len(prompts):
-            answers = JsonlFile(_answers_path(recipe.output))
-            stack.callback(answers.close)
+            answers = _opened(stack, _answers_path(recipe.output))
             _check_done(answers, recipe, prompts, None, against=out.records)
         try:
             for record in _lines(recipe, prompts, judge, done=done, answers=answers):
@@ -77,6 +74,18 @@ def compare(recipe: CompareRecipe) -> Iterator[dict[str, Any]]:
     if reward_model:
         _answers_path(recipe.output).unlink(missing_ok=True)  # FILE is complete: the answers are in it
     log.info("%s holds the lines of all %d prompts (%d written now)", recipe.output, len(prompts), len(prompts) - done)
+
+
+def _opened(stack: ExitStack, path: Path, **how: Any) -> Any:
+    """path as a JsonlFile, closed when the stack closes; one this run created and left without a line (it
+    failed first: a wrong model path) is removed, so a failed run leaves no empty file behind."""
+    from rlhf_cli.core.jsonl import JsonlFile
+
+    created = not path.exists()
+    file = JsonlFile(path, **how)
+    stack.callback(file.close)
+    stack.callback(lambda: created and not file.records and path.unlink(missing_ok=True))
+    return file
 
 
 def _lines(recipe: CompareRecipe, prompts: list[Any], judge: Any, *, done: int, answers: Any) -> Iterator[dict[str, Any]]:
